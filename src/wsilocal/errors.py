@@ -1,0 +1,41 @@
+"""Errors a user can meet. Each carries a one-line message naming the file and the cause.
+
+The CLI prints ``error: <message>`` for any :class:`WsilocalError` and exits non-zero, never a
+traceback. Library callers can catch the specific subclasses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class WsilocalError(Exception):
+    """Base class of every error wsilocal reports to a user."""
+
+
+class SlideError(WsilocalError):
+    """A slide cannot be opened or read, or is unusable (no tissue, no MPP, too large)."""
+
+    def __init__(self, path: str | Path, cause: str):
+        self.path = str(path)
+        self.cause = cause
+        super().__init__(f"{self.path}: {cause}")
+
+
+class CohortError(WsilocalError):
+    """A cohort CSV is malformed or inconsistent. ``problems`` lists every problem found."""
+
+    def __init__(self, path: str | Path, problems: list[str]):
+        self.path = str(path)
+        self.problems = list(problems)
+        shown = "; ".join(self.problems[:10])
+        more = f" (and {len(self.problems) - 10} more)" if len(self.problems) > 10 else ""
+        super().__init__(f"{self.path}: {shown}{more}")
+
+
+class ConfigError(WsilocalError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+class CheckpointError(WsilocalError):
+    """A checkpoint is missing, truncated, unsafe or from another model."""
