@@ -157,5 +157,4 @@ def write_pyramidal_tiff(
                     subfiletype=1 if layout == "generic" else 0, metadata=None,
                     description=description if layout == "aperio" else None, **common, **extra,
                 )
-            del level, level1
     return levels

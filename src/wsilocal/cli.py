@@ -1,0 +1,167 @@
+"""The ``wsilocal`` command. It only parses arguments and calls the library.
+
+Every :class:`~wsilocal.errors.WsilocalError` becomes one line ``error: ...`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from wsilocal.errors import WsilocalError
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 8192x6144, got {text!r}") from None
+    if w < 64 or h < 64:
+        raise argparse.ArgumentTypeError(f"size must be at least 64x64, got {text!r}")
+    return w, h
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from wsilocal.slide.synth import synthesize_cohort
+
+    csv_path = synthesize_cohort(args.out, classes=args.classes, slides_per_class=args.slides_per_class,
+                                 size=args.size, seed=args.seed, workers=args.workers)
+    print(f"wrote synthetic cohort {csv_path}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from wsilocal.slide.cache import PrepareSettings, format_summary, prepare_cohort
+    from wsilocal.slide.cohort import load_cohort
+
+    cohort = load_cohort(args.cohort, allow_outside=args.allow_outside_paths)
+    cache = Path(args.cache) if args.cache else Path(args.cohort).parent / "cache"
+    settings = PrepareSettings(mpp=args.mpp, assume_mpp=args.assume_mpp, max_pixels=args.max_pixels)
+    result, stats = prepare_cohort(cohort, cache, settings, workers=args.workers)
+    print(format_summary(cohort, result))
+    if "mean" in stats:
+        print("train mean " + " ".join(f"{v:.4f}" for v in stats["mean"]) + "  std "
+              + " ".join(f"{v:.4f}" for v in stats["std"]) + f"  → {cache / 'stats.json'}")
+    return 1 if result.skipped else 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from wsilocal.slide.inspect import format_report, inspect_slide
+
+    thumbnail = Path(args.thumbnail) if args.thumbnail else Path(Path(args.slide).stem + "_thumbnail.png")
+    report = inspect_slide(args.slide, thumbnail=thumbnail, assume_mpp=args.assume_mpp)
+    print(format_report(report))
+    print(f"thumbnail: {thumbnail}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from wsilocal.config import TrainConfig, config_from_dict, load_config, overrides_from_args
+    from wsilocal.train.trainer import train
+
+    overrides = overrides_from_args(args)
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.yaml").is_file():
+            raise WsilocalError(f"{run}: cannot resume, no config.yaml in it")
+        config = load_config(run / "config.yaml", overrides)
+    elif args.config:
+        config = load_config(args.config, overrides)
+    else:
+        config = config_from_dict(overrides, TrainConfig)
+    result = train(config.validate(), resume=bool(args.resume))
+    best = result.best_val
+    print(f"run {result.run_dir}: best epoch {result.best_epoch}, validation balanced accuracy "
+          f"{best.get('balanced_accuracy', float('nan')):.3f}, AUROC {best.get('auroc') or float('nan'):.3f}")
+    for warning in result.warnings:
+        print(warning)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from wsilocal.train.evaluate import evaluate_run, format_metrics
+
+    metrics = evaluate_run(args.run, args.split, checkpoint=args.checkpoint)
+    print(format_metrics(metrics))
+    print(f"wrote {Path(args.run) / f'metrics_{args.split}.json'}, predictions_{args.split}.csv, "
+          f"roc_{args.split}.png")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from wsilocal.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from wsilocal import __version__
+    from wsilocal.config import add_config_arguments
+
+    parser = argparse.ArgumentParser(prog="wsilocal", description="Whole-slide classification with locally "
+                                     "supervised learning (Zhang et al., MICCAI 2022).")
+    parser.add_argument("--version", action="version", version=f"wsilocal {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic H&E-like cohort of pyramidal slides")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--classes", type=int, default=3)
+    p.add_argument("--slides-per-class", type=int, default=10)
+    p.add_argument("--size", type=_size, default=(8192, 8192), help="level-0 size WIDTHxHEIGHT at 0.25 µm/px")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("prepare", help="read a cohort's slides at the target MPP into the cache")
+    p.add_argument("cohort", help="cohort CSV (slide_id,path,label,split[,case_id])")
+    p.add_argument("--cache", help="cache folder (default: <cohort folder>/cache)")
+    p.add_argument("--mpp", type=float, default=2.0, help="target µm/px (default 2.0 ≈ 5x)")
+    p.add_argument("--assume-mpp", type=float, help="µm/px of slides without resolution metadata")
+    p.add_argument("--max-pixels", type=int, default=1_600_000_000, help="refuse larger tissue images")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="allow relative slide paths that lead outside the CSV's folder")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("inspect", help="describe one slide and write a thumbnail with its tissue box")
+    p.add_argument("slide")
+    p.add_argument("--thumbnail", help="PNG path (default: <slide name>_thumbnail.png)")
+    p.add_argument("--assume-mpp", type=float)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="train a model (config file and/or --options)")
+    p.add_argument("config", nargs="?", help="YAML config; every key can be overridden with --key value")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a run on a split: metrics JSON, predictions CSV, ROC PNG")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="synthetic cohort → prepare → train K=4 → evaluate, in one command")
+    p.add_argument("--out", default="demo_out", help="folder for the cohort, cache and run")
+    p.add_argument("--quick", action="store_true", help="a tiny version for smoke tests (not accurate)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except WsilocalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

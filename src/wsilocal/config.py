@@ -1,0 +1,198 @@
+"""Typed run configuration: YAML in, command-line overrides, validated, saved resolved beside every run.
+
+Every field of :class:`TrainConfig` can be set in a YAML file and overridden on the command line as
+``--field-name VALUE`` (``--no-field`` for booleans that default to true). Unknown keys, wrong types and
+out-of-range values raise :class:`~wsilocal.errors.ConfigError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from wsilocal.errors import ConfigError
+
+SCHEDULES = ("simultaneous", "greedy")
+METHODS = ("local",)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Defaults follow the paper and the authors' code."""
+
+    # --- data
+    cohort: str = ""  # cohort CSV (slide_id,path,label,split[,case_id])
+    out: str = ""  # run directory
+    cache: str = ""  # 5x cache folder; empty = "<cohort folder>/cache"
+    mpp: float = 2.0  # target resolution in µm/px (2.0 ≈ 5x)
+    assume_mpp: float | None = None  # MPP for slides without resolution metadata
+    max_pixels: int = 1_600_000_000  # refuse slides larger than this at the target MPP
+    workers: int = 1  # processes for preparing the cache
+    allow_outside_paths: bool = False  # allow cohort paths leading outside the CSV's folder
+    # --- model
+    method: str = "local"
+    k: int = 4  # number of gradient-isolated modules: 1 (end-to-end), 2, 4 or 8
+    boundaries: list[int] | None = None  # explicit module start units (overrides k), e.g. [3, 5, 7]
+    balanced: bool = False  # place K boundaries at block level for even memory per module
+    weights: str | None = None  # torchvision ResNet34 state dict (.pth/.safetensors); none = random init
+    conv1_stride: int = 3
+    fold_bn: bool = True  # fold frozen BatchNorm into convolutions (exact; less memory)
+    recompute: bool = False  # activation recomputation inside each module
+    rfr: bool = True  # random feature reconstruction in the auxiliary models
+    alpha: float = 1.0  # weight of the RFR loss
+    rfr_patches: int = 10
+    # --- optimisation
+    schedule: str = "simultaneous"  # or "greedy": module 1 to convergence, then module 2, ...
+    epochs: int = 30  # per module under the greedy schedule
+    accumulation: int = 8  # slides per optimizer step
+    lr_trunk: float = 1e-5
+    lr_aux: float = 2e-5  # auxiliary models and final classifier
+    weight_decay: float = 1e-6
+    plateau_patience: int = 3  # epochs without validation-loss improvement before lr ×plateau_factor
+    plateau_factor: float = 0.1
+    early_stopping: int = 10  # epochs without improvement before stopping; 0 = never
+    class_weights: bool = False  # inverse-frequency class weights in the cross-entropy
+    # --- augmentation
+    augment: bool = True
+    edge_crop: float = 0.1  # random crop of up to this fraction from each edge
+    color_jitter: float = 0.05  # brightness/contrast/saturation jitter strength
+    # --- misc
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    calibration_slides: int = 8  # slides used to set BatchNorm statistics of a random-init trunk
+    max_train_pixels: int = 64_000_000  # a training slide larger than this is refused with advice
+
+    def validate(self) -> TrainConfig:
+        """Check values that types alone do not; return self."""
+        checks = [
+            (bool(self.cohort), "cohort: a cohort CSV is required"),
+            (bool(self.out), "out: a run directory is required"),
+            (self.mpp > 0, f"mpp must be positive, got {self.mpp}"),
+            (self.assume_mpp is None or self.assume_mpp > 0, "assume_mpp must be positive"),
+            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
+            (self.k in (1, 2, 4, 8) or self.boundaries is not None,
+             f"k must be 1, 2, 4 or 8 (or give boundaries), got {self.k}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.accumulation >= 1, f"accumulation must be >= 1, got {self.accumulation}"),
+            (self.lr_trunk >= 0 and self.lr_aux > 0, "learning rates must be positive"),
+            (0 <= self.edge_crop < 0.5, f"edge_crop must be in [0, 0.5), got {self.edge_crop}"),
+            (0 <= self.color_jitter <= 0.5, f"color_jitter must be in [0, 0.5], got {self.color_jitter}"),
+            (self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
+            (self.rfr_patches >= 1, f"rfr_patches must be >= 1, got {self.rfr_patches}"),
+            (self.conv1_stride in (1, 2, 3, 4), f"conv1_stride must be 1-4, got {self.conv1_stride}"),
+            (0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1), got {self.plateau_factor}"),
+            (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"config: {message}")
+        return self
+
+    def resolved_cache(self) -> Path:
+        return Path(self.cache) if self.cache else Path(self.cohort).parent / "cache"
+
+
+def _field_types(cls: type) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(name: str, value: typing.Any, annotation: typing.Any) -> typing.Any:
+    """Check (and mildly coerce) one value against a field annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return _coerce(name, value, inner[0])
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"config: {name} must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(name, v, item) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, Path):
+            return str(value)
+    expected = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"config: {name} must be {expected}, got {type(value).__name__} {value!r}")
+
+
+def config_from_dict(values: dict, cls: type = TrainConfig):
+    """Build a config dataclass from a mapping; unknown keys or wrong types raise ConfigError."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config: expected a mapping of keys to values, got {type(values).__name__}")
+    types_ = _field_types(cls)
+    unknown = sorted(str(k) for k in values if k not in types_)
+    if unknown:
+        raise ConfigError(f"config: unknown key(s) {', '.join(unknown)}")
+    return cls(**{k: _coerce(k, v, types_[k]) for k, v in values.items()})
+
+
+def load_config(path: str | Path, overrides: dict | None = None, cls: type = TrainConfig):
+    """Read a YAML config file, apply overrides (already typed), validate."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
+    try:
+        config = config_from_dict({**values, **(overrides or {})}, cls)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config
+
+
+def save_config(config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    tmp.replace(path)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
+    """Add ``--field-name`` options for every config field (default: not given, so YAML values stay)."""
+    for f in fields(cls):
+        annotation = _field_types(cls)[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        base = annotation
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            base = [a for a in typing.get_args(annotation) if a is not type(None)][0]
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif typing.get_origin(base) is list:
+            parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=None)
+        else:
+            parser.add_argument(flag, dest=f.name, type=base, default=None)
+
+
+def overrides_from_args(args: argparse.Namespace, cls: type = TrainConfig) -> dict:
+    """The config fields given on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}

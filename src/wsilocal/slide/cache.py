@@ -1,0 +1,270 @@
+"""The 5x cache: each slide's tissue box read once at the target MPP and stored as a memory-mappable array.
+
+``prepare_cohort`` fills a cache folder with one entry per slide::
+
+    CACHE/<slide_id>.npy    uint8 (H, W, 3), the tissue bounding box at the target MPP
+    CACHE/<slide_id>.json   the entry's key and facts (source file, MPP, box, channel sums)
+
+An entry is keyed by the source file (resolved path, size, modification time) and the parameters that
+shape it (MPP, assumed MPP, tissue settings, cache version): a changed file or changed parameters make it
+stale and it is rebuilt; a second run over an unchanged cohort does no work. Files are written under a
+temporary name and renamed, so an interrupted run never leaves a half-written entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from wsilocal.errors import SlideError, WsilocalError
+from wsilocal.slide.cohort import Cohort, CohortSlide
+from wsilocal.slide.reader import open_slide, read_region_at_mpp
+from wsilocal.slide.tissue import detect_tissue
+
+CACHE_VERSION = 1
+DEFAULT_MAX_PIXELS = 40_000 * 40_000  # at the target MPP; larger requests are refused, not attempted
+STATS_CHUNK_ROWS = 512
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Parameters that shape a cache entry (part of its key)."""
+
+    mpp: float = 2.0
+    assume_mpp: float | None = None
+    mask_mpp: float = 16.0
+    margin: float = 0.05
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class CacheEntry:
+    """Facts of one cached slide; ``image()`` maps the pixels without reading them all."""
+
+    slide_id: str
+    array_path: str
+    source: str
+    key: str
+    height: int
+    width: int
+    slide_mpp: float
+    mpp: float
+    bbox: list[int]  # x, y, w, h of the tissue box in level-0 pixels
+    tissue_fraction: float
+    channel_sum: list[float]
+    channel_sumsq: list[float]
+    n_pixels: int
+
+    def image(self) -> np.ndarray:
+        """The cached RGB image as a read-only memory map (H, W, 3) uint8."""
+        return np.load(self.array_path, mmap_mode="r")
+
+
+@dataclass
+class PrepareResult:
+    """What ``prepare_cohort`` did: entries by slide id, skipped slides with reasons, work done."""
+
+    entries: dict[str, CacheEntry] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    built: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+
+
+def _entry_key(source: Path, settings: PrepareSettings) -> str:
+    stat = source.stat()
+    facts = {
+        "source": str(source.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "settings": asdict(settings),
+        "version": CACHE_VERSION,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_entry(cache_dir: Path, slide_id: str) -> CacheEntry | None:
+    """The cached entry of a slide, or None when there is none or its files are incomplete."""
+    meta = Path(cache_dir) / f"{slide_id}.json"
+    try:
+        entry = CacheEntry(**json.loads(meta.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    return entry if Path(entry.array_path).is_file() else None
+
+
+def _channel_sums(image: np.ndarray) -> tuple[list[float], list[float]]:
+    total = np.zeros(3, np.float64)
+    total_sq = np.zeros(3, np.float64)
+    for y in range(0, image.shape[0], STATS_CHUNK_ROWS):
+        chunk = image[y : y + STATS_CHUNK_ROWS].reshape(-1, 3).astype(np.float64) / 255.0
+        total += chunk.sum(axis=0)
+        total_sq += (chunk * chunk).sum(axis=0)
+    return total.tolist(), total_sq.tolist()
+
+
+def build_entry(slide: CohortSlide, cache_dir: Path, settings: PrepareSettings) -> CacheEntry:
+    """Read one slide's tissue box at the target MPP into the cache (rebuilding it unconditionally)."""
+    cache_dir = Path(cache_dir)
+    key = _entry_key(slide.path, settings)
+    with open_slide(slide.path, assume_mpp=settings.assume_mpp) as handle:
+        slide_mpp = handle.mpp  # raises a clear SlideError when the file has no MPP and none is assumed
+        tissue = detect_tissue(handle, mask_mpp=settings.mask_mpp, margin=settings.margin)
+        x, y, w, h = tissue.bbox
+        out_w, out_h = round(w * slide_mpp / settings.mpp), round(h * slide_mpp / settings.mpp)
+        if out_w * out_h > settings.max_pixels:
+            raise SlideError(
+                slide.path,
+                f"tissue region at {settings.mpp} µm/px is {out_w}×{out_h} = {out_w * out_h:,} px, above the "
+                f"limit of {settings.max_pixels:,} px (raise --max-pixels if this is intended)",
+            )
+        final = cache_dir / f"{slide.slide_id}.npy"
+        tmp = cache_dir / f".{slide.slide_id}.npy.tmp-{os.getpid()}"
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(out_h, out_w, 3))
+            read_region_at_mpp(handle, settings.mpp, region=(x, y, w, h), out=out)
+            out.flush()
+            channel_sum, channel_sumsq = _channel_sums(out)
+            del out
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+    entry = CacheEntry(
+        slide_id=slide.slide_id, array_path=str(final.resolve()), source=str(slide.path), key=key,
+        height=out_h, width=out_w, slide_mpp=slide_mpp, mpp=settings.mpp, bbox=[x, y, w, h],
+        tissue_fraction=tissue.tissue_fraction, channel_sum=channel_sum, channel_sumsq=channel_sumsq,
+        n_pixels=out_h * out_w,
+    )
+    _atomic_write_text(cache_dir / f"{slide.slide_id}.json", json.dumps(asdict(entry), indent=1))
+    return entry
+
+
+def _prepare_one(args: tuple[CohortSlide, Path, PrepareSettings]) -> tuple[str, CacheEntry | None, str | None]:
+    slide, cache_dir, settings = args
+    try:
+        return slide.slide_id, build_entry(slide, cache_dir, settings), None
+    except WsilocalError as exc:
+        return slide.slide_id, None, str(exc)
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:  # disk full, corrupt data the reader missed
+        return slide.slide_id, None, f"{type(exc).__name__}: {exc}"
+
+
+def prepare_slides(
+    slides: Iterable[CohortSlide],
+    cache_dir: str | Path,
+    settings: PrepareSettings | None = None,
+    *,
+    workers: int = 1,
+    progress: bool = True,
+) -> PrepareResult:
+    """Make sure every slide has a fresh cache entry; build the missing or stale ones.
+
+    A slide that cannot be read is skipped and reported in ``result.skipped`` with its reason; the others
+    finish. Fresh entries are reused without opening the slide.
+    """
+    settings = settings or PrepareSettings()
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    result = PrepareResult()
+    todo: list[CohortSlide] = []
+    for slide in slides:
+        entry = load_entry(cache_dir, slide.slide_id)
+        try:
+            fresh = entry is not None and entry.key == _entry_key(slide.path, settings)
+        except OSError as exc:
+            result.skipped[slide.slide_id] = f"{slide.path}: {exc.strerror or exc}"
+            continue
+        if fresh:
+            result.entries[slide.slide_id] = entry
+            result.reused.append(slide.slide_id)
+        else:
+            todo.append(slide)
+    jobs = [(s, cache_dir, settings) for s in todo]
+    bar = tqdm(total=len(jobs), desc="prepare", unit="slide", disable=not progress or not jobs)
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            outcomes = pool.map(_prepare_one, jobs)
+            for outcome in outcomes:
+                _record(result, outcome)
+                bar.update()
+    else:
+        for job in jobs:
+            _record(result, _prepare_one(job))
+            bar.update()
+    bar.close()
+    return result
+
+
+def _record(result: PrepareResult, outcome: tuple[str, CacheEntry | None, str | None]) -> None:
+    slide_id, entry, reason = outcome
+    if entry is None:
+        result.skipped[slide_id] = reason or "unknown error"
+    else:
+        result.entries[slide_id] = entry
+        result.built.append(slide_id)
+
+
+def channel_stats(entries: Iterable[CacheEntry]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (of pixel values scaled to [0, 1]) over all pixels of the given entries."""
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    for entry in entries:
+        total += entry.channel_sum
+        total_sq += entry.channel_sumsq
+        count += entry.n_pixels
+    if count == 0:
+        raise ValueError("no pixels to compute channel statistics from")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
+    return mean.tolist(), std.tolist()
+
+
+def prepare_cohort(
+    cohort: Cohort,
+    cache_dir: str | Path,
+    settings: PrepareSettings | None = None,
+    *,
+    workers: int = 1,
+    progress: bool = True,
+) -> tuple[PrepareResult, dict]:
+    """Prepare every slide of a cohort and write ``CACHE/stats.json`` (mean/std of the training split).
+
+    Returns the result and the stats dictionary (``mean``, ``std``, ``n_slides``, ``classes``).
+    """
+    result = prepare_slides(cohort.slides, cache_dir, settings, workers=workers, progress=progress)
+    train = [result.entries[s.slide_id] for s in cohort.split("train") if s.slide_id in result.entries]
+    stats: dict = {"classes": list(cohort.classes), "n_slides": len(train)}
+    if train:
+        stats["mean"], stats["std"] = channel_stats(train)
+        _atomic_write_text(Path(cache_dir) / "stats.json", json.dumps(stats, indent=1))
+    return result, stats
+
+
+def format_summary(cohort: Cohort, result: PrepareResult) -> str:
+    """A table: per split and class, slides cached; then every skipped slide with its reason."""
+    lines = [f"{'split':<6} {'class':<16} {'cached':>6} {'skipped':>7}"]
+    for split in ("train", "val", "test"):
+        for name in cohort.classes:
+            ids = [s.slide_id for s in cohort.split(split) if s.label == name]
+            ok = sum(i in result.entries for i in ids)
+            lines.append(f"{split:<6} {name:<16} {ok:>6} {len(ids) - ok:>7}")
+    lines.append(
+        f"built {len(result.built)}, reused {len(result.reused)}, skipped {len(result.skipped)}"
+    )
+    for slide_id, reason in result.skipped.items():
+        lines.append(f"skipped {slide_id}: {reason}")
+    return "\n".join(lines)

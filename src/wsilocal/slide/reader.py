@@ -1,0 +1,426 @@
+"""Open a whole-slide image and read it at a target resolution (microns per pixel).
+
+One small interface, :class:`Slide`, over two backends: OpenSlide first (the reference reader of
+slide formats) and tiffslide as a fallback for TIFF files OpenSlide refuses. Every failure a user
+can meet — missing, empty, unreadable or truncated files, missing resolution metadata — becomes a
+:class:`~wsilocal.errors.SlideError` naming the file and the cause.
+
+:func:`read_region_at_mpp` is how the rest of wsilocal reads pixels: it picks the pyramid level
+just finer than the target resolution, reads it tile by tile and resizes it with area averaging,
+one horizontal band at a time, into an output array (or memory map) of exactly the target size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import openslide
+import tifffile
+import tiffslide
+from PIL import Image
+
+from wsilocal.errors import ConfigError, SlideError
+
+#: A pyramid level counts as "not coarser than the target" up to this relative excess, so a level
+#: stored at 2.01 µm/px serves a 2.0 µm/px request instead of falling back to a 4× finer level.
+LEVEL_TOLERANCE = 0.01
+#: Source bytes per band when resizing: bounds memory for very wide slides (plus the output itself).
+BAND_BYTES = 128 * 2**20
+
+_TIFF_MAGICS = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic TIFF and BigTIFF, both byte orders
+# What the backends raise on unreadable data: OpenSlide errors, imagecodecs decode errors
+# (RuntimeError subclasses), tifffile errors (ValueError), I/O errors, and lookups into damaged tables.
+_READ_ERRORS = (openslide.OpenSlideError, RuntimeError, ValueError, OSError, KeyError, IndexError)
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class Slide:
+    """An open whole-slide image. Use as a context manager, or call :meth:`close` when done.
+
+    Attributes:
+        path: the slide file.
+        backend: ``"openslide"`` or ``"tiffslide"``.
+        vendor: the format the backend recognised (``"aperio"``, ``"generic-tiff"``, ...) or None.
+        level_count, level_dimensions, level_downsamples: the pyramid, (width, height) per level.
+        objective_power: the scanner objective magnification, if the file records it.
+    """
+
+    def __init__(self, path: Path, handle: openslide.OpenSlide | tiffslide.TiffSlide, backend: str,
+                 assume_mpp: float | None):
+        self.path = path
+        self.backend = backend
+        self._handle = handle
+        prefix = backend + "."  # both backends name their normalised properties "<backend>.<name>"
+        props = handle.properties
+        self.vendor: str | None = _str_or_none(props.get(prefix + "vendor"))
+        self.level_count: int = handle.level_count
+        self.level_dimensions: list[tuple[int, int]] = [(int(w), int(h)) for w, h in handle.level_dimensions]
+        self.level_downsamples: list[float] = [float(d) for d in handle.level_downsamples]
+        self.objective_power: float | None = _positive_float(props.get(prefix + "objective-power"))
+        mpps = [m for m in (_positive_float(props.get(prefix + "mpp-x")),
+                            _positive_float(props.get(prefix + "mpp-y"))) if m is not None]
+        file_mpp = sum(mpps) / len(mpps) if mpps else None
+        self.mpp_or_none: float | None = file_mpp if file_mpp is not None else assume_mpp
+
+    @property
+    def mpp(self) -> float:
+        """Microns per pixel at level 0 (the file's value, else ``assume_mpp``); SlideError if neither."""
+        if self.mpp_or_none is None:
+            raise SlideError(self.path, "no resolution metadata (MPP) in the file; "
+                                        "pass --assume-mpp to set it (e.g. 0.25 for a 40x scan)")
+        return self.mpp_or_none
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """Read ``width``×``height`` pixels of ``level`` whose top-left corner is level-0 pixel (x, y).
+
+        Returns uint8 RGB of shape (height, width, 3). As in OpenSlide, (x, y) are level-0
+        coordinates; the region starts at level pixel ``floor(x / downsample)`` (no sub-pixel
+        interpolation). Pixels outside the slide or transparent in it are white.
+        """
+        downsample = self.level_downsamples[level]
+        return self._read_level(level, math.floor(x / downsample), math.floor(y / downsample), width, height)
+
+    def close(self) -> None:
+        """Release the file. The slide cannot be read afterwards."""
+        self._handle.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Slide({str(self.path)!r}, backend={self.backend!r}, vendor={self.vendor!r}, "
+                f"levels={self.level_dimensions}, mpp={self.mpp_or_none})")
+
+    def _read_level(self, level: int, lx: int, ly: int, width: int, height: int) -> np.ndarray:
+        """Read a region given in pixels *of the level*; everything outside the level is white."""
+        if width <= 0 or height <= 0:
+            raise ValueError(f"region size must be positive, got {width}x{height}")
+        level_w, level_h = self.level_dimensions[level]
+        out = np.full((height, width, 3), 255, np.uint8)
+        # Only the part inside the level is read: the backends pad differently (OpenSlide with
+        # transparent, tiffslide with black pixels), so padding is done here, the same for both.
+        x0, x1 = max(lx, 0), min(lx + width, level_w)
+        y0, y1 = max(ly, 0), min(ly + height, level_h)
+        if x0 < x1 and y0 < y1:
+            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._read_inside(level, x0, y0, x1 - x0, y1 - y0)
+        return out
+
+    def _read_inside(self, level: int, lx: int, ly: int, width: int, height: int) -> np.ndarray:
+        """Read a region lying wholly inside ``level`` (level pixels) through the backend."""
+        downsample = self.level_downsamples[level]
+        location = (_level0_coordinate(lx, downsample), _level0_coordinate(ly, downsample))
+        try:
+            if self.backend == "openslide":
+                pixels = np.asarray(self._handle.read_region(location, level, (width, height)))
+            else:
+                pixels = np.asarray(self._handle.read_region(location, level, (width, height), as_array=True))
+        except _READ_ERRORS as error:
+            raise SlideError(self.path, f"truncated or corrupt: cannot read level {level} at "
+                                        f"({lx}, {ly}) ({_describe(error)})") from error
+        return _to_rgb(self.path, pixels)
+
+
+def open_slide(path: str | Path, *, assume_mpp: float | None = None, _backend: str | None = None) -> Slide:
+    """Open a slide with OpenSlide, or with tiffslide when OpenSlide refuses a TIFF file.
+
+    Args:
+        path: the slide file (any format OpenSlide reads, or a TIFF tiffslide reads).
+        assume_mpp: microns per pixel to use when the file records none (ignored otherwise).
+        _backend: ``"openslide"`` or ``"tiffslide"`` to try only that backend (for tests).
+
+    Raises:
+        SlideError: the file is missing, empty, not a readable slide, or truncated/corrupt.
+        ConfigError: ``assume_mpp`` is not a positive number.
+    """
+    path = Path(path)
+    if assume_mpp is not None and not (math.isfinite(assume_mpp) and assume_mpp > 0):
+        raise ConfigError(f"--assume-mpp must be a positive number of microns per pixel, got {assume_mpp}")
+    _check_file(path)
+    backends = (_backend,) if _backend else ("openslide", "tiffslide")
+    failures: list[str] = []
+    slide = None
+    if "openslide" in backends:
+        try:
+            # OpenSlide() rather than openslide.open_slide(), which silently falls back to PIL.
+            slide = Slide(path, openslide.OpenSlide(str(path)), "openslide", assume_mpp)
+        except openslide.OpenSlideError as error:
+            failures.append(f"OpenSlide: {error}")
+    if slide is None and "tiffslide" in backends and _is_tiff(path):
+        slide = _open_with_tiffslide(path, assume_mpp, failures)
+    if slide is None:
+        raise SlideError(path, f"not a slide format OpenSlide or tiffslide can read ({'; '.join(failures)})")
+    try:
+        _probe(slide)
+    except SlideError:
+        slide.close()
+        raise
+    return slide
+
+
+def level_for_mpp(slide: Slide, mpp: float) -> int:
+    """The pyramid level to read for a target resolution: the coarsest level not coarser than ``mpp``.
+
+    A level up to 1 % coarser than the target still counts. Level 0 when every level is coarser.
+    """
+    return _level_for_downsample(slide, mpp / slide.mpp)
+
+
+def read_region_at_mpp(
+    slide: Slide,
+    mpp: float = 2.0,
+    region: tuple[int, int, int, int] | None = None,
+    *,
+    out: np.ndarray | None = None,
+    tile: int = 2048,
+    progress: ProgressCallback | None = None,
+) -> np.ndarray:
+    """Read ``region`` of the slide resampled to ``mpp`` microns per pixel.
+
+    Args:
+        slide: an open slide with known MPP.
+        mpp: the target resolution (2.0 µm/px is about 5x).
+        region: (x, y, width, height) in level-0 pixels; None for the whole slide. Parts outside
+            the slide are white.
+        out: a uint8 array or ``np.memmap`` of shape (out_height, out_width, 3) to fill; allocated
+            when None. ``out_width = round(width * slide.mpp / mpp)``, likewise the height.
+        tile: edge of the tiles read from the slide, in pixels of the level read.
+        progress: called as ``progress(rows_done, rows_total)`` after each band of output rows.
+
+    Returns:
+        ``out``, filled. Peak memory is the output plus about one band of source rows.
+    """
+    if not mpp > 0:
+        raise ValueError(f"target mpp must be positive, got {mpp}")
+    region = region or (0, 0, *slide.level_dimensions[0])
+    scale = slide.mpp / mpp
+    out_size = (max(1, round(region[2] * scale)), max(1, round(region[3] * scale)))
+    return _resample(slide, region, out_size, level_for_mpp(slide, mpp), out, tile, progress)
+
+
+def read_region_downsampled(
+    slide: Slide,
+    downsample: float,
+    region: tuple[int, int, int, int] | None = None,
+    *,
+    out: np.ndarray | None = None,
+    tile: int = 2048,
+    progress: ProgressCallback | None = None,
+) -> np.ndarray:
+    """Like :func:`read_region_at_mpp`, for a factor relative to level 0 (works without MPP).
+
+    The output is ``round(width / downsample)`` × ``round(height / downsample)`` pixels.
+    """
+    if not downsample > 0:
+        raise ValueError(f"downsample must be positive, got {downsample}")
+    region = region or (0, 0, *slide.level_dimensions[0])
+    out_size = (max(1, round(region[2] / downsample)), max(1, round(region[3] / downsample)))
+    return _resample(slide, region, out_size, _level_for_downsample(slide, downsample), out, tile, progress)
+
+
+# --- resampling ------------------------------------------------------------------------------
+
+
+def _level_for_downsample(slide: Slide, downsample: float) -> int:
+    """The level with the largest downsample that is at most ``downsample`` (within the tolerance)."""
+    candidates = [lv for lv, d in enumerate(slide.level_downsamples) if d <= downsample * (1 + LEVEL_TOLERANCE)]
+    return max(candidates, key=lambda lv: slide.level_downsamples[lv], default=0)
+
+
+def _resample(
+    slide: Slide,
+    region: tuple[int, int, int, int],
+    out_size: tuple[int, int],
+    level: int,
+    out: np.ndarray | None,
+    tile: int,
+    progress: ProgressCallback | None,
+) -> np.ndarray:
+    """Resize ``region`` (level-0 px) of ``level`` to ``out_size`` (w, h), band by band into ``out``.
+
+    Each band of output rows is computed from the source rows its filter touches plus a margin, with
+    the band's exact fractional position in the source, so the bands equal one whole-region resize.
+    """
+    x, y, width, height = region
+    if width <= 0 or height <= 0:
+        raise ValueError(f"region size must be positive, got {width}x{height}")
+    out_w, out_h = out_size
+    if out is None:
+        out = np.empty((out_h, out_w, 3), np.uint8)
+    elif out.shape != (out_h, out_w, 3) or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8 of shape {(out_h, out_w, 3)}, got {out.dtype} {out.shape}")
+
+    # The region in (fractional) pixels of the level read, and source pixels per output pixel.
+    downsample = slide.level_downsamples[level]
+    src_x, src_y = x / downsample, y / downsample
+    src_w, src_h = width / downsample, height / downsample
+    step_x, step_y = src_w / out_w, src_h / out_h
+    # Area averaging (BOX) when shrinking; when enlarging BOX would be nearest-neighbour, so bilinear.
+    shrinking = step_x >= 1 and step_y >= 1
+    resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    margin = math.ceil((0.5 if shrinking else 1.0) * max(step_x, step_y, 1.0)) + 2  # > filter support
+
+    col0 = math.floor(src_x) - margin
+    cols = math.ceil(src_x + src_w) + margin - col0
+    rows_per_band = max(64, min(tile, BAND_BYTES // (3 * cols)))  # source rows read per band
+    out_rows_per_band = max(1, math.floor(rows_per_band / step_y))
+    for r0 in range(0, out_h, out_rows_per_band):
+        r1 = min(r0 + out_rows_per_band, out_h)
+        top, bottom = src_y + r0 * step_y, src_y + r1 * step_y  # this band's extent in the source
+        row0 = math.floor(top) - margin
+        band = _read_band(slide, level, col0, row0, cols, math.ceil(bottom) + margin - row0, tile)
+        box = (src_x - col0, top - row0, src_x + src_w - col0, bottom - row0)
+        out[r0:r1] = np.asarray(Image.fromarray(band).resize((out_w, r1 - r0), resample, box=box))
+        if progress is not None:
+            progress(r1, out_h)
+    return out
+
+
+def _read_band(slide: Slide, level: int, lx: int, ly: int, width: int, height: int, tile: int) -> np.ndarray:
+    """Read a full-width band of the level as tiles ``tile`` pixels wide (no single huge read)."""
+    band = np.empty((height, width, 3), np.uint8)
+    for tx in range(0, width, tile):
+        tw = min(tile, width - tx)
+        band[:, tx : tx + tw] = slide._read_level(level, lx + tx, ly, tw, height)
+    return band
+
+
+# --- opening and checking files --------------------------------------------------------------
+
+
+def _check_file(path: Path) -> None:
+    """Fail early, with a plain cause, on paths no backend can open (OpenSlide says only 'unsupported')."""
+    if not path.exists():
+        raise SlideError(path, "file not found")
+    if path.is_dir():
+        raise SlideError(path, "is a directory")
+    if not os.access(path, os.R_OK):
+        raise SlideError(path, "permission denied")
+    if path.stat().st_size == 0:
+        raise SlideError(path, "empty file (0 bytes)")
+
+
+def _is_tiff(path: Path) -> bool:
+    with open(path, "rb") as file:
+        return file.read(4) in _TIFF_MAGICS
+
+
+def _open_with_tiffslide(path: Path, assume_mpp: float | None, failures: list[str]) -> Slide | None:
+    """Open with tiffslide; None (and the reason appended to ``failures``) if it cannot.
+
+    tifffile skips pages it cannot reach (a file cut short) and only logs it, and the JPEG decoder
+    fills a tile cut short with grey; both are turned into a "truncated or corrupt" SlideError here.
+    """
+    with _tifffile_errors() as logged:
+        try:
+            handle = tiffslide.TiffSlide(path)
+            slide = Slide(path, handle, "tiffslide", assume_mpp)  # reads the page tables
+        except _READ_ERRORS as error:
+            failures.append(f"tiffslide: {_describe(error)}")
+            return None
+        try:
+            problem = logged[0] if logged else _missing_tile_data(path)
+        except _READ_ERRORS as error:
+            problem = _describe(error)
+    if problem:
+        slide.close()
+        raise SlideError(path, f"truncated or corrupt: {problem}")
+    return slide
+
+
+def _missing_tile_data(path: Path) -> str | None:
+    """Describe the first TIFF page whose image data runs past the end of the file, if any."""
+    size = path.stat().st_size
+    with tifffile.TiffFile(path) as tif:
+        for index, page in enumerate(tif.pages):
+            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True) if n]
+            if ends and max(ends) > size:
+                return f"image data of page {index} ends at byte {max(ends)}, past the end of the file ({size} bytes)"
+    return None
+
+
+@contextmanager
+def _tifffile_errors() -> Iterator[list[str]]:
+    """Collect the error messages tifffile logs (instead of printing them) while the block runs."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            # Drop tifffile's "<tifffile.TiffPages @16> " object prefix: it means nothing to a user.
+            messages.append("tifffile: " + re.sub(r"^<[^>]*>\s*", "", record.getMessage()))
+
+    logger = logging.getLogger("tifffile")
+    handler = Collect(logging.ERROR)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def _probe(slide: Slide) -> None:
+    """Decode the last tile of every level: a cheap read that fails at open for truncated files.
+
+    Tiles are stored level by level in row order, so the last tile of a level is the furthest
+    into the file of that level's data.
+    """
+    for level, (width, height) in enumerate(slide.level_dimensions):
+        slide._read_level(level, width - 1, height - 1, 1, 1)
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+
+def _level0_coordinate(level_pixel: int, downsample: float) -> int:
+    """The level-0 coordinate both backends map to ``level_pixel`` of a level.
+
+    tiffslide takes ``int(coordinate / downsample)``; OpenSlide interpolates at the fractional
+    position ``coordinate / downsample``, so the coordinate is the one closest to an exact hit.
+    """
+    coordinate = round(level_pixel * downsample)
+    while int(coordinate / downsample) < level_pixel:
+        coordinate += 1
+    while coordinate > 0 and int((coordinate - 1) / downsample) >= level_pixel:
+        coordinate -= 1
+    return coordinate
+
+
+def _to_rgb(path: Path, pixels: np.ndarray) -> np.ndarray:
+    """Backend pixels (RGBA, RGB or grey) as uint8 RGB; transparent pixels composited onto white."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3, 4):
+        raise SlideError(path, f"unsupported pixel layout {pixels.dtype} {pixels.shape[2:]} (need 8-bit RGB)")
+    if pixels.shape[2] == 1:
+        return np.repeat(pixels, 3, axis=2)
+    if pixels.shape[2] == 3:
+        return pixels
+    rgb, alpha = pixels[..., :3], pixels[..., 3:]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    alpha = alpha.astype(np.uint32)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _positive_float(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def _str_or_none(value: object) -> str | None:
+    return str(value) if value not in (None, "") else None

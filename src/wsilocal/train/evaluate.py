@@ -1,0 +1,97 @@
+"""``wsilocal evaluate RUN --split test``: metrics, predictions CSV and ROC curves of a trained run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+from wsilocal.config import TrainConfig, load_config
+from wsilocal.errors import WsilocalError
+from wsilocal.slide.cache import PrepareSettings, prepare_slides
+from wsilocal.slide.cohort import SPLITS, load_cohort
+from wsilocal.train.checkpoint import load_checkpoint
+from wsilocal.train.data import CachedSlides
+from wsilocal.train.metrics import classification_metrics, plot_roc_curves
+from wsilocal.train.trainer import build_model, evaluate_samples, model_signature, resolve_device
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[TrainConfig, torch.nn.Module, dict]:
+    """The config, the model with the chosen checkpoint's weights, and the checkpoint's metadata."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    path = run_dir / f"checkpoint_{checkpoint}.pt"
+    if not path.exists() and checkpoint == "best":
+        path = run_dir / "checkpoint_last.pt"
+    meta = json.loads((run_dir / "classes.json").read_text())
+    state = load_checkpoint(path, expected_signature=model_signature(config, meta["classes"]))
+    net = build_model(config, len(meta["classes"]))
+    net.load_state_dict(state["model"])
+    net.eval()
+    return config, net, state
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = "best",
+                 progress: bool = True) -> dict:
+    """Evaluate a run on one split of its cohort; write metrics, predictions and ROC curves into the run.
+
+    Writes ``metrics_<split>.json`` (accuracy, balanced_accuracy, auroc, per-class figures, confusion matrix,
+    skipped slides), ``predictions_<split>.csv`` and ``roc_<split>.png``; returns the metrics.
+    """
+    if split not in SPLITS:
+        raise WsilocalError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise WsilocalError(f"{run_dir}: not a run directory (no config.yaml)")
+    config, net, state = load_run(run_dir, checkpoint)
+    classes = list(state["classes"])
+    cohort = load_cohort(config.cohort, classes=classes, allow_outside=config.allow_outside_paths)
+    slides = cohort.split(split)
+    if not slides:
+        raise WsilocalError(f"{config.cohort}: split {split!r} has no slides")
+    settings = PrepareSettings(mpp=config.mpp, assume_mpp=config.assume_mpp, max_pixels=config.max_pixels)
+    prepared = prepare_slides(slides, config.resolved_cache(), settings, workers=config.workers, progress=progress)
+    kept = [s for s in slides if s.slide_id in prepared.entries]
+    if not kept:
+        raise WsilocalError(f"{config.cohort}: no slide of split {split!r} could be read")
+    device = resolve_device(config.device)
+    samples = CachedSlides([prepared.entries[s.slide_id] for s in kept], [cohort.label_index(s) for s in kept],
+                           state["mean"], state["std"])
+    evaluation = evaluate_samples(net.to(device), samples, device, progress=progress, desc=f"evaluate {split}")
+    metrics = classification_metrics(evaluation["probabilities"], evaluation["labels"], classes)
+    metrics["loss"] = evaluation["loss"]
+    metrics["split"] = split
+    metrics["checkpoint"] = checkpoint
+    metrics["skipped"] = prepared.skipped
+    (run_dir / f"metrics_{split}.json").write_text(json.dumps(metrics, indent=1))
+    with open(run_dir / f"predictions_{split}.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["slide_id", "label", "predicted", *[f"p_{c}" for c in classes]])
+        for slide, probs in zip(kept, evaluation["probabilities"], strict=True):
+            writer.writerow([slide.slide_id, slide.label, classes[int(probs.argmax())],
+                             *[f"{p:.6f}" for p in probs]])
+    plot_roc_curves(evaluation["probabilities"], evaluation["labels"], classes, run_dir / f"roc_{split}.png",
+                    title=f"ROC on the {split} split ({len(kept)} slides)")
+    return metrics
+
+
+def format_metrics(metrics: dict) -> str:
+    """A short results table for the terminal."""
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = [
+        f"split {metrics['split']}: {metrics['n']} slides",
+        f"  accuracy           {fmt(metrics['accuracy'])}",
+        f"  balanced accuracy  {fmt(metrics['balanced_accuracy'])}",
+        f"  AUROC              {fmt(metrics['auroc'])}",
+        f"  {'class':<16}{'precision':>10}{'recall':>8}{'AUROC':>8}{'n':>5}",
+    ]
+    for name, row in metrics["per_class"].items():
+        lines.append(f"  {name:<16}{fmt(row['precision']):>10}{fmt(row['recall']):>8}{fmt(row['auroc']):>8}"
+                     f"{row['support']:>5}")
+    for slide_id, reason in metrics.get("skipped", {}).items():
+        lines.append(f"  skipped {slide_id}: {reason}")
+    return "\n".join(lines)

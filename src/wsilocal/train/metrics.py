@@ -1,0 +1,140 @@
+"""Classification metrics for slide-level predictions, and the pictures people look at.
+
+``classification_metrics`` computes accuracy, balanced accuracy, macro one-vs-rest AUROC, per-class
+precision/recall/AUROC and the confusion matrix from class probabilities. AUROC is the Mann–Whitney
+statistic with tie handling (equal to the area under the empirical ROC curve).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def binary_auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``scores`` for the boolean ``positive``; None if one class is absent."""
+    positive = np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = np.asarray(scores)[order]
+    ranks = np.empty(len(scores), np.float64)
+    # average ranks over ties, 1-based
+    i = 0
+    while i < len(sorted_scores):
+        j = i
+        while j + 1 < len(sorted_scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct threshold (from (0,0) to (1,1))."""
+    positive = np.asarray(positive, bool)
+    order = np.argsort(-np.asarray(scores), kind="mergesort")
+    s, p = np.asarray(scores)[order], positive[order]
+    distinct = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tp = np.cumsum(p)[distinct]
+    fp = np.cumsum(~p)[distinct]
+    tpr = np.r_[0, tp / max(p.sum(), 1)]
+    fpr = np.r_[0, fp / max((~p).sum(), 1)]
+    return fpr, tpr
+
+
+def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
+    """Slide-level metrics from an (N, C) probability array and N integer labels."""
+    probabilities = np.asarray(probabilities, np.float64)
+    labels = np.asarray(labels, int)
+    n_classes = len(classes)
+    predicted = probabilities.argmax(axis=1)
+    confusion = np.zeros((n_classes, n_classes), int)
+    np.add.at(confusion, (labels, predicted), 1)
+    per_class = {}
+    recalls, aurocs = [], []
+    for c, name in enumerate(classes):
+        support = int(confusion[c].sum())
+        called = int(confusion[:, c].sum())
+        recall = confusion[c, c] / support if support else None
+        precision = confusion[c, c] / called if called else None
+        auroc = binary_auroc(probabilities[:, c], labels == c)
+        per_class[name] = {"precision": precision, "recall": recall, "auroc": auroc, "support": support}
+        if recall is not None:
+            recalls.append(recall)
+        if auroc is not None:
+            aurocs.append(auroc)
+    if n_classes == 2:  # the usual binary AUROC, on the positive class's score
+        auroc_value = binary_auroc(probabilities[:, 1], labels == 1)
+    else:
+        auroc_value = float(np.mean(aurocs)) if aurocs else None
+    return {
+        "n": int(len(labels)),
+        "accuracy": float((predicted == labels).mean()) if len(labels) else None,
+        "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
+        "auroc": auroc_value,
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+        "classes": list(classes),
+    }
+
+
+def plot_learning_curves(history: list[dict], path: str | Path) -> None:
+    """Loss and balanced accuracy per epoch (train and validation) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_loss", "train loss (final classifier)"), ("val_loss", "validation loss")):
+        values = [h.get(key) for h in history]
+        if any(v is not None for v in values):
+            ax_loss.plot(epochs, values, marker="o", label=label)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_loss.legend()
+    for key, label in (("train_balanced_accuracy", "train"), ("val_balanced_accuracy", "validation")):
+        values = [h.get(key) for h in history]
+        if any(v is not None for v in values):
+            ax_acc.plot(epochs, values, marker="o", label=label)
+    aux_keys = sorted({k for h in history for k in h if k.startswith("val_aux") and k.endswith("_accuracy")})
+    for key in aux_keys:
+        ax_acc.plot(epochs, [h.get(key) for h in history], linestyle="--", alpha=0.6,
+                    label=key.replace("val_", "validation ").replace("_accuracy", " accuracy"))
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("balanced accuracy / accuracy")
+    ax_acc.set_ylim(0, 1.02)
+    ax_acc.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_roc_curves(probabilities: np.ndarray, labels: np.ndarray, classes: list[str], path: str | Path,
+                    title: str = "") -> None:
+    """One-vs-rest ROC curve per class as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for c, name in enumerate(classes):
+        positive = np.asarray(labels) == c
+        auroc = binary_auroc(probabilities[:, c], positive)
+        if auroc is None:
+            continue
+        fpr, tpr = roc_curve(probabilities[:, c], positive)
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(title or "ROC (one vs rest)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

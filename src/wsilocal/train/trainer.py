@@ -1,0 +1,414 @@
+"""The local-learning trainer: cohort → cache → K modules → checkpoints, metrics and curves in a run directory.
+
+Run directory layout::
+
+    RUN/config.yaml          the resolved configuration
+    RUN/classes.json         class names (index = position), normalisation mean/std
+    RUN/checkpoint_last.pt   everything needed to resume (model, optimizer, scheduler, counters, history)
+    RUN/checkpoint_best.pt   the model with the best validation result
+    RUN/metrics.csv|json     one row per epoch
+    RUN/curves.png           learning curves
+    RUN/train.log            the log
+    RUN/summary.json         the final summary (best epoch, validation metrics, warnings)
+
+Schedules. ``simultaneous`` (the authors' code): every step trains all modules, each on its own loss.
+``greedy`` (the paper's text): module 1 with its auxiliary model until its validation loss stops improving
+(or ``epochs`` pass), then module 2 on the frozen module 1, and so on; the last phase trains module K with
+the final classifier. Both are a list of *phases* over which the same epoch loop runs.
+
+Reproducibility: data order, augmentation, RFR locations and dropout draw from seeds derived from
+(seed, phase, epoch, slide), and resume restores model, optimizer, scheduler and counters at an epoch
+boundary, so ``--resume`` ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from wsilocal.config import TrainConfig, save_config
+from wsilocal.errors import ConfigError, SlideError, WsilocalError
+from wsilocal.models.local_net import LocalNet
+from wsilocal.models.resnet import calibrate_batchnorm, load_resnet34_weights
+from wsilocal.slide.cache import PrepareSettings, channel_stats, format_summary, prepare_cohort
+from wsilocal.slide.cohort import Cohort, load_cohort
+from wsilocal.train.checkpoint import load_checkpoint, save_checkpoint
+from wsilocal.train.data import Augmentation, CachedSlides, sample_generator
+from wsilocal.train.local_step import forward_all_classifiers, local_training_step
+from wsilocal.train.metrics import classification_metrics, plot_learning_curves
+
+log = logging.getLogger("wsilocal")
+
+RANDOM_INIT_WARNING = (
+    "WARNING: no pretrained weights given (--weights): the ResNet34 trunk is randomly initialised and its "
+    "BatchNorm statistics are calibrated on training slides. Expect lower accuracy than with ImageNet weights."
+)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"config: device {name!r} is not a valid torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config: device {name!r} requested but no CUDA GPU is available")
+    return device
+
+
+def build_model(config: TrainConfig, n_classes: int) -> LocalNet:
+    """The network a config describes (random weights; pretrained trunk loaded by the caller)."""
+    split = config.boundaries if config.boundaries is not None else config.k
+    return LocalNet(
+        n_classes,
+        split=split,
+        conv1_stride=config.conv1_stride,
+        fold_bn=config.fold_bn,
+        rfr=config.rfr,
+        rfr_patches=config.rfr_patches,
+        recompute=config.recompute,
+        balanced=config.balanced,
+    )
+
+
+def model_signature(config: TrainConfig, classes: list[str]) -> dict:
+    """What must match for a checkpoint to load into a model built from ``config``."""
+    return {
+        "method": config.method,
+        "k": config.k if config.boundaries is None else None,
+        "boundaries": config.boundaries,
+        "balanced": config.balanced,
+        "conv1_stride": config.conv1_stride,
+        "rfr": config.rfr,
+        "classes": list(classes),
+    }
+
+
+def setup_logging(run_dir: Path) -> None:
+    """Log to RUN/train.log (everything) and stderr (warnings) — progress bars stay readable."""
+    log.setLevel(logging.INFO)
+    for handler in list(log.handlers):
+        if getattr(handler, "_wsilocal", False):
+            log.removeHandler(handler)
+            handler.close()
+    file_handler = logging.FileHandler(run_dir / "train.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    file_handler._wsilocal = True  # type: ignore[attr-defined]
+    log.addHandler(file_handler)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    best_val: dict
+    history: list[dict]
+    skipped: dict[str, str]
+    warnings: list[str]
+
+
+def _phases(config: TrainConfig, k: int) -> list[range]:
+    """Which modules learn in each phase: all at once, or one after another."""
+    return [range(0, k)] if config.schedule == "simultaneous" else [range(i, i + 1) for i in range(k)]
+
+
+def _phase_parameters(net: LocalNet, phase: range, config: TrainConfig) -> list[dict]:
+    trunk = [p for i in phase for p in net.stages[i].parameters() if p.requires_grad]
+    heads = [p for i in phase for p in (net.aux[i] if i < len(net.aux) else net.head).parameters()]
+    groups = [{"params": heads, "lr": config.lr_aux}]
+    if trunk:
+        groups.insert(0, {"params": trunk, "lr": config.lr_trunk})
+    return groups
+
+
+def _class_weight(labels: list[int], n_classes: int, device: torch.device) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    weight = counts.sum() / (n_classes * np.maximum(counts, 1))
+    return torch.tensor(weight, dtype=torch.float32, device=device)
+
+
+def check_trainable_size(image: torch.Tensor, slide_id: str, source: str, config: TrainConfig) -> None:
+    """Refuse a slide too large for memory with advice, instead of cropping it silently."""
+    h, w = image.shape[-2:]
+    if h * w > config.max_train_pixels:
+        raise SlideError(
+            source,
+            f"slide {slide_id} is {w}×{h} px at {config.mpp} µm/px, more than max_train_pixels "
+            f"({config.max_train_pixels:,}); use more modules (--k 8), a coarser --mpp, --recompute, or raise "
+            f"--max-train-pixels if memory allows",
+        )
+
+
+@torch.no_grad()
+def evaluate_samples(net: LocalNet, samples: CachedSlides, device: torch.device, upto: int | None = None,
+                     progress: bool = False, desc: str = "validate") -> dict:
+    """Probabilities of the final classifier (or of module ``upto``'s) and of each auxiliary classifier."""
+    net.eval()
+    final_probs, aux_probs, losses, ids = [], [], [], []
+    for index in tqdm(range(len(samples)), desc=desc, unit="slide", leave=False, disable=not progress):
+        image, label, slide_id = samples.get(index)
+        outputs = forward_all_classifiers(net, image.to(device), upto=upto)
+        logits = outputs[-1]
+        losses.append(float(F.cross_entropy(logits, torch.tensor([label], device=device))))
+        final_probs.append(torch.softmax(logits, 1)[0].cpu().numpy())
+        aux_probs.append([torch.softmax(o, 1)[0].cpu().numpy() for o in outputs[:-1]])
+        ids.append(slide_id)
+    return {
+        "probabilities": np.array(final_probs),
+        "aux_probabilities": aux_probs,
+        "labels": np.array(samples.labels),
+        "loss": float(np.mean(losses)) if losses else math.nan,
+        "slide_ids": ids,
+    }
+
+
+class Trainer:
+    """Trains one run directory from a :class:`TrainConfig`; ``run()`` does everything."""
+
+    def __init__(self, config: TrainConfig, progress: bool = True, resume: bool = False):
+        self.config = config.validate()
+        self.progress = progress
+        self.resume = resume
+        self.run_dir = Path(config.out)
+        self.warnings: list[str] = []
+
+    # --- set-up -------------------------------------------------------------------------------
+    def _prepare_data(self) -> tuple[Cohort, CachedSlides, CachedSlides, dict[str, str]]:
+        config = self.config
+        classes_file = self.run_dir / "classes.json"
+        saved_classes = json.loads(classes_file.read_text())["classes"] if classes_file.exists() else None
+        cohort = load_cohort(config.cohort, classes=saved_classes, allow_outside=config.allow_outside_paths)
+        settings = PrepareSettings(mpp=config.mpp, assume_mpp=config.assume_mpp, max_pixels=config.max_pixels)
+        result, _ = prepare_cohort(cohort, config.resolved_cache(), settings, workers=config.workers,
+                                   progress=self.progress)
+        if result.skipped:
+            log.warning("skipped slides:\n%s", format_summary(cohort, result))
+            self.warnings.extend(f"skipped {sid}: {why}" for sid, why in result.skipped.items())
+        train_slides = [s for s in cohort.split("train") if s.slide_id in result.entries]
+        val_slides = [s for s in cohort.split("val") if s.slide_id in result.entries]
+        if not train_slides:
+            raise WsilocalError(f"{config.cohort}: no training slide could be prepared")
+        if not val_slides:
+            raise WsilocalError(f"{config.cohort}: no validation slide (split 'val') could be prepared")
+        mean, std = channel_stats(result.entries[s.slide_id] for s in train_slides)
+        if classes_file.exists():  # a resumed run keeps the normalisation it started with
+            saved = json.loads(classes_file.read_text())
+            mean, std = saved["mean"], saved["std"]
+        aug = Augmentation(config.augment, config.edge_crop, config.color_jitter)
+
+        def samples(slides, augmentation):
+            return CachedSlides([result.entries[s.slide_id] for s in slides],
+                                [cohort.label_index(s) for s in slides], mean, std, augmentation, config.seed)
+
+        self.mean, self.std = mean, std
+        return cohort, samples(train_slides, aug), samples(val_slides, None), result.skipped
+
+    def _initialise_trunk(self, net: LocalNet, train: CachedSlides) -> None:
+        if self.config.weights:
+            load_resnet34_weights(net.trunk, self.config.weights)
+            log.info("loaded trunk weights from %s", self.config.weights)
+            return
+        self.warnings.append(RANDOM_INIT_WARNING)
+        log.warning(RANDOM_INIT_WARNING)
+        tqdm.write(RANDOM_INIT_WARNING)
+        n = min(self.config.calibration_slides, len(train))
+        images = (train.get(i)[0].to(self.device) for i in range(n))
+        calibrate_batchnorm(net.trunk, images)
+
+    # --- the loop -----------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.resume and (self.run_dir / "checkpoint_last.pt").exists():
+            raise ConfigError(f"{self.run_dir}: run directory already holds a run; use --resume to continue it "
+                              "or choose another --out")
+        setup_logging(self.run_dir)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        cohort, train, val, skipped = self._prepare_data()
+        classes = list(cohort.classes)
+        signature = model_signature(config, classes)
+        net = build_model(config, len(classes)).to(self.device)
+        k = len(net.stages)
+        phases = _phases(config, k)
+        class_weight = _class_weight(train.labels, len(classes), self.device) if config.class_weights else None
+
+        state = None
+        if self.resume:
+            state = load_checkpoint(self.run_dir / "checkpoint_last.pt", expected_signature=signature)
+            net.load_state_dict(state["model"])
+            self.warnings = state.get("warnings", [])
+        else:
+            self._initialise_trunk(net, train)
+            save_config(config, self.run_dir / "config.yaml")
+            (self.run_dir / "classes.json").write_text(
+                json.dumps({"classes": classes, "mean": self.mean, "std": self.std}, indent=1))
+        log.info("model:\n%s", net.describe())
+        log.info("train %d slides, validation %d slides, classes %s", len(train), len(val), classes)
+
+        history: list[dict] = state["history"] if state else []
+        phase_index = state["phase"] if state else 0
+        start_epoch = state["next_epoch"] if state else 0
+        best = state["best"] if state else {"score": None, "epoch": -1, "val": {}}
+        for p in range(phase_index, len(phases)):
+            phase = phases[p]
+            optimizer = torch.optim.AdamW(_phase_parameters(net, phase, config), weight_decay=config.weight_decay)
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience)
+            phase_best = {"loss": math.inf, "bad_epochs": 0}
+            if state is not None and p == phase_index:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                phase_best = state["phase_best"]
+            epoch = start_epoch if p == phase_index else 0
+            while epoch < config.epochs:
+                row = self._train_epoch(net, train, phase, p, epoch, optimizer, class_weight, k)
+                is_last_module = phase.stop == k
+                evaluation = evaluate_samples(net, val, self.device, upto=phase.stop, progress=self.progress)
+                val_metrics = classification_metrics(evaluation["probabilities"], evaluation["labels"], classes)
+                row.update(self._val_row(evaluation, val_metrics, classes))
+                scheduler.step(evaluation["loss"])
+                row["lr"] = [g["lr"] for g in optimizer.param_groups]
+                history.append(row)
+                improved_loss = evaluation["loss"] < phase_best["loss"] - 1e-6
+                phase_best = {"loss": min(phase_best["loss"], evaluation["loss"]),
+                              "bad_epochs": 0 if improved_loss else phase_best["bad_epochs"] + 1}
+                if is_last_module:
+                    score = (val_metrics["balanced_accuracy"] or 0.0, -evaluation["loss"])
+                    if best["score"] is None or score > tuple(best["score"]):
+                        best = {"score": list(score), "epoch": len(history) - 1, "val": val_metrics}
+                        self._save(net, self.run_dir / "checkpoint_best.pt", signature, classes)
+                epoch += 1
+                stop = config.early_stopping and phase_best["bad_epochs"] >= config.early_stopping
+                next_phase, next_epoch = (p + 1, 0) if (stop or epoch >= config.epochs) else (p, epoch)
+                self._save(net, self.run_dir / "checkpoint_last.pt", signature, classes, extra={
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "phase": next_phase, "next_epoch": next_epoch, "phase_best": phase_best,
+                    "history": history, "best": best, "warnings": self.warnings,
+                })
+                self._write_metrics(history)
+                log.info("phase %d epoch %d: %s", p, epoch - 1, json.dumps(_printable(row)))
+                if self.progress:
+                    tqdm.write(_epoch_line(row))
+                if stop:
+                    log.info("early stopping phase %d after epoch %d", p, epoch - 1)
+                    break
+            start_epoch = 0
+        summary = {
+            "best_epoch": best["epoch"],
+            "best_validation": best["val"],
+            "epochs_run": len(history),
+            "skipped": skipped,
+            "warnings": self.warnings,
+            "model": net.describe(),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return TrainResult(self.run_dir, best["epoch"], best["val"], history, skipped, self.warnings)
+
+    def _train_epoch(self, net, train: CachedSlides, phase: range, phase_no: int, epoch: int, optimizer,
+                     class_weight, k: int) -> dict:
+        config = self.config
+        torch.manual_seed(config.seed * 1_000_003 + phase_no * 10_007 + epoch)  # dropout stream of this epoch
+        net.train()
+        for i in range(phase.start):  # frozen earlier modules (greedy) stay in eval
+            net.stages[i].eval()
+        order = train.epoch_order(epoch + 1000 * phase_no)
+        optimizer.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        final_losses, correct, aux_losses = [], 0, []
+        n_since_step = 0
+        bar = tqdm(order, desc=f"phase {phase_no} epoch {epoch}" if len(_phases(config, k)) > 1 else f"epoch {epoch}",
+                   unit="slide", leave=False, disable=not self.progress)
+        for position, index in enumerate(bar):
+            image, label, slide_id = train.get(index, epoch + 1000 * phase_no)
+            check_trainable_size(image, slide_id, train.entries[index].source, config)
+            # The accumulation group may be shorter at the end of the epoch: scale by its true size.
+            group = min(config.accumulation, len(order) - (position // config.accumulation) * config.accumulation)
+            try:
+                result = local_training_step(
+                    net, image.to(self.device), label, active=phase, alpha=config.alpha,
+                    class_weight=class_weight, loss_scale=1.0 / group,
+                    generator=sample_generator(config.seed + 1, epoch + 1000 * phase_no, index),
+                )
+            except (RuntimeError, MemoryError) as exc:
+                if "memory" not in str(exc).lower():
+                    raise
+                raise SlideError(train.entries[index].source,
+                                 f"out of memory on slide {slide_id} ({image.shape[-1]}×{image.shape[-2]} px); "
+                                 "use more modules (--k 8), --recompute, a coarser --mpp, or a smaller "
+                                 "--max-train-pixels to refuse such slides up front") from None
+            n_since_step += 1
+            if n_since_step == group:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                n_since_step = 0
+            final_losses.append(result.cls_losses[-1])
+            correct += int(result.logits[-1].argmax(1).item() == label)
+            aux_losses.append(result.rfr_losses)
+            bar.set_postfix(loss=f"{np.mean(final_losses):.3f}")
+        row = {
+            "phase": phase_no, "epoch": epoch, "modules": [phase.start, phase.stop],
+            "train_loss": float(np.mean(final_losses)),
+            "train_accuracy": correct / len(order),
+            "seconds": time.perf_counter() - start,
+        }
+        if aux_losses and aux_losses[0]:
+            row["train_rfr_loss"] = [float(v) for v in np.mean(np.array(aux_losses), axis=0)]
+        return row
+
+    @staticmethod
+    def _val_row(evaluation: dict, metrics: dict, classes: list[str]) -> dict:
+        row = {"val_loss": evaluation["loss"], "val_accuracy": metrics["accuracy"],
+               "val_balanced_accuracy": metrics["balanced_accuracy"], "val_auroc": metrics["auroc"]}
+        labels = evaluation["labels"]
+        for m, _ in enumerate(evaluation["aux_probabilities"][0] if evaluation["aux_probabilities"] else []):
+            probs = np.array([p[m] for p in evaluation["aux_probabilities"]])
+            row[f"val_aux{m + 1}_accuracy"] = float((probs.argmax(1) == labels).mean())
+        return row
+
+    def _save(self, net: LocalNet, path: Path, signature: dict, classes: list[str], extra: dict | None = None):
+        save_checkpoint({
+            "model": net.state_dict(), "signature": signature, "classes": classes,
+            "mean": self.mean, "std": self.std, "config": asdict(self.config), **(extra or {}),
+        }, path)
+
+    def _write_metrics(self, history: list[dict]) -> None:
+        (self.run_dir / "metrics.json").write_text(json.dumps(history, indent=1))
+        keys = sorted({k for row in history for k in row if not isinstance(row[k], list)})
+        with open(self.run_dir / "metrics.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(history)
+        plot_learning_curves(history, self.run_dir / "curves.png")
+
+
+def _printable(row: dict) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def _epoch_line(row: dict) -> str:
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    aux = " ".join(f"aux{k[7:-9]}={fmt(v)}" for k, v in row.items() if k.startswith("val_aux"))
+    return (f"phase {row['phase']} epoch {row['epoch']:>3}: train loss {fmt(row['train_loss'])} "
+            f"acc {fmt(row['train_accuracy'])} | val loss {fmt(row['val_loss'])} "
+            f"bal.acc {fmt(row['val_balanced_accuracy'])} AUROC {fmt(row['val_auroc'])} | {aux} "
+            f"| {row['seconds']:.0f}s")
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train a run from a configuration (see :class:`Trainer`)."""
+    return Trainer(config, progress=progress, resume=resume).run()

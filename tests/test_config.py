@@ -1,0 +1,61 @@
+import argparse
+
+import pytest
+
+from wsilocal.config import (
+    TrainConfig,
+    add_config_arguments,
+    config_from_dict,
+    load_config,
+    overrides_from_args,
+    save_config,
+)
+from wsilocal.errors import ConfigError
+
+
+def test_yaml_roundtrip_and_command_line_overrides(tmp_path):
+    config = TrainConfig(cohort="c.csv", out="run", k=8, boundaries=[2, 4], lr_trunk=3e-5)
+    save_config(config, tmp_path / "config.yaml")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--epochs", "3", "--no-rfr", "--lr-aux", "0.001", "--boundaries", "3", "5", "7"])
+    loaded = load_config(tmp_path / "config.yaml", overrides_from_args(args))
+    assert loaded.k == 8 and loaded.lr_trunk == 3e-5
+    assert loaded.epochs == 3 and loaded.rfr is False and loaded.lr_aux == 0.001
+    assert loaded.boundaries == [3, 5, 7]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"k": "four"}, "k must be int, got str 'four'"),
+        ({"epochs": 2.5}, "epochs must be int"),
+        ({"rfr": "yes"}, "rfr must be bool"),
+        ({"boundaries": 3}, "boundaries must be a list"),
+        ({"learning_rate": 0.1}, "unknown key\\(s\\) learning_rate"),
+    ],
+)
+def test_wrong_types_and_unknown_keys(tmp_path, values, message):
+    path = tmp_path / "bad.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({"cohort": "c.csv", "out": "r", **values}))
+    with pytest.raises(ConfigError, match=f"^{path}: config: {message}"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [({"k": 3}, "k must be 1, 2, 4 or 8"), ({"schedule": "fast"}, "schedule must be one of"),
+     ({"mpp": -1.0}, "mpp must be positive"), ({"out": ""}, "out: a run directory is required")],
+)
+def test_out_of_range_values(values, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"cohort": "c.csv", "out": "r", **values}).validate()
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("cohort: a\nout: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML at line"):
+        load_config(path)
