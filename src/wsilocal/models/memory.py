@@ -7,8 +7,8 @@ including the ``meta`` device, where nothing is computed). What is counted:
   convolutions, the outputs of ReLUs, the indices of max-pooling, the block inputs that activation
   checkpointing keeps, ...), at the size of its whole *storage*;
 * each storage once, however many nodes or views save it;
-* not ``nn.Parameter`` objects: they are resident anyway. Tensors *computed* from parameters (e.g. a
-  convolution weight with a BatchNorm folded in) are new allocations and are counted.
+* not ``nn.Parameter`` objects or views of them: they are resident anyway. Tensors *computed* from
+  parameters (e.g. a weight with a BatchNorm folded in) are new allocations and are counted.
 
 ``current`` falls again when autograd drops a saved tensor (after ``backward()`` or when the graph
 is deleted), so ``peak`` is the true high-water mark of saved bytes across several graphs.
@@ -73,6 +73,10 @@ class SavedTensorMeter:
         """Restart the peak at the bytes currently held (graphs still alive stay counted)."""
         self.peak = self.current
 
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor``'s storage is currently saved by a graph metered here."""
+        return _storage_key(tensor) in self._holders
+
     def _acquire(self, key: tuple[int, int]) -> None:
         count = self._holders.get(key, 0)
         if count == 0:
@@ -89,7 +93,7 @@ class SavedTensorMeter:
             self._holders[key] = count
 
     def _pack(self, tensor: torch.Tensor) -> Any:
-        if isinstance(tensor, nn.Parameter):
+        if isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter):  # also W.t() etc.
             return tensor
         return _Saved(self, tensor)
 

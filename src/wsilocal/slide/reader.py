@@ -24,7 +24,6 @@ import numpy as np
 import openslide
 import tifffile
 import tiffslide
-from PIL import Image
 
 from wsilocal.errors import ConfigError, SlideError
 
@@ -32,7 +31,7 @@ from wsilocal.errors import ConfigError, SlideError
 #: stored at 2.01 µm/px serves a 2.0 µm/px request instead of falling back to a 4× finer level.
 LEVEL_TOLERANCE = 0.01
 #: Source bytes per band when resizing: bounds memory for very wide slides (plus the output itself).
-BAND_BYTES = 128 * 2**20
+BAND_BYTES = 32 * 2**20
 
 _TIFF_MAGICS = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic TIFF and BigTIFF, both byte orders
 # What the backends raise on unreadable data: OpenSlide errors, imagecodecs decode errors
@@ -86,7 +85,9 @@ class Slide:
         interpolation). Pixels outside the slide or transparent in it are white.
         """
         downsample = self.level_downsamples[level]
-        return self._read_level(level, math.floor(x / downsample), math.floor(y / downsample), width, height)
+        lx, ly = math.floor(x / downsample), math.floor(y / downsample)
+        pixels = self._read_level(level, lx, ly, width, height)
+        return np.ascontiguousarray(pixels)
 
     def close(self) -> None:
         """Release the file. The slide cannot be read afterwards."""
@@ -107,11 +108,13 @@ class Slide:
         if width <= 0 or height <= 0:
             raise ValueError(f"region size must be positive, got {width}x{height}")
         level_w, level_h = self.level_dimensions[level]
-        out = np.full((height, width, 3), 255, np.uint8)
-        # Only the part inside the level is read: the backends pad differently (OpenSlide with
-        # transparent, tiffslide with black pixels), so padding is done here, the same for both.
         x0, x1 = max(lx, 0), min(lx + width, level_w)
         y0, y1 = max(ly, 0), min(ly + height, level_h)
+        if (x0, y0, x1, y1) == (lx, ly, lx + width, ly + height):
+            return self._read_inside(level, lx, ly, width, height)
+        # Only the part inside the level is read: the backends pad differently (OpenSlide with
+        # transparent, tiffslide with black pixels), so padding is done here, the same for both.
+        out = np.full((height, width, 3), 255, np.uint8)
         if x0 < x1 and y0 < y1:
             out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._read_inside(level, x0, y0, x1 - x0, y1 - y0)
         return out
@@ -233,7 +236,8 @@ def read_region_downsampled(
 
 def _level_for_downsample(slide: Slide, downsample: float) -> int:
     """The level with the largest downsample that is at most ``downsample`` (within the tolerance)."""
-    candidates = [lv for lv, d in enumerate(slide.level_downsamples) if d <= downsample * (1 + LEVEL_TOLERANCE)]
+    limit = downsample * (1 + LEVEL_TOLERANCE)
+    candidates = [lv for lv, d in enumerate(slide.level_downsamples) if d <= limit]
     return max(candidates, key=lambda lv: slide.level_downsamples[lv], default=0)
 
 
@@ -248,8 +252,8 @@ def _resample(
 ) -> np.ndarray:
     """Resize ``region`` (level-0 px) of ``level`` to ``out_size`` (w, h), band by band into ``out``.
 
-    Each band of output rows is computed from the source rows its filter touches plus a margin, with
-    the band's exact fractional position in the source, so the bands equal one whole-region resize.
+    Each band of output rows is computed from exactly the source rows it covers (plus a margin),
+    with the same filter weights a whole-region resize would use, so the bands stitch without seams.
     """
     x, y, width, height = region
     if width <= 0 or height <= 0:
@@ -263,31 +267,67 @@ def _resample(
     # The region in (fractional) pixels of the level read, and source pixels per output pixel.
     downsample = slide.level_downsamples[level]
     src_x, src_y = x / downsample, y / downsample
-    src_w, src_h = width / downsample, height / downsample
-    step_x, step_y = src_w / out_w, src_h / out_h
-    # Area averaging (BOX) when shrinking; when enlarging BOX would be nearest-neighbour, so bilinear.
-    shrinking = step_x >= 1 and step_y >= 1
-    resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
-    margin = math.ceil((0.5 if shrinking else 1.0) * max(step_x, step_y, 1.0)) + 2  # > filter support
+    step_x, step_y = width / downsample / out_w, height / downsample / out_h
+    margin = 2  # source pixels read beyond the region: room for the interpolation taps when enlarging
 
     col0 = math.floor(src_x) - margin
-    cols = math.ceil(src_x + src_w) + margin - col0
+    cols = math.ceil(src_x + out_w * step_x) + margin - col0
+    col_index, col_weight = _filter_taps(src_x - col0, step_x, np.arange(out_w), cols)
     rows_per_band = max(64, min(tile, BAND_BYTES // (3 * cols)))  # source rows read per band
     out_rows_per_band = max(1, math.floor(rows_per_band / step_y))
     for r0 in range(0, out_h, out_rows_per_band):
         r1 = min(r0 + out_rows_per_band, out_h)
-        top, bottom = src_y + r0 * step_y, src_y + r1 * step_y  # this band's extent in the source
-        row0 = math.floor(top) - margin
-        band = _read_band(slide, level, col0, row0, cols, math.ceil(bottom) + margin - row0, tile)
-        box = (src_x - col0, top - row0, src_x + src_w - col0, bottom - row0)
-        out[r0:r1] = np.asarray(Image.fromarray(band).resize((out_w, r1 - r0), resample, box=box))
+        row0 = math.floor(src_y + r0 * step_y) - margin
+        rows = math.ceil(src_y + r1 * step_y) + margin - row0
+        band = _read_band(slide, level, col0, row0, rows, cols, tile)
+        row_index, row_weight = _filter_taps(src_y - row0, step_y, np.arange(r0, r1), rows)
+        # Separable: resample the columns of the band, then its rows.
+        narrow = _apply_taps(band, col_index, col_weight, axis=1)
+        rows_done = _apply_taps(narrow, row_index, row_weight, axis=0)
+        out[r0:r1] = np.clip(rows_done + 0.5, 0, 255).astype(np.uint8)
         if progress is not None:
             progress(r1, out_h)
     return out
 
 
-def _read_band(slide: Slide, level: int, lx: int, ly: int, width: int, height: int, tile: int) -> np.ndarray:
-    """Read a full-width band of the level as tiles ``tile`` pixels wide (no single huge read)."""
+def _filter_taps(
+    start: float, step: float, out_index: np.ndarray, n_source: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source pixels and weights, (n, taps) each, for output pixels ``out_index`` along one axis.
+
+    Output pixel ``j`` covers the source interval ``[start + j*step, start + (j+1)*step)``. When
+    shrinking (``step >= 1``) its value is the exact area average over that interval, partly
+    covered source pixels weighted by the covered fraction. When enlarging, it is the linear
+    interpolation between the two source pixel centres around the interval's centre. Both are
+    continuous in the interval's position, so bands and whole-region resizes agree to rounding.
+    """
+    if step >= 1:
+        low = start + out_index * step
+        high = low + step
+        index = np.floor(low).astype(np.int64)[:, None] + np.arange(math.ceil(step) + 1)
+        weight = np.clip(np.minimum(index + 1, high[:, None]) - np.maximum(index, low[:, None]), 0, None)
+    else:
+        centre = start + (out_index + 0.5) * step - 0.5  # in source pixel-centre coordinates
+        first = np.floor(centre)
+        index = first.astype(np.int64)[:, None] + np.arange(2)
+        weight = np.stack([1 - (centre - first), centre - first], axis=1)
+    weight /= weight.sum(axis=1, keepdims=True)
+    used = weight.any(axis=0)  # e.g. the spare last tap of an integer step: skip its work
+    # Taps past the buffer only ever carry zero weight; clip them so indexing stays valid.
+    return np.clip(index[:, used], 0, n_source - 1), weight[:, used].astype(np.float32)
+
+
+def _apply_taps(image: np.ndarray, index: np.ndarray, weight: np.ndarray, axis: int) -> np.ndarray:
+    """Weighted sum over taps along ``axis`` (0 = rows, 1 = columns) of an (H, W, 3) image; float32."""
+    shape = (-1, 1, 1) if axis == 0 else (1, -1, 1)
+    result = np.take(image, index[:, 0], axis=axis) * weight[:, 0].reshape(shape)
+    for tap in range(1, index.shape[1]):
+        result += np.take(image, index[:, tap], axis=axis) * weight[:, tap].reshape(shape)
+    return result
+
+
+def _read_band(slide: Slide, level: int, lx: int, ly: int, height: int, width: int, tile: int) -> np.ndarray:
+    """Read a band of the level as tiles ``tile`` pixels wide (never one huge read)."""
     band = np.empty((height, width, 3), np.uint8)
     for tx in range(0, width, tile):
         tw = min(tile, width - tx)
@@ -345,7 +385,8 @@ def _missing_tile_data(path: Path) -> str | None:
         for index, page in enumerate(tif.pages):
             ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True) if n]
             if ends and max(ends) > size:
-                return f"image data of page {index} ends at byte {max(ends)}, past the end of the file ({size} bytes)"
+                return (f"image data of page {index} ends at byte {max(ends)}, "
+                        f"past the end of the file ({size} bytes)")
     return None
 
 
@@ -371,8 +412,8 @@ def _tifffile_errors() -> Iterator[list[str]]:
 def _probe(slide: Slide) -> None:
     """Decode the last tile of every level: a cheap read that fails at open for truncated files.
 
-    Tiles are stored level by level in row order, so the last tile of a level is the furthest
-    into the file of that level's data.
+    TIFF-based slides store tiles level by level in row order, so a level's last tile is the
+    furthest into the file of that level's data.
     """
     for level, (width, height) in enumerate(slide.level_dimensions):
         slide._read_level(level, width - 1, height - 1, 1, 1)
@@ -382,10 +423,11 @@ def _probe(slide: Slide) -> None:
 
 
 def _level0_coordinate(level_pixel: int, downsample: float) -> int:
-    """The level-0 coordinate both backends map to ``level_pixel`` of a level.
+    """The smallest level-0 coordinate that tiffslide maps to ``level_pixel`` of a level.
 
-    tiffslide takes ``int(coordinate / downsample)``; OpenSlide interpolates at the fractional
-    position ``coordinate / downsample``, so the coordinate is the one closest to an exact hit.
+    tiffslide reads from level pixel ``int(coordinate / downsample)``; OpenSlide interpolates at the
+    fractional position ``coordinate / downsample``, which for this coordinate is ``level_pixel``
+    exactly when the downsample is an integer (and less than ``1 / downsample`` past it otherwise).
     """
     coordinate = round(level_pixel * downsample)
     while int(coordinate / downsample) < level_pixel:
@@ -405,7 +447,7 @@ def _to_rgb(path: Path, pixels: np.ndarray) -> np.ndarray:
         return pixels
     rgb, alpha = pixels[..., :3], pixels[..., 3:]
     if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
+        return rgb
     alpha = alpha.astype(np.uint32)
     return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 

@@ -25,9 +25,9 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[TrainConfig
     path = run_dir / f"checkpoint_{checkpoint}.pt"
     if not path.exists() and checkpoint == "best":
         path = run_dir / "checkpoint_last.pt"
-    meta = json.loads((run_dir / "classes.json").read_text())
+    meta = json.loads((run_dir / "model.json").read_text())
     state = load_checkpoint(path, expected_signature=model_signature(config, meta["classes"]))
-    net = build_model(config, len(meta["classes"]))
+    net = build_model(config, len(meta["classes"]), meta["block_boundaries"])
     net.load_state_dict(state["model"])
     net.eval()
     return config, net, state

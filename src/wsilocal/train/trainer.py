@@ -3,7 +3,7 @@
 Run directory layout::
 
     RUN/config.yaml          the resolved configuration
-    RUN/classes.json         class names (index = position), normalisation mean/std
+    RUN/model.json           class names (index = position), normalisation mean/std, module boundaries
     RUN/checkpoint_last.pt   everything needed to resume (model, optimizer, scheduler, counters, history)
     RUN/checkpoint_best.pt   the model with the best validation result
     RUN/metrics.csv|json     one row per epoch
@@ -40,6 +40,7 @@ from wsilocal.config import TrainConfig, save_config
 from wsilocal.errors import ConfigError, SlideError, WsilocalError
 from wsilocal.models.local_net import LocalNet
 from wsilocal.models.resnet import calibrate_batchnorm, load_resnet34_weights
+from wsilocal.models.split import BlockBoundaries, block_boundaries
 from wsilocal.slide.cache import PrepareSettings, channel_stats, format_summary, prepare_cohort
 from wsilocal.slide.cohort import Cohort, load_cohort
 from wsilocal.train.checkpoint import load_checkpoint, save_checkpoint
@@ -67,9 +68,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_model(config: TrainConfig, n_classes: int) -> LocalNet:
-    """The network a config describes (random weights; pretrained trunk loaded by the caller)."""
-    split = config.boundaries if config.boundaries is not None else config.k
+def build_model(config: TrainConfig, n_classes: int, block_boundaries: list[int] | None = None,
+                balance_for_hw: tuple[int, int] | None = None) -> LocalNet:
+    """The network a config describes (random weights; pretrained trunk loaded by the caller).
+
+    ``block_boundaries`` (saved in a run's ``model.json``) fixes the split exactly; otherwise it comes from
+    ``boundaries`` or ``k``, balanced for an input of ``balance_for_hw`` when ``config.balanced``.
+    """
+    if block_boundaries is not None:
+        split = BlockBoundaries(tuple(block_boundaries))
+    else:
+        split = config.boundaries if config.boundaries is not None else config.k
     return LocalNet(
         n_classes,
         split=split,
@@ -78,7 +87,7 @@ def build_model(config: TrainConfig, n_classes: int) -> LocalNet:
         rfr=config.rfr,
         rfr_patches=config.rfr_patches,
         recompute=config.recompute,
-        balanced=config.balanced,
+        input_hw_for_balance=balance_for_hw if (config.balanced and block_boundaries is None) else None,
     )
 
 
@@ -186,7 +195,7 @@ class Trainer:
     # --- set-up -------------------------------------------------------------------------------
     def _prepare_data(self) -> tuple[Cohort, CachedSlides, CachedSlides, dict[str, str]]:
         config = self.config
-        classes_file = self.run_dir / "classes.json"
+        classes_file = self.run_dir / "model.json"
         saved_classes = json.loads(classes_file.read_text())["classes"] if classes_file.exists() else None
         cohort = load_cohort(config.cohort, classes=saved_classes, allow_outside=config.allow_outside_paths)
         settings = PrepareSettings(mpp=config.mpp, assume_mpp=config.assume_mpp, max_pixels=config.max_pixels)
@@ -240,7 +249,10 @@ class Trainer:
         cohort, train, val, skipped = self._prepare_data()
         classes = list(cohort.classes)
         signature = model_signature(config, classes)
-        net = build_model(config, len(classes)).to(self.device)
+        saved = json.loads((self.run_dir / "model.json").read_text()) if self.resume else {}
+        largest = max(train.entries, key=lambda e: e.height * e.width)
+        net = build_model(config, len(classes), saved.get("block_boundaries"),
+                          balance_for_hw=(largest.height, largest.width)).to(self.device)
         k = len(net.stages)
         phases = _phases(config, k)
         class_weight = _class_weight(train.labels, len(classes), self.device) if config.class_weights else None
@@ -253,8 +265,9 @@ class Trainer:
         else:
             self._initialise_trunk(net, train)
             save_config(config, self.run_dir / "config.yaml")
-            (self.run_dir / "classes.json").write_text(
-                json.dumps({"classes": classes, "mean": self.mean, "std": self.std}, indent=1))
+            meta = {"classes": classes, "mean": self.mean, "std": self.std,
+                    "block_boundaries": list(block_boundaries(net.split))}
+            (self.run_dir / "model.json").write_text(json.dumps(meta, indent=1))
         log.info("model:\n%s", net.describe())
         log.info("train %d slides, validation %d slides, classes %s", len(train), len(val), classes)
 

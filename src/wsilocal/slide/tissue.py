@@ -1,0 +1,155 @@
+"""Find the tissue on a slide: a mask on a low-resolution overview, and its bounding box.
+
+H&E-stained tissue is coloured (pink eosin, purple haematoxylin) while glass is white or grey, so
+the detector thresholds colour saturation (the S of HSV) with Otsu's method, guarded so that a
+blank slide yields nothing, then cleans the mask with morphology. Only the bounding box is used
+downstream (training crops the slide to it); the mask is kept for thumbnails and reports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from wsilocal.errors import SlideError
+from wsilocal.slide.reader import Slide, read_region_at_mpp, read_region_downsampled
+
+#: For a slide without MPP the overview is taken as if it were scanned at 40x (0.25 µm/px), the
+#: common case. Only the overview's resolution depends on it, never the bounding box's coordinates.
+FALLBACK_MPP = 0.25
+
+
+@dataclass(frozen=True)
+class TissueRegion:
+    """Where the tissue is.
+
+    Attributes:
+        mask: tissue pixels of the overview (bool, overview resolution).
+        downsample: level-0 pixels per mask pixel.
+        bbox: (x, y, width, height) of the tissue in level-0 pixels, with a margin, inside the slide.
+        tissue_fraction: tissue pixels / all pixels of the overview.
+    """
+
+    mask: np.ndarray
+    downsample: float
+    bbox: tuple[int, int, int, int]
+    tissue_fraction: float
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of values in [0, 1]: the cut maximising the between-class variance."""
+    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    p = hist / max(hist.sum(), 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(p)  # share of values in bins 0..k
+    mean_low = np.cumsum(p * centres)  # their (unnormalised) mean
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mean_low[-1] * weight_low - mean_low) ** 2 / (weight_low * (1 - weight_low))
+    between = np.nan_to_num(between, nan=0.0, posinf=0.0)
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def tissue_mask_from_rgb(
+    rgb: np.ndarray,
+    *,
+    min_saturation: float = 0.07,
+    max_saturation_cut: float = 0.2,
+    max_brightness: float = 0.92,
+    radius: int = 2,
+    min_object_fraction: float = 0.001,
+) -> np.ndarray:
+    """Tissue mask of a low-resolution H&E RGB image (uint8, (H, W, 3)) as a bool (H, W) array.
+
+    A pixel is tissue when its saturation exceeds the Otsu threshold — clipped to
+    [``min_saturation``, ``max_saturation_cut``] so that a blank slide (only noise) finds nothing
+    and a slide covered in tissue is not split in two — and its mean brightness is at most
+    ``max_brightness``; near-black pixels (scanner padding) are background. The mask is then
+    closed and opened with a disk of ``radius`` pixels, its holes are filled, and objects smaller
+    than ``min_object_fraction`` of the image are dropped.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
+    pixels = rgb.astype(np.float32) / 255
+    value = pixels.max(axis=2)
+    saturation = (value - pixels.min(axis=2)) / np.maximum(value, 1e-6)
+    brightness = pixels.mean(axis=2)
+    candidate = value > 0.12  # pure black is scanner padding, never tissue
+
+    if not candidate.any():
+        return np.zeros(rgb.shape[:2], bool)
+    cut = min(max(otsu_threshold(saturation[candidate]), min_saturation), max_saturation_cut)
+    mask = candidate & (saturation > cut) & (brightness <= max_brightness)
+
+    disk = _disk(radius)
+    # Pad so that closing does not erode tissue touching the image border.
+    mask = np.pad(mask, radius + 1)
+    mask = ndimage.binary_opening(ndimage.binary_closing(mask, disk), disk)
+    mask = ndimage.binary_fill_holes(mask)[radius + 1 : -radius - 1, radius + 1 : -radius - 1]
+    labels, count = ndimage.label(mask)
+    if count:
+        sizes = np.bincount(labels.ravel())
+        keep = sizes >= max(1, min_object_fraction * mask.size)
+        keep[0] = False  # label 0 is the background
+        mask = keep[labels]
+    return mask
+
+
+def read_overview(slide: Slide, mpp: float = 16.0) -> tuple[np.ndarray, float]:
+    """A low-resolution RGB view of the whole slide and its downsample (level-0 px per view px).
+
+    At ``mpp`` microns per pixel when the slide's MPP is known; otherwise at the downsample
+    ``mpp / FALLBACK_MPP`` from the pyramid levels, so slides without MPP work too.
+    """
+    if slide.mpp_or_none is not None:
+        view = read_region_at_mpp(slide, mpp)
+    else:
+        view = read_region_downsampled(slide, mpp / FALLBACK_MPP)
+    width, height = slide.level_dimensions[0]
+    return view, (width / view.shape[1] + height / view.shape[0]) / 2
+
+
+def tissue_region_from_overview(
+    overview: np.ndarray, downsample: float, slide_size: tuple[int, int], *, margin: float = 0.05
+) -> TissueRegion | None:
+    """The tissue region of an overview (see :func:`read_overview`), or None if it shows no tissue.
+
+    The box is that of the mask plus one overview pixel, widened on every side by ``margin`` times
+    its width / height, and clipped to the slide of size ``slide_size`` = (width, height) in level-0
+    pixels.
+    """
+    mask = tissue_mask_from_rgb(overview)
+    if not mask.any():
+        return None
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    width, height = slide_size
+    scale_x, scale_y = width / mask.shape[1], height / mask.shape[0]
+    # One overview pixel more on every side: a pixel only partly covered by tissue can miss the cut.
+    x0, x1 = (cols[0] - 1) * scale_x, (cols[-1] + 2) * scale_x
+    y0, y1 = (rows[0] - 1) * scale_y, (rows[-1] + 2) * scale_y
+    pad_x, pad_y = margin * (x1 - x0), margin * (y1 - y0)
+    left, top = max(0, math.floor(x0 - pad_x)), max(0, math.floor(y0 - pad_y))
+    right, bottom = min(width, math.ceil(x1 + pad_x)), min(height, math.ceil(y1 + pad_y))
+    return TissueRegion(mask, downsample, (left, top, right - left, bottom - top), float(mask.mean()))
+
+
+def detect_tissue(slide: Slide, *, mask_mpp: float = 16.0, margin: float = 0.05) -> TissueRegion:
+    """Detect the tissue of ``slide`` on an overview at ``mask_mpp`` µm/px.
+
+    Raises:
+        SlideError: the slide shows no tissue.
+    """
+    overview, downsample = read_overview(slide, mask_mpp)
+    region = tissue_region_from_overview(overview, downsample, slide.level_dimensions[0], margin=margin)
+    if region is None:
+        raise SlideError(slide.path, f"no tissue found (nothing coloured like stained tissue on the "
+                                     f"{overview.shape[1]}x{overview.shape[0]} px overview)")
+    return region
+
+
+def _disk(radius: int) -> np.ndarray:
+    """A disk-shaped structuring element of the given radius (a single pixel for radius 0)."""
+    y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
+    return x * x + y * y <= radius * radius
