@@ -67,7 +67,7 @@ def test_auxiliary_classifier_shapes_and_full_coverage(channels, kernel, hw):
     logits, attention = classifier(x)
     windows = (math.ceil(hw[0] / kernel), math.ceil(hw[1] / kernel))
     assert logits.shape == (1, 3) and attention.shape == windows
-    assert float(attention.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert float(attention.detach().sum()) == pytest.approx(1.0, abs=1e-5)
     # The padded strided conv equals explicit zero padding to a multiple of k, with every pixel inside a window.
     pad_h, pad_w = (windows[0] * kernel - hw[0]), (windows[1] * kernel - hw[1])
     padded = F.pad(x, (math.ceil(pad_w / 2), pad_w // 2, math.ceil(pad_h / 2), pad_h // 2))
@@ -88,7 +88,7 @@ def test_final_classifier():
     head = FinalClassifier(512, 4).eval()
     logits, attention = head(torch.randn(1, 512, 3, 5))
     assert logits.shape == (1, 4) and attention.shape == (3, 5)
-    assert float(attention.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert float(attention.detach().sum()) == pytest.approx(1.0, abs=1e-6)
     assert head.pool.w.in_features == 128 and head.classifier[0].out_features == 128
 
 
@@ -167,7 +167,8 @@ def test_rfr_loss_is_finite_reproducible_and_trains_only_the_output_side():
     x_out = torch.randn(1, 128, 15, 13, requires_grad=True)
     loss = rfr(x_in, x_out, torch.Generator().manual_seed(1))
     assert loss.dim() == 0 and torch.isfinite(loss)
-    assert float(rfr(x_in, x_out, torch.Generator().manual_seed(1))) == pytest.approx(float(loss), rel=1e-6)
+    again = rfr(x_in, x_out, torch.Generator().manual_seed(1))
+    assert float(again.detach()) == pytest.approx(float(loss.detach()), rel=1e-6)
     loss.backward()
     assert x_in.grad is None  # the target is detached
     assert x_out.grad is not None and x_out.grad.abs().sum() > 0
@@ -176,7 +177,7 @@ def test_rfr_loss_is_finite_reproducible_and_trains_only_the_output_side():
     targets, sources = crop_patches(x_in.detach(), x_out.detach(), boxes)
     with torch.no_grad():
         expected = (rfr.decoder(sources) - targets).abs().mean()
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_rfr_decoder_learns_a_fixed_pair():
@@ -192,7 +193,7 @@ def test_rfr_decoder_learns_a_fixed_pair():
         loss = rfr(x_in, x_out, torch.Generator().manual_seed(0))
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.5 * losses[0]
 
@@ -211,7 +212,7 @@ def test_auxiliary_model_losses(trunk):
     assert set(losses) == {"cls", "rfr", "total", "logits"} and losses["logits"].shape == (1, 3)
     torch.testing.assert_close(losses["cls"], F.cross_entropy(losses["logits"], y))
     torch.testing.assert_close(losses["total"], losses["cls"] + losses["rfr"])
-    assert float(losses["rfr"]) > 0
+    assert float(losses["rfr"].detach()) > 0
     without = AuxiliaryModel(spec, n_classes=3, rfr=False)
     plain = without(x_in, x_out, y)
     assert without.rfr is None and float(plain["rfr"]) == 0 and torch.equal(plain["total"], plain["cls"])

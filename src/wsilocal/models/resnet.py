@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from wsilocal.errors import CheckpointError
@@ -61,10 +62,9 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> torch.Te
     if not bn.fold:
         return bn(conv(x))
     scale, shift = bn.scale_shift()
-    if torch.is_grad_enabled() and conv.weight.requires_grad:
-        # Training: scale the conv *output*. Autograd then saves only what the conv alone saves (its
-        # input); a folded weight ``W·s`` would be one more weight-sized tensor saved per conv (85 MB
-        # for the whole trunk).
+    if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
+        # Autograd records: scale the conv *output*. It then saves only what the conv alone saves; a
+        # folded weight ``W·s`` would be one more weight-sized tensor saved per conv (85 MB for the trunk).
         return torch.addcmul(shift.view(-1, 1, 1), conv(x), scale.view(-1, 1, 1))
     if conv.bias is not None:
         shift = shift + conv.bias * scale
@@ -172,8 +172,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: no such file")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             obj = load_file(str(path), device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -230,6 +228,7 @@ def calibrate_batchnorm(trunk: ResNet34Trunk, images: Iterable[torch.Tensor]) ->
     ``images`` (each a (N,3,H,W) or (3,H,W) tensor, pooled over all of them) and γ=1, β=0, so its output
     has mean 0 and std 1 on that data. Blocks are processed in order, and BatchNorms inside a block in
     forward order, so each one is measured on inputs already normalised upstream. All stay frozen.
+    The activations of all images at one block are held at once: give a few images or crops.
     Do not call this on pretrained weights: it overwrites their statistics.
     """
     xs = [image if image.dim() == 4 else image.unsqueeze(0) for image in images]

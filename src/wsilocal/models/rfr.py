@@ -39,7 +39,7 @@ class PatchBox:
 
     @property
     def in_y(self) -> int:
-        return self.out_y * self.stride + 1
+        return self.out_y * self.stride
 
     @property
     def in_x(self) -> int:

@@ -115,10 +115,9 @@ class ModuleSpec:
 
     def label(self) -> str:
         """E.g. ``U3+U4 (layer1[2]..layer2[1])``."""
-        blocks = f"{block_name(self.first_block)}..{block_name(self.stop_block - 1)}"
+        first, last = block_name(self.first_block), block_name(self.stop_block - 1)
+        blocks = first if first == last else f"{first}..{last}"
         units = self.units
-        if self.stop_block - self.first_block == 1:
-            blocks = block_name(self.first_block)
         return blocks if units is None else "+".join(f"U{u}" for u in units) + f" ({blocks})"
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import functools
+import json
 import math
 import multiprocessing
 from collections.abc import Callable, Sequence
@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import scipy.fft
+from PIL import Image
 from scipy import ndimage
 from scipy.spatial import Voronoi
 from tqdm import tqdm
@@ -41,8 +41,10 @@ APP_MAG = 40
 UM = 1.0 / MPP  # level-0 pixels per µm
 CLASS_NAMES = ("glandular", "solid", "papillary", "cribriform", "micropapillary")
 FIELD_STEP = 32  # level-0 px between nodes of the coarse fields (8 µm); also the lesion-mask downsample
-TEXTURE_VARIANTS = 4  # distinct texture sets (each costs ~0.5 s to make; slides shift theirs at random)
-CHUNK_ROWS, CHUNK_COLS = 256, 2048  # render at most this much at once: temporaries stay a few MB
+# Textures and nuclear sprites come in a few variants, each made once per process (~0.5 s) and cached;
+# a slide picks one at random and shifts its texture coordinates.
+VARIANTS = 4
+CHUNK_ROWS, CHUNK_COLS = 256, 1024  # render at most this much at once: temporaries stay a few MB
 EDGE = 1.5  # anti-aliased edge width in px
 
 # Macenko's reference optical-density vectors (per R, G, B) of haematoxylin and eosin.
@@ -53,9 +55,9 @@ GLASS_OD = np.array([0.018, 0.022, 0.030])  # the faint tint of empty glass
 FIBRE, GRAIN = 0, 1
 MATERIALS = {
     "stroma": (0.05, 0.42, FIBRE, 0.5),
-    "epithelium": (0.20, 0.42, GRAIN, 0.25),
+    "epithelium": (0.12, 0.36, GRAIN, 0.25),
     "lumen": (0.00, 0.08, GRAIN, 0.60),
-    "fluid": (0.02, 0.16, GRAIN, 0.50),
+    "fluid": (0.02, 0.24, GRAIN, 0.50),
     "fat": (0.00, 0.00, GRAIN, 0.00),
     "blood": (0.04, 1.45, GRAIN, 0.35),
     "wall": (0.07, 0.85, FIBRE, 0.30),
@@ -79,7 +81,7 @@ class NucleusKind:
 
 
 NUCLEUS_KINDS = {
-    "tumour": NucleusKind((8.0, 10.5), (6.0, 8.0), 0.07, (0.85, 1.2), 0.45, 0.45, 0.6),
+    "tumour": NucleusKind((8.0, 10.5), (6.0, 8.0), 0.07, (0.75, 1.05), 0.45, 0.45, 0.6),
     "benign": NucleusKind((6.5, 8.0), (5.0, 6.0), 0.03, (1.05, 1.3), 0.25, 0.15, 0.1),
     "lymphocyte": NucleusKind((5.8, 7.2), (5.4, 6.8), 0.03, (1.7, 2.1), 0.15, 0.0, 0.0),
     "spindle": NucleusKind((11.0, 16.0), (2.0, 2.8), 0.05, (1.3, 1.6), 0.20, 0.0, 0.0),
@@ -158,13 +160,13 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float
 def _periodic_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_along: float,
                     sigma_across: float, angle: float) -> np.ndarray:
     """Tileable noise filtered by an oriented Gaussian (streaks along ``angle``), unit std."""
-    ky = np.fft.fftfreq(shape[0])[:, None] * 2 * np.pi
-    kx = np.fft.rfftfreq(shape[1])[None, :] * 2 * np.pi
-    along = kx * math.cos(angle) + ky * math.sin(angle)
-    across = -kx * math.sin(angle) + ky * math.cos(angle)
-    gain = np.exp(-0.5 * ((along * sigma_along) ** 2 + (across * sigma_across) ** 2))
+    ky = (np.fft.fftfreq(shape[0]) * 2 * np.pi).astype(np.float32)[:, None]
+    kx = (np.fft.rfftfreq(shape[1]) * 2 * np.pi).astype(np.float32)[None, :]
+    along = (kx * math.cos(angle) + ky * math.sin(angle)) * sigma_along
+    across = (ky * math.cos(angle) - kx * math.sin(angle)) * sigma_across
+    gain = np.exp(-0.5 * (along * along + across * across))
     white = rng.standard_normal(shape, dtype=np.float32)
-    out = scipy.fft.irfft2(scipy.fft.rfft2(white) * gain.astype(np.float32), s=shape)
+    out = scipy.fft.irfft2(scipy.fft.rfft2(white) * gain, s=shape)
     return out / max(float(out.std()), 1e-9)
 
 
@@ -224,7 +226,10 @@ def _sample_grid(fields: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarr
     left, right = sub.take(ix - c0, axis=2), sub.take(ix - c0 + 1, axis=2)
     rows = left + fx * (right - left)  # (F, coarse rows, len(xs))
     top, bottom = rows.take(iy - r0, axis=1), rows.take(iy - r0 + 1, axis=1)
-    return top + fy[:, None] * (bottom - top)
+    bottom -= top  # in place: top + fy (bottom - top) without further full-size temporaries
+    bottom *= fy[:, None]
+    top += bottom
+    return top
 
 
 def _tile_lookup(tile: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -336,16 +341,19 @@ def _covered(shapes: Shapes, xs: np.ndarray, ys: np.ndarray, margin: float = 0.0
 
 
 # --------------------------------------------------------------------------------------------------
-# Nuclei: sprites rendered once per slide, stamped at their centres
+# Nuclei: sprites rendered once per variant, stamped at their centres
 
 
-def _make_sprites(rng: np.random.Generator) -> tuple[list[np.ndarray], dict[str, int]]:
-    """Render SPRITE_SHAPES × SPRITE_ANGLES sprites per nucleus kind: arrays (2, s, s) of
-    (haematoxylin, coverage). Returns the sprites and each kind's first index."""
+SPRITE_OFFSET = {name: i * SPRITE_SHAPES * SPRITE_ANGLES for i, name in enumerate(NUCLEUS_KINDS)}
+
+
+@functools.lru_cache(maxsize=VARIANTS)
+def _sprites(variant: int) -> tuple[list[np.ndarray], int]:
+    """SPRITE_SHAPES × SPRITE_ANGLES sprites per nucleus kind (kind k from SPRITE_OFFSET[k]): arrays
+    (2, s, s) of (haematoxylin, coverage); and the largest half-size, how far a sprite reaches."""
+    rng = np.random.default_rng([variant, 0x5B])
     sprites: list[np.ndarray] = []
-    offsets: dict[str, int] = {}
-    for name, kind in NUCLEUS_KINDS.items():
-        offsets[name] = len(sprites)
+    for kind in NUCLEUS_KINDS.values():
         for _ in range(SPRITE_SHAPES):
             a = rng.uniform(*kind.major) * UM / 2
             b = min(rng.uniform(*kind.minor) * UM / 2, a)
@@ -371,14 +379,14 @@ def _make_sprites(rng: np.random.Generator) -> tuple[list[np.ndarray], dict[str,
                     ny, nx = rng.normal(0, 0.25 * b, 2)
                     h += 0.9 * base * np.exp(-((yy - ny) ** 2 + (xx - nx) ** 2) / (2 * (0.35 * UM) ** 2))
                 sprites.append(np.stack([np.clip(h, 0, None) * cover, cover]).astype(np.float32))
-    return sprites, offsets
+    return sprites, max(s.shape[1] for s in sprites) // 2 + 1
 
 
 class _NucleusList:
     """Collects nuclei (centre, sprite, intensity gain) while a slide is built."""
 
-    def __init__(self, rng: np.random.Generator, offsets: dict[str, int]) -> None:
-        self.rng, self.offsets = rng, offsets
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
         self.parts: list[np.ndarray] = []
 
     def add(self, kind: str, pts: np.ndarray, angles: np.ndarray | None = None) -> None:
@@ -389,7 +397,7 @@ class _NucleusList:
         if angles is None:
             angles = self.rng.random(n) * np.pi
         angle_bin = np.round(np.asarray(angles) / np.pi * SPRITE_ANGLES).astype(np.int64) % SPRITE_ANGLES
-        sprite = self.offsets[kind] + self.rng.integers(0, SPRITE_SHAPES, n) * SPRITE_ANGLES + angle_bin
+        sprite = SPRITE_OFFSET[kind] + self.rng.integers(0, SPRITE_SHAPES, n) * SPRITE_ANGLES + angle_bin
         gain = np.exp(self.rng.normal(0, 0.10, n))
         self.parts.append(np.column_stack([np.round(pts[:, 0]), np.round(pts[:, 1]), sprite, gain]))
 
@@ -420,16 +428,19 @@ class SlideSpec:
     fields: np.ndarray
     shapes: Shapes
     nuclei: np.ndarray
-    sprites: list[np.ndarray]
     stain: np.ndarray  # (2, 3) optical density of unit haematoxylin / eosin concentration
     glass: np.ndarray  # (3,) optical density of empty glass
     lesion_ground: int  # material filling the lesion between its structures (-1: plain stroma)
-    texture_variant: int
+    variant: int  # which cached textures and nuclear sprites it uses
     texture_shift: tuple[int, int]  # offset of this slide's texture coordinates
 
     @property
     def textures(self) -> dict[str, np.ndarray]:
-        return _textures(self.texture_variant)
+        return _textures(self.variant)
+
+    @property
+    def sprites(self) -> list[np.ndarray]:
+        return _sprites(self.variant)[0]
 
     @property
     def mask_downsample(self) -> int:
@@ -489,6 +500,11 @@ def _blob_radius(harm: np.ndarray, radius: float) -> Callable[[np.ndarray], np.n
     return lambda theta: radius * (1 + sum((c * np.exp(1j * (k + 2) * theta)).real for k, c in enumerate(harm)))
 
 
+def _between(inner: Callable, outer: Callable, depth: float) -> Callable[[np.ndarray], np.ndarray]:
+    """The curve ``depth`` of the way from radius function ``inner`` to ``outer``."""
+    return lambda theta: inner(theta) + depth * (outer(theta) - inner(theta))
+
+
 # --- arrangements: one builder per class, all drawing the same tumour nuclei and epithelium ---------
 
 
@@ -501,9 +517,8 @@ def _glands(ctx: _Context, centres: np.ndarray, radius: np.ndarray, lumen_ratio:
     ctx.shapes.blobs(2, "lumen", centres[:, 0], centres[:, 1], radius * lumen_ratio, inner)
     for i in range(n):
         r_out, r_in = _blob_radius(outer[i], radius[i]), _blob_radius(inner[i], radius[i] * lumen_ratio[i])
-        for depth in np.linspace(0.62, 0.38, layers_of_nuclei[i]):
-            ctx.ring_nuclei(kind, centres[i], lambda t, d=depth: r_in(t) + d * (r_out(t) - r_in(t)),
-                            7.5 * UM, radial=True)
+        for depth in np.linspace(0.62, 0.38, layers_of_nuclei[i]):  # 1 layer, or 2 where stratified
+            ctx.ring_nuclei(kind, centres[i], _between(r_in, r_out, depth), 7.5 * UM, radial=True)
 
 
 def _glandular(ctx: _Context) -> None:
@@ -516,12 +531,12 @@ def _glandular(ctx: _Context) -> None:
     _glands(ctx, centres, radius, rng.uniform(0.38, 0.55, n), 0.14, "tumour", rng.integers(1, 3, n))
 
 
-def _septa(ctx: _Context, spacing: float) -> Shapes:
+def _septa(ctx: _Context, spacing: float, width_um: tuple[float, float]) -> Shapes:
     """Thin stromal septa splitting the lesion's epithelial sheet into nests ~``spacing`` across: the
     ridges of the Voronoi diagram of jittered nest centres (each bent once, about a third left out)."""
     rng = ctx.rng
     centres = _lattice(rng, ctx.lesion_bbox(pad=spacing), spacing, 0.25)
-    septa = _ShapeList()
+    septa = _ShapeList()  # collected apart, so they can be returned together
     if len(centres) >= 4:
         vor = Voronoi(centres)
         for a, b in vor.ridge_vertices:
@@ -530,81 +545,88 @@ def _septa(ctx: _Context, spacing: float) -> Shapes:
             pa, pb = vor.vertices[a], vor.vertices[b]
             bend = (pa + pb) / 2 + rng.normal(0, 0.12 * float(np.hypot(*(pb - pa))), 2)
             if ctx.lesion_at(bend[None])[0] > 0:
-                width = rng.uniform(2.5, 5) * UM
+                width = rng.uniform(*width_um) * UM / 2
                 septa.capsule(1, "stroma", pa, bend, width, width)
                 septa.capsule(1, "stroma", bend, pb, width, width)
     return ctx.shapes._extend(septa.rows)
 
 
-def _sheet_nuclei(ctx: _Context, spacing: float, avoid: Shapes) -> None:
-    """Tumour nuclei packed on a jittered lattice over the whole lesion, except on ``avoid`` shapes."""
+def _sheet_nuclei(ctx: _Context, spacing: float, *avoid: Shapes) -> None:
+    """Tumour nuclei packed on a jittered lattice over the whole lesion, except on the ``avoid`` shapes."""
     pts = _lattice(ctx.rng, ctx.lesion_bbox(), spacing, 0.28)
     pts = pts[ctx.lesion_at(pts) > 2.5 * UM]
-    ctx.nuclei.add("tumour", pts[~_covered(avoid, pts[:, 0], pts[:, 1], margin=-4 * UM)])
+    for shapes in avoid:
+        pts = pts[~_covered(shapes, pts[:, 0], pts[:, 1], margin=-4 * UM)]
+    ctx.nuclei.add("tumour", pts)
 
 
 def _solid(ctx: _Context) -> None:
     """Sheets of packed nuclei filling the lesion, split into 150–300 µm nests by thin septa; no lumens."""
-    septa = _septa(ctx, ctx.rng.uniform(150, 300) * UM)
-    _sheet_nuclei(ctx, ctx.rng.uniform(10.5, 12) * UM, septa)
+    septa = _septa(ctx, ctx.rng.uniform(100, 200) * UM, (10, 20))
+    _sheet_nuclei(ctx, ctx.rng.uniform(12.5, 13.5) * UM, septa)
 
 
 def _cribriform(ctx: _Context) -> None:
     """Sheets like the solid class but punched by many small round lumens (15–30 µm) every ~40 µm."""
     rng = ctx.rng
-    septa = _septa(ctx, rng.uniform(250, 350) * UM)
+    septa = _septa(ctx, rng.uniform(250, 350) * UM, (5, 10))
     pts = ctx.sites(rng.uniform(34, 44) * UM, 0.15, depth=14 * UM)
     pts = pts[~_covered(septa, pts[:, 0], pts[:, 1], margin=-14 * UM)]
     harm = _harmonics(rng, len(pts), 0.06)
     lumens = ctx.shapes.blobs(2, "lumen", pts[:, 0], pts[:, 1], rng.uniform(7.5, 15, len(pts)) * UM, harm)
-    septa_and_lumens = ctx.shapes._extend([])  # placeholder replaced below
-    del septa_and_lumens
-    _sheet_nuclei(ctx, rng.uniform(11, 12.5) * UM, _concat(septa, lumens))
+    _sheet_nuclei(ctx, rng.uniform(11, 12.5) * UM, septa, lumens)
 
 
 def _papillary(ctx: _Context) -> None:
     """Branching finger-like fronds (pink stromal core lined by columnar nuclei) filling a cystic space.
 
-    Each frond grows as a random walk of tapered segments that branch; fronds of different roots keep a
-    small gap (checked on a grid of frond points), so clefts of the cyst show between them.
+    Each frond grows as a random walk of tapered segments that branch. A segment must keep a small gap
+    from every earlier segment except its parent, grandparent and siblings (checked on a grid of
+    segment points), so fronds never cross and clefts of the cyst show between them.
     """
     rng = ctx.rng
     epi, gap, cell = 10 * UM, 3 * UM, 30 * UM
     grid: dict[tuple[int, int], list[tuple[float, float, float, int]]] = {}
-
-    def clear(p: np.ndarray, r: float, tree: int) -> bool:
-        kx, ky = int(p[0] // cell), int(p[1] // cell)
-        return all(t == tree or math.hypot(p[0] - qx, p[1] - qy) > r + qr + gap
-                   for dx in range(-2, 3) for dy in range(-2, 3) for qx, qy, qr, t in grid.get((kx + dx, ky + dy), ()))
-
     segments: list[tuple[np.ndarray, np.ndarray, float, float, float]] = []  # start, end, r_start, r_end, heading
-    parents: set[int] = set()
-    roots = ctx.sites(rng.uniform(45, 60) * UM, 0.3, depth=20 * UM)
-    for tree, root in enumerate(roots):
+    parent_of: list[int] = []
+    children: dict[int, list[int]] = {}
+
+    def clear(p: np.ndarray, r: float, parent: int) -> bool:
+        near = {parent, *children.get(parent, ())}
+        if parent >= 0 and parent_of[parent] >= 0:
+            near.add(parent_of[parent])
+        kx, ky = int(p[0] // cell), int(p[1] // cell)
+        return all(k in near or math.hypot(p[0] - qx, p[1] - qy) > r + qr + gap
+                   for dx in range(-2, 3) for dy in range(-2, 3) for qx, qy, qr, k in grid.get((kx + dx, ky + dy), ()))
+
+    for root in ctx.sites(rng.uniform(45, 60) * UM, 0.3, depth=20 * UM):
         radius = rng.uniform(20, 26) * UM
-        if not clear(root, radius, tree):
+        if not clear(root, radius, -1):
             continue
         stack = [(root, rng.random() * 2 * np.pi, radius, 0, -1)]
         while stack:
             start, heading0, radius, depth, parent = stack.pop()
             r_end = max(radius * 0.92, 15 * UM)
-            for attempt in range(4):  # blocked: try to bend around the obstacle
+            for attempt in range(6):  # blocked: try to bend around the obstacle
                 heading = heading0 + rng.normal(0, 0.3 + 0.4 * attempt)
                 end = start + rng.uniform(30, 55) * UM * np.array([math.cos(heading), math.sin(heading)])
                 mid = (start + end) / 2
-                if ctx.lesion_at(end[None])[0] > r_end and clear(end, r_end, tree) and clear(mid, r_end, tree):
+                if (ctx.lesion_at(end[None])[0] > r_end and clear(end, r_end, parent)
+                        and clear(mid, r_end, parent)):
                     break
             else:
                 continue
+            k = len(segments)
             for p in (mid, end):
-                grid.setdefault((int(p[0] // cell), int(p[1] // cell)), []).append((p[0], p[1], r_end, tree))
-            parents.add(parent)
+                grid.setdefault((int(p[0] // cell), int(p[1] // cell)), []).append((p[0], p[1], r_end, k))
             segments.append((start, end, radius, r_end, heading))
+            parent_of.append(parent)
+            children.setdefault(parent, []).append(k)
             if depth < 14 and rng.random() < 0.93:
-                stack.append((end, heading, r_end, depth + 1, len(segments) - 1))
-                if rng.random() < 0.45:
+                stack.append((end, heading, r_end, depth + 1, k))
+                if rng.random() < 0.55:
                     turn = rng.choice([-1, 1]) * rng.uniform(0.6, 1.0)
-                    stack.append((end, heading + turn, r_end, depth + 1, len(segments) - 1))
+                    stack.append((end, heading + turn, r_end, depth + 1, k))
 
     for k, (start, end, radius, r_end, heading) in enumerate(segments):
         ctx.shapes.capsule(1, "epithelium", start, end, radius, r_end)
@@ -617,7 +639,7 @@ def _papillary(ctx: _Context) -> None:
             offset = (radius + t * (r_end - radius) - epi * 0.55 + rng.normal(0, 0.5 * UM, t.size)) * side
             pts = start + t[:, None] * (end - start) + offset[:, None] * normal
             ctx.nuclei.add("tumour", pts, np.full(t.size, heading + np.pi / 2))
-        if k not in parents:
+        if k not in children:
             r_tip = r_end - epi * 0.55
             theta = heading + np.linspace(-np.pi / 2, np.pi / 2, max(2, int(np.pi * r_tip / (7.5 * UM))) + 1)[1:-1]
             ctx.nuclei.add("tumour", end + r_tip * np.column_stack([np.cos(theta), np.sin(theta)]), theta)
@@ -630,8 +652,8 @@ def _micropapillary(ctx: _Context) -> None:
     n = len(centres)
     cleft = rng.uniform(22, 34, n) * UM
     ctx.shapes.blobs(1, "lumen", centres[:, 0], centres[:, 1], cleft, _harmonics(rng, n, 0.15))
-    cluster = cleft * rng.uniform(0.6, 0.75, n)
-    shift = rng.normal(0, 0.12, (n, 2)) * cleft[:, None]
+    cluster = cleft * rng.uniform(0.62, 0.76, n)
+    shift = rng.normal(0, 0.03, (n, 2)) * cleft[:, None]
     harm = _harmonics(rng, n, 0.12)
     ctx.shapes.blobs(2, "epithelium", centres[:, 0] + shift[:, 0], centres[:, 1] + shift[:, 1], cluster, harm)
     for i in range(n):
@@ -670,25 +692,20 @@ def _common_structures(ctx: _Context, density: float) -> None:
     tissue_mm2 = float((ctx.fields[0] > 0).sum()) * (FIELD_STEP * MPP / 1000) ** 2
     count = lambda per_mm2: int(rng.poisson(per_mm2 * tissue_mm2 * density))  # noqa: E731
 
-    sites, r = _distractor_sites(ctx, count(1.0), rng.uniform(80, 200, 10_000) * UM)
-    agg = _ShapeList()
-    harm = _harmonics(rng, len(sites), 0.15)
-    for target in (ctx.shapes, agg):
-        target.blobs(1, "lymphoid", sites[:, 0], sites[:, 1], r, harm)
-    agg_shapes = agg.finish()
-    for i in range(len(agg_shapes)):
-        x0, y0, x1, y1 = agg_shapes.bbox[i]
-        pts = _lattice(rng, (x0, y0, x1, y1), 8.5 * UM, 0.25)
-        ctx.nuclei.add("lymphocyte", pts[agg_shapes.inside(i, pts[:, 0], pts[:, 1]) > 2 * UM])
+    sites, r = _distractor_sites(ctx, count(0.6), rng.uniform(80, 200, 10_000) * UM)
+    aggregates = ctx.shapes.blobs(1, "lymphoid", sites[:, 0], sites[:, 1], r, _harmonics(rng, len(sites), 0.15))
+    for i in range(len(aggregates)):
+        pts = _lattice(rng, aggregates.bbox[i], 8.5 * UM, 0.25)
+        ctx.nuclei.add("lymphocyte", pts[aggregates.inside(i, pts[:, 0], pts[:, 1]) > 2 * UM])
 
-    sites, r = _distractor_sites(ctx, count(0.5), rng.uniform(150, 320, 10_000) * UM)
+    sites, r = _distractor_sites(ctx, count(0.3), rng.uniform(150, 320, 10_000) * UM)
     for centre, lobule in zip(sites, r, strict=True):
         cell = rng.uniform(22, 32) * UM
         pts = _lattice(rng, (*(centre - lobule), *(centre + lobule)), 2 * cell, 0.08)
         pts = pts[np.hypot(*(pts - centre).T) < lobule]
         ctx.shapes.blobs(1, "fat", pts[:, 0], pts[:, 1], cell * 0.94, _harmonics(rng, len(pts), 0.06))
 
-    sites, r = _distractor_sites(ctx, count(6.0), rng.uniform(12, 45, 10_000) * UM)
+    sites, r = _distractor_sites(ctx, count(5.0), rng.uniform(12, 45, 10_000) * UM)
     n = len(sites)
     wall_h, lumen_h = _harmonics(rng, n, 0.1), _harmonics(rng, n, 0.2)
     lumen_r = r * rng.uniform(0.6, 0.8, n)
@@ -698,7 +715,7 @@ def _common_structures(ctx: _Context, density: float) -> None:
                          lumen_h[i : i + 1])
         ctx.ring_nuclei("spindle", sites[i], _blob_radius(lumen_h[i], lumen_r[i] + 1.5 * UM), 16 * UM, radial=False)
 
-    sites, r = _distractor_sites(ctx, count(1.5), rng.uniform(18, 32, 10_000) * UM)
+    sites, r = _distractor_sites(ctx, count(1.2), rng.uniform(18, 32, 10_000) * UM)
     n = len(sites)
     _glands(ctx, sites, r, rng.uniform(0.3, 0.45, n), 0.05, "benign", np.ones(n, np.int64))
 
@@ -813,10 +830,9 @@ def _fibre_tile(rng: np.random.Generator, period: tuple[int, int]) -> np.ndarray
     return (tile - tile.mean()).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=TEXTURE_VARIANTS)
+@functools.lru_cache(maxsize=VARIANTS)
 def _textures(variant: int) -> dict[str, np.ndarray]:
-    """Periodic texture tiles addressed by absolute pixel coordinates (so strips agree); a few variants
-    cached per process, each slide shifting its variant by its own offset.
+    """Periodic texture tiles addressed by absolute pixel coordinates (so strips agree).
 
     ``fibre_a``/``fibre_b``: collagen, two tiles whose periods share no small factor (averaged, the
     pattern repeats only every few mm); ``grain``: granular cytoplasm; ``edge``: raggedness of tissue
@@ -845,11 +861,10 @@ def make_slide(params: SynthParams, label: str, stain_seed: int | None = None) -
     grid = np.meshgrid((np.arange(wc) + 0.5) * FIELD_STEP, (np.arange(hc) + 0.5) * FIELD_STEP)
     tissue = _tissue_field(rng, params, grid)
     lesion, fraction = _lesion_field(rng, params, tissue, grid)
-    density = 1.0 + 0.12 * _smooth_noise(rng, tissue.shape, 60 * UM / FIELD_STEP)
+    density = 1.0 + 0.12 * _smooth_noise(rng, tissue.shape, 120 * UM / FIELD_STEP)
     fields = np.stack([tissue, lesion, density]).astype(np.float32)
 
-    sprites, offsets = _make_sprites(rng)
-    ctx = _Context(rng, params.size, fields, _ShapeList(), _NucleusList(rng, offsets))
+    ctx = _Context(rng, params.size, fields, _ShapeList(), _NucleusList(rng))
     ARRANGEMENTS[label](ctx)
     _common_structures(ctx, params.distractors)
     shapes = ctx.shapes.finish()
@@ -864,9 +879,9 @@ def make_slide(params: SynthParams, label: str, stain_seed: int | None = None) -
     nuclei = nuclei[~_covered(holes, nuclei[:, 0], nuclei[:, 1], margin=1.5 * UM)]
     return SlideSpec(
         label=label, size=(width, height), seed=params.seed, lesion_fraction=fraction, fields=fields,
-        shapes=shapes, nuclei=nuclei, sprites=sprites, stain=stain, glass=glass,
+        shapes=shapes, nuclei=nuclei, stain=stain, glass=glass,
         lesion_ground=MATERIAL_IDS[ground] if ground else -1,
-        texture_variant=int(rng.integers(TEXTURE_VARIANTS)), texture_shift=tuple(rng.integers(0, 10**6, 2)),
+        variant=int(rng.integers(VARIANTS)), texture_shift=tuple(rng.integers(0, 10**6, 2)),
     )
 
 
@@ -942,12 +957,12 @@ def _draw_shapes(shapes: Shapes, hem: np.ndarray, eos: np.ndarray, tex: list[np.
 
 def _stamp_nuclei(spec: SlideSpec, hem: np.ndarray, eos: np.ndarray, x0: int, y0: int, w: int, h: int) -> None:
     """Stamp nuclear sprites: haematoxylin takes the darker value, eosin fades under the nucleus."""
-    nuclei, reach = spec.nuclei, max(s.shape[1] for s in spec.sprites) // 2 + 1
+    nuclei, (sprites, reach) = spec.nuclei, _sprites(spec.variant)
     lo, hi = np.searchsorted(nuclei[:, 1], [y0 - reach, y0 + h + reach])
     rows = nuclei[lo:hi]
     rows = rows[(rows[:, 0] > x0 - reach) & (rows[:, 0] < x0 + w + reach)]
     for cx, cy, index, gain in rows:
-        sprite = spec.sprites[int(index)]
+        sprite = sprites[int(index)]
         half = sprite.shape[1] // 2
         sx0, sy0 = int(cx) - half - x0, int(cy) - half - y0  # sprite origin in window coordinates
         ax0, ay0 = max(sx0, 0), max(sy0, 0)
@@ -991,6 +1006,16 @@ def lesion_mask(spec: SlideSpec) -> np.ndarray:
     return spec.fields[1] > 0
 
 
+MASK_GLASS, MASK_TISSUE, MASK_LESION = 0, 128, 255  # values of the written mask PNGs
+
+
+def label_mask(spec: SlideSpec) -> np.ndarray:
+    """uint8 mask on the coarse grid: MASK_LESION on the lesion, MASK_TISSUE on other tissue, else 0."""
+    mask = np.where(tissue_mask(spec), MASK_TISSUE, MASK_GLASS).astype(np.uint8)
+    mask[lesion_mask(spec)] = MASK_LESION
+    return mask
+
+
 def lesion_boxes(spec: SlideSpec) -> list[list[int]]:
     """Bounding boxes [x0, y0, x1, y1] in level-0 px of each connected lesion region."""
     labels, _ = ndimage.label(lesion_mask(spec))
@@ -1012,7 +1037,7 @@ def _write_one(job: dict) -> dict:
     spec = make_slide(params, job["label"], stain_seed=job["stain_seed"])
     out = Path(job["out_dir"])
     write_slide(spec, out / job["path"], quality=params.quality)
-    Image.fromarray(lesion_mask(spec).astype(np.uint8) * 255).save(out / job["mask"])
+    Image.fromarray(label_mask(spec)).save(out / job["mask"])
     return {
         "slide_id": job["slide_id"], "case_id": job["case_id"], "label": job["label"], "split": job["split"],
         "seed": params.seed, "size": list(spec.size), "lesion_fraction": round(spec.lesion_fraction, 5),
@@ -1049,8 +1074,8 @@ def synthesize_cohort(
 ) -> Path:
     """Write a synthetic cohort and return the path of its ``cohort.csv``.
 
-    Layout: ``slides/<slide_id>.svs``, ``masks/<slide_id>.png`` (lesion, one pixel per
-    ``mask_downsample`` level-0 px), ``cohort.csv`` (``slide_id,path,label,split,case_id``, paths relative
+    Layout: ``slides/<slide_id>.svs``, ``masks/<slide_id>.png`` (255 lesion, 128 other tissue, 0 glass;
+    one pixel per ``mask_downsample`` level-0 px), ``cohort.csv`` (``slide_id,path,label,split,case_id``, paths relative
     to it) and ``synth.json`` (parameters, generator version, per-slide label, size, lesion fraction and
     lesion boxes). About a quarter of the cases hold two slides of the same label (and staining run);
     splits (train/val/test) are drawn per case and stratified by class.
@@ -1071,8 +1096,6 @@ def synthesize_cohort(
     if slides_per_class < 1:
         raise ConfigError(f"slides_per_class must be >= 1, not {slides_per_class}")
     out = Path(out_dir)
-    (out / "slides").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(exist_ok=True)
     rng = np.random.default_rng([seed, 0xC0])
     split_names = ("train", "val", "test")
 
@@ -1102,6 +1125,8 @@ def synthesize_cohort(
             "path": f"slides/{slide_id}.svs", "mask": f"masks/{slide_id}.png",
         })
 
+    (out / "slides").mkdir(parents=True, exist_ok=True)  # only now: bad arguments leave nothing behind
+    (out / "masks").mkdir(exist_ok=True)
     results: dict[str, dict] = {}
     with tqdm(total=len(jobs), desc="synthetic slides", unit="slide", disable=not progress) as bar:
         if workers > 1:
@@ -1127,6 +1152,7 @@ def synthesize_cohort(
         "generator": "wsilocal.slide.synth", "version": GENERATOR_VERSION, "mpp": MPP, "app_mag": APP_MAG,
         "params": asdict(base), "slides_per_class": slides_per_class, "splits": list(splits),
         "size_jitter": size_jitter, "mask_downsample": FIELD_STEP,
+        "mask_values": {"glass": MASK_GLASS, "tissue": MASK_TISSUE, "lesion": MASK_LESION},
         "slides": {job["slide_id"]: results[job["slide_id"]] for job in jobs},
     }
     (out / "synth.json").write_text(json.dumps(meta, indent=1))

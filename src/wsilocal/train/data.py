@@ -32,7 +32,8 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 def to_tensor(image: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
     """uint8 (H, W, 3) → normalised float32 (1, 3, H, W)."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(np.array(image, copy=True))  # a private, writable copy of the (memory-mapped) pixels
+    x = x.permute(2, 0, 1).float().div_(255.0)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return ((x - mean_t) / std_t).unsqueeze(0)

@@ -62,18 +62,16 @@ def local_training_step(
             continue
         x_out = net.stages[i](x_in)
         if i < k - 1:
-            aux = net.aux[i](x_in, x_out, target, generator)
-            cls_loss = F.cross_entropy(aux["logits"], target, weight=class_weight)
-            rfr_loss = aux.get("rfr")
-            loss = cls_loss + alpha * rfr_loss if rfr_loss is not None else cls_loss
-            result.rfr_losses.append(float(rfr_loss) if rfr_loss is not None else 0.0)
-            logits = aux["logits"]
+            aux = net.aux[i](x_in, x_out, target, generator, class_weight)
+            cls_loss, logits = aux["cls"], aux["logits"]
+            loss = cls_loss + alpha * aux["rfr"]  # rfr is 0 without an RFR unit (the --no-rfr ablation)
+            result.rfr_losses.append(float(aux["rfr"].detach()))
         else:
             logits, _ = net.head(x_out)
             cls_loss = F.cross_entropy(logits, target, weight=class_weight)
             loss = cls_loss
         (loss * loss_scale).backward()
-        result.cls_losses.append(float(cls_loss))
+        result.cls_losses.append(float(cls_loss.detach()))
         result.logits.append(logits.detach())
         x = x_out.detach()  # the graph of module i is freed here; module i+1 starts a new one
         del x_out, loss, logits

@@ -275,13 +275,16 @@ class Trainer:
         phase_index = state["phase"] if state else 0
         start_epoch = state["next_epoch"] if state else 0
         best = state["best"] if state else {"score": None, "epoch": -1, "val": {}}
+        restore_optimizer = state is not None
+        if state and state["stopped_early"]:  # that phase is over, even if --epochs was raised since
+            phase_index, start_epoch, restore_optimizer = phase_index + 1, 0, False
         for p in range(phase_index, len(phases)):
             phase = phases[p]
             optimizer = torch.optim.AdamW(_phase_parameters(net, phase, config), weight_decay=config.weight_decay)
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience)
             phase_best = {"loss": math.inf, "bad_epochs": 0}
-            if state is not None and p == phase_index:
+            if restore_optimizer and p == phase_index:
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
                 phase_best = state["phase_best"]
@@ -304,11 +307,10 @@ class Trainer:
                         best = {"score": list(score), "epoch": len(history) - 1, "val": val_metrics}
                         self._save(net, self.run_dir / "checkpoint_best.pt", signature, classes)
                 epoch += 1
-                stop = config.early_stopping and phase_best["bad_epochs"] >= config.early_stopping
-                next_phase, next_epoch = (p + 1, 0) if (stop or epoch >= config.epochs) else (p, epoch)
+                stop = bool(config.early_stopping and phase_best["bad_epochs"] >= config.early_stopping)
                 self._save(net, self.run_dir / "checkpoint_last.pt", signature, classes, extra={
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "phase": next_phase, "next_epoch": next_epoch, "phase_best": phase_best,
+                    "phase": p, "next_epoch": epoch, "stopped_early": stop, "phase_best": phase_best,
                     "history": history, "best": best, "warnings": self.warnings,
                 })
                 self._write_metrics(history)
