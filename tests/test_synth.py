@@ -143,7 +143,8 @@ def test_written_slide_is_reproducible(tmp_path: Path) -> None:
 
 
 def test_parallel_workers_write_the_same_cohort(tmp_path: Path) -> None:
-    args = {"classes": 2, "slides_per_class": 3, "size": (800, 700), "seed": 9, "progress": False}
+    args = {"classes": 2, "slides_per_class": 2, "size": (800, 700), "seed": 9, "splits": (1, 0, 0),
+            "progress": False}
     synth.synthesize_cohort(tmp_path / "serial", workers=1, **args)
     synth.synthesize_cohort(tmp_path / "pool", workers=2, **args)
     assert (tmp_path / "serial/cohort.csv").read_text() == (tmp_path / "pool/cohort.csv").read_text()
@@ -157,7 +158,7 @@ def test_parallel_workers_write_the_same_cohort(tmp_path: Path) -> None:
 
 def _lesion_signature(spec: synth.SlideSpec) -> tuple[np.ndarray, dict[str, float]]:
     """Mean RGB of the lesion and spatial statistics of its level-0 pixels: the share of empty
-    (lumen-like) pixels, the median area of empty regions (µm²), nuclear blobs per mm² and the share of
+    (lumen-like) pixels, the typical area of empty regions (µm²), nuclear blobs per mm² and the share of
     tissue floating in empty space (wholly surrounded by it)."""
     rows, cols = np.nonzero(synth.lesion_mask(spec))
     step = synth.FIELD_STEP
@@ -177,7 +178,8 @@ def _lesion_signature(spec: synth.SlideSpec) -> tuple[np.ndarray, dict[str, floa
     floating = ndimage.binary_fill_holes(empty) & ~empty  # tissue wholly surrounded by empty space...
     floating = ndimage.binary_opening(floating, iterations=12)  # ...big enough to be cells, not specks
     lesion_mm2 = mask.sum() * synth.MPP**2 / 1e6
-    stats = {"empty": empty.sum() / mask.sum(), "lumen_um2": float(np.median(areas)) if areas.size else 0.0,
+    typical = float((areas**2).sum() / areas.sum()) if areas.size else 0.0  # area-weighted: fragments count little
+    stats = {"empty": empty.sum() / mask.sum(), "lumen_um2": typical,
              "nuclei_mm2": nuclei / lesion_mm2, "floating": floating.sum() / mask.sum()}
     return image[mask].mean(axis=0), stats
 
@@ -195,7 +197,7 @@ def test_classes_differ_by_arrangement_not_colour() -> None:
     assert min(stats[k]["empty"] for k in ("glandular", "cribriform", "micropapillary")) > 0.05
     sparser = [stats[k] for k in ("glandular", "papillary", "micropapillary")]  # cribriform: a punched sheet
     assert all(stats["solid"]["nuclei_mm2"] > 1.15 * s["nuclei_mm2"] for s in sparser)
-    assert stats["glandular"]["lumen_um2"] > 1.4 * stats["cribriform"]["lumen_um2"]  # big lumens vs small holes
+    assert stats["glandular"]["lumen_um2"] > 2 * stats["cribriform"]["lumen_um2"]  # big lumens vs small holes
     assert stats["micropapillary"]["floating"] > 0.03  # cell clusters floating in clefts...
     assert max(s["floating"] for k, s in stats.items() if k != "micropapillary") < 0.01  # ...and only there
     for a in synth.CLASS_NAMES:
@@ -246,7 +248,8 @@ def test_writing_a_large_slide_keeps_memory_bounded(tmp_path: Path) -> None:
     full_image = size[0] * size[1] * 3
     strip = size[0] * 256 * 3
     assert len(render_peaks) == -(-size[1] // 256)
-    assert max(render_peaks) < 3 * strip, f"rendering one strip took {max(render_peaks) / 1e6:.0f} MB"
+    # One strip of output plus chunk temporaries of a fixed size (chunks are at most 256 x 1024 px).
+    assert max(render_peaks) < strip + 20e6, f"rendering one strip took {max(render_peaks) / 1e6:.0f} MB"
     assert peak < 0.4 * full_image, f"peak {peak / 1e6:.0f} MB for a {full_image / 1e6:.0f} MB image"
     with openslide.OpenSlide(tmp_path / "large.svs") as slide:
         assert slide.dimensions == size and slide.level_count == 3

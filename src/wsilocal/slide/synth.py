@@ -57,7 +57,7 @@ MATERIALS = {
     "stroma": (0.05, 0.42, FIBRE, 0.5),
     "epithelium": (0.12, 0.36, GRAIN, 0.25),
     "lumen": (0.00, 0.08, GRAIN, 0.60),
-    "fluid": (0.02, 0.24, GRAIN, 0.50),
+    "fluid": (0.02, 0.28, GRAIN, 0.50),
     "fat": (0.00, 0.00, GRAIN, 0.00),
     "blood": (0.04, 1.45, GRAIN, 0.35),
     "wall": (0.07, 0.85, FIBRE, 0.30),
@@ -81,7 +81,7 @@ class NucleusKind:
 
 
 NUCLEUS_KINDS = {
-    "tumour": NucleusKind((8.0, 10.5), (6.0, 8.0), 0.07, (0.75, 1.05), 0.45, 0.45, 0.6),
+    "tumour": NucleusKind((8.0, 10.5), (6.0, 8.0), 0.07, (0.7, 0.95), 0.45, 0.45, 0.6),
     "benign": NucleusKind((6.5, 8.0), (5.0, 6.0), 0.03, (1.05, 1.3), 0.25, 0.15, 0.1),
     "lymphocyte": NucleusKind((5.8, 7.2), (5.4, 6.8), 0.03, (1.7, 2.1), 0.15, 0.0, 0.0),
     "spindle": NucleusKind((11.0, 16.0), (2.0, 2.8), 0.05, (1.3, 1.6), 0.20, 0.0, 0.0),
@@ -152,9 +152,16 @@ def class_names(classes: int) -> list[str]:
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
-    """Gaussian-filtered white noise with unit standard deviation."""
-    noise = ndimage.gaussian_filter(rng.standard_normal(shape), max(sigma, 0.5), mode="reflect")
-    return noise / max(float(noise.std()), 1e-9)
+    """Stationary Gaussian-filtered white noise with unit standard deviation in expectation.
+
+    Drawn on a grid padded by 3σ and cropped, and scaled by the theoretical 2σ√π, so that a grid smaller
+    than σ gets a gentle slope rather than a constant blown up by its tiny sample spread.
+    """
+    sigma = max(sigma, 0.5)
+    pad = int(3 * sigma) + 1
+    noise = rng.standard_normal((shape[0] + 2 * pad, shape[1] + 2 * pad))
+    smooth = ndimage.gaussian_filter(noise, sigma, mode="wrap")[pad:-pad, pad:-pad]
+    return smooth * (2 * sigma * math.sqrt(math.pi))
 
 
 def _periodic_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_along: float,
@@ -254,21 +261,27 @@ class Shapes:
     bbox: np.ndarray
 
     def inside(self, i: int, px: np.ndarray, py: np.ndarray) -> np.ndarray:
-        """Signed distance-like depth of points inside shape ``i`` in px (> 0 inside), broadcasting px/py."""
-        g = self.geom[i]
+        """Signed distance-like depth of points inside shape ``i`` in px (> 0 inside), broadcasting px/py.
+
+        Computed in the dtype of ``px``/``py`` (float32 for rendering windows keeps them small).
+        """
+        g = [float(v) for v in self.geom[i]]  # Python floats do not promote float32 arrays
         if self.capsule[i]:
             ax, ay, bx, by, ra, rb = g
             vx, vy = bx - ax, by - ay
             t = np.clip(((px - ax) * vx + (py - ay) * vy) / max(vx * vx + vy * vy, 1e-9), 0.0, 1.0)
             return ra + t * (rb - ra) - np.hypot(px - ax - t * vx, py - ay - t * vy)
-        dx, dy = px - g[0], py - g[1]
+        cx, cy, radius = g[:3]
+        dx, dy = px - cx, py - cy
         d = np.hypot(dx, dy)
-        z = (dx + 1j * dy) / np.maximum(d, 1e-9)
-        zk, wobble = z * z, 0.0
-        for c in self.harm[i]:
-            wobble = wobble + (c * zk).real
-            zk = zk * z
-        return g[2] * (1.0 + wobble) - d
+        inv = 1.0 / np.maximum(d, 1e-6)
+        cos1, sin1 = dx * inv, dy * inv
+        cos_k, sin_k = cos1 * cos1 - sin1 * sin1, 2.0 * cos1 * sin1  # angle 2θ, then 3θ, 4θ, 5θ
+        wobble = 0.0
+        for c in self.harm[i].tolist():
+            wobble = wobble + (c.real * cos_k - c.imag * sin_k)  # Re(c e^{ikθ})
+            cos_k, sin_k = cos_k * cos1 - sin_k * sin1, sin_k * cos1 + cos_k * sin1
+        return radius * (1.0 + wobble) - d
 
     def __len__(self) -> int:
         return len(self.material)
@@ -291,14 +304,15 @@ class _ShapeList:
                                              np.asarray(radius, float))
         rows = [(layer, 0, MATERIAL_IDS[material], np.array([cx.flat[i], cy.flat[i], radius.flat[i], 0, 0, 0]),
                  harm[i]) for i in range(cx.size)]
-        return self._extend(rows)
+        return self.extend(rows)
 
     def capsule(self, layer: int, material: str, a: np.ndarray, b: np.ndarray, ra: float, rb: float) -> Shapes:
         """Add a capsule from ``a`` (radius ``ra``) to ``b`` (radius ``rb``); returns it."""
         geom = np.array([a[0], a[1], b[0], b[1], ra, rb])
-        return self._extend([(layer, 1, MATERIAL_IDS[material], geom, np.zeros(4, complex))])
+        return self.extend([(layer, 1, MATERIAL_IDS[material], geom, np.zeros(4, complex))])
 
-    def _extend(self, rows: list) -> Shapes:
+    def extend(self, rows: list) -> Shapes:
+        """Add rows collected by another list; returns them as shapes."""
         self.rows.extend(rows)
         added = _ShapeList()
         added.rows = rows
@@ -321,7 +335,6 @@ class _ShapeList:
         bbox = np.stack([np.floor(xa - reach), np.floor(ya - reach), np.ceil(xb + reach) + 1,
                          np.ceil(yb + reach) + 1], axis=1).astype(np.int64)
         return Shapes(capsule, np.array([r[0] for r in rows]), np.array([r[2] for r in rows]), geom, harm, bbox)
-
 
 
 def _covered(shapes: Shapes, xs: np.ndarray, ys: np.ndarray, margin: float = 0.0) -> np.ndarray:
@@ -439,10 +452,6 @@ class SlideSpec:
         return _textures(self.variant)
 
     @property
-    def sprites(self) -> list[np.ndarray]:
-        return _sprites(self.variant)[0]
-
-    @property
     def mask_downsample(self) -> int:
         """Level-0 px per pixel of :func:`lesion_mask` and :func:`tissue_mask`."""
         return FIELD_STEP
@@ -528,7 +537,7 @@ def _glandular(ctx: _Context) -> None:
     centres = ctx.sites(spacing, 0.18)
     n = len(centres)
     radius = spacing / 2 * rng.uniform(0.62, 0.9, n)
-    _glands(ctx, centres, radius, rng.uniform(0.38, 0.55, n), 0.14, "tumour", rng.integers(1, 3, n))
+    _glands(ctx, centres, radius, rng.uniform(0.42, 0.58, n), 0.14, "tumour", rng.integers(1, 3, n))
 
 
 def _septa(ctx: _Context, spacing: float, width_um: tuple[float, float]) -> Shapes:
@@ -548,7 +557,7 @@ def _septa(ctx: _Context, spacing: float, width_um: tuple[float, float]) -> Shap
                 width = rng.uniform(*width_um) * UM / 2
                 septa.capsule(1, "stroma", pa, bend, width, width)
                 septa.capsule(1, "stroma", bend, pb, width, width)
-    return ctx.shapes._extend(septa.rows)
+    return ctx.shapes.extend(septa.rows)
 
 
 def _sheet_nuclei(ctx: _Context, spacing: float, *avoid: Shapes) -> None:
@@ -561,19 +570,19 @@ def _sheet_nuclei(ctx: _Context, spacing: float, *avoid: Shapes) -> None:
 
 
 def _solid(ctx: _Context) -> None:
-    """Sheets of packed nuclei filling the lesion, split into 150–300 µm nests by thin septa; no lumens."""
+    """Sheets of packed nuclei filling the lesion, split into ~100–200 µm nests by septa; no lumens."""
     septa = _septa(ctx, ctx.rng.uniform(100, 200) * UM, (10, 20))
     _sheet_nuclei(ctx, ctx.rng.uniform(12.5, 13.5) * UM, septa)
 
 
 def _cribriform(ctx: _Context) -> None:
-    """Sheets like the solid class but punched by many small round lumens (15–30 µm) every ~40 µm."""
+    """Sheets like the solid class but punched by many small round lumens (14–26 µm) every ~40 µm."""
     rng = ctx.rng
     septa = _septa(ctx, rng.uniform(250, 350) * UM, (5, 10))
     pts = ctx.sites(rng.uniform(34, 44) * UM, 0.15, depth=14 * UM)
     pts = pts[~_covered(septa, pts[:, 0], pts[:, 1], margin=-14 * UM)]
     harm = _harmonics(rng, len(pts), 0.06)
-    lumens = ctx.shapes.blobs(2, "lumen", pts[:, 0], pts[:, 1], rng.uniform(7.5, 15, len(pts)) * UM, harm)
+    lumens = ctx.shapes.blobs(2, "lumen", pts[:, 0], pts[:, 1], rng.uniform(7, 13, len(pts)) * UM, harm)
     _sheet_nuclei(ctx, rng.uniform(11, 12.5) * UM, septa, lumens)
 
 
@@ -646,7 +655,8 @@ def _papillary(ctx: _Context) -> None:
 
 
 def _micropapillary(ctx: _Context) -> None:
-    """Small clusters of cells (15–35 µm) floating in clear clefts of the stroma, nuclei at their rim."""
+    """Small clusters of cells (30–50 µm) floating in clear clefts (45–70 µm) of the stroma, nuclei at
+    their rim (inside-out polarity)."""
     rng = ctx.rng
     centres = ctx.sites(rng.uniform(60, 75) * UM, 0.2)
     n = len(centres)
@@ -677,11 +687,10 @@ LESION_GROUND = {"papillary": "fluid", "solid": "epithelium", "cribriform": "epi
 # --- structures common to every class ------------------------------------------------------------
 
 
-def _distractor_sites(ctx: _Context, count: int, radius: np.ndarray) -> np.ndarray:
-    """Up to ``count`` centres inside tissue, away from the lesion by their ``radius``."""
-    hc, wc = ctx.fields.shape[1:]
-    pts = (ctx.rng.random((count * 20, 2)) * [wc, hc]) * FIELD_STEP
-    r = np.resize(radius, len(pts))
+def _distractor_sites(ctx: _Context, count: int, radius_um: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``count`` centres (n, 2) and radii (n,) in px: inside tissue, away from the lesion."""
+    pts = ctx.rng.random((count * 20, 2)) * ctx.size  # candidates; most land on glass or the lesion
+    r = ctx.rng.uniform(*radius_um, len(pts)) * UM
     ok = (ctx.tissue_at(pts) > r * 0.8) & (ctx.lesion_at(pts) < -r - 20 * UM)
     return pts[ok][:count], r[ok][:count]
 
@@ -690,22 +699,24 @@ def _common_structures(ctx: _Context, density: float) -> None:
     """Lymphoid aggregates, vessels, fat and benign ducts: present regardless of class, outside the lesion."""
     rng = ctx.rng
     tissue_mm2 = float((ctx.fields[0] > 0).sum()) * (FIELD_STEP * MPP / 1000) ** 2
-    count = lambda per_mm2: int(rng.poisson(per_mm2 * tissue_mm2 * density))  # noqa: E731
 
-    sites, r = _distractor_sites(ctx, count(0.6), rng.uniform(80, 200, 10_000) * UM)
+    def count(per_mm2: float) -> int:
+        return int(rng.poisson(per_mm2 * tissue_mm2 * density))
+
+    sites, r = _distractor_sites(ctx, count(0.6), (80, 200))
     aggregates = ctx.shapes.blobs(1, "lymphoid", sites[:, 0], sites[:, 1], r, _harmonics(rng, len(sites), 0.15))
     for i in range(len(aggregates)):
         pts = _lattice(rng, aggregates.bbox[i], 8.5 * UM, 0.25)
         ctx.nuclei.add("lymphocyte", pts[aggregates.inside(i, pts[:, 0], pts[:, 1]) > 2 * UM])
 
-    sites, r = _distractor_sites(ctx, count(0.3), rng.uniform(150, 320, 10_000) * UM)
+    sites, r = _distractor_sites(ctx, count(0.3), (150, 320))  # fat lobules
     for centre, lobule in zip(sites, r, strict=True):
         cell = rng.uniform(22, 32) * UM
         pts = _lattice(rng, (*(centre - lobule), *(centre + lobule)), 2 * cell, 0.08)
         pts = pts[np.hypot(*(pts - centre).T) < lobule]
         ctx.shapes.blobs(1, "fat", pts[:, 0], pts[:, 1], cell * 0.94, _harmonics(rng, len(pts), 0.06))
 
-    sites, r = _distractor_sites(ctx, count(5.0), rng.uniform(12, 45, 10_000) * UM)
+    sites, r = _distractor_sites(ctx, count(5.0), (12, 45))  # vessels, with blood or empty
     n = len(sites)
     wall_h, lumen_h = _harmonics(rng, n, 0.1), _harmonics(rng, n, 0.2)
     lumen_r = r * rng.uniform(0.6, 0.8, n)
@@ -715,7 +726,7 @@ def _common_structures(ctx: _Context, density: float) -> None:
                          lumen_h[i : i + 1])
         ctx.ring_nuclei("spindle", sites[i], _blob_radius(lumen_h[i], lumen_r[i] + 1.5 * UM), 16 * UM, radial=False)
 
-    sites, r = _distractor_sites(ctx, count(1.2), rng.uniform(18, 32, 10_000) * UM)
+    sites, r = _distractor_sites(ctx, count(1.2), (18, 32))  # benign ducts: one layer of small nuclei
     n = len(sites)
     _glands(ctx, sites, r, rng.uniform(0.3, 0.45, n), 0.05, "benign", np.ones(n, np.int64))
 
@@ -750,19 +761,16 @@ def _tissue_field(rng: np.random.Generator, params: SynthParams, grid: tuple[np.
     long_len, short_len = (width, height) if long_is_x else (height, width)
     band = long_len / n
     radius = math.sqrt(cover * width * height / n / np.pi)
-    radius = min(radius, 0.47 * band, 0.47 * short_len)
+    radius = min(radius, 0.42 * band, 0.45 * short_len)
     out = np.full(gx.shape, -np.inf)
     for i in range(n):
-        size = radius * rng.uniform(0.8, 1.05)
         along = band * (i + 0.5) + rng.normal(0, 0.05) * band
         across = short_len / 2 + rng.normal(0, 0.05) * short_len
         cx, cy = (along, across) if long_is_x else (across, along)
-        harm = _harmonics(rng, 1, 0.35)[0]
-        harm *= min(1.0, 0.45 / max(float(np.abs(harm).sum()), 1e-9))  # stays inside its band
-        d = np.hypot(gx - cx, gy - cy)
-        z = ((gx - cx) + 1j * (gy - cy)) / np.maximum(d, 1e-9)
-        r = size * (1 + sum((c * z ** (k + 2)).real for k, c in enumerate(harm)))
-        out = np.maximum(out, r - d)
+        harm = _harmonics(rng, 1, 0.35)
+        harm *= min(1.0, 0.3 / max(float(np.abs(harm).sum()), 1e-9))  # stays inside its band
+        piece = _ShapeList().blobs(0, "stroma", cx, cy, radius * rng.uniform(0.8, 1.05), harm)
+        out = np.maximum(out, piece.inside(0, gx, gy))
     ragged = _smooth_noise(rng, gx.shape, 0.15 * radius / FIELD_STEP) * 0.06 * radius
     return out + ragged
 
@@ -785,8 +793,8 @@ def _lesion_field(rng: np.random.Generator, params: SynthParams, tissue: np.ndar
     interior = tissue > margin
     if interior.sum() < target:
         raise ConfigError(f"slide {params.size} too small for lesion fraction {fraction:.2f}")
-    n_regions = int(rng.integers(params.lesion_regions[0], params.lesion_regions[1] + 1))
     candidates = np.flatnonzero(interior.ravel())
+    n_regions = min(int(rng.integers(params.lesion_regions[0], params.lesion_regions[1] + 1)), len(candidates))
     sigma = math.sqrt(target / n_regions / np.pi) * FIELD_STEP
     bumps = np.zeros(gx.shape)
     for flat in rng.choice(candidates, n_regions, replace=False):
@@ -948,9 +956,9 @@ def _draw_shapes(shapes: Shapes, hem: np.ndarray, eos: np.ndarray, tex: list[np.
     for i in hits:
         wx0, wy0 = max(int(b[i, 0]), x0), max(int(b[i, 1]), y0)
         wx1, wy1 = min(int(b[i, 2]), x0 + w), min(int(b[i, 3]), y0 + h)
-        px = np.arange(wx0, wx1, dtype=np.float64)[None, :]
-        py = np.arange(wy0, wy1, dtype=np.float64)[:, None]
-        cover = _alpha(shapes.inside(i, px, py)).astype(np.float32)
+        px = np.arange(wx0, wx1, dtype=np.float32)[None, :]
+        py = np.arange(wy0, wy1, dtype=np.float32)[:, None]
+        cover = _alpha(shapes.inside(i, px, py))
         window = (slice(wy0 - y0, wy1 - y0), slice(wx0 - x0, wx1 - x0))
         _fill(hem, eos, cover, int(shapes.material[i]), tex, window)
 
@@ -1116,7 +1124,7 @@ def synthesize_cohort(
     jobs = []
     for number, s in enumerate(order):
         case, label, _ = slides[s]
-        w, h = (max(512, round(side * rng.uniform(1 - size_jitter, 1 + size_jitter))) for side in size)
+        w, h = (max(256, round(side * rng.uniform(1 - size_jitter, 1 + size_jitter))) for side in size)
         slide_id = f"synth-{number:04d}"
         jobs.append({
             "params": {**asdict(base), "size": (w, h), "seed": int(slide_seeds[s])}, "label": label,

@@ -34,11 +34,16 @@ def downsample_area(image: np.ndarray, factor: int) -> np.ndarray:
     """Average ``factor``×``factor`` blocks (edges padded by replication). uint8 in, uint8 out."""
     h, w = image.shape[:2]
     out_h, out_w = -(-h // factor), -(-w // factor)
-    pad_h, pad_w = out_h * factor - h, out_w * factor - w
-    if pad_h or pad_w:
-        image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    blocks = image.reshape(out_h, factor, out_w, factor, image.shape[2]).astype(np.float32)
-    return np.clip(blocks.mean(axis=(1, 3)) + 0.5, 0, 255).astype(np.uint8)
+    out = np.empty((out_h, out_w, image.shape[2]), np.uint8)
+    rows = factor * 256  # a band at a time: float temporaries stay small for whole pyramid levels
+    for y in range(0, h, rows):
+        band = np.asarray(image[y : y + rows])
+        pad_h, pad_w = -band.shape[0] % factor, out_w * factor - w
+        if pad_h or pad_w:
+            band = np.pad(band, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        blocks = band.reshape(band.shape[0] // factor, factor, out_w, factor, band.shape[2]).astype(np.float32)
+        out[y // factor : y // factor + blocks.shape[0]] = np.clip(blocks.mean(axis=(1, 3)) + 0.5, 0, 255)
+    return out
 
 
 def _tiles(image: np.ndarray, tile: int) -> Iterator[np.ndarray]:

@@ -44,9 +44,11 @@ def load_checkpoint(path: str | Path, expected_signature: dict | None = None) ->
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-        raise CheckpointError(f"{path}: refused to load (contains objects beyond tensors and plain data: "
-                              f"{first[:160]})") from None
+        # torch's message is long; keep the line that names the offending object.
+        lines = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "global" in line]
+        detail = lines[0] if lines else "unsupported object"
+        raise CheckpointError(f"{path}: refused to load, it contains objects beyond tensors and plain data "
+                              f"({detail[:200]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({first[:160]})") from None

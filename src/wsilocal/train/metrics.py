@@ -58,8 +58,8 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, classe
     for c, name in enumerate(classes):
         support = int(confusion[c].sum())
         called = int(confusion[:, c].sum())
-        recall = confusion[c, c] / support if support else None
-        precision = confusion[c, c] / called if called else None
+        recall = float(confusion[c, c] / support) if support else None
+        precision = float(confusion[c, c] / called) if called else None
         auroc = binary_auroc(probabilities[:, c], labels == c)
         per_class[name] = {"precision": precision, "recall": recall, "auroc": auroc, "support": support}
         if recall is not None:

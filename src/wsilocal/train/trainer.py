@@ -251,6 +251,7 @@ class Trainer:
         signature = model_signature(config, classes)
         saved = json.loads((self.run_dir / "model.json").read_text()) if self.resume else {}
         largest = max(train.entries, key=lambda e: e.height * e.width)
+        torch.manual_seed(config.seed)  # the initial weights of the model are part of the run's seed
         net = build_model(config, len(classes), saved.get("block_boundaries"),
                           balance_for_hw=(largest.height, largest.width)).to(self.device)
         k = len(net.stages)

@@ -1,0 +1,92 @@
+"""The trainer end to end on real synthetic slide files: learning, resume, run directory, errors."""
+
+import json
+
+import pytest
+import torch
+
+from wsilocal.cli import main
+from wsilocal.config import TrainConfig
+from wsilocal.errors import ConfigError, SlideError
+from wsilocal.slide.synth import synthesize_cohort
+from wsilocal.train.checkpoint import load_checkpoint
+from wsilocal.train.evaluate import evaluate_run
+from wsilocal.train.trainer import train
+
+
+@pytest.fixture(scope="module")
+def tiny_cohort(tmp_path_factory):
+    """Two classes, four slides each, ~1536² px at level 0 (≈190² px at 2 µm/px)."""
+    out = tmp_path_factory.mktemp("cohort")
+    return synthesize_cohort(out, classes=2, slides_per_class=4, size=(1536, 1536), seed=3, progress=False,
+                             size_jitter=0.1)
+
+
+def config_for(cohort_csv, out, **overrides):
+    values = dict(cohort=str(cohort_csv), out=str(out), cache=str(cohort_csv.parent / "cache"), k=4,
+                  epochs=2, accumulation=2, lr_trunk=1e-4, lr_aux=1e-3, rfr_patches=3, seed=1, threads=2,
+                  calibration_slides=2)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_tiny_cohort_is_learned_to_full_training_accuracy(tiny_cohort, tmp_path):
+    run = tmp_path / "run"
+    config = config_for(tiny_cohort, run, epochs=8, augment=False, accumulation=1, plateau_patience=100)
+    result = train(config, progress=False)
+    metrics = evaluate_run(run, "train", checkpoint="last", progress=False)
+    assert metrics["accuracy"] == 1.0, result.history[-1]
+    # The run directory holds everything a user looks at.
+    for name in ("config.yaml", "model.json", "checkpoint_last.pt", "checkpoint_best.pt", "metrics.csv",
+                 "metrics.json", "curves.png", "train.log", "summary.json", "metrics_train.json",
+                 "predictions_train.csv", "roc_train.png"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert any("randomly initialised" in w for w in summary["warnings"])
+    history = json.loads((run / "metrics.json").read_text())
+    assert len(history) == 8 and {"val_aux1_accuracy", "val_aux3_accuracy"} <= set(history[0])
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny_cohort, tmp_path):
+    full = train(config_for(tiny_cohort, tmp_path / "full", epochs=2), progress=False)
+    train(config_for(tiny_cohort, tmp_path / "part", epochs=1), progress=False)
+    assert main(["train", "--resume", str(tmp_path / "part"), "--epochs", "2"]) == 0
+    a = load_checkpoint(tmp_path / "full" / "checkpoint_last.pt")
+    b = load_checkpoint(tmp_path / "part" / "checkpoint_last.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert len(b["history"]) == len(full.history) == 2
+
+
+def test_greedy_schedule_runs_phase_by_phase(tiny_cohort, tmp_path):
+    result = train(config_for(tiny_cohort, tmp_path / "greedy", schedule="greedy", epochs=1, k=2), progress=False)
+    assert [row["modules"] for row in result.history] == [[0, 1], [1, 2]]
+    assert result.best_epoch == 1  # only the last phase has the final classifier
+
+
+def test_existing_run_needs_resume_and_too_large_slides_are_refused(tiny_cohort, tmp_path):
+    config = config_for(tiny_cohort, tmp_path / "r", epochs=1)
+    train(config, progress=False)
+    with pytest.raises(ConfigError, match="already holds a run; use --resume"):
+        train(config, progress=False)
+    with pytest.raises(SlideError, match="more than max_train_pixels .* use more modules"):
+        train(config_for(tiny_cohort, tmp_path / "big", max_train_pixels=1000), progress=False)
+
+
+def test_checkpoint_from_another_model_is_refused(tiny_cohort, tmp_path, capsys):
+    train(config_for(tiny_cohort, tmp_path / "k4", epochs=1), progress=False)
+    (tmp_path / "k4" / "config.yaml").write_text(
+        (tmp_path / "k4" / "config.yaml").read_text().replace("k: 4", "k: 8"))
+    assert main(["evaluate", str(tmp_path / "k4"), "--split", "val"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint is from another model (k: checkpoint 4 vs model 8)" in err and err.count("\n") == 1
+
+
+def test_train_cli_bad_values_are_one_line_errors(tiny_cohort, tmp_path, capsys):
+    assert main(["train", "--cohort", str(tiny_cohort), "--out", str(tmp_path / "x"), "--k", "3"]) == 2
+    assert capsys.readouterr().err.strip() == "error: config: k must be 1, 2, 4 or 8 (or give boundaries), got 3"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cohort: c.csv\nout: r\nepochs: many\n")
+    assert main(["train", str(bad)]) == 2
+    assert "epochs must be int, got str 'many'" in capsys.readouterr().err
