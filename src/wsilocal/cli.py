@@ -151,8 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from wsilocal.runtime import tune_cpu_allocator
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_cpu_allocator()
     try:
         return args.func(args)
     except WsilocalError as exc:

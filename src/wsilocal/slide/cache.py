@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from wsilocal.errors import SlideError, WsilocalError
 from wsilocal.slide.cohort import Cohort, CohortSlide
-from wsilocal.slide.reader import open_slide, read_region_at_mpp
+from wsilocal.slide.reader import open_slide, read_region_at_mpp, size_at_mpp
 from wsilocal.slide.tissue import detect_tissue
 
 CACHE_VERSION = 1
@@ -124,7 +124,7 @@ def build_entry(slide: CohortSlide, cache_dir: Path, settings: PrepareSettings) 
         slide_mpp = handle.mpp  # raises a clear SlideError when the file has no MPP and none is assumed
         tissue = detect_tissue(handle, mask_mpp=settings.mask_mpp, margin=settings.margin)
         x, y, w, h = tissue.bbox
-        out_w, out_h = round(w * slide_mpp / settings.mpp), round(h * slide_mpp / settings.mpp)
+        out_w, out_h = size_at_mpp(w, h, slide_mpp, settings.mpp)
         if out_w * out_h > settings.max_pixels:
             raise SlideError(
                 slide.path,

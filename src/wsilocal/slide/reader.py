@@ -179,6 +179,12 @@ def level_for_mpp(slide: Slide, mpp: float) -> int:
     return _level_for_downsample(slide, mpp / slide.mpp)
 
 
+def size_at_mpp(width: int, height: int, slide_mpp: float, mpp: float) -> tuple[int, int]:
+    """(width, height) in pixels at ``mpp`` of a level-0 region of ``width``×``height`` at ``slide_mpp``."""
+    scale = slide_mpp / mpp
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def read_region_at_mpp(
     slide: Slide,
     mpp: float = 2.0,
@@ -206,8 +212,7 @@ def read_region_at_mpp(
     if not mpp > 0:
         raise ValueError(f"target mpp must be positive, got {mpp}")
     region = region or (0, 0, *slide.level_dimensions[0])
-    scale = slide.mpp / mpp
-    out_size = (max(1, round(region[2] * scale)), max(1, round(region[3] * scale)))
+    out_size = size_at_mpp(region[2], region[3], slide.mpp, mpp)
     return _resample(slide, region, out_size, level_for_mpp(slide, mpp), out, tile, progress)
 
 

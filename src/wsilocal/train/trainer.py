@@ -41,6 +41,7 @@ from wsilocal.errors import ConfigError, SlideError, WsilocalError
 from wsilocal.models.local_net import LocalNet
 from wsilocal.models.resnet import calibrate_batchnorm, load_resnet34_weights
 from wsilocal.models.split import BlockBoundaries, block_boundaries
+from wsilocal.runtime import tune_cpu_allocator
 from wsilocal.slide.cache import PrepareSettings, channel_stats, format_summary, prepare_cohort
 from wsilocal.slide.cohort import Cohort, load_cohort
 from wsilocal.train.checkpoint import load_checkpoint, save_checkpoint
@@ -243,6 +244,7 @@ class Trainer:
             raise ConfigError(f"{self.run_dir}: run directory already holds a run; use --resume to continue it "
                               "or choose another --out")
         setup_logging(self.run_dir)
+        tune_cpu_allocator()
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)

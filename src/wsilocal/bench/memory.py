@@ -1,0 +1,625 @@
+"""``wsilocal bench memory``: the paper's memory table (Table 2), measured three ways on the real step.
+
+For every input size, number of modules K and *variant* (how the step is computed) one training step of
+:func:`~wsilocal.train.local_step.local_training_step` on a random image is measured:
+
+1. **saved bytes** — peak bytes of tensors autograd saves for backward (:class:`SavedTensorMeter` around
+   the step), with the peak of each module and, per module, *what* is saved (conv inputs, ReLU outputs,
+   BatchNorm inputs, RFR decoder, ...). Deterministic: the same on every machine.
+2. **peak RSS** — high-water mark of a fresh subprocess that builds the model and runs that one step
+   (plus its RSS after building the model, so the step's own increment is visible).
+3. **CUDA** — ``torch.cuda.max_memory_allocated`` of that step when the subprocess has a GPU.
+
+Step times are measured in one more subprocess per size that holds every variant's model and steps them
+in interleaved rounds after a warm-up round (median per variant): the machines are shared and noisy, so
+only ratios between numbers from the same rounds mean much. Ratios are taken against K=1 of the same
+variant and against the *paper-style* K=1 (BatchNorm run separately, no recomputation) at the same size.
+
+Each measurement runs in a child process (``python -m wsilocal.bench.memory SPEC``), one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wsilocal.errors import ConfigError, WsilocalError
+from wsilocal.models.local_net import LocalNet
+from wsilocal.models.memory import SavedTensorMeter
+from wsilocal.models.resnet import FrozenBatchNorm2d
+from wsilocal.models.split import (
+    N_BLOCKS,
+    BlockBoundaries,
+    CheckpointedSequential,
+    block_boundaries,
+    module_saved_bytes,
+)
+from wsilocal.train.local_step import local_training_step
+
+N_CLASSES = 2
+LABEL = 1
+SEED = 0
+MiB = 2**20
+
+# Table 2 of the paper (GPU memory in GB, TCGA slides; the E2E value at the largest size measured on CPU).
+PAPER_TABLE2 = {
+    "sizes": [(8698, 7496), (12223, 10057), (23849, 10257)],  # width × height as printed
+    "E2E": [17.89, 33.63, 78.14],
+    "K=4": [5.35, 9.64, 18.32],
+    "K=8": [3.71, 6.47, 11.85],
+}
+GOAL = {4: 0.15, 8: 0.08}  # saved bytes of K vs paper-style K=1 at the same input (the issue's goal)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How the step is computed; every variant runs the same network (same parameters, same losses)."""
+
+    name: str
+    fold_bn: bool
+    recompute: bool
+    balanced: bool
+    description: str
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("paper", False, False, False, "paper-style: BatchNorm run as a layer, the authors' split"),
+    Variant("folded", True, False, False, "BatchNorm folded into the convs, the authors' split"),
+    Variant("recompute", True, True, False, "folded + per-block activation recomputation"),
+    Variant("balanced", True, False, True, "folded + block-level split balancing the modules' memory"),
+    Variant("balanced-recompute", True, True, True, "folded + balanced split + recomputation"),
+)}
+DEFAULT_VARIANTS = ("paper", "folded", "recompute", "balanced-recompute")
+DEFAULT_SIZES = ((1024, 1024), (2048, 2048), (4096, 4096))
+QUICK_SIZES = ((512, 512), (1024, 1024))
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Everything a child process needs to rebuild one measured network (hashable: identical networks
+    reached by two variants, e.g. ``balanced`` at K=1 and ``folded`` at K=1, are measured once)."""
+
+    height: int
+    width: int
+    fold_bn: bool
+    recompute: bool
+    rfr: bool
+    boundaries: tuple[int, ...]  # first block of modules 2..K
+
+    def build(self, device: str | torch.device = "cpu") -> LocalNet:
+        """The network, seeded, in train mode."""
+        torch.manual_seed(SEED)
+        net = LocalNet(N_CLASSES, BlockBoundaries(self.boundaries), fold_bn=self.fold_bn, rfr=self.rfr,
+                       recompute=self.recompute).to(device)
+        return net.train()
+
+    def image(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The seeded random (1, 3, H, W) input (a normalised image is about standard normal)."""
+        image = torch.randn(1, 3, self.height, self.width, generator=torch.Generator().manual_seed(SEED))
+        return image.to(device)
+
+
+def step_config(variant: Variant, k: int, hw: tuple[int, int], rfr: bool = True) -> StepConfig:
+    """The network ``variant`` trains with K modules at input ``hw`` (a balanced split is chosen for it)."""
+    if variant.balanced:
+        # LocalNet itself picks the balanced boundaries, so the benchmark uses exactly what training uses.
+        split = LocalNet(N_CLASSES, k, rfr=rfr, input_hw_for_balance=hw).split
+    else:
+        split = k
+    return StepConfig(hw[0], hw[1], variant.fold_bn, variant.recompute, rfr, block_boundaries(split))
+
+
+# --- saved bytes of one real step, per module and per kind of tensor ------------------------------------
+
+_TRUNK_KINDS = {
+    nn.ReLU: "trunk ReLU outputs",  # also the next conv's input: counted here, once
+    nn.Conv2d: "trunk conv inputs",
+    FrozenBatchNorm2d: "trunk BatchNorm inputs",
+    nn.MaxPool2d: "trunk max-pool",
+    CheckpointedSequential: "trunk block inputs kept for recomputation",
+}
+OTHER_TRUNK = "trunk other (folded-BatchNorm scales)"
+LEFT_OVER = "left over from earlier modules"
+OUTSIDE = "losses outside modules"
+KIND_ORDER = [LEFT_OVER, *_TRUNK_KINDS.values(), OTHER_TRUNK, "auxiliary classifiers", "RFR decoders",
+              "final classifier H", OUTSIDE]
+
+
+def _kind_of_modules(net: LocalNet) -> dict[nn.Module, str]:
+    """The kind each module's *own* saved tensors are reported as (children are reported separately)."""
+    kinds = {}
+    for stage in net.stages:
+        for module in stage.modules():
+            kinds[module] = _TRUNK_KINDS.get(type(module), OTHER_TRUNK)
+    for aux in net.aux:
+        kinds.update((module, "auxiliary classifiers") for module in aux.modules())
+        if aux.rfr is not None:
+            kinds.update((module, "RFR decoders") for module in aux.rfr.modules())
+    kinds.update((module, "final classifier H") for module in net.head.modules())
+    return kinds
+
+
+@dataclass
+class StepMemory:
+    """Saved-for-backward bytes of one training step."""
+
+    saved_bytes: int  # peak over the step = the largest module's peak
+    per_module_saved_bytes: list[int]
+    per_module_breakdown: list[dict[str, int]]  # kind → bytes at that module's peak
+    left_over_bytes: int  # still saved after the step (0: every graph was freed)
+
+
+def measure_step_memory(net: LocalNet, image: torch.Tensor, label: int = LABEL) -> StepMemory:
+    """Run one :func:`local_training_step` under a :class:`SavedTensorMeter` and attribute what is saved.
+
+    Forward hooks note the meter's bytes around every module call; a module's own bytes (not its
+    children's) go to its kind. Each module's graph is freed before the next one starts, so the meter is
+    reset at each module's start to read per-module peaks. ``OUTSIDE`` is the rest of a module's peak: the
+    loss computed in the step itself.
+    """
+    kinds = _kind_of_modules(net)
+    meter = SavedTensorMeter()
+    stack: list[list[Any]] = []  # [module, bytes at entry, bytes of children]
+    peaks: list[int] = []
+    breakdowns: list[defaultdict[str, int]] = []
+
+    def enter(module: nn.Module, _args: Any) -> None:
+        stack.append([module, meter.current, 0])
+
+    def leave(_module: nn.Module, _args: Any, _out: Any) -> None:
+        module, start, children = stack.pop()
+        delta = meter.current - start
+        breakdowns[-1][kinds[module]] += delta - children
+        if stack:
+            stack[-1][2] += delta
+
+    def close_module() -> None:
+        peaks.append(meter.peak)
+        breakdowns[-1][OUTSIDE] = meter.peak - sum(breakdowns[-1].values())
+
+    def start_module(_module: nn.Module, _args: Any) -> None:
+        if breakdowns:
+            close_module()
+        meter.reset()
+        breakdowns.append(defaultdict(int, {LEFT_OVER: meter.current}))
+
+    # Stage hooks first, so a stage's start is registered before its own entry in the stack.
+    handles = [stage.register_forward_pre_hook(start_module) for stage in net.stages]
+    for module in kinds:
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        with meter:
+            local_training_step(net, image, label, generator=torch.Generator().manual_seed(SEED))
+        close_module()
+    finally:
+        for handle in handles:
+            handle.remove()
+    ordered = [{kind: b[kind] for kind in KIND_ORDER if b.get(kind)} for b in breakdowns]
+    return StepMemory(max(peaks), peaks, ordered, meter.current)
+
+
+def recompute_bound_bytes(net: LocalNet, per_module: Sequence[int], hw: tuple[int, int]) -> int:
+    """Upper bound of what backward holds with recomputation: a module's saved bytes plus the largest of its
+    blocks re-run at once (what that block saves without recomputation; shapes on the meta device)."""
+    block_bytes = module_saved_bytes(net.trunk, BlockBoundaries(tuple(range(1, N_BLOCKS))), hw)
+    return max(saved + max(block_bytes[spec.first_block:spec.stop_block])
+               for saved, spec in zip(per_module, net.specs, strict=True))
+
+
+# --- child processes ----------------------------------------------------------------------------------
+
+
+def _rss_bytes(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, from /proc; ru_maxrss where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _timed_step(net: LocalNet, image: torch.Tensor) -> float:
+    if image.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    local_training_step(net, image, LABEL, generator=torch.Generator().manual_seed(SEED))
+    if image.is_cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    net.zero_grad(set_to_none=True)  # frees the gradients: every step allocates its own, as the first did
+    return seconds
+
+
+def _child_memory(config: StepConfig) -> dict[str, Any]:
+    """In a fresh process: build, measure one step three ways."""
+    device = _device()
+    rss_baseline = _rss_bytes("VmRSS")
+    net, image = config.build(device), config.image(device)
+    rss_model = _rss_bytes("VmRSS")
+    cuda_model = torch.cuda.memory_allocated() if device == "cuda" else None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    memory = measure_step_memory(net, image)
+    seconds = time.perf_counter() - start
+    hw = (config.height, config.width)
+    return {
+        **asdict(memory),
+        "recompute_bound_bytes": recompute_bound_bytes(net, memory.per_module_saved_bytes, hw)
+        if config.recompute else None,
+        "module_labels": [spec.label() for spec in net.specs],
+        "rss_baseline_bytes": rss_baseline,
+        "rss_model_bytes": rss_model,
+        "peak_rss_bytes": _rss_bytes("VmHWM"),
+        "cuda_model_bytes": cuda_model,
+        "cuda_max_allocated": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+        "first_step_seconds": seconds,
+        "device": device,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _child_time(configs: list[StepConfig], repeats: int) -> list[list[float]]:
+    """In a fresh process: one warm-up round, then ``repeats`` rounds stepping every network once, the
+    order rotated each round so that no variant always runs first or last. Step times per config."""
+    device = _device()
+    nets = [config.build(device) for config in configs]
+    image = configs[0].image(device)  # all configs of one call share the size
+    times: list[list[float]] = [[] for _ in configs]
+    for round_index in range(repeats + 1):
+        shift = round_index % len(configs)
+        for i in list(range(shift, len(configs))) + list(range(shift)):
+            seconds = _timed_step(nets[i], image)
+            if round_index > 0:
+                times[i].append(seconds)
+    return times
+
+
+def _child_main(spec: dict[str, Any]) -> Any:
+    configs = [StepConfig(**{**c, "boundaries": tuple(c["boundaries"])}) for c in spec["configs"]]
+    if spec["mode"] == "memory":
+        return _child_memory(configs[0])
+    return _child_time(configs, spec["repeats"])
+
+
+def _run_child(spec: dict[str, Any]) -> Any:
+    """Run one measurement in a fresh interpreter; its result is the last line of its stdout (JSON)."""
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])  # the package's root, in case it is not installed
+    env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
+    proc = subprocess.run([sys.executable, "-m", "wsilocal.bench.memory", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        cause = lines[-1] if lines else f"exit status {proc.returncode}"
+        if proc.returncode < 0:
+            cause = f"killed by signal {-proc.returncode} (out of memory?)"
+        raise WsilocalError(cause)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- the benchmark --------------------------------------------------------------------------------------
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    return None if value is None or not reference else value / reference
+
+
+def _log(progress: bool, text: str) -> None:
+    if progress:
+        print(text, file=sys.stderr, flush=True)
+
+
+def run_memory_benchmark(
+    out_dir: str | Path,
+    *,
+    sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    variants: Sequence[str] = DEFAULT_VARIANTS,
+    repeats: int = 2,
+    rfr: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Measure every (size, K, variant); write ``memory.json``, ``.md`` and ``.png`` in ``out_dir``.
+
+    Args:
+        sizes: input sizes as (height, width).
+        ks: numbers of modules (K=1 is always measured too: the ratios need it).
+        variants: names from :data:`VARIANTS`; the paper-style K=1 is always measured at every size.
+        repeats: timed steps per network after the warm-up round; 0 skips timing.
+        rfr: with the RFR decoders (the method) or without (the paper's ablation).
+        progress: print one line per measurement on stderr.
+
+    Returns one record (dict) per size, K and variant; see ``docs/benchmarks.md`` for the keys.
+    """
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"bench memory: unknown variant(s) {unknown}; known: {sorted(VARIANTS)}")
+    if repeats < 0:
+        raise ConfigError(f"bench memory: repeats must be >= 0, got {repeats}")
+    ks = sorted(set(ks) | {1})
+    names = ["paper"] + [name for name in variants if name != "paper"]
+    plan = []  # (variant, k, size, config): sizes outermost, then K, so that variants of a K run together
+    for hw in sizes:
+        for k in ks:
+            plan += [(VARIANTS[name], k, tuple(hw), step_config(VARIANTS[name], k, tuple(hw), rfr))
+                     for name in names if name in variants or k == 1]
+    configs = list(dict.fromkeys(config for *_, config in plan))
+
+    measured: dict[StepConfig, dict[str, Any]] = {}
+    started = time.perf_counter()
+    for index, config in enumerate(configs, start=1):
+        label = " / ".join(f"{v.name} K={k}" for v, k, _, c in plan if c == config)
+        try:
+            measured[config] = _run_child({"mode": "memory", "configs": [asdict(config)]})
+            m = measured[config]
+            _log(progress, f"[{index}/{len(configs)}] {config.width}x{config.height} {label}: saved "
+                           f"{m['saved_bytes'] / MiB:.0f} MiB, peak RSS {m['peak_rss_bytes'] / MiB:.0f} MiB, "
+                           f"step {m['first_step_seconds']:.1f} s  ({time.perf_counter() - started:.0f} s)")
+        except WsilocalError as exc:
+            measured[config] = {"error": str(exc)}
+            _log(progress, f"[{index}/{len(configs)}] {config.width}x{config.height} {label}: FAILED: {exc}")
+
+    step_times: dict[StepConfig, list[float]] = {}
+    for hw in dict.fromkeys(tuple(hw) for hw in sizes):
+        timed = [c for c in configs if (c.height, c.width) == hw and "error" not in measured[c]]
+        if repeats == 0 or not timed:
+            continue
+        _log(progress, f"timing {hw[1]}x{hw[0]}: {len(timed)} networks, 1 warm-up + {repeats} rounds")
+        try:
+            step_times.update(zip(timed, _run_child({"mode": "time", "configs": [asdict(c) for c in timed],
+                                                     "repeats": repeats}), strict=True))
+        except WsilocalError as exc:
+            _log(progress, f"timing {hw[1]}x{hw[0]} FAILED: {exc}")
+
+    records = _records(plan, measured, step_times)
+    write_memory_report(records, out_dir, started=started)
+    return records
+
+
+def _records(plan: list, measured: dict[StepConfig, dict[str, Any]],
+             step_times: dict[StepConfig, list[float]]) -> list[dict[str, Any]]:
+    records = []
+    for variant, k, hw, config in plan:
+        m = measured[config]
+        times = step_times.get(config)
+        record = {
+            "method": "end-to-end" if k == 1 else "local", "variant": variant.name, "k": k,
+            "height": hw[0], "width": hw[1], "fold_bn": variant.fold_bn, "recompute": variant.recompute,
+            "balanced": variant.balanced, "rfr": config.rfr, "boundaries": list(config.boundaries),
+            "step_seconds": statistics.median(times) if times else None, "step_seconds_all": times,
+            **{key: m.get(key) for key in ("saved_bytes", "per_module_saved_bytes", "per_module_breakdown",
+                                           "left_over_bytes", "recompute_bound_bytes", "module_labels",
+                                           "rss_baseline_bytes", "rss_model_bytes", "peak_rss_bytes",
+                                           "cuda_model_bytes", "cuda_max_allocated", "first_step_seconds",
+                                           "device", "threads", "error")},
+        }
+        per_module = record["per_module_saved_bytes"]
+        record["peak_module"] = per_module.index(max(per_module)) if per_module else None
+        records.append(record)
+
+    def find(variant: str, k: int, hw: tuple[int, int]) -> dict[str, Any]:
+        key = (variant, k, *hw)
+        return next(r for r in records if (r["variant"], r["k"], r["height"], r["width"]) == key)
+
+    for r in records:
+        hw = (r["height"], r["width"])
+        own, paper = find(r["variant"], 1, hw), find("paper", 1, hw)
+        for short, key in (("saved", "saved_bytes"), ("rss", "peak_rss_bytes"), ("time", "step_seconds")):
+            r[f"ratio_{short}"] = _ratio(r[key], own[key])
+            r[f"ratio_{short}_paper_style"] = _ratio(r[key], paper[key])
+    return records
+
+
+# --- report ---------------------------------------------------------------------------------------------
+
+
+def _mib(value: float | None) -> str:
+    return "—" if value is None else f"{value / MiB:,.0f}"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f} %"
+
+
+def _x(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def format_memory_table(records: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one table row per record, then where the memory goes at the largest size, then the goal."""
+    lines = ["| size | variant | K | saved MiB | vs K=1 | vs paper K=1 | peak RSS MiB | RSS vs paper K=1 "
+             "| step s | time vs K=1 | time vs paper K=1 | CUDA max MiB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        if r.get("error"):
+            lines.append(f"| {r['width']}×{r['height']} | {r['variant']} | {r['k']} | failed: {r['error']} "
+                         "| | | | | | | | |")
+            continue
+        step = "—" if r["step_seconds"] is None else f"{r['step_seconds']:.2f}"
+        lines.append(f"| {r['width']}×{r['height']} | {r['variant']} | {r['k']} | {_mib(r['saved_bytes'])} "
+                     f"| {_pct(r['ratio_saved'])} | {_pct(r['ratio_saved_paper_style'])} "
+                     f"| {_mib(r['peak_rss_bytes'])} | {_pct(r['ratio_rss_paper_style'])} | {step} "
+                     f"| {_x(r['ratio_time'])} | {_x(r['ratio_time_paper_style'])} "
+                     f"| {_mib(r['cuda_max_allocated'])} |")
+    return "\n\n".join(part for part in ("\n".join(lines), format_breakdown(records), format_goal(records),
+                                          format_projection(records)) if part)
+
+
+def format_breakdown(records: Sequence[dict[str, Any]]) -> str:
+    """Markdown: at the largest size, the peak module of each record and what its saved bytes are."""
+    valid = [r for r in records if not r.get("error")]
+    if not valid:
+        return ""
+    largest = max((r["height"] * r["width"], r["height"], r["width"]) for r in valid)[1:]
+    rows = [r for r in valid if (r["height"], r["width"]) == largest]
+    peaks = [r["per_module_breakdown"][r["peak_module"]] for r in rows]
+    kinds = [kind for kind in KIND_ORDER if any(peak.get(kind) for peak in peaks)]
+    lines = [f"Where the saved bytes go at {largest[1]}×{largest[0]} (MiB, in the module with the peak):", "",
+             "| variant | K | peak module | " + " | ".join(kinds) + " |",
+             "|---|---|---|" + "---:|" * len(kinds)]
+    for r in rows:
+        breakdown = r["per_module_breakdown"][r["peak_module"]]
+        label = f"{r['peak_module'] + 1}: {r['module_labels'][r['peak_module']]}"
+        lines.append(f"| {r['variant']} | {r['k']} | {label} | "
+                     + " | ".join(f"{breakdown.get(kind, 0) / MiB:,.1f}" for kind in kinds) + " |")
+    return "\n".join(lines)
+
+
+def format_goal(records: Sequence[dict[str, Any]]) -> str:
+    """Markdown list: per size and goal K, the variants whose saved bytes reach the goal and their time."""
+    lines = ["Goal: saved bytes of K=4 ≤ 15 % and of K=8 ≤ 8 % of the paper-style K=1 (the step no slower "
+             "than K=1).", ""]
+    for hw in dict.fromkeys((r["height"], r["width"]) for r in records):
+        for k, goal in GOAL.items():
+            rows = [r for r in records
+                    if (r["height"], r["width"]) == hw and r["k"] == k and not r.get("error")]
+            if not rows:
+                continue
+            best = min(rows, key=lambda r: r["saved_bytes"])
+            reached = [f"{r['variant']} ({_pct(r['ratio_saved_paper_style'])}, time "
+                       f"{_x(r['ratio_time_paper_style'])} paper K=1)"
+                       for r in rows if r["ratio_saved_paper_style"] is not None
+                       and r["ratio_saved_paper_style"] <= goal]
+            text = ", ".join(reached) if reached else (f"none; best {best['variant']} at "
+                                                      f"{_pct(best['ratio_saved_paper_style'])}")
+            lines.append(f"- {hw[1]}×{hw[0]}, K={k} (≤ {goal:.0%}): {text}")
+    return "\n".join(lines)
+
+
+def project_saved_bytes(records: Sequence[dict[str, Any]], area: float) -> dict[tuple[str, int], float]:
+    """Saved bytes of each (variant, K) extrapolated to an input of ``area`` pixels.
+
+    Each module's saved bytes are a fixed part (RFR decoders, classifier weights-sized tensors) plus a part
+    proportional to the input area; both are fitted per module on the two largest measured sizes and the
+    step's peak is the largest module. Balanced variants are left out: their split changes with the size.
+    """
+    rows: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if not r.get("error") and not r["balanced"]:
+            rows[(r["variant"], r["k"])].append(r)
+    projected = {}
+    for key, group in rows.items():
+        if len(group) < 2:
+            continue
+        small, large = sorted(group, key=lambda r: r["height"] * r["width"])[-2:]
+        a_small, a_large = small["height"] * small["width"], large["height"] * large["width"]
+        pairs = zip(small["per_module_saved_bytes"], large["per_module_saved_bytes"], strict=True)
+        projected[key] = max(b + (b - a) / (a_large - a_small) * (area - a_large) for a, b in pairs)
+    return projected
+
+
+def format_projection(records: Sequence[dict[str, Any]]) -> str:
+    """Markdown: saved bytes projected to the paper's Table 2 sizes, beside the paper's GPU numbers, and the
+    error of the same projection on the largest measured size (fitted on the smaller ones)."""
+    areas = sorted({r["height"] * r["width"] for r in records if not r.get("error")})
+    if len(areas) < 2:
+        return ""
+    paper_share = {k: [v / e2e for v, e2e in zip(PAPER_TABLE2[f"K={k}"], PAPER_TABLE2["E2E"], strict=True)]
+                   for k in (4, 8)}
+    projections = [project_saved_bytes(records, w * h) for w, h in PAPER_TABLE2["sizes"]]
+    header = " | ".join(f"{w}×{h}" for w, h in PAPER_TABLE2["sizes"])
+    lines = ["Saved bytes projected to the paper's input sizes (linear in area per module, fitted on the two "
+             "largest measured sizes), as % of paper-style K=1; the paper's rows: GPU memory, TCGA slides.",
+             "",
+             f"| variant | K | {header} |", "|---|---|---:|---:|---:|",
+             "| paper-style K=1 (GiB) | 1 | "
+             + " | ".join(f"{p[('paper', 1)] / 2**30:.1f}" for p in projections) + " |"]
+    for k in (4, 8):
+        lines.append(f"| **paper, Table 2** | {k} | " + " | ".join(_pct(v) for v in paper_share[k]) + " |")
+        for variant, kk in projections[0]:
+            if kk == k:
+                lines.append(f"| {variant} | {k} | " + " | ".join(
+                    _pct(p[(variant, k)] / p[("paper", 1)]) for p in projections) + " |")
+    if len(areas) >= 3:  # check the model: fit on the smaller sizes, compare with the largest one measured
+        check = project_saved_bytes([r for r in records if r["height"] * r["width"] < areas[-1]], areas[-1])
+        errors = [abs(check[(r["variant"], r["k"])] / r["saved_bytes"] - 1) for r in records
+                  if r["height"] * r["width"] == areas[-1] and (r["variant"], r["k"]) in check]
+        lines += ["", "Check: fitted without the largest size, the projection of the largest size is off by "
+                      f"at most {100 * max(errors):.1f} % (mean {100 * statistics.mean(errors):.1f} %)."]
+    return "\n".join(lines)
+
+
+def write_memory_report(records: Sequence[dict[str, Any]], out_dir: str | Path, *,
+                        started: float | None = None) -> None:
+    """Write ``memory.json`` (records + machine), ``memory.md`` (tables) and ``memory.png`` (plots)."""
+    from wsilocal.bench.plots import plot_memory
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "seconds": None if started is None else round(time.perf_counter() - started, 1)}
+    (out / "memory.json").write_text(json.dumps({"machine": meta, "records": list(records)}, indent=1))
+    (out / "memory.md").write_text(f"# Memory benchmark ({meta['date']}, torch {meta['torch']}, "
+                                   f"{meta['cpu_count']} CPUs, GPU: {meta['cuda'] or 'none'})\n\n"
+                                   + format_memory_table(records) + "\n")
+    plot_memory(records, out / "memory.png")
+
+
+# --- command line -------------------------------------------------------------------------------------
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``2048`` (square) or ``WIDTHxHEIGHT`` → (height, width)."""
+    try:
+        values = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 64:
+        raise argparse.ArgumentTypeError(f"expected a side ≥ 64 or WIDTHxHEIGHT, got {text!r}")
+    return (values[-1], values[0])
+
+
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``wsilocal bench memory``."""
+    parser.add_argument("--out", required=True, help="directory for memory.json, memory.md, memory.png")
+    parser.add_argument("--sizes", nargs="+", type=_size, default=None, metavar="N|WxH",
+                        help="input sizes (default 1024 2048 4096)")
+    parser.add_argument("--k", nargs="+", type=int, default=[1, 2, 4, 8], choices=[1, 2, 4, 8],
+                        help="numbers of modules (default 1 2 4 8)")
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=sorted(VARIANTS),
+                        help=f"how the step is computed (default {' '.join(DEFAULT_VARIANTS)})")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed steps per network (default 2; 0: no timing)")
+    parser.add_argument("--no-rfr", action="store_true",
+                        help="without the RFR decoders (the paper's ablation)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: sizes 512 1024, one timed step")
+
+
+def memory_main(args: argparse.Namespace) -> int:
+    """Run the benchmark from parsed arguments, print the table and where the files are."""
+    sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
+    records = run_memory_benchmark(args.out, sizes=sizes, ks=args.k, variants=args.variants, repeats=repeats,
+                                   rfr=not args.no_rfr)
+    print(format_memory_table(records))
+    print(f"wrote {Path(args.out) / 'memory.json'}, memory.md, memory.png")
+    return 1 if any(r.get("error") for r in records) else 0
+
+
+if __name__ == "__main__":  # a measurement child (see _run_child)
+    print(json.dumps(_child_main(json.loads(sys.argv[1]))))

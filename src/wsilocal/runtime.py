@@ -1,0 +1,35 @@
+"""Process-wide settings that make CPU training fast. Called by the CLI and the trainer.
+
+A training step allocates and frees the same large activation buffers every time. glibc's malloc serves
+buffers above a threshold with ``mmap`` and hands them back to the OS on ``free``, so every step pays page
+faults to get zeroed memory again — on our 2-core machines that made an RFR step 7× and end-to-end steps
+up to 10× slower. Keeping freed memory in the heap (no mmap for large blocks, no trimming) removes that
+cost; the process's peak memory is unchanged, it is only not returned to the OS between steps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
+_M_MMAP_MAX = -4
+_tuned = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Ask glibc to keep freed memory for reuse; returns whether it applied (glibc Linux only)."""
+    global _tuned
+    if _tuned:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc without mallopt
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    _tuned = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _tuned
