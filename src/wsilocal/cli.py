@@ -143,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("bench", help="benchmarks: memory (the paper's Table 2)")
+    bench = p.add_subparsers(dest="bench", required=True)
+    from wsilocal.bench.memory import add_memory_arguments, memory_main
+
+    q = bench.add_parser("memory", help="peak saved-for-backward bytes, peak RSS and step time per K and size")
+    add_memory_arguments(q)
+    q.set_defaults(func=memory_main)
+
     p = sub.add_parser("demo", help="synthetic cohort → prepare → train K=4 → evaluate, in one command")
     p.add_argument("--out", default="demo_out", help="folder for the cohort, cache and run")
     p.add_argument("--quick", action="store_true", help="a tiny version for smoke tests (not accurate)")

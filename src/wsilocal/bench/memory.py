@@ -382,6 +382,7 @@ def run_memory_benchmark(
             measured[config] = {"error": str(exc)}
             _log(progress, f"[{index}/{len(configs)}] {config.width}x{config.height} {label}: FAILED: {exc}")
 
+    write_memory_report(_records(plan, measured, {}), out_dir, started=started)  # in case timing fails
     step_times: dict[StepConfig, list[float]] = {}
     for hw in dict.fromkeys(tuple(hw) for hw in sizes):
         timed = [c for c in configs if (c.height, c.width) == hw and "error" not in measured[c]]
@@ -450,18 +451,19 @@ def _x(value: float | None) -> str:
 
 def format_memory_table(records: Sequence[dict[str, Any]]) -> str:
     """Markdown: one table row per record, then where the memory goes at the largest size, then the goal."""
-    lines = ["| size | variant | K | saved MiB | vs K=1 | vs paper K=1 | peak RSS MiB | RSS vs paper K=1 "
-             "| step s | time vs K=1 | time vs paper K=1 | CUDA max MiB |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| size | variant | K | saved MiB | vs K=1 | vs paper K=1 | peak RSS MiB | step's RSS MiB "
+             "| RSS vs paper K=1 | step s | time vs K=1 | time vs paper K=1 | CUDA max MiB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         if r.get("error"):
             lines.append(f"| {r['width']}×{r['height']} | {r['variant']} | {r['k']} | failed: {r['error']} "
-                         "| | | | | | | | |")
+                         "| | | | | | | | | |")
             continue
         step = "—" if r["step_seconds"] is None else f"{r['step_seconds']:.2f}"
         lines.append(f"| {r['width']}×{r['height']} | {r['variant']} | {r['k']} | {_mib(r['saved_bytes'])} "
                      f"| {_pct(r['ratio_saved'])} | {_pct(r['ratio_saved_paper_style'])} "
-                     f"| {_mib(r['peak_rss_bytes'])} | {_pct(r['ratio_rss_paper_style'])} | {step} "
+                     f"| {_mib(r['peak_rss_bytes'])} | {_mib(r['peak_rss_bytes'] - r['rss_model_bytes'])} "
+                     f"| {_pct(r['ratio_rss_paper_style'])} | {step} "
                      f"| {_x(r['ratio_time'])} | {_x(r['ratio_time_paper_style'])} "
                      f"| {_mib(r['cuda_max_allocated'])} |")
     return "\n\n".join(part for part in ("\n".join(lines), format_breakdown(records), format_goal(records),
@@ -574,8 +576,10 @@ def write_memory_report(records: Sequence[dict[str, Any]], out_dir: str | Path, 
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "seconds": None if started is None else round(time.perf_counter() - started, 1)}
     (out / "memory.json").write_text(json.dumps({"machine": meta, "records": list(records)}, indent=1))
+    legend = "\n".join(f"- `{v.name}`: {v.description}" for v in VARIANTS.values()
+                       if any(r["variant"] == v.name for r in records))
     (out / "memory.md").write_text(f"# Memory benchmark ({meta['date']}, torch {meta['torch']}, "
-                                   f"{meta['cpu_count']} CPUs, GPU: {meta['cuda'] or 'none'})\n\n"
+                                   f"{meta['cpu_count']} CPUs, GPU: {meta['cuda'] or 'none'})\n\n{legend}\n\n"
                                    + format_memory_table(records) + "\n")
     plot_memory(records, out / "memory.png")
 
