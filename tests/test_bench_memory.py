@@ -26,7 +26,6 @@ from wsilocal.models.memory import saved_tensor_bytes
 from wsilocal.models.resnet import FrozenBatchNorm2d
 from wsilocal.models.split import block_boundaries
 
-
 KEYS = {"method", "k", "height", "width", "saved_bytes", "peak_rss_bytes", "ratio_saved", "ratio_rss",
         "ratio_saved_paper_style", "ratio_rss_paper_style", "variant", "fold_bn", "recompute", "balanced",
         "boundaries", "step_seconds", "ratio_time", "cuda_max_allocated", "per_module_saved_bytes",
