@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from wsilocal.models.resnet import ResNet34Trunk
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 
 BACKGROUND = (242, 240, 243)  # glass: near white, a faint tint as on real scans
@@ -57,3 +59,10 @@ def he_image() -> Callable[..., np.ndarray]:
         return np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def trunk() -> ResNet34Trunk:
+    """A randomly initialised trunk (seed 0), shared by the tests of one module."""
+    torch.manual_seed(0)
+    return ResNet34Trunk()

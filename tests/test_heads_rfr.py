@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from wsilocal.models.heads import AuxiliaryClassifier, FinalClassifier, GatedAttentionPool, aux_kernel_size
 from wsilocal.models.local_net import AuxiliaryModel
-from wsilocal.models.resnet import ResNet34Trunk
 from wsilocal.models.rfr import (
     RandomFeatureReconstruction,
     crop_patches,
@@ -19,13 +18,6 @@ from wsilocal.models.rfr import (
     sample_patch_boxes,
 )
 from wsilocal.models.split import BlockBoundaries, balanced_split, module_specs
-
-
-@pytest.fixture(scope="module")
-def trunk() -> ResNet34Trunk:
-    torch.manual_seed(0)
-    return ResNet34Trunk()
-
 
 # --- gated attention and classifiers ----------------------------------------------------------------
 

@@ -22,13 +22,6 @@ from wsilocal.models.split import (
     split_trunk,
 )
 
-
-@pytest.fixture(scope="module")
-def trunk() -> ResNet34Trunk:
-    torch.manual_seed(0)
-    return ResNet34Trunk()
-
-
 IMAGE = torch.randn(1, 3, 112, 128, generator=torch.Generator().manual_seed(1))
 
 # --- the saved-bytes meter --------------------------------------------------------------------------
