@@ -49,6 +49,7 @@ from wsilocal.models.split import (
     block_boundaries,
     module_saved_bytes,
 )
+from wsilocal.runtime import tune_cpu_allocator
 from wsilocal.train.local_step import local_training_step
 
 N_CLASSES = 2
@@ -298,6 +299,7 @@ def _child_time(configs: list[StepConfig], repeats: int) -> list[list[float]]:
 
 
 def _child_main(spec: dict[str, Any]) -> Any:
+    tune_cpu_allocator()  # time steps the way the trainer runs them
     configs = [StepConfig(**{**c, "boundaries": tuple(c["boundaries"])}) for c in spec["configs"]]
     if spec["mode"] == "memory":
         return _child_memory(configs[0])
