@@ -15,6 +15,7 @@ from wsilocal.bench.memory import (
     StepConfig,
     add_memory_arguments,
     format_memory_table,
+    format_projection,
     measure_step_memory,
     project_saved_bytes,
     recompute_bound_bytes,
@@ -158,16 +159,26 @@ def test_balanced_split_is_the_one_localnet_chooses():
     assert config.boundaries[0] > block_boundaries(4)[0]
 
 
-def test_projection_is_exact_for_bytes_linear_in_area():
-    def record(side, variant="folded", k=4, balanced=False):
-        area = side * side
-        return {"variant": variant, "k": k, "height": side, "width": side, "balanced": balanced,
-                "per_module_saved_bytes": [1000 + 3 * area, 5000 + area]}
+def _record(side, variant="folded", k=4, balanced=False, fixed=1000):
+    area = side * side
+    per_module = [fixed + 3 * area, 5000 + area]
+    return {"variant": variant, "k": k, "height": side, "width": side, "balanced": balanced,
+            "per_module_saved_bytes": per_module, "saved_bytes": max(per_module)}
 
-    records = [record(100), record(200), record(400), record(200, "balanced", balanced=True),
-               record(400, "balanced", balanced=True)]
+
+def test_projection_is_exact_for_bytes_linear_in_area():
+    records = [_record(100), _record(200), _record(400), _record(200, "balanced", balanced=True),
+               _record(400, "balanced", balanced=True)]
     projected = project_saved_bytes(records, 1000 * 1000)
     assert projected == {("folded", 4): pytest.approx(1000 + 3e6)}  # balanced: split depends on size
+    table = format_projection(records + [_record(side, "paper", 1, fixed=10) for side in (100, 200, 400)])
+    paper_k1 = 10 + 3 * 8698 * 7496
+    assert f"| folded | 4 | {100 * (1000 - 10 + paper_k1) / paper_k1:.1f} % |" in table
+    assert "off by at most 0.0 %" in table
+    # Not linear (e.g. RFR patches clipped on the smallest map): checked, and no projection shown.
+    bent = [_record(100, fixed=6000), _record(200), _record(400)]
+    paper = [_record(side, "paper", 1) for side in (100, 200, 400)]
+    assert format_projection(bent + paper).startswith("No projection")
 
 
 def test_arguments_and_errors():

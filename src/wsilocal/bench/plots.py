@@ -29,7 +29,7 @@ def _lines(records: Sequence[dict[str, Any]], key: str) -> dict[tuple[str, int],
 def plot_memory(records: Sequence[dict[str, Any]], path: str | Path) -> None:
     """Left: saved bytes of each (variant, K) as a share of the paper-style K=1, against input size, with the
     paper's ratios and the goal. Right: peak RSS of the step's process against input area."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, scale in ((left, "ratio_saved_paper_style", 100), (right, "peak_rss_bytes", 2.0**-30)):
         for (variant, k), points in _lines(records, key).items():
             if key.startswith("ratio") and k == 1 and variant == "paper":
@@ -38,9 +38,12 @@ def plot_memory(records: Sequence[dict[str, Any]], path: str | Path) -> None:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, [y * scale for y in ys], marker=marker, linestyle=style,
                     color=K_COLOURS.get(k, "black"), label=f"{variant} K={k}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("input (megapixels)")
-        ax.grid(True, which="both", alpha=0.3)
+        ax.set_xscale("log")
+        sizes = sorted({(r["height"] * r["width"], r["width"], r["height"]) for r in records})
+        ax.set_xticks([area / 1e6 for area, *_ in sizes], [f"{w}×{h}" for _, w, h in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("input size (log scale of the area)")
+        ax.grid(True, alpha=0.3)
     for k, share in PAPER_RATIOS.items():
         left.axhline(100 * share, color=K_COLOURS[k], alpha=0.35, linewidth=4,
                      label=f"paper K={k} (GPU, TCGA)")
@@ -49,11 +52,11 @@ def plot_memory(records: Sequence[dict[str, Any]], path: str | Path) -> None:
                      label=f"goal K={k}")
     left.set_ylabel("saved-for-backward bytes, % of paper-style K=1")
     left.set_title("Saved bytes vs end-to-end (paper-style) at the same input")
-    left.legend(fontsize=7, ncol=2)
-    right.set_yscale("log", base=2)
+    left.set_ylim(bottom=0)
+    right.set_ylim(bottom=0)
     right.set_ylabel("peak RSS of a fresh process, GiB")
     right.set_title("Peak RSS of one training step (CPU)")
-    right.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    for ax in (left, right):
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
