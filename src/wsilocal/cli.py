@@ -46,6 +46,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 1 if result.skipped else 0
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    from wsilocal.features.extract import extract_features, format_summary
+    from wsilocal.slide.cohort import load_cohort
+
+    # Missing slide files are skipped and listed by the extraction, not fatal for the whole cohort.
+    cohort = load_cohort(args.cohort, check_files=False, allow_outside=args.allow_outside_paths)
+    result = extract_features(cohort, args.out, mpp=args.mpp, tile=args.tile, min_tissue=args.min_tissue,
+                              batch_size=args.batch_size, weights=args.weights, device=args.device,
+                              assume_mpp=args.assume_mpp, workers=args.workers)
+    print(format_summary(cohort.slides, result))
+    print(f"features in {args.out}")
+    for warning in result.warnings:
+        print(warning)
+    return 1 if result.skipped else 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from wsilocal.slide.inspect import format_report, inspect_slide
 
@@ -124,6 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-outside-paths", action="store_true",
                    help="allow relative slide paths that lead outside the CSV's folder")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("features", help="ResNet34 features of tissue tiles, one HDF5 per slide (MIL baselines)")
+    p.add_argument("--cohort", required=True, help="cohort CSV (slide_id,path,label,split[,case_id])")
+    p.add_argument("--out", required=True, help="folder of the <slide_id>.h5 feature files")
+    p.add_argument("--mpp", type=float, default=2.0, help="tile resolution in µm/px (default 2.0 ≈ 5x)")
+    p.add_argument("--tile", type=int, default=256, help="tile edge in pixels at --mpp (default 256)")
+    p.add_argument("--min-tissue", type=float, default=0.25, help="minimum tissue fraction of a tile")
+    p.add_argument("--batch-size", type=int, default=32, help="tiles per forward pass")
+    p.add_argument("--weights", help="torchvision ResNet34 state dict (.pth/.safetensors); default random (warned)")
+    p.add_argument("--assume-mpp", type=float, help="µm/px of slides without resolution metadata")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--workers", type=int, default=0, help="threads reading tiles (default 0: none)")
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="allow relative slide paths that lead outside the CSV's folder")
+    p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("inspect", help="describe one slide and write a thumbnail with its tissue box")
     p.add_argument("slide")
