@@ -105,6 +105,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from wsilocal.config import config_from_dict, load_config, overrides_from_args
+    from wsilocal.train.baseline import BaselineConfig, train_baseline
+
+    overrides = overrides_from_args(args, BaselineConfig)
+    if args.resume:
+        run = Path(args.out or ".")
+        if not (run / "config.yaml").is_file():
+            raise WsilocalError(f"{run}: cannot resume, no config.yaml in it (give the run directory with --out)")
+        config = load_config(run / "config.yaml", overrides, BaselineConfig)
+    elif args.config:
+        config = load_config(args.config, overrides, BaselineConfig)
+    else:
+        config = config_from_dict(overrides, BaselineConfig)
+    result = train_baseline(config.validate(), resume=args.resume)
+    best = {k: "n/a" if result.best_val.get(k) is None else f"{result.best_val[k]:.3f}"
+            for k in ("balanced_accuracy", "auroc")}
+    print(f"run {result.run_dir}: best epoch {result.best_epoch}, validation balanced accuracy "
+          f"{best['balanced_accuracy']}, AUROC {best['auroc']}")
+    for warning in result.warnings:
+        print(warning)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from wsilocal.demo import run_demo
 
@@ -173,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("baseline", help="train a tile-feature MIL baseline (ABMIL, CLAM, ...) on `features` output",
+                       conflict_handler="resolve")
+    p.add_argument("config", nargs="?", help="YAML config; every key can be overridden with --key value")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_config_arguments(p, BaselineConfig)
+    p.add_argument("--model", choices=list(MIL_MODELS), help="the MIL model")
+    p.set_defaults(func=cmd_baseline)
 
     p = sub.add_parser("bench", help="benchmarks: memory (the paper's Table 2)")
     bench = p.add_subparsers(dest="bench", required=True)

@@ -45,6 +45,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise WsilocalError(f"{run_dir}: not a run directory (no config.yaml)")
+    from wsilocal.train.baseline import evaluate_baseline_run, is_baseline_run  # here: models.mil loads on demand
+
+    if is_baseline_run(run_dir):  # a tile-feature MIL baseline (`wsilocal baseline`) evaluates on its bags
+        return evaluate_baseline_run(run_dir, split, checkpoint=checkpoint, progress=progress)
     config, net, state = load_run(run_dir, checkpoint)
     classes = list(state["classes"])
     cohort = load_cohort(config.cohort, classes=classes, allow_outside=config.allow_outside_paths)

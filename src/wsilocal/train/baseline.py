@@ -1,0 +1,456 @@
+"""Training and evaluating the tile-based MIL baselines of the paper's Table 1 on pre-extracted tile features.
+
+``wsilocal baseline --model abmil --features FEATS --cohort cohort.csv --out RUN`` trains one model of
+:data:`wsilocal.models.mil.MIL_MODELS` on bags read from ``FEATS/<slide_id>.h5`` (see :mod:`.bags`) and writes
+the same run directory as the main method's trainer (:mod:`.trainer`)::
+
+    RUN/config.yaml          the resolved configuration (optimizer, lr and weight decay filled in)
+    RUN/model.json           method "baseline", model name, class names (index = position), in_dim
+    RUN/checkpoint_last.pt   everything needed to resume (model, optimizer, scheduler, counters, history)
+    RUN/checkpoint_best.pt   the model with the best validation balanced accuracy (ties: lower loss)
+    RUN/metrics.csv|json     one row per epoch
+    RUN/curves.png           learning curves
+    RUN/train.log            the log
+    RUN/summary.json         best epoch, validation metrics, skipped slides, warnings
+
+Defaults follow CLAM's training script (Lu et al., "Data-efficient and weakly supervised computational
+pathology on whole-slide images", Nature Biomedical Engineering 2021; github.com/mahmoodlab/CLAM ``main.py``
+and ``utils/core_utils.py``): one bag per optimizer step, early stopping on the validation loss after 20
+epochs without improvement but never before epoch 50 (CLAM's ``EarlyStopping(patience=20, stop_epoch=50)``,
+which its README commands switch on with ``--early_stopping``), no learning-rate schedule. The optimizer,
+learning rate, weight decay and maximum epochs default to the model's own ``default_optim`` (each model file
+cites where its values come from; CLAM's 200 epochs where a paper gives none); the config's ``optimizer``,
+``lr``, ``weight_decay`` and ``epochs`` override them.
+
+Models with several ``training_stages`` (MIL-RNN: the instance classifier, then the RNN on its top tiles)
+run each stage in order with its own optimizer, for up to ``epochs`` epochs each; the best checkpoint is
+chosen among the epochs of the last stage, whose model is the one that predicts.
+
+Reproducibility: the initial weights come from ``seed``; bag order, dropout and instance sub-sampling of
+each epoch from (seed, stage, epoch) alone; resume restores model, optimizer, scheduler and counters at an
+epoch boundary, so a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from wsilocal.config import load_config, save_config
+from wsilocal.errors import ConfigError, WsilocalError
+from wsilocal.models.mil import MIL_MODELS, build_mil_model
+from wsilocal.models.mil.base import OPTIMIZERS, MILModel
+from wsilocal.slide.cohort import SPLITS, load_cohort
+from wsilocal.train.bags import FeatureBags, epoch_order, load_bags
+from wsilocal.train.checkpoint import load_checkpoint, save_checkpoint
+from wsilocal.train.data import sample_generator
+from wsilocal.train.metrics import classification_metrics, plot_roc_curves
+from wsilocal.train.trainer import (
+    Trainer,
+    TrainResult,
+    _class_weight,
+    _epoch_line,
+    _printable,
+    resolve_device,
+    setup_logging,
+)
+
+log = logging.getLogger("wsilocal")
+
+METHOD = "baseline"
+CLAM_EPOCHS = 200  # CLAM's --max_epochs, for models that publish no epoch count
+# Drawing curves.png takes longer than an epoch on small cohorts: metrics files are rewritten at most this
+# often, and always at the end of a stage (every epoch is in the log and in checkpoint_last.pt regardless).
+METRICS_INTERVAL_S = 30.0
+
+
+@dataclass
+class BaselineConfig:
+    """Everything a baseline run needs; every field is also a ``wsilocal baseline --field-name`` option."""
+
+    # --- data
+    cohort: str = ""  # cohort CSV (slide_id,path,label,split[,case_id]); slide files are not opened
+    features: str = ""  # folder of <slide_id>.h5 tile features (`wsilocal features` or CLAM's extractor)
+    out: str = ""  # run directory
+    allow_outside_paths: bool = False  # allow cohort paths leading outside the CSV's folder
+    # --- model
+    method: str = METHOD
+    model: str = ""  # a key of MIL_MODELS: maxpool meanpool abmil gabmil dsmil clam_sb clam_mb milrnn transmil
+    # --- optimisation (CLAM's defaults, see the module docstring)
+    epochs: int | None = None  # per training stage; none = the model's published count (else CLAM's 200)
+    early_stopping: int = 20  # epochs without validation-loss improvement before stopping; 0 = never
+    min_epochs: int = 50  # no early stop before this many epochs of a stage (CLAM's stop_epoch)
+    optimizer: str | None = None  # adam, adamw, radam or sgd (lr and weight decay only); none = the model's own
+    lr: float | None = None  # none = the model's default_optim
+    weight_decay: float | None = None  # none = the model's default_optim
+    plateau_patience: int = 0  # >0: lr ×plateau_factor after this many epochs without val-loss improvement
+    plateau_factor: float = 0.1
+    class_weights: bool = False  # scale each bag's loss by the inverse frequency of its class
+    max_instances: int = 0  # >0: train on a random subset of this many tiles of larger bags (memory, speed)
+    # --- misc
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+    def validate(self) -> BaselineConfig:
+        """Check values that types alone do not; return self."""
+        checks = [
+            (bool(self.cohort), "cohort: a cohort CSV is required"),
+            (bool(self.features), "features: a folder of tile features is required"),
+            (bool(self.out), "out: a run directory is required"),
+            (self.method == METHOD, f"method must be {METHOD!r} for a baseline run, got {self.method!r}"),
+            (self.model in MIL_MODELS,
+             f"model must be one of {', '.join(MIL_MODELS)}, got {self.model!r}"),
+            (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.early_stopping >= 0, f"early_stopping must be >= 0, got {self.early_stopping}"),
+            (self.min_epochs >= 0, f"min_epochs must be >= 0, got {self.min_epochs}"),
+            (self.optimizer is None or self.optimizer in OPTIMIZERS,
+             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.weight_decay is None or self.weight_decay >= 0,
+             f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.plateau_patience >= 0, f"plateau_patience must be >= 0, got {self.plateau_patience}"),
+            (0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1), got {self.plateau_factor}"),
+            (self.max_instances >= 0, f"max_instances must be >= 0, got {self.max_instances}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"config: {message}")
+        return self
+
+
+def baseline_signature(model: str, classes: list[str], in_dim: int) -> dict:
+    """What must match for a checkpoint to load into a baseline model."""
+    return {"method": METHOD, "model": model, "classes": list(classes), "in_dim": int(in_dim)}
+
+
+def is_baseline_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a baseline run (its config.yaml says ``method: baseline``)."""
+    try:
+        values = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(values, dict) and values.get("method") == METHOD
+
+
+def _subsample(features: torch.Tensor, max_instances: int, generator: torch.Generator) -> torch.Tensor:
+    """At most ``max_instances`` random rows (in their original order); all rows when 0 or the bag is small."""
+    if not max_instances or len(features) <= max_instances:
+        return features
+    keep = torch.randperm(len(features), generator=generator)[:max_instances].sort().values
+    return features[keep]
+
+
+@torch.no_grad()
+def predict_bags(model: torch.nn.Module, bags: FeatureBags, device: torch.device, *, progress: bool = False,
+                 desc: str = "validate", keep_attention: bool = False) -> dict:
+    """Class probabilities of every bag, the mean bag cross-entropy and (optionally) per-tile attention.
+
+    The loss is the plain cross-entropy of the bag logits (not a model's extra training terms), so validation
+    losses compare across models.
+    """
+    model.eval()
+    probabilities, losses, attention = [], [], []
+    for index in tqdm(range(len(bags)), desc=desc, unit="slide", leave=False, disable=not progress):
+        bag = bags.get(index)
+        output = model(bag.features.to(device))
+        losses.append(float(F.cross_entropy(output.logits, torch.tensor([bag.label], device=device))))
+        probabilities.append(torch.softmax(output.logits, 1)[0].cpu().numpy())
+        if keep_attention and output.attention is not None:
+            attention.append((bag.slide_id, bag.coords, output.attention.detach().cpu().numpy().reshape(-1)))
+    return {
+        "probabilities": np.array(probabilities).reshape(len(bags), -1),
+        "labels": np.array(bags.labels),
+        "loss": float(np.mean(losses)) if losses else math.nan,
+        "attention": attention,
+        # the shape the main trainer's helpers (Trainer._val_row) read
+        "aux_probabilities": [],
+    }
+
+
+def _make_optimizer(config: BaselineConfig, model: MILModel) -> torch.optim.Optimizer:
+    """The current stage's optimizer: the model's published one, with the config's overrides."""
+    if config.optimizer is None:
+        return model.make_optimizer(lr=config.lr, weight_decay=config.weight_decay)
+    settings = model.optim_settings()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return OPTIMIZERS[config.optimizer](
+        params, lr=config.lr if config.lr is not None else settings["lr"],
+        weight_decay=config.weight_decay if config.weight_decay is not None else settings["weight_decay"])
+
+
+def stage_epochs(config: BaselineConfig, model: MILModel, stage: str) -> int:
+    """Epochs of one training stage: the config's, else the model's published count, else CLAM's 200."""
+    return config.epochs or int(model.optim_settings(stage).get("epochs", CLAM_EPOCHS))
+
+
+def _describe(model: MILModel, in_dim: int, config: BaselineConfig) -> str:
+    n_params = sum(p.numel() for p in model.parameters())
+    stages = []
+    for stage in model.training_stages:
+        settings = model.optim_settings(stage)
+        stages.append(f"{stage}: {config.optimizer or settings['optimizer']} lr "
+                      f"{config.lr if config.lr is not None else settings['lr']:g} weight decay "
+                      f"{config.weight_decay if config.weight_decay is not None else settings['weight_decay']:g}, "
+                      f"up to {stage_epochs(config, model, stage)} epochs")
+    return f"{config.model}: {n_params:,} parameters on {in_dim}-d tile features; {'; '.join(stages)}"
+
+
+class BaselineTrainer(Trainer):
+    """Trains one baseline run directory from a :class:`BaselineConfig`; ``run()`` does everything.
+
+    It shares the main trainer's run-directory helpers (metrics files and curves, validation rows).
+    """
+
+    config: BaselineConfig
+
+    def run(self) -> TrainResult:
+        config = self.config
+        if not self.resume and (self.run_dir / "checkpoint_last.pt").exists():
+            raise ConfigError(f"{self.run_dir}: run directory already holds a run; use --resume to continue it "
+                              "or choose another --out")
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        if self.resume and not (self.run_dir / "model.json").is_file():
+            raise WsilocalError(f"{self.run_dir}: cannot resume, no model.json in it")
+        saved = json.loads((self.run_dir / "model.json").read_text()) if self.resume else {}
+        cohort = load_cohort(config.cohort, classes=saved.get("classes"), check_files=False,
+                             allow_outside=config.allow_outside_paths)
+        classes = list(cohort.classes)
+        train = load_bags(cohort, "train", config.features, in_dim=saved.get("in_dim"))
+        if not len(train):
+            raise WsilocalError(f"{config.features}: no training slide has usable features "
+                                f"({_first_reason(train.skipped)})")
+        val = load_bags(cohort, "val", config.features, in_dim=train.in_dim)
+        if not len(val):
+            raise WsilocalError(f"{config.features}: no validation slide (split 'val') has usable features "
+                                f"({_first_reason(val.skipped)})")
+        skipped = {**train.skipped, **val.skipped}
+        torch.manual_seed(config.seed)  # the initial weights of the model are part of the run's seed
+        model = build_mil_model(config.model, len(classes), in_dim=train.in_dim).to(self.device)
+        self.in_dim, self.classes = train.in_dim, classes
+        signature = baseline_signature(config.model, classes, train.in_dim)
+
+        # Everything above may fail on bad input; only now does the run directory get written.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(self.run_dir)
+        state = None
+        if self.resume:
+            state = load_checkpoint(self.run_dir / "checkpoint_last.pt", expected_signature=signature)
+            model.load_state_dict(state["model"])
+            self.warnings = state.get("warnings", [])
+        else:
+            save_config(config, self.run_dir / "config.yaml")
+            meta = {"method": METHOD, "model": config.model, "classes": classes, "in_dim": train.in_dim}
+            (self.run_dir / "model.json").write_text(json.dumps(meta, indent=1))
+            for slide_id, reason in skipped.items():
+                self.warnings.append(f"skipped {slide_id}: {reason}")
+                log.warning("skipped %s: %s", slide_id, reason)
+        log.info("model: %s", _describe(model, train.in_dim, config))
+        log.info("train %d slides, validation %d slides, classes %s", len(train), len(val), classes)
+
+        stages = list(model.training_stages)
+        class_weight = _class_weight(train.labels, len(classes), self.device) if config.class_weights else None
+        history: list[dict] = state["history"] if state else []
+        stage_index = state["stage"] if state else 0
+        start_epoch = state["next_epoch"] if state else 0
+        best = state["best"] if state else {"score": None, "epoch": -1, "val": {}}
+        restore_optimizer = state is not None
+        if state and state["stopped_early"]:  # that stage is over, even if --epochs was raised since
+            stage_index, start_epoch, restore_optimizer = stage_index + 1, 0, False
+        written_at = -math.inf
+        for p in range(stage_index, len(stages)):
+            model.set_stage(stages[p])
+            optimizer = _make_optimizer(config, model)
+            scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience)
+                if config.plateau_patience else None)
+            stage_best = {"loss": math.inf, "bad_epochs": 0}
+            if restore_optimizer and p == stage_index:
+                optimizer.load_state_dict(state["optimizer"])
+                if scheduler is not None:
+                    scheduler.load_state_dict(state["scheduler"])
+                stage_best = state["stage_best"]
+            epoch = start_epoch if p == stage_index else 0
+            n_epochs = stage_epochs(config, model, stages[p])
+            while epoch < n_epochs:
+                row = self._train_epoch(model, train, p, stages[p], epoch, optimizer, class_weight, classes)
+                evaluation = predict_bags(model, val, self.device, progress=self.progress)
+                val_metrics = classification_metrics(evaluation["probabilities"], evaluation["labels"], classes)
+                row.update(self._val_row(evaluation, val_metrics, classes))
+                if scheduler is not None:
+                    scheduler.step(evaluation["loss"])
+                row["lr"] = [g["lr"] for g in optimizer.param_groups]
+                history.append(row)
+                improved = evaluation["loss"] < stage_best["loss"] - 1e-6
+                stage_best = {"loss": min(stage_best["loss"], evaluation["loss"]),
+                              "bad_epochs": 0 if improved else stage_best["bad_epochs"] + 1}
+                if p == len(stages) - 1:
+                    score = (val_metrics["balanced_accuracy"] or 0.0, -evaluation["loss"])
+                    if best["score"] is None or score > tuple(best["score"]):
+                        best = {"score": list(score), "epoch": len(history) - 1, "val": val_metrics}
+                        self._save(model, self.run_dir / "checkpoint_best.pt", signature, extra={"stage": p})
+                epoch += 1
+                stop = bool(config.early_stopping and stage_best["bad_epochs"] >= config.early_stopping
+                            and epoch >= config.min_epochs)
+                self._save(model, self.run_dir / "checkpoint_last.pt", signature, extra={
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "stage": p, "next_epoch": epoch, "stopped_early": stop, "stage_best": stage_best,
+                    "history": history, "best": best, "warnings": self.warnings,
+                })
+                if stop or epoch == n_epochs or time.monotonic() - written_at >= METRICS_INTERVAL_S:
+                    self._write_metrics(history)
+                    written_at = time.monotonic()
+                log.info("stage %s epoch %d: %s", stages[p], epoch - 1, json.dumps(_printable(row)))
+                if self.progress:
+                    tqdm.write(_epoch_line(row))
+                if stop:
+                    log.info("early stopping stage %s after epoch %d", stages[p], epoch - 1)
+                    break
+            start_epoch = 0
+        summary = {
+            "best_epoch": best["epoch"],
+            "best_validation": best["val"],
+            "epochs_run": len(history),
+            "skipped": skipped,
+            "warnings": self.warnings,
+            "model": _describe(model, train.in_dim, config),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return TrainResult(self.run_dir, best["epoch"], best["val"], history, skipped, self.warnings)
+
+    def _train_epoch(self, model, train: FeatureBags, stage_no: int, stage: str, epoch: int, optimizer,
+                     class_weight: torch.Tensor | None, classes: list[str]) -> dict:
+        """One pass over the training bags, one optimizer step per bag (as CLAM)."""
+        config = self.config
+        stream = epoch + 1000 * stage_no  # the (stage, epoch) pair every random draw of this epoch derives from
+        torch.manual_seed(config.seed * 1_000_003 + stage_no * 10_007 + epoch)  # dropout, models' own sampling
+        model.train()
+        order = epoch_order(len(train), config.seed, stream)
+        start = time.perf_counter()
+        losses, probabilities = [], np.zeros((len(train), len(classes)))
+        bar = tqdm(order, desc=f"{stage} epoch {epoch}", unit="slide", leave=False, disable=not self.progress)
+        for index in bar:
+            bag = train.get(index)
+            features = _subsample(bag.features, config.max_instances,
+                                  sample_generator(config.seed + 1, stream, index)).to(self.device)
+            label = torch.tensor([bag.label], device=self.device)
+            output = model(features)
+            loss = model.loss(output, label, features)
+            if class_weight is not None:
+                loss = loss * class_weight[bag.label]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            probabilities[index] = torch.softmax(output.logits.detach(), 1)[0].cpu().numpy()
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+        metrics = classification_metrics(probabilities, np.array(train.labels), classes)
+        return {
+            "phase": stage_no, "stage": stage, "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "train_accuracy": metrics["accuracy"],
+            "train_balanced_accuracy": metrics["balanced_accuracy"],
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _save(self, model, path: Path, signature: dict, classes=None, extra: dict | None = None) -> None:
+        save_checkpoint({
+            "model": model.state_dict(), "signature": signature, "classes": self.classes, "in_dim": self.in_dim,
+            "config": asdict(self.config), **(extra or {}),
+        }, path)
+
+
+def _first_reason(skipped: dict[str, str]) -> str:
+    if not skipped:
+        return "the split is empty"
+    slide_id, reason = next(iter(skipped.items()))
+    more = f"; {len(skipped) - 1} more skipped" if len(skipped) > 1 else ""
+    return f"{slide_id}: {reason}{more}"
+
+
+def train_baseline(config: BaselineConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train a MIL baseline from a configuration (see :class:`BaselineTrainer`)."""
+    return BaselineTrainer(config, progress=progress, resume=resume).run()
+
+
+def load_baseline_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[BaselineConfig, torch.nn.Module, dict]:
+    """The config, the model with the chosen checkpoint's weights (in its predicting stage), and the checkpoint."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml", cls=BaselineConfig)
+    meta = json.loads((run_dir / "model.json").read_text())
+    path = run_dir / f"checkpoint_{checkpoint}.pt"
+    if not path.exists() and checkpoint == "best":  # interrupted before the last stage: only `last` exists
+        path = run_dir / "checkpoint_last.pt"
+    state = load_checkpoint(path, expected_signature=baseline_signature(config.model, meta["classes"],
+                                                                        meta["in_dim"]))
+    model = build_mil_model(config.model, len(meta["classes"]), in_dim=meta["in_dim"])
+    model.load_state_dict(state["model"])
+    model.set_stage(model.training_stages[state.get("stage", len(model.training_stages) - 1)])
+    model.eval()
+    return config, model, state
+
+
+def evaluate_baseline_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = "best",
+                          progress: bool = True) -> dict:
+    """Evaluate a baseline run on one split; the same files as the main method's ``evaluate_run`` plus attention.
+
+    Writes ``metrics_<split>.json``, ``predictions_<split>.csv``, ``roc_<split>.png`` and, for models with
+    tile attention, ``attention_<split>/<slide_id>.csv`` (level-0 x, y of each tile and its attention) for
+    heatmaps; returns the metrics.
+    """
+    if split not in SPLITS:
+        raise WsilocalError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    run_dir = Path(run_dir)
+    config, model, state = load_baseline_run(run_dir, checkpoint)
+    classes = list(state["classes"])
+    cohort = load_cohort(config.cohort, classes=classes, check_files=False, allow_outside=config.allow_outside_paths)
+    if not cohort.split(split):
+        raise WsilocalError(f"{config.cohort}: split {split!r} has no slides")
+    bags = load_bags(cohort, split, config.features, in_dim=state["in_dim"])
+    if not len(bags):
+        raise WsilocalError(f"{config.features}: no slide of split {split!r} has usable features "
+                            f"({_first_reason(bags.skipped)})")
+    device = resolve_device(config.device)
+    evaluation = predict_bags(model.to(device), bags, device, progress=progress, desc=f"evaluate {split}",
+                              keep_attention=True)
+    metrics = classification_metrics(evaluation["probabilities"], evaluation["labels"], classes)
+    metrics.update(loss=evaluation["loss"], split=split, checkpoint=checkpoint, skipped=bags.skipped)
+    (run_dir / f"metrics_{split}.json").write_text(json.dumps(metrics, indent=1))
+    with open(run_dir / f"predictions_{split}.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["slide_id", "label", "predicted", *[f"p_{c}" for c in classes]])
+        for slide_id, label, probs in zip(bags.slide_ids, bags.labels, evaluation["probabilities"], strict=True):
+            writer.writerow([slide_id, classes[label], classes[int(probs.argmax())], *[f"{p:.6f}" for p in probs]])
+    plot_roc_curves(evaluation["probabilities"], evaluation["labels"], classes, run_dir / f"roc_{split}.png",
+                    title=f"ROC on the {split} split ({len(bags)} slides)")
+    if evaluation["attention"]:
+        folder = run_dir / f"attention_{split}"
+        folder.mkdir(exist_ok=True)
+        for slide_id, coords, attention in evaluation["attention"]:
+            write_attention_csv(folder / f"{slide_id}.csv", coords, attention)
+    return metrics
+
+
+def write_attention_csv(path: str | Path, coords: np.ndarray, attention: np.ndarray) -> None:
+    """One row per tile: level-0 x, y of its top-left corner and its attention score."""
+    if len(coords) != len(attention):
+        raise WsilocalError(f"{path}: {len(coords)} tile coordinates but {len(attention)} attention values")
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["x", "y", "attention"])
+        for (x, y), a in zip(coords.tolist(), attention.tolist(), strict=True):
+            writer.writerow([int(x), int(y), f"{a:.6g}"])
