@@ -18,6 +18,17 @@ from torch import nn
 AUX_KERNEL = {64: 9, 128: 7, 256: 5, 512: 3}
 
 
+def slide_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                        class_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of one slide's logits (1, n), scaled by its class's weight when given.
+
+    ``F.cross_entropy(weight=...)`` divides by the weights of the batch, which for a batch of one slide
+    cancels the weight exactly; multiplying instead makes class weights act across accumulated slides.
+    """
+    loss = F.cross_entropy(logits, target)
+    return loss if class_weight is None else loss * class_weight[target].mean()
+
+
 def aux_kernel_size(channels: int) -> int:
     """Kernel size and stride of the auxiliary classifier's convolution for a ``channels``-channel map."""
     if channels not in AUX_KERNEL:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsilocal.errors import ConfigError
-from wsilocal.models.heads import AuxiliaryClassifier, FinalClassifier
+from wsilocal.models.heads import AuxiliaryClassifier, FinalClassifier, slide_cross_entropy
 from wsilocal.models.resnet import ResNet34Trunk
 from wsilocal.models.rfr import RandomFeatureReconstruction, rfr_patch_size
 from wsilocal.models.split import (
@@ -46,7 +46,7 @@ class AuxiliaryModel(nn.Module):
         Returns ``{"cls", "rfr", "total", "logits"}``; ``rfr`` is 0 without an RFR unit.
         """
         logits, _ = self.classifier(x_out)
-        cls = F.cross_entropy(logits, y, weight=class_weight)
+        cls = slide_cross_entropy(logits, y, class_weight)
         rfr = self.rfr(x_in, x_out, generator) if self.rfr is not None else cls.new_zeros(())
         return {"cls": cls, "rfr": rfr, "total": cls + self.alpha * rfr, "logits": logits}
 
