@@ -1,11 +1,14 @@
 """The ``wsilocal`` command. It only parses arguments and calls the library.
 
-Every :class:`~wsilocal.errors.WsilocalError` becomes one line ``error: ...`` on stderr and exit code 2.
+Every :class:`~wsilocal.errors.WsilocalError` (and an ``OSError`` such as a full disk) becomes one line
+``error: ...`` on stderr and exit code 2; an unexpected exception becomes one line and exit code 1 (its
+traceback is shown with ``WSILOCAL_TRACEBACK=1``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,10 +26,11 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from wsilocal.slide.synth import synthesize_cohort
+    from wsilocal.slide.synth import SynthParams, synthesize_cohort
 
     csv_path = synthesize_cohort(args.out, classes=args.classes, slides_per_class=args.slides_per_class,
-                                 size=args.size, seed=args.seed, workers=args.workers)
+                                 size=args.size, seed=args.seed, workers=args.workers,
+                                 params=SynthParams(task=args.task))
     print(f"wrote synthetic cohort {csv_path}")
     return 0
 
@@ -105,6 +109,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from wsilocal.infer.predict import Predictor, cohort_slides, format_run, named_slides, predict_slides
+
+    if bool(args.slides) == bool(args.cohort):
+        raise WsilocalError("give slide files or --cohort CSV (not both)")
+    if args.split and not args.cohort:
+        raise WsilocalError("--split selects slides of a --cohort CSV")
+    budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
+    predictor = Predictor.from_run(args.run, args.checkpoint, device=args.device, memory_budget=budget,
+                                   tile=args.tile, assume_mpp=args.assume_mpp)
+    slides = cohort_slides(args.cohort, predictor.classes, args.split) if args.cohort else named_slides(args.slides)
+    run = predict_slides(predictor, slides, args.out, heatmap=args.heatmap)
+    print(format_run(run))
+    return 1 if run.skipped else 0
+
+
 def cmd_baseline(args: argparse.Namespace) -> int:
     from wsilocal.config import config_from_dict, load_config, overrides_from_args
     from wsilocal.train.baseline import BaselineConfig, train_baseline
@@ -147,9 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic H&E-like cohort of pyramidal slides")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--classes", type=int, default=3)
+    p.add_argument("--task", choices=["morphology", "context"], default="morphology",
+                   help="class = arrangement of tumour nuclei (morphology), or near/far tumour–follicle (context)")
+    p.add_argument("--classes", type=int, help="number of classes, morphology task (default 3)")
     p.add_argument("--slides-per-class", type=int, default=10)
-    p.add_argument("--size", type=_size, default=(8192, 8192), help="level-0 size WIDTHxHEIGHT at 0.25 µm/px")
+    p.add_argument("--size", type=_size, help="level-0 size WIDTHxHEIGHT at 0.25 µm/px "
+                   "(default 8192x8192; context task 28800x12800)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=cmd_synth)
@@ -198,6 +221,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("predict", help="predict slide files with a trained run (CSV, optional attention heatmaps)")
+    p.add_argument("slides", nargs="*", metavar="SLIDE", help="slide files (id = file name without extension)")
+    p.add_argument("--run", required=True, help="run directory of `wsilocal train`")
+    p.add_argument("--cohort", help="cohort CSV whose slides to predict (instead of SLIDE files)")
+    p.add_argument("--split", choices=["train", "val", "test"], help="only this split of --cohort (default: all)")
+    p.add_argument("--out", required=True, help="folder for predictions.csv, skipped.csv and heatmaps")
+    p.add_argument("--heatmap", action="store_true", help="also write attention heatmap PNG, maps and GeoJSON")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--memory-budget-gb", type=float,
+                   help="GiB a whole-slide forward may use; larger slides run in exact tiles "
+                        "(default: half the available RAM / 80%% of free GPU memory)")
+    p.add_argument("--tile", type=int, default=1536, help="tile edge in px at the run's MPP, tiled mode (default 1536)")
+    p.add_argument("--assume-mpp", type=float, help="µm/px of slides without resolution metadata")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.set_defaults(func=cmd_predict)
+
+    from wsilocal.models.mil import MIL_MODELS
+    from wsilocal.train.baseline import BaselineConfig
+
+    # conflict_handler="resolve": the --model added last (with choices) replaces the config field's plain one
     p = sub.add_parser("baseline", help="train a tile-feature MIL baseline (ABMIL, CLAM, ...) on `features` output",
                        conflict_handler="resolve")
     p.add_argument("config", nargs="?", help="YAML config; every key can be overridden with --key value")
@@ -226,15 +269,33 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to start this same command again (train --devices)
     tune_cpu_allocator()
     try:
         return args.func(args)
     except WsilocalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if getattr(exc, "reported_by_rank0", False):  # distributed training: rank 0 prints it for every rank
+            return 2
+        return _fail(str(exc), 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # an output the library does not guard itself: disk full, read-only folder, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}", 2)
+    except MemoryError:
+        return _fail("out of memory (try a coarser --mpp, more modules --k 8, or a smaller --max-pixels)", 2)
+    except Exception as exc:  # a bug: still one line, the traceback only on request
+        if os.environ.get("WSILOCAL_TRACEBACK"):
+            raise
+        return _fail(f"internal error {type(exc).__name__}: {exc} (please report it; "
+                     "set WSILOCAL_TRACEBACK=1 to see the traceback)", 1)
+
+
+def _fail(message: str, code: int) -> int:
+    """Print ``error: message`` as exactly one line on stderr; return the exit code."""
+    print("error: " + " ".join(line.strip() for line in message.splitlines()), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

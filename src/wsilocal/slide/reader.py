@@ -32,6 +32,10 @@ from wsilocal.errors import ConfigError, SlideError
 LEVEL_TOLERANCE = 0.01
 #: Source bytes per band when resizing: bounds memory for very wide slides (plus the output itself).
 BAND_BYTES = 32 * 2**20
+#: Decompression-bomb guard: a TIFF strip or tile larger than this when decoded is refused at open.
+MAX_CHUNK_BYTES = 256 * 2**20
+#: Default pixel limit of a read (output, or pixels decoded to make it): larger reads are refused, not attempted.
+DEFAULT_MAX_PIXELS = 40_000 * 40_000
 
 _TIFF_MAGICS = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic TIFF and BigTIFF, both byte orders
 # What the backends raise on unreadable data: OpenSlide errors, imagecodecs decode errors
@@ -179,6 +183,19 @@ def level_for_mpp(slide: Slide, mpp: float) -> int:
     return _level_for_downsample(slide, mpp / slide.mpp)
 
 
+def source_pixels(slide: Slide, downsample: float, region: tuple[int, int, int, int] | None = None) -> int:
+    """How many pixels of the pyramid level chosen for ``downsample`` a read of ``region`` decodes.
+
+    ``region`` is (x, y, width, height) in level-0 pixels, the whole slide when None. For a slide without a
+    level near the target (a flat TIFF) this is the level-0 area: the figure to check against a pixel limit
+    *before* reading, because decoding, not the output, is what costs time (and memory for huge strips).
+    """
+    level = _level_for_downsample(slide, downsample)
+    level_downsample = slide.level_downsamples[level]
+    _, _, width, height = region or (0, 0, *slide.level_dimensions[0])
+    return math.ceil(width / level_downsample) * math.ceil(height / level_downsample)
+
+
 def size_at_mpp(width: int, height: int, slide_mpp: float, mpp: float) -> tuple[int, int]:
     """(width, height) in pixels at ``mpp`` of a level-0 region of ``width``×``height`` at ``slide_mpp``."""
     scale = slide_mpp / mpp
@@ -193,6 +210,7 @@ def read_region_at_mpp(
     out: np.ndarray | None = None,
     tile: int = 2048,
     progress: ProgressCallback | None = None,
+    window: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
     """Read ``region`` of the slide resampled to ``mpp`` microns per pixel.
 
@@ -205,6 +223,9 @@ def read_region_at_mpp(
             when None. ``out_width = round(width * slide.mpp / mpp)``, likewise the height.
         tile: edge of the tiles read from the slide, in pixels of the level read.
         progress: called as ``progress(rows_done, rows_total)`` after each band of output rows.
+        window: (top, left, height, width) in output pixels: return only this window of the whole
+            output, bit-identical to ``whole[top:top+height, left:left+width]``, reading only the
+            source pixels it needs (``out`` then has the window's shape). None for the whole output.
 
     Returns:
         ``out``, filled. Peak memory is the output plus about one band of source rows.
@@ -213,7 +234,7 @@ def read_region_at_mpp(
         raise ValueError(f"target mpp must be positive, got {mpp}")
     region = region or (0, 0, *slide.level_dimensions[0])
     out_size = size_at_mpp(region[2], region[3], slide.mpp, mpp)
-    return _resample(slide, region, out_size, level_for_mpp(slide, mpp), out, tile, progress)
+    return _resample(slide, region, out_size, level_for_mpp(slide, mpp), out, tile, progress, window)
 
 
 def read_region_downsampled(
@@ -254,44 +275,53 @@ def _resample(
     out: np.ndarray | None,
     tile: int,
     progress: ProgressCallback | None,
+    window: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
     """Resize ``region`` (level-0 px) of ``level`` to ``out_size`` (w, h), band by band into ``out``.
 
-    Each band of output rows is computed from exactly the source rows it covers (plus a margin),
-    with the same filter weights a whole-region resize would use, so the bands stitch without seams.
+    With ``window`` (top, left, height, width), only that part of the output is computed. The filter
+    taps of every output pixel are computed in one frame anchored at the whole region's first source
+    pixel, whatever band or window is being read, so bands and windows stitch bit-identically.
     """
     x, y, width, height = region
     if width <= 0 or height <= 0:
         raise ValueError(f"region size must be positive, got {width}x{height}")
     out_w, out_h = out_size
+    top, left, win_h, win_w = window or (0, 0, out_h, out_w)
+    if win_h <= 0 or win_w <= 0 or top < 0 or left < 0 or top + win_h > out_h or left + win_w > out_w:
+        raise ValueError(f"window {window} (top, left, height, width) is not inside the {out_h}x{out_w} output")
     if out is None:
-        out = np.empty((out_h, out_w, 3), np.uint8)
-    elif out.shape != (out_h, out_w, 3) or out.dtype != np.uint8:
-        raise ValueError(f"out must be uint8 of shape {(out_h, out_w, 3)}, got {out.dtype} {out.shape}")
+        out = np.empty((win_h, win_w, 3), np.uint8)
+    elif out.shape != (win_h, win_w, 3) or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8 of shape {(win_h, win_w, 3)}, got {out.dtype} {out.shape}")
 
     # The region in (fractional) pixels of the level read, and source pixels per output pixel.
     downsample = slide.level_downsamples[level]
     src_x, src_y = x / downsample, y / downsample
     step_x, step_y = width / downsample / out_w, height / downsample / out_h
-    margin = 2  # source pixels read beyond the region: room for the interpolation taps when enlarging
+    margin = 2  # source pixels beyond the region in the frame: room for the interpolation taps when enlarging
+    col_origin, row_origin = math.floor(src_x) - margin, math.floor(src_y) - margin
+    frame_cols = math.ceil(src_x + out_w * step_x) + margin - col_origin
+    frame_rows = math.ceil(src_y + out_h * step_y) + margin - row_origin
 
-    col0 = math.floor(src_x) - margin
-    cols = math.ceil(src_x + out_w * step_x) + margin - col0
-    col_index, col_weight = _filter_taps(src_x - col0, step_x, np.arange(out_w), cols)
+    col_index, col_weight = _filter_taps(src_x - col_origin, step_x, np.arange(left, left + win_w), frame_cols)
+    col0 = int(col_index.min())  # read only the source columns this window's taps touch
+    cols = int(col_index.max()) + 1 - col0
+    col_index = col_index - col0
     rows_per_band = max(64, min(tile, BAND_BYTES // (3 * cols)))  # source rows read per band
     out_rows_per_band = max(1, math.floor(rows_per_band / step_y))
-    for r0 in range(0, out_h, out_rows_per_band):
-        r1 = min(r0 + out_rows_per_band, out_h)
-        row0 = math.floor(src_y + r0 * step_y) - margin
-        rows = math.ceil(src_y + r1 * step_y) + margin - row0
-        band = _read_band(slide, level, col0, row0, rows, cols, tile)
-        row_index, row_weight = _filter_taps(src_y - row0, step_y, np.arange(r0, r1), rows)
+    for r0 in range(top, top + win_h, out_rows_per_band):
+        r1 = min(r0 + out_rows_per_band, top + win_h)
+        row_index, row_weight = _filter_taps(src_y - row_origin, step_y, np.arange(r0, r1), frame_rows)
+        row0 = int(row_index.min())
+        band = _read_band(slide, level, col_origin + col0, row_origin + row0,
+                          int(row_index.max()) + 1 - row0, cols, tile)
         # Separable: resample the columns of the band, then its rows.
         narrow = _apply_taps(band, col_index, col_weight, axis=1)
-        rows_done = _apply_taps(narrow, row_index, row_weight, axis=0)
-        out[r0:r1] = np.clip(rows_done + 0.5, 0, 255).astype(np.uint8)
+        rows_done = _apply_taps(narrow, row_index - row0, row_weight, axis=0)
+        out[r0 - top : r1 - top] = np.clip(rows_done + 0.5, 0, 255).astype(np.uint8)
         if progress is not None:
-            progress(r1, out_h)
+            progress(r1 - top, win_h)
     return out
 
 
@@ -374,24 +404,37 @@ def _open_with_tiffslide(path: Path, assume_mpp: float | None, failures: list[st
             failures.append(f"tiffslide: {_describe(error)}")
             return None
         try:
-            problem = logged[0] if logged else _missing_tile_data(path)
+            problem = f"truncated or corrupt: {logged[0]}" if logged else _page_problem(path)
         except _READ_ERRORS as error:
-            problem = _describe(error)
+            problem = f"truncated or corrupt: {_describe(error)}"
     if problem:
         slide.close()
-        raise SlideError(path, f"truncated or corrupt: {problem}")
+        raise SlideError(path, problem)
     return slide
 
 
-def _missing_tile_data(path: Path) -> str | None:
-    """Describe the first TIFF page whose image data runs past the end of the file, if any."""
+def _page_problem(path: Path) -> str | None:
+    """The first TIFF page whose data runs past the end of the file, or that is a decompression bomb.
+
+    tiffslide decodes a whole strip or tile to read any pixel of it: a page stored as one huge compressed
+    strip (a few kB of file can hold gigabytes of pixels) is refused before anything is decoded.
+    """
     size = path.stat().st_size
     with tifffile.TiffFile(path) as tif:
         for index, page in enumerate(tif.pages):
             ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True) if n]
             if ends and max(ends) > size:
-                return (f"image data of page {index} ends at byte {max(ends)}, "
+                return (f"truncated or corrupt: image data of page {index} ends at byte {max(ends)}, "
                         f"past the end of the file ({size} bytes)")
+            rows, cols = ((page.tilelength, page.tilewidth) if page.is_tiled
+                          else (min(page.rowsperstrip or page.imagelength, page.imagelength), page.imagewidth))
+            chunk = rows * cols * page.samplesperpixel * max(page.bitspersample, 8) // 8
+            if chunk > MAX_CHUNK_BYTES:
+                kind = "tile" if page.is_tiled else "strip"
+                return (f"refused (decompression-bomb guard): page {index} ({page.imagewidth}x{page.imagelength} "
+                        f"px) is stored in {kind}s of {cols}x{rows} px, {chunk / 2**20:,.0f} MiB each to decode "
+                        f"(limit {MAX_CHUNK_BYTES / 2**20:.0f} MiB); convert it to a tiled pyramid, e.g. with "
+                        "`vips tiffsave --tile --pyramid`")
     return None
 
 

@@ -1,0 +1,391 @@
+"""``wsilocal predict``: class probabilities (and attention maps) of whole slides, straight from their files.
+
+Inference uses what the method keeps at test time (DESIGN.md §1): the trunk and the final classifier H; the
+auxiliary models are neither built nor loaded. A slide is opened, its tissue found as ``wsilocal prepare``
+finds it (same overview resolution, margin and size limit), and the tissue box is streamed at the run's
+resolution through the trunk — the whole image at once when that fits the memory budget, in exact
+overlapping tiles otherwise (:func:`wsilocal.infer.tiled.trunk_forward`). No cache is written, and the
+pixels are those the cache would hold, so a prediction equals what ``wsilocal evaluate`` computes.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import ctypes.util
+import gc
+import json
+import math
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from wsilocal.config import load_config
+from wsilocal.errors import CheckpointError, ConfigError, SlideError, WsilocalError
+from wsilocal.infer.heatmap import save_heatmap
+from wsilocal.infer.source import SlideSource
+from wsilocal.infer.tiled import footprint, trunk_forward, trunk_geometry
+from wsilocal.models.heads import FinalClassifier
+from wsilocal.models.resnet import LAYER_CHANNELS, ResNet34Trunk
+from wsilocal.slide.cache import PrepareSettings
+from wsilocal.slide.cohort import load_cohort
+from wsilocal.slide.reader import open_slide, size_at_mpp
+from wsilocal.slide.tissue import detect_tissue
+from wsilocal.train.checkpoint import load_checkpoint
+from wsilocal.train.trainer import model_signature, resolve_device
+
+CPU_BUDGET_SHARE = 0.5  # of the RAM available when the predictor is made (the rest: OS, slide reader, other jobs)
+GPU_BUDGET_SHARE = 0.8  # of the free GPU memory
+
+
+@dataclass(frozen=True, eq=False)
+class Prediction:
+    """The prediction for one slide.
+
+    Attributes:
+        slide: the slide file.
+        predicted: the most probable class.
+        probabilities: class name → probability (the run's class order).
+        seconds: wall time of the whole prediction (open, tissue detection, reading, forward).
+        peak_memory_bytes: peak resident memory added by this prediction (CPU), or peak CUDA memory allocated
+            beyond what was allocated before it (GPU).
+        mode: ``"whole"`` (one forward over the whole tissue image) or ``"tiled"`` (exact tiles).
+        feature_shape: (h, w) of the trunk's final map, one attention weight per cell.
+        bbox: the tissue box (x, y, width, height) in level-0 pixels.
+        mpp: the resolution the tissue box was read at (the run's).
+        cell_origin: level-0 (x, y) of the top-left corner of map cell (0, 0).
+        cell_size: level-0 (width, height) of one map cell. Cell (i, j) covers
+            ``x ∈ [x0 + j·w, x0 + (j+1)·w)``, ``y ∈ [y0 + i·h, y0 + (i+1)·h)``: a square centred on its
+            receptive field, so cell (0, 0) starts about half a cell before the tissue box. The heatmap files
+            cut or extend the outer rows and columns to the box's edges
+            (:func:`~wsilocal.infer.heatmap.cell_edges`).
+        attention: H's attention map (h, w), summing to 1 (only with ``heatmap=True``).
+        evidence: per-class evidence maps (n_classes, h, w): ``attention × softmax(H's classifier(feature))``
+            at each cell (only with ``heatmap=True``; see :func:`class_evidence`).
+    """
+
+    slide: str
+    predicted: str
+    probabilities: dict[str, float]
+    seconds: float
+    peak_memory_bytes: int
+    mode: str
+    feature_shape: tuple[int, int]
+    bbox: tuple[int, int, int, int]
+    mpp: float
+    cell_origin: tuple[float, float]
+    cell_size: tuple[float, float]
+    attention: np.ndarray | None = None
+    evidence: np.ndarray | None = None
+
+
+@torch.no_grad()
+def class_evidence(head: FinalClassifier, features: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """Per-class evidence of each map cell: ``attention_i × softmax(classifier(h_i))_c``, shape (n, h, w).
+
+    H's attention is class-agnostic (one weight per cell), and its classifier is an MLP applied to the
+    attention-weighted mean feature, so a cell's contribution to a class logit is not separable. Instead each
+    cell's own feature ``h_i`` is classified by the same MLP and its class probabilities are weighted by the
+    cell's attention: summed over cells, evidence shows *where* the attended tissue looks like each class.
+    """
+    height, width = features.shape[2:]
+    instances = features.flatten(2)[0].t()  # (h·w, C)
+    per_cell = torch.softmax(head.classifier(instances), dim=1)  # (h·w, n_classes)
+    return (attention.reshape(-1, 1) * per_cell).t().reshape(-1, height, width)
+
+
+def _receptive_grid(trunk: ResNet34Trunk) -> tuple[int, float]:
+    """Total stride of the trunk and the image x of output 0's receptive-field centre (pixel edges at integers)."""
+    stride, first, last = footprint(trunk_geometry(trunk))
+    return stride, (first + last) / 2 + 0.5  # + 0.5: from a pixel's index to its centre
+
+
+class _PeakMemory:
+    """Measures the peak memory a block of code adds: resident set size on CPU, CUDA allocations on GPU.
+
+    On CPU, freed heap memory is first handed back to the OS (``malloc_trim``) and the kernel's high-water mark
+    reset (``/proc/self/clear_refs``), so the figure is this block's own peak even when an earlier slide was
+    larger. Where the mark cannot be reset, it is the process peak minus the RSS at the start (an upper bound).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bytes = 0
+
+    def __enter__(self) -> _PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            _trim_heap()
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+            self._start = _rss_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.device.type == "cuda":
+            self.bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
+        else:
+            self.bytes = max(0, _rss_bytes("VmHWM") - self._start)
+
+
+def _rss_bytes(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from /proc; ru_maxrss where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc only; the CLI's allocator tuning otherwise keeps it)."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes a whole-image forward may use: a share of the free GPU memory, or of the available RAM."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * GPU_BUDGET_SHARE)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(int(line.split()[1]) * 1024 * CPU_BUDGET_SHARE)
+    except OSError:
+        pass
+    return 4 * 2**30  # no /proc: a conservative guess; larger slides run tiled, which is exact anyway
+
+
+def _load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
+    """Load the ``prefix``-keys of a LocalNet state dict into ``module``; every key of it must be there."""
+    part = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    expected = module.state_dict()
+    missing = [prefix + k for k in expected if k not in part]
+    unexpected = [prefix + k for k in part if k not in expected]
+    mismatched = [f"{prefix}{k} {tuple(part[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                  if k in part and part[k].shape != v.shape]
+    problems = [f"{label} {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''} ({len(keys)} keys)"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+                if keys]
+    if problems:
+        raise CheckpointError(f"{path}: does not fit the model: {'; '.join(problems)}")
+    module.load_state_dict(part)
+
+
+class Predictor:
+    """Trunk + final classifier H of a trained run, applied to slide files. Make one with :meth:`from_run`."""
+
+    def __init__(self, trunk: ResNet34Trunk, head: FinalClassifier, classes: Sequence[str], mean: Sequence[float],
+                 std: Sequence[float], settings: PrepareSettings, *, device: torch.device,
+                 memory_budget: int | None = None, tile: int = 1536):
+        self.device = device
+        self.trunk = trunk.to(device).eval()
+        self.head = head.to(device).eval()
+        self.classes = list(classes)
+        self.mean, self.std = list(mean), list(std)
+        self.settings = settings
+        self.memory_budget = memory_budget if memory_budget is not None else default_memory_budget(device)
+        self.tile = tile
+        self.stride, self.centre = _receptive_grid(trunk)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, checkpoint: str = "best", *, device: str = "auto",
+                 memory_budget: int | None = None, tile: int = 1536, assume_mpp: float | None = None) -> Predictor:
+        """Load a run directory's trunk and classifier H (``checkpoint_best.pt``, else ``_last``).
+
+        Args:
+            run_dir: a training run (``config.yaml``, ``model.json``, checkpoints).
+            checkpoint: ``"best"`` (falls back to ``"last"`` when a run has no best yet) or ``"last"``.
+            device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...
+            memory_budget: bytes a whole-image forward may take; larger slides run tiled. Default: half the
+                available RAM, or 80 % of the free GPU memory.
+            tile: edge of the tiles in tiled mode, in pixels at the run's MPP.
+            assume_mpp: µm/px for slides without resolution metadata (default: the run's ``assume_mpp``).
+        """
+        run_dir = Path(run_dir)
+        if checkpoint not in ("best", "last"):
+            raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+        if not (run_dir / "config.yaml").is_file() or not (run_dir / "model.json").is_file():
+            raise WsilocalError(f"{run_dir}: not a run directory (needs config.yaml and model.json)")
+        if assume_mpp is not None and not (math.isfinite(assume_mpp) and assume_mpp > 0):
+            raise ConfigError(f"--assume-mpp must be a positive number of microns per pixel, got {assume_mpp}")
+        if memory_budget is not None and memory_budget <= 0:
+            raise ConfigError(f"memory budget must be positive, got {memory_budget} bytes")
+        if tile < 1:
+            raise ConfigError(f"tile must be a positive number of pixels, got {tile}")
+        config = load_config(run_dir / "config.yaml")
+        try:
+            meta = json.loads((run_dir / "model.json").read_text())
+            classes, mean, std = meta["classes"], meta["mean"], meta["std"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise WsilocalError(f"{run_dir / 'model.json'}: unreadable run metadata ({exc})") from None
+        path = run_dir / f"checkpoint_{checkpoint}.pt"
+        if not path.exists() and checkpoint == "best":
+            path = run_dir / "checkpoint_last.pt"
+        state = load_checkpoint(path, expected_signature=model_signature(config, classes))
+        trunk = ResNet34Trunk(config.conv1_stride, config.fold_bn)
+        head = FinalClassifier(LAYER_CHANNELS[-1], len(classes))
+        _load_part(trunk, state["model"], "trunk.", path)
+        _load_part(head, state["model"], "head.", path)
+        settings = PrepareSettings(mpp=config.mpp, max_pixels=config.max_pixels,
+                                   assume_mpp=assume_mpp if assume_mpp is not None else config.assume_mpp)
+        return cls(trunk, head, classes, mean, std, settings, device=resolve_device(device),
+                   memory_budget=memory_budget, tile=tile)
+
+    def predict(self, slide_path: str | Path, *, heatmap: bool = False, progress: bool = False) -> Prediction:
+        """Predict one slide; with ``heatmap=True`` also keep its attention and per-class evidence maps.
+
+        Raises:
+            SlideError: the file is missing or unreadable, has no MPP (and none is assumed), shows no tissue,
+                its tissue is larger than the run's ``max_pixels``, or memory ran out.
+        """
+        path = Path(slide_path)
+        settings = self.settings
+        start = time.perf_counter()
+        peak = _PeakMemory(self.device)
+        with peak, open_slide(path, assume_mpp=settings.assume_mpp) as slide:
+            slide_mpp = slide.mpp  # a clear SlideError when the file has no MPP and none is assumed
+            bbox = detect_tissue(slide, mask_mpp=settings.mask_mpp, margin=settings.margin).bbox
+            out_w, out_h = size_at_mpp(bbox[2], bbox[3], slide_mpp, settings.mpp)
+            if out_w * out_h > settings.max_pixels:
+                raise SlideError(path, f"tissue region at {settings.mpp} µm/px is {out_w}×{out_h} px, above the "
+                                       f"run's max_pixels ({settings.max_pixels:,})")
+            source = SlideSource(slide, settings.mpp, bbox, self.mean, self.std)
+            try:
+                with torch.no_grad():
+                    features, mode = trunk_forward(self.trunk, source, memory_budget=self.memory_budget,
+                                                   tile=self.tile, progress=progress)
+                    features = features.to(self.device)
+                    logits, attention = self.head(features)
+                    probabilities = torch.softmax(logits, dim=1)[0].cpu().numpy()
+                    evidence = class_evidence(self.head, features, attention).cpu().numpy() if heatmap else None
+            except (RuntimeError, MemoryError) as exc:
+                if "memory" not in str(exc).lower():
+                    raise
+                raise SlideError(path, f"out of memory on the {out_w}×{out_h} px tissue image; lower "
+                                       "--memory-budget-gb so it runs in tiles") from None
+        # The image is out_w × out_h pixels of bbox_w / out_w level-0 px each; a map cell is `stride` of them.
+        scale = (bbox[2] / out_w, bbox[3] / out_h)
+        origin = tuple(float(b + (self.centre - self.stride / 2) * s) for b, s in zip(bbox[:2], scale, strict=True))
+        return Prediction(
+            slide=str(path),
+            predicted=self.classes[int(probabilities.argmax())],
+            probabilities={name: float(p) for name, p in zip(self.classes, probabilities, strict=True)},
+            seconds=time.perf_counter() - start,
+            peak_memory_bytes=peak.bytes,
+            mode=mode,
+            feature_shape=(int(features.shape[2]), int(features.shape[3])),
+            bbox=tuple(int(v) for v in bbox),
+            mpp=settings.mpp,
+            cell_origin=origin,
+            cell_size=(self.stride * scale[0], self.stride * scale[1]),
+            attention=attention.cpu().numpy() if heatmap else None,
+            evidence=evidence,
+        )
+
+
+@dataclass
+class PredictionRun:
+    """What :func:`predict_slides` did: predictions and skipped slides (slide id → reason) by slide id."""
+
+    predictions: dict[str, Prediction]
+    skipped: dict[str, str]
+    paths: dict[str, str]  # slide id → slide file, for every slide asked for
+    predictions_csv: Path
+    skipped_csv: Path
+
+
+def predict_slides(predictor: Predictor, slides: Sequence[tuple[str, str | Path]], out_dir: str | Path, *,
+                   heatmap: bool = False, progress: bool = True) -> PredictionRun:
+    """Predict many slides; a slide that fails is reported and skipped, the others finish.
+
+    Writes ``OUT/predictions.csv`` (``slide_id, path, predicted, p_<class>…, seconds, peak_memory_mb, mode``;
+    rows are written as slides finish), ``OUT/skipped.csv`` (``slide_id, path, reason``; header only when
+    none failed) and, with ``heatmap=True``, each slide's heatmap files (:func:`~wsilocal.infer.heatmap.save_heatmap`).
+    """
+    ids = [slide_id for slide_id, _ in slides]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise WsilocalError(f"duplicate slide id(s): {', '.join(duplicates)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = PredictionRun({}, {}, {slide_id: str(path) for slide_id, path in slides},
+                        out / "predictions.csv", out / "skipped.csv")
+    with open(run.predictions_csv, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["slide_id", "path", "predicted", *[f"p_{c}" for c in predictor.classes], "seconds",
+                         "peak_memory_mb", "mode"])
+        for slide_id, path in tqdm(slides, desc="predict", unit="slide", disable=not progress):
+            try:
+                prediction = predictor.predict(path, heatmap=heatmap, progress=progress)
+                if heatmap:
+                    save_heatmap(prediction, path, out, slide_id=slide_id)
+            except WsilocalError as exc:
+                run.skipped[slide_id] = str(exc)
+                continue
+            except (OSError, ValueError, RuntimeError, MemoryError) as exc:  # disk full, data the reader missed
+                run.skipped[slide_id] = f"{path}: {type(exc).__name__}: {exc}"
+                continue
+            run.predictions[slide_id] = prediction
+            writer.writerow([slide_id, str(path), prediction.predicted,
+                             *[f"{p:.6f}" for p in prediction.probabilities.values()],
+                             f"{prediction.seconds:.2f}", f"{prediction.peak_memory_bytes / 2**20:.1f}",
+                             prediction.mode])
+            handle.flush()
+    with open(run.skipped_csv, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["slide_id", "path", "reason"])
+        writer.writerows([slide_id, run.paths[slide_id], reason] for slide_id, reason in run.skipped.items())
+    return run
+
+
+def cohort_slides(csv_path: str | Path, classes: Sequence[str], split: str | None = None) -> list[tuple[str, Path]]:
+    """(slide id, path) of a cohort CSV's slides, of one split or all. Missing files are left for
+    :func:`predict_slides` to report, so one bad row does not stop the others."""
+    cohort = load_cohort(csv_path, classes=list(classes), check_files=False)
+    chosen = cohort.split(split) if split else cohort.slides
+    if not chosen:
+        raise WsilocalError(f"{csv_path}: split {split!r} has no slides")
+    return [(s.slide_id, s.path) for s in chosen]
+
+
+def named_slides(paths: Sequence[str | Path]) -> list[tuple[str, Path]]:
+    """(slide id, path) of slide files given by name: the id is the file name without its extension."""
+    slides = [(Path(p).stem, Path(p)) for p in paths]
+    stems = [s for s, _ in slides]
+    clashes = sorted({s for s in stems if stems.count(s) > 1})
+    if clashes:
+        raise WsilocalError(f"several slides are named {', '.join(clashes)}; their outputs would collide "
+                            "(rename them or use --cohort with distinct slide ids)")
+    return slides
+
+
+def format_run(run: PredictionRun) -> str:
+    """A table of the predictions for the terminal, then every skipped slide with its reason."""
+    width = max([8, *(len(i) for i in run.paths)])
+    lines = [f"{'slide':<{width}}  {'predicted':<16}{'p':>7}{'seconds':>9}{'peak MB':>9}  mode"]
+    for slide_id, p in run.predictions.items():
+        lines.append(f"{slide_id:<{width}}  {p.predicted:<16}{p.probabilities[p.predicted]:>7.3f}"
+                     f"{p.seconds:>9.1f}{p.peak_memory_bytes / 2**20:>9.0f}  {p.mode}")
+    lines.append(f"{len(run.predictions)} predicted, {len(run.skipped)} skipped → {run.predictions_csv}")
+    lines += [f"skipped {slide_id}: {reason}" for slide_id, reason in run.skipped.items()]
+    return "\n".join(lines)

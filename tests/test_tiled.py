@@ -1,0 +1,267 @@
+"""Tile-exact forward of the trunk: the stitched map equals the whole-image forward.
+
+The trunk's receptive field is 1345 px at conv1 stride 3 (899 px at stride 2), so a window only has
+interior edges on an axis longer than that: the full-trunk cases use thin images, long along one axis;
+a 2-D grid of windows is exercised on the first five blocks (receptive field 121 px) of the same trunk.
+
+Precision: a wrong halo on the full trunk is tiny, because the outermost taps of a 1345-px field weigh
+little: keeping one output row too many is off by ~1e-12 of the map's scale. float32 rounding (~1e-6,
+the summation order of a convolution changes with the window's shape) would hide that, so full-trunk
+exactness is checked in float64, to 1e-13 relative (the rounding there is ~1e-15); this is far inside
+the 1e-4 absolute bound. Where a wrong halo shows plainly (the 5-block prefix) float32 is used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from wsilocal.infer.source import ArraySource, SlideSource
+from wsilocal.infer.tiled import (
+    TilePlan,
+    block_geometry,
+    footprint,
+    forward_bytes_estimate,
+    output_length,
+    plan_axis,
+    tiled_forward,
+    tiled_trunk_forward,
+    trunk_forward,
+    trunk_geometry,
+)
+from wsilocal.models.resnet import BasicBlock, ResNet34Trunk
+from wsilocal.slide.reader import open_slide, read_region_at_mpp
+
+MEAN, STD = [0.8, 0.6, 0.75], [0.15, 0.2, 0.15]
+FLOAT64_RELATIVE = 1e-13  # tolerances relative to the whole map's largest magnitude
+FLOAT32_RELATIVE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def trunks() -> dict[int, ResNet34Trunk]:
+    """Randomly initialised float64 trunks, conv1 stride 3 and 2."""
+    result = {}
+    for stride in (3, 2):
+        torch.manual_seed(stride)
+        result[stride] = ResNet34Trunk(conv1_stride=stride).double().eval()
+    return result
+
+
+@pytest.fixture
+def trunk_with(trunks):
+    """``trunk_with(stride, folded, dtype=float64)``: a shared trunk set up so, and reset after the test."""
+
+    def setup(stride: int, folded: bool, dtype: torch.dtype = torch.float64) -> ResNet34Trunk:
+        trunks[stride].fold_bn = folded
+        return trunks[stride].to(dtype)
+
+    yield setup
+    for trunk in trunks.values():
+        trunk.fold_bn = True
+        trunk.double().eval()
+
+
+def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def whole_forward(blocks, source: ArraySource) -> torch.Tensor:
+    """The reference: the blocks run on the whole image at once, in their weights' precision."""
+    dtype = next(blocks[0].parameters()).dtype
+    with torch.no_grad():
+        return nn.Sequential(*blocks)(source.read(0, 0, source.height, source.width).to(dtype))
+
+
+def relative_error(result: torch.Tensor, reference: torch.Tensor, scale: torch.Tensor | None = None) -> float:
+    """max |result − reference| over the largest magnitude of ``scale`` (default: the reference)."""
+    assert result.dtype == reference.dtype and result.shape == reference.shape
+    scale = reference if scale is None else scale
+    assert scale.abs().max() > 0  # a live map, not all zeros
+    return ((result - reference).abs().max() / scale.abs().max()).item()
+
+
+def reference_receptive_field(geometry) -> tuple[int, int]:
+    """(total stride, receptive field size) by the textbook forward recurrence r += (k-1)·j, j *= s."""
+    field, jump = 1, 1
+    for kernel, stride, _ in geometry:
+        field += (kernel - 1) * jump
+        jump *= stride
+    return jump, field
+
+
+# --- geometry and plans ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stride, expected_field", [(3, 1345), (2, 899)])
+def test_trunk_geometry_is_read_from_the_modules(trunks, stride, expected_field):
+    geometry = trunk_geometry(trunks[stride])
+    assert len(geometry) == 2 + 2 * 16  # conv1, maxpool, two convs per BasicBlock
+    assert geometry[:3] == [(7, stride, 3), (3, 2, 1), (3, 1, 1)]
+    total_stride, first, last = footprint(geometry)
+    assert (total_stride, last - first + 1) == reference_receptive_field(geometry) == (16 * stride, expected_field)
+    assert (first, last) == (-(expected_field // 2), expected_field // 2)  # centred: symmetric padding
+
+
+def test_a_shortcut_reaching_beyond_the_main_path_is_refused():
+    block = BasicBlock(64, 128, stride=2)
+    assert block_geometry([block]) == [(3, 2, 1), (3, 1, 1)]  # the 1x1 downsample is inside: accepted
+    block.downsample[0] = nn.Conv2d(64, 128, 9, 2, padding=4, bias=False)  # sees 4 px each side, main path 3
+    with pytest.raises(ValueError, match="shortcut's footprint"):
+        block_geometry([block])
+
+
+@pytest.mark.parametrize("stride", [3, 2])
+def test_output_length_matches_pytorch(stride):
+    with torch.device("meta"):  # shapes only, no arithmetic
+        meta = ResNet34Trunk(conv1_stride=stride)
+    geometry = trunk_geometry(meta)
+    for length in [1, 2, 5, 47, 48, 49, 95, 96, 97, 143, 1000, 1345, 2049]:
+        with torch.no_grad():
+            shape = meta(torch.empty(1, 3, length, 7, device="meta")).shape
+        assert (shape[2], shape[3]) == (output_length(length, geometry), output_length(7, geometry))
+
+
+def _geometries() -> list:
+    """Geometries of whole trunks (17 blocks) and of their first five blocks, at conv1 stride 3 and 2."""
+    with torch.device("meta"):
+        trunks = [ResNet34Trunk(conv1_stride=stride) for stride in (3, 2)]
+    return [block_geometry(trunk.blocks()[:n]) for trunk in trunks for n in (17, 5)]
+
+
+GEOMETRIES = _geometries()
+
+
+@settings(max_examples=300, deadline=None)
+@given(length=st.integers(1, 6000), tile=st.integers(1, 3000), geometry=st.sampled_from(GEOMETRIES))
+def test_plan_windows_are_aligned_exact_and_partition_the_output(length, tile, geometry):
+    total_stride, first, last = footprint(geometry)
+    windows = plan_axis(length, tile, geometry)
+    out_len = output_length(length, geometry)
+    starts, stops = [w[4] for w in windows], [w[5] for w in windows]
+    # The kept ranges tile [0, out_len) in order, without gaps or overlaps.
+    assert starts[0] == 0 and stops[-1] == out_len and starts[1:] == stops[:-1]
+    for in_start, in_stop, out_start, out_stop, keep_start, keep_stop in windows:
+        assert 0 <= in_start < in_stop <= length and in_start % total_stride == 0
+        assert (out_start, out_stop) == (in_start // total_stride,
+                                         in_start // total_stride + output_length(in_stop - in_start, geometry))
+        assert out_start <= keep_start < keep_stop <= out_stop
+        assert keep_stop - keep_start <= max(1, tile // total_stride)
+        # Exactness: every kept footprint is inside the window or runs past a true image edge.
+        assert in_start == 0 or keep_start * total_stride + first >= in_start
+        assert in_stop == length or (keep_stop - 1) * total_stride + last < in_stop
+    if out_len <= max(1, tile // total_stride):  # the image fits one tile: one window, the whole image
+        assert windows == [(0, length, 0, out_len, 0, out_len)]
+
+
+def test_an_image_smaller_than_a_tile_is_one_window(trunks):
+    plan = TilePlan.build(150, 230, 1536, trunk_geometry(trunks[3]))
+    assert len(plan) == 1
+    assert plan.rows == ((0, 150, 0, 4, 0, 4),) and plan.cols == ((0, 230, 0, 5, 0, 5),)
+
+
+def test_bad_lengths_and_tiles_are_refused(trunks):
+    for length, tile in [(0, 96), (100, 0)]:
+        with pytest.raises(ValueError, match="length and tile must be positive"):
+            plan_axis(length, tile, trunk_geometry(trunks[3]))
+
+
+# --- exactness against the whole-image forward -------------------------------------------------
+
+
+@pytest.mark.parametrize("stride, folded, height, width, tile", [
+    (3, True, 1500, 8, 576),  # three row windows: interior edge below; below and above; above
+    (3, False, 6, 1459, 720),  # columns, a length that is no multiple of 48 or of the tile
+    (2, True, 1000, 5, 352),
+    (2, False, 3, 1111, 384),
+    (3, True, 1, 1, 96),  # a single pixel
+    (3, False, 150, 230, 1536),  # smaller than one tile
+])
+def test_tiled_trunk_equals_whole_image_forward(trunk_with, stride, folded, height, width, tile):
+    trunk = trunk_with(stride, folded)
+    source = ArraySource(random_image(height, width, seed=height + width), MEAN, STD)
+    whole = whole_forward(trunk.blocks(), source)
+    tiled = tiled_trunk_forward(trunk, source, tile=tile)
+    geometry = trunk_geometry(trunk)
+    assert tiled.shape == (1, 512, output_length(height, geometry), output_length(width, geometry))
+    assert relative_error(tiled, whole) <= FLOAT64_RELATIVE
+    assert (tiled - whole).abs().max().item() <= 1e-4
+
+
+def test_keeping_one_more_row_than_the_footprint_allows_is_detected(trunk_with):
+    # The tolerance above can fail: the row just past a window's kept range differs by more than it.
+    trunk = trunk_with(3, True)
+    source = ArraySource(random_image(1500, 8, seed=1508), MEAN, STD)
+    in_start, in_stop, out_start, out_stop, keep_start, keep_stop = plan_axis(1500, 576, trunk_geometry(trunk))[0]
+    assert in_stop < 1500 and keep_stop < out_stop  # an interior bottom edge
+    whole = whole_forward(trunk.blocks(), source)
+    window = whole_forward(trunk.blocks(), ArraySource(source.image[in_start:in_stop], MEAN, STD))
+    assert relative_error(window[:, :, :keep_stop], whole[:, :, :keep_stop], whole) <= FLOAT64_RELATIVE
+    assert relative_error(window[:, :, keep_stop], whole[:, :, keep_stop], whole) > 10 * FLOAT64_RELATIVE
+
+
+def test_two_dimensional_grid_of_windows_on_the_first_five_blocks(trunk_with, capsys):
+    # Stem, layer1 and layer2's first block (with its strided 1x1 downsample shortcut): stride 12.
+    blocks = trunk_with(3, False, torch.float32).blocks()[:5]
+    source = ArraySource(random_image(260, 200, seed=4), MEAN, STD)
+    geometry = block_geometry(blocks)
+    plan = TilePlan.build(source.height, source.width, 72, geometry)
+    for windows, length in ((plan.rows, source.height), (plan.cols, source.width)):
+        assert any(0 < w[0] and w[1] < length for w in windows)  # a window with two interior edges
+    tiled = tiled_forward(blocks, source, tile=72, progress=True)
+    whole = whole_forward(blocks, source)
+    assert relative_error(tiled, whole) <= FLOAT32_RELATIVE
+    assert f"{len(plan)}/{len(plan)}" in capsys.readouterr().err  # the tqdm bar ran to the end
+    # Here one row too many is plainly wrong, even in float32.
+    in_start, in_stop, _, out_stop, _, keep_stop = plan.rows[0]
+    window = whole_forward(blocks, ArraySource(source.image[in_start:in_stop], MEAN, STD))
+    assert keep_stop < out_stop
+    assert relative_error(window[:, :, keep_stop], whole[:, :, keep_stop], whole) > 10 * FLOAT32_RELATIVE
+
+
+# --- mode choice -------------------------------------------------------------------------------
+
+
+def test_forward_bytes_estimate_counts_input_and_largest_activation_pair(trunk_with):
+    conv1, pooled = 64 * 160 * 160, 64 * 80 * 80  # conv1 (stride 3) and maxpool outputs of a 480x480 image
+    assert forward_bytes_estimate(trunk_with(3, True), 480, 480) == 4 * (3 * 480 * 480 + conv1 + pooled)
+    # Unfolded, conv1 then its BatchNorm: two conv1-sized tensors.
+    assert forward_bytes_estimate(trunk_with(3, False), 480, 480) == 4 * (3 * 480 * 480 + 2 * conv1)
+
+
+def test_trunk_forward_picks_whole_or_tiled_by_budget(trunk_with):
+    trunk = trunk_with(3, True, torch.float32).train()  # forward in eval mode, the mode then restored
+    assert trunk.training
+    source = ArraySource(random_image(150, 230, seed=5), MEAN, STD)
+    needed = forward_bytes_estimate(trunk, 150, 230)
+    unlimited, mode_unlimited = trunk_forward(trunk, source)
+    fits, mode_fits = trunk_forward(trunk, source, memory_budget=needed)
+    tiled, mode_tiled = trunk_forward(trunk, source, memory_budget=needed - 1)  # one window: the image
+    assert (mode_unlimited, mode_fits, mode_tiled) == ("whole", "whole", "tiled")
+    assert torch.equal(unlimited, fits) and not unlimited.requires_grad
+    assert relative_error(tiled, unlimited) <= FLOAT32_RELATIVE
+    assert trunk.training and trunk.layer1[0].conv1.training
+
+
+# --- streaming from a slide file ---------------------------------------------------------------
+
+
+def test_slide_source_streams_the_cached_pixels_and_the_tiled_map(make_slide, trunk_with):
+    trunk = trunk_with(3, True, torch.float32)  # the precision inference runs in
+    path = make_slide(random_image(300, 2100, seed=3), mpp=0.25)
+    mpp, region = 0.35, (37, 11, 2011, 41)  # level 0, fractional step, odd offset: 1436 x 29 px
+    with open_slide(path) as slide:
+        cached = read_region_at_mpp(slide, mpp, region)  # what the cache stores for this box
+        streamed = SlideSource(slide, mpp, region, MEAN, STD)
+        assert (streamed.height, streamed.width) == cached.shape[:2] == (29, 1436)
+        in_memory = ArraySource(cached, MEAN, STD)
+        for window in [(0, 0, 29, 1436), (0, 0, 5, 7), (28, 1435, 1, 1), (3, 500, 17, 611)]:
+            assert torch.equal(streamed.read(*window), in_memory.read(*window))
+        with pytest.raises(ValueError, match="is not inside the 29x1436 image"):
+            streamed.read(0, 1400, 1, 38)
+        tiled = tiled_trunk_forward(trunk, streamed, tile=480)
+    assert len(plan_axis(1436, 480, trunk_geometry(trunk))) == 3
+    assert relative_error(tiled, whole_forward(trunk.blocks(), in_memory)) <= FLOAT32_RELATIVE
