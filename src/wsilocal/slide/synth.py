@@ -1,4 +1,5 @@
-"""Synthetic H&E-like whole-slide images whose class is the *arrangement* of tumour nuclei.
+"""Synthetic H&E-like whole-slide images whose class is the *arrangement* of tumour nuclei (task
+``morphology``) or the *relation* between two structures further apart than a tile (task ``context``).
 
 A slide is described once, from its seed, by a :class:`SlideSpec`: coarse fields (tissue, lesion and
 stroma density on an 8 µm grid), a list of shapes (glands, nests, fronds, vessels, fat cells, …) and a
@@ -10,6 +11,11 @@ same pixels as one rendered whole, and :func:`write_slide` streams 40000² px sl
 Colour follows the Beer–Lambert law: each pixel carries haematoxylin and eosin concentrations, mixed
 with per-slide stain vectors and intensities (the stain variation, drawn independently of the class).
 See ``docs/synthetic.md`` for the model, its scales and what makes it hard.
+
+The context task (:data:`CONTEXT_CLASSES`) draws one tumour focus (A) and one lymphoid follicle (B) on an
+elongated strip of tissue; the label is only their distance (``near`` or ``far``). A and B are drawn over a
+background generated without knowledge of them and clipped to their own regions, so every tile that holds
+neither is independent of the label, and no tile holds both.
 """
 
 from __future__ import annotations
@@ -35,11 +41,14 @@ from tqdm import tqdm
 from wsilocal.errors import ConfigError
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"  # 1.1: the context task; morphology slides are unchanged
 MPP = 0.25  # µm per level-0 pixel (40x); every size below is given in µm and converted with UM
 APP_MAG = 40
 UM = 1.0 / MPP  # level-0 pixels per µm
 CLASS_NAMES = ("glandular", "solid", "papillary", "cribriform", "micropapillary")
+CONTEXT_CLASSES = ("near", "far")  # classes of the context task: the follicle's distance from the tumour focus
+TASKS = ("morphology", "context")
+DEFAULT_SIZE = {"morphology": (8192, 8192), "context": (28800, 12800)}  # level-0 px: 2×2 mm, 7.2×3.2 mm
 FIELD_STEP = 32  # level-0 px between nodes of the coarse fields (8 µm); also the lesion-mask downsample
 # Textures and nuclear sprites come in a few variants, each made once per process (~0.5 s) and cached;
 # a slide picks one at random and shifts its texture coordinates.
@@ -62,6 +71,7 @@ MATERIALS = {
     "blood": (0.04, 1.45, GRAIN, 0.35),
     "wall": (0.07, 0.85, FIBRE, 0.30),
     "lymphoid": (0.28, 0.22, GRAIN, 0.30),
+    "germinal": (0.10, 0.30, GRAIN, 0.30),  # pale germinal centre of a follicle (context task)
 }
 MATERIAL_IDS = {name: i for i, name in enumerate(MATERIALS)}
 _MATERIAL_TABLE = np.array([m for m in MATERIALS.values()], dtype=np.float32)
@@ -85,6 +95,8 @@ NUCLEUS_KINDS = {
     "benign": NucleusKind((6.5, 8.0), (5.0, 6.0), 0.03, (1.05, 1.3), 0.25, 0.15, 0.1),
     "lymphocyte": NucleusKind((5.8, 7.2), (5.4, 6.8), 0.03, (1.7, 2.1), 0.15, 0.0, 0.0),
     "spindle": NucleusKind((11.0, 16.0), (2.0, 2.8), 0.05, (1.3, 1.6), 0.20, 0.0, 0.0),
+    # Added last, so that the sprites of the kinds above (drawn in this order) stay as they were.
+    "centroblast": NucleusKind((8.0, 10.0), (7.0, 8.5), 0.05, (0.75, 0.95), 0.30, 0.40, 0.5),
 }
 SPRITE_SHAPES, SPRITE_ANGLES = 8, 16  # per kind: distinct outlines × orientations over 180°
 
@@ -94,8 +106,11 @@ class SynthParams:
     """Every knob of the generator. Sizes of slides are level-0 pixels at :data:`MPP` µm/px.
 
     Attributes:
-        classes: number of classes (2–5), named by the first ``classes`` entries of :data:`CLASS_NAMES`.
-        size: (width, height) of level 0 in px; 8192² px is 2×2 mm.
+        task: ``"morphology"`` (classes differ by the arrangement of tumour nuclei) or ``"context"`` (two
+            classes, ``near``/``far``: the distance between a tumour focus and a lymphoid follicle).
+        classes: number of classes (2–5), named by the first ``classes`` entries of :data:`CLASS_NAMES`
+            (morphology task only).
+        size: (width, height) of level 0 in px; default by task (:data:`DEFAULT_SIZE`): 8192² px is 2×2 mm.
         lesion_fraction: range of the lesion's share of the tissue area, drawn uniformly per slide.
         lesion_regions: range of the number of lesion foci per slide (they may merge or split).
         tissue_pieces: range of the number of tissue pieces on the glass.
@@ -105,10 +120,22 @@ class SynthParams:
             vessels, fat, benign ducts); 0 removes them.
         seed: seed of the slide (a cohort derives one seed per slide from its own seed).
         quality: JPEG quality of the written tiles.
+        context_tumour: context task: arrangement of the tumour focus A, one of :data:`CLASS_NAMES`.
+        context_tumour_um: context task: range of A's diameter in µm.
+        context_follicle_um: context task: range of the follicle B's diameter in µm.
+        context_near_um: context task: range of the A–B gap (edge to edge, µm) of class ``near``.
+        context_far_um: context task: range of the gap of class ``far``.
+        context_tile_um: context task: edge of the tiles a tile-based model sees (256 px at 2 µm/px). No
+            tile of this size, at any offset, holds both A and B, or A or B and glass
+            (:attr:`context_margin_um`).
+
+    The context task ignores ``classes``, ``lesion_fraction``, ``lesion_regions``, ``tissue_pieces`` and
+    ``tissue_cover``.
     """
 
+    task: str = "morphology"
     classes: int = 3
-    size: tuple[int, int] = (8192, 8192)
+    size: tuple[int, int] | None = None
     lesion_fraction: tuple[float, float] = (0.05, 0.30)
     lesion_regions: tuple[int, int] = (1, 3)
     tissue_pieces: tuple[int, int] = (1, 3)
@@ -117,10 +144,34 @@ class SynthParams:
     distractors: float = 1.0
     seed: int = 0
     quality: int = 90
+    context_tumour: str = "solid"
+    context_tumour_um: tuple[float, float] = (400.0, 600.0)
+    context_follicle_um: tuple[float, float] = (250.0, 400.0)
+    context_near_um: tuple[float, float] = (800.0, 1200.0)
+    context_far_um: tuple[float, float] = (2800.0, 3400.0)
+    context_tile_um: float = 512.0
+
+    def __post_init__(self) -> None:
+        if self.size is None:  # the context layout needs a larger slide than the morphology task
+            self.size = DEFAULT_SIZE.get(self.task, DEFAULT_SIZE["morphology"])
+        self.size = tuple(self.size)
+
+    @property
+    def context_margin_um(self) -> float:
+        """Least distance of A and B from glass, and least A–B gap: a tile's diagonal plus two mask pixels.
+
+        Any square tile of edge ``context_tile_um`` that holds two points holds them within its diagonal, √2
+        times its edge; the masks these distances are measured on are 8 µm pixels (one of slack each side).
+        """
+        return math.sqrt(2) * self.context_tile_um + 2 * FIELD_STEP * MPP
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on an out-of-range knob."""
         problems = []
+        if self.task not in TASKS:
+            problems.append(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        if self.task == "context":
+            problems += self._context_problems()
         if not 2 <= self.classes <= len(CLASS_NAMES):
             problems.append(f"classes must be 2..{len(CLASS_NAMES)}, not {self.classes}")
         if min(self.size) < 256:
@@ -139,9 +190,29 @@ class SynthParams:
         if problems:
             raise ConfigError("; ".join(problems))
 
+    def _context_problems(self) -> list[str]:
+        problems = []
+        for name in ("context_tumour_um", "context_follicle_um", "context_near_um", "context_far_um"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                problems.append(f"{name} must satisfy 0 < lo <= hi, not {(lo, hi)}")
+        if self.context_tile_um <= 0:
+            problems.append(f"context_tile_um must be > 0, not {self.context_tile_um}")
+        elif self.context_near_um[0] < self.context_margin_um:
+            problems.append(f"context_near_um must start at >= {self.context_margin_um:.0f} µm (a tile's diagonal "
+                            f"plus 16 µm) so that no tile holds both structures, not {self.context_near_um[0]}")
+        if self.context_far_um[0] <= self.context_near_um[1]:
+            problems.append(f"context_far_um {self.context_far_um} must lie beyond context_near_um "
+                            f"{self.context_near_um}")
+        if self.context_tumour not in CLASS_NAMES:
+            problems.append(f"context_tumour must be one of {', '.join(CLASS_NAMES)}, not {self.context_tumour!r}")
+        return problems
 
-def class_names(classes: int) -> list[str]:
-    """Label names of a ``classes``-class cohort."""
+
+def class_names(classes: int, task: str = "morphology") -> list[str]:
+    """Label names of a cohort: the first ``classes`` of :data:`CLASS_NAMES`, or ``near``, ``far`` (context)."""
+    if task == "context":
+        return list(CONTEXT_CLASSES)
     if not 2 <= classes <= len(CLASS_NAMES):
         raise ConfigError(f"classes must be 2..{len(CLASS_NAMES)}, not {classes}")
     return list(CLASS_NAMES[:classes])
@@ -427,11 +498,22 @@ class _NucleusList:
 
 
 @dataclass
+class Front:
+    """The structures of a context slide (tumour focus A and follicle B), painted over the finished
+    background and clipped to their regions (depth fields 1 and 3), so the background never depends on them."""
+
+    shapes: Shapes
+    nuclei: np.ndarray
+    ground: int  # material filling the tumour focus between its structures (-1: plain stroma)
+
+
+@dataclass
 class SlideSpec:
     """Everything needed to render one slide; built by :func:`make_slide` from a seed.
 
     ``fields`` holds, on nodes every FIELD_STEP px (node k centred at (k + 0.5)·FIELD_STEP), the depth
-    inside tissue and inside the lesion in px (> 0 inside) and the stroma density.
+    inside tissue and inside the lesion in px (> 0 inside) and the stroma density; context slides add a
+    fourth, the depth inside the follicle. Their lesion is the tumour focus.
     """
 
     label: str
@@ -446,6 +528,7 @@ class SlideSpec:
     lesion_ground: int  # material filling the lesion between its structures (-1: plain stroma)
     variant: int  # which cached textures and nuclear sprites it uses
     texture_shift: tuple[int, int]  # offset of this slide's texture coordinates
+    front: Front | None = None  # context task: A and B, drawn over everything else
 
     @property
     def textures(self) -> dict[str, np.ndarray]:
@@ -695,19 +778,23 @@ def _distractor_sites(ctx: _Context, count: int, radius_um: tuple[float, float])
     return pts[ok][:count], r[ok][:count]
 
 
-def _common_structures(ctx: _Context, density: float) -> None:
-    """Lymphoid aggregates, vessels, fat and benign ducts: present regardless of class, outside the lesion."""
+def _common_structures(ctx: _Context, density: float, aggregates: bool = True) -> None:
+    """Lymphoid aggregates, vessels, fat and benign ducts: present regardless of class, outside the lesion.
+
+    ``aggregates=False`` leaves out the lymphoid aggregates (the context task's follicle is the only one).
+    """
     rng = ctx.rng
     tissue_mm2 = float((ctx.fields[0] > 0).sum()) * (FIELD_STEP * MPP / 1000) ** 2
 
     def count(per_mm2: float) -> int:
         return int(rng.poisson(per_mm2 * tissue_mm2 * density))
 
-    sites, r = _distractor_sites(ctx, count(0.6), (80, 200))
-    aggregates = ctx.shapes.blobs(1, "lymphoid", sites[:, 0], sites[:, 1], r, _harmonics(rng, len(sites), 0.15))
-    for i in range(len(aggregates)):
-        pts = _lattice(rng, aggregates.bbox[i], 8.5 * UM, 0.25)
-        ctx.nuclei.add("lymphocyte", pts[aggregates.inside(i, pts[:, 0], pts[:, 1]) > 2 * UM])
+    if aggregates:
+        sites, r = _distractor_sites(ctx, count(0.6), (80, 200))
+        blobs = ctx.shapes.blobs(1, "lymphoid", sites[:, 0], sites[:, 1], r, _harmonics(rng, len(sites), 0.15))
+        for i in range(len(blobs)):
+            pts = _lattice(rng, blobs.bbox[i], 8.5 * UM, 0.25)
+            ctx.nuclei.add("lymphocyte", pts[blobs.inside(i, pts[:, 0], pts[:, 1]) > 2 * UM])
 
     sites, r = _distractor_sites(ctx, count(0.3), (150, 320))  # fat lobules
     for centre, lobule in zip(sites, r, strict=True):
@@ -731,15 +818,21 @@ def _common_structures(ctx: _Context, density: float) -> None:
     _glands(ctx, sites, r, rng.uniform(0.3, 0.45, n), 0.05, "benign", np.ones(n, np.int64))
 
 
-def _stroma_nuclei(ctx: _Context, ground: str | None, shapes: Shapes) -> None:
-    """Sparse spindle (fibroblast) nuclei and a few lymphocytes in the stroma, never inside a structure."""
+def _stroma_nuclei(ctx: _Context, ground: str | None, shapes: Shapes, only_lesion: bool = False) -> None:
+    """Sparse spindle (fibroblast) nuclei and a few lymphocytes in the stroma, never inside a structure.
+
+    With a lesion ``ground`` none in the lesion; ``only_lesion``: only there (the stroma of a context
+    slide's tumour focus, which is drawn over the background).
+    """
     rng = ctx.rng
     width, height = ctx.size
     for kind, spacing_um in (("spindle", 30.0), ("lymphocyte", 90.0)):
         n = rng.poisson(width * height / (spacing_um * UM) ** 2)
         pts = rng.random((n, 2)) * [width, height]
         keep = ctx.tissue_at(pts) > 4 * UM
-        if ground is not None:
+        if only_lesion:
+            keep &= ctx.lesion_at(pts) > 0
+        elif ground is not None:
             keep &= ctx.lesion_at(pts) < 0
         pts = pts[keep]
         pts = pts[~_covered(shapes, pts[:, 0], pts[:, 1], margin=-4 * UM)]
@@ -861,6 +954,8 @@ def make_slide(params: SynthParams, label: str, stain_seed: int | None = None) -
     """Describe one slide of class ``label`` from ``params.seed`` (stain from ``stain_seed`` if given,
     so slides of one case can share a staining run)."""
     params.validate()
+    if params.task == "context":
+        return _make_context_slide(params, label, stain_seed)
     if label not in ARRANGEMENTS:
         raise ConfigError(f"unknown class {label!r}; choose from {', '.join(CLASS_NAMES)}")
     rng = np.random.default_rng([params.seed, 0x5E7])
@@ -881,15 +976,168 @@ def make_slide(params: SynthParams, label: str, stain_seed: int | None = None) -
 
     stain, glass = _draw_stain(np.random.default_rng([params.seed if stain_seed is None else stain_seed, 0x57A]),
                                params.stain_variation)
-    # Where shapes overlap (touching glands, crossing fronds) drop nuclei that fell into a lumen or core.
-    nuclei = ctx.nuclei.finish()
-    holes = shapes.select((shapes.layer == 2) & np.isin(shapes.material, [MATERIAL_IDS[m] for m in HOLES]))
-    nuclei = nuclei[~_covered(holes, nuclei[:, 0], nuclei[:, 1], margin=1.5 * UM)]
     return SlideSpec(
         label=label, size=(width, height), seed=params.seed, lesion_fraction=fraction, fields=fields,
-        shapes=shapes, nuclei=nuclei, stain=stain, glass=glass,
+        shapes=shapes, nuclei=_outside_holes(shapes, ctx.nuclei.finish()), stain=stain, glass=glass,
         lesion_ground=MATERIAL_IDS[ground] if ground else -1,
         variant=int(rng.integers(VARIANTS)), texture_shift=tuple(rng.integers(0, 10**6, 2)),
+    )
+
+
+def _outside_holes(shapes: Shapes, nuclei: np.ndarray) -> np.ndarray:
+    """Where shapes overlap (touching glands, crossing fronds) drop nuclei that fell into a lumen or core."""
+    holes = shapes.select((shapes.layer == 2) & np.isin(shapes.material, [MATERIAL_IDS[m] for m in HOLES]))
+    return nuclei[~_covered(holes, nuclei[:, 0], nuclei[:, 1], margin=1.5 * UM)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The context task: a tumour focus (A) and a lymphoid follicle (B); the label is only their distance
+
+
+def _strip_tissue_field(rng: np.random.Generator, size: tuple[int, int],
+                        grid: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Depth inside tissue (px) on the coarse nodes: one gently bent strip with round ends along the slide's
+    long side (a resection strip), long enough for a far pair, with a ragged edge."""
+    width, height = size
+    long_is_x = width >= height
+    long_len, short_len = (width, height) if long_is_x else (height, width)
+    half = short_len * rng.uniform(0.38, 0.42)
+    end = half + 0.03 * long_len
+    along = np.linspace(end, long_len - end, 4)
+    across = short_len / 2 + rng.normal(0, 0.015 * short_len, 4)
+    spine = np.column_stack([along, across] if long_is_x else [across, along])
+    strip = _ShapeList()
+    for a, b in zip(spine[:-1], spine[1:], strict=True):
+        strip.capsule(0, "stroma", a, b, half, half)
+    pieces = strip.finish()
+    depth = np.max([pieces.inside(i, *grid) for i in range(len(pieces))], axis=0)
+    return depth + _smooth_noise(rng, depth.shape, 0.15 * half / FIELD_STEP) * 0.04 * half
+
+
+def _draw_blob(rng: np.random.Generator, diameter_um: tuple[float, float],
+               irregular: float) -> tuple[float, np.ndarray]:
+    """Radius (px) and boundary harmonics of a roundish structure whose diameter is drawn from ``diameter_um``."""
+    return rng.uniform(*diameter_um) * UM / 2, _harmonics(rng, 1, irregular)[0]
+
+
+def _blob_depth(centre: Sequence[float], radius: float, harm: np.ndarray,
+                grid: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Depth (px, > 0 inside) of a blob at the points of ``grid``."""
+    return _ShapeList().blobs(0, "stroma", centre[0], centre[1], radius, harm[None]).inside(0, *grid)
+
+
+def _reach_um(blob: tuple[float, np.ndarray], sign: int) -> float:
+    """A bound on a blob's radius in µm: above its largest (sign +1) or below its smallest (sign -1)."""
+    radius, harm = blob
+    return radius * (1 + sign * float(np.abs(harm).sum())) * MPP
+
+
+def _place_context(rng: np.random.Generator, params: SynthParams, tissue: np.ndarray,
+                   grid: tuple[np.ndarray, np.ndarray], tumour: tuple[float, np.ndarray],
+                   follicle: tuple[float, np.ndarray]) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, float]]]:
+    """Centre (level-0 px, on a field node) of the tumour focus A and, per class, of the follicle B and its gap.
+
+    A is drawn among the places that admit *both* a near and a far B, so where it lies does not depend on
+    the label: for one seed the near and the far slide differ only in where B lies. A and B keep
+    ``context_margin_um`` from glass and from the slide's border. The gap is the least distance (µm) between
+    the centres of A's and B's mask pixels (nodes).
+    """
+    step = FIELD_STEP * MPP  # µm between nodes
+    margin = params.context_margin_um + step  # one node of slack: the tests below are on node centres
+    gx, gy = grid
+    to_glass = ndimage.distance_transform_edt(np.pad(tissue > 0, 1))[1:-1, 1:-1] * step
+    # B's mask as node offsets from its centre node: placed on any node, its mask is this pattern shifted.
+    n = int(_reach_um(follicle, 1) / step) + 2
+    local = np.arange(-n, n + 1) * float(FIELD_STEP)
+    dy, dx = np.nonzero(_blob_depth((0.0, 0.0), *follicle, np.meshgrid(local, local)) > 0)
+    dy, dx = dy - n, dx - n
+    room_for_b = to_glass >= margin + _reach_um(follicle, 1)
+    a_nodes = np.flatnonzero(to_glass >= margin + _reach_um(tumour, 1))
+    for flat in rng.permutation(a_nodes)[:40]:
+        a_centre = np.array([gx.flat[flat], gy.flat[flat]])
+        to_a = ndimage.distance_transform_edt(_blob_depth(a_centre, *tumour, grid) <= 0) * step
+        found: dict[str, tuple[np.ndarray, float]] = {}
+        for label, (lo, hi) in zip(CONTEXT_CLASSES, (params.context_near_um, params.context_far_um), strict=True):
+            # B's gap lies between to_a(centre) minus its largest and its smallest radius: try centres whose
+            # interval meets [lo, hi], measuring the exact gap on the mask.
+            maybe = room_for_b & (to_a - _reach_um(follicle, 1) <= hi) & (to_a - _reach_um(follicle, -1) >= lo)
+            for node in rng.permutation(np.flatnonzero(maybe))[:20]:
+                row, col = np.unravel_index(node, tissue.shape)
+                gap = float(to_a[row + dy, col + dx].min())
+                if lo <= gap <= hi:
+                    found[label] = (np.array([gx[row, col], gy[row, col]]), gap)
+                    break
+        if len(found) == len(CONTEXT_CLASSES):
+            return a_centre, found
+    width, height = params.size
+    raise ConfigError(f"slide {width}x{height} px is too small for the context layout: found no place for a tumour "
+                      f"focus with both a near and a far follicle {params.context_margin_um:.0f} µm inside the "
+                      f"tissue (far gap up to {params.context_far_um[1]:.0f} µm); give a larger size")
+
+
+def _follicle(rng: np.random.Generator, shapes: _ShapeList, nuclei: _NucleusList, centre: np.ndarray,
+              radius: float, harm: np.ndarray) -> None:
+    """Lymphoid follicle B: a mantle of packed small lymphocytes around a paler, off-centre germinal centre
+    of larger vesicular cells (a dark ring around a pale core at 5x)."""
+    mantle = shapes.blobs(1, "lymphoid", centre[0], centre[1], radius, harm[None])
+    core_centre = centre + rng.normal(0, 0.06, 2) * radius
+    core = shapes.blobs(2, "germinal", core_centre[0], core_centre[1], radius * rng.uniform(0.5, 0.62),
+                        _harmonics(rng, 1, 0.06))
+    pts = _lattice(rng, mantle.bbox[0], 7.0 * UM, 0.25)
+    keep = (mantle.inside(0, pts[:, 0], pts[:, 1]) > 2 * UM) & (core.inside(0, pts[:, 0], pts[:, 1]) < -1 * UM)
+    nuclei.add("lymphocyte", pts[keep])
+    pts = _lattice(rng, core.bbox[0], 11.0 * UM, 0.3)
+    nuclei.add("centroblast", pts[core.inside(0, pts[:, 0], pts[:, 1]) > 3 * UM])
+
+
+def _make_context_slide(params: SynthParams, label: str, stain_seed: int | None) -> SlideSpec:
+    """One slide of the context task: tissue strip and background, then A and B drawn over them."""
+    if label not in CONTEXT_CLASSES:
+        raise ConfigError(f"unknown class {label!r} of the context task; choose from {', '.join(CONTEXT_CLASSES)}")
+    # Separate random streams, none of which draws anything that depends on the label: the layout (tissue,
+    # sizes, places: B's place is drawn for both classes), the background, the insides of A and of B.
+    layout, background, inside_a, inside_b = (np.random.default_rng([params.seed, 0xC07, k]) for k in range(4))
+    width, height = params.size
+    hc, wc = -(-height // FIELD_STEP), -(-width // FIELD_STEP)
+    grid = np.meshgrid((np.arange(wc) + 0.5) * FIELD_STEP, (np.arange(hc) + 0.5) * FIELD_STEP)
+    tissue = _strip_tissue_field(layout, params.size, grid)
+    density = 1.0 + 0.12 * _smooth_noise(layout, tissue.shape, 120 * UM / FIELD_STEP)
+    tumour = _draw_blob(layout, params.context_tumour_um, 0.15)
+    follicle = _draw_blob(layout, params.context_follicle_um, 0.08)
+    a_centre, b_places = _place_context(layout, params, tissue, grid, tumour, follicle)
+    lesion = _blob_depth(a_centre, *tumour, grid)
+    b_centre = b_places[label][0]
+    fields = np.stack([tissue, lesion, density, _blob_depth(b_centre, *follicle, grid)]).astype(np.float32)
+
+    # Background: the tissue as it would be without A and B (no lesion anywhere to keep away from); no
+    # lymphoid aggregates, so that B is the only lymphoid structure.
+    no_lesion = np.full_like(fields[1], -1e9)
+    ctx = _Context(background, params.size, np.stack([fields[0], no_lesion, fields[2]]), _ShapeList(),
+                   _NucleusList(background))
+    _common_structures(ctx, params.distractors, aggregates=False)
+    shapes = ctx.shapes.finish()
+    _stroma_nuclei(ctx, None, shapes)
+
+    # Front: A filled with its arrangement (and stroma nuclei where it lies in stroma), then B.
+    front = _Context(inside_a, params.size, fields[:3], _ShapeList(), _NucleusList(inside_a))
+    ARRANGEMENTS[params.context_tumour](front)
+    ground = LESION_GROUND.get(params.context_tumour)
+    if ground is None:
+        _stroma_nuclei(front, None, front.shapes.finish(), only_lesion=True)
+    follicle_nuclei = _NucleusList(inside_b)
+    _follicle(inside_b, front.shapes, follicle_nuclei, b_centre, *follicle)
+    front_shapes = front.shapes.finish()
+    front.nuclei.parts += follicle_nuclei.parts
+
+    stain, glass = _draw_stain(np.random.default_rng([params.seed if stain_seed is None else stain_seed, 0x57A]),
+                               params.stain_variation)
+    return SlideSpec(
+        label=label, size=(width, height), seed=params.seed,
+        lesion_fraction=float((lesion > 0).sum() / (tissue > 0).sum()), fields=fields, shapes=shapes,
+        nuclei=_outside_holes(shapes, ctx.nuclei.finish()), stain=stain, glass=glass, lesion_ground=-1,
+        variant=int(layout.integers(VARIANTS)), texture_shift=tuple(layout.integers(0, 10**6, 2)),
+        front=Front(front_shapes, _outside_holes(front_shapes, front.nuclei.finish()),
+                    MATERIAL_IDS[ground] if ground else -1),
     )
 
 
@@ -916,7 +1164,8 @@ def _render_chunk(spec: SlideSpec, x0: int, y0: int, w: int, h: int) -> np.ndarr
     xs, ys = np.arange(x0, x0 + w), np.arange(y0, y0 + h)
     t, (tx, ty) = spec.textures, spec.texture_shift
     txs, tys = xs + tx, ys + ty  # texture coordinates
-    tissue, lesion, density = _sample_grid(spec.fields, xs, ys)
+    sampled = _sample_grid(spec.fields, xs, ys)
+    tissue, lesion, density = sampled[:3]
     cover = _alpha(tissue + _tile_lookup(t["edge"], txs, tys))  # ragged cut edge
     hem = np.zeros((h, w), np.float32)
     eos = np.zeros((h, w), np.float32)
@@ -926,10 +1175,17 @@ def _render_chunk(spec: SlideSpec, x0: int, y0: int, w: int, h: int) -> np.ndarr
         sh, se, _, amp = _MATERIAL_TABLE[MATERIAL_IDS["stroma"]]
         hem += sh
         eos += se * (1.0 + amp * fibre) * density
-        if spec.lesion_ground >= 0:
-            _fill(hem, eos, _alpha(lesion), spec.lesion_ground, tex, (slice(None), slice(None)))
-        _draw_shapes(spec.shapes, hem, eos, tex, x0, y0, w, h)
-        _stamp_nuclei(spec, hem, eos, x0, y0, w, h)
+        # Context slides: A and B replace the background on their regions (anti-aliased like any edge).
+        region = _alpha(np.maximum(lesion, sampled[3])) if spec.front is not None else None
+        front = None if region is None or not region.any() else (hem.copy(), eos.copy())
+        window = (x0, y0, w, h)
+        _paint(hem, eos, lesion, spec.lesion_ground, spec.shapes, spec.nuclei, spec.variant, tex, window)
+        if front is not None:
+            front_hem, front_eos = front  # plain stroma, painted with A and B only
+            _paint(front_hem, front_eos, lesion, spec.front.ground, spec.front.shapes, spec.front.nuclei,
+                   spec.variant, tex, window)
+            hem += region * (front_hem - hem)
+            eos += region * (front_eos - eos)
         hem *= cover
         eos *= cover
     # Beer-Lambert: optical density per RGB channel, plus faint scanner noise.
@@ -948,6 +1204,15 @@ def _render_chunk(spec: SlideSpec, x0: int, y0: int, w: int, h: int) -> np.ndarr
     return np.clip(od, 0, 255, out=od).astype(np.uint8).transpose(1, 2, 0)
 
 
+def _paint(hem: np.ndarray, eos: np.ndarray, lesion: np.ndarray, ground: int, shapes: Shapes, nuclei: np.ndarray,
+           variant: int, tex: list[np.ndarray], window: tuple[int, int, int, int]) -> None:
+    """Paint a layer onto the stroma: the lesion's ground material, then shapes in order, then nuclei."""
+    if ground >= 0:
+        _fill(hem, eos, _alpha(lesion), ground, tex, (slice(None), slice(None)))
+    _draw_shapes(shapes, hem, eos, tex, *window)
+    _stamp_nuclei(nuclei, variant, hem, eos, *window)
+
+
 def _draw_shapes(shapes: Shapes, hem: np.ndarray, eos: np.ndarray, tex: list[np.ndarray],
                  x0: int, y0: int, w: int, h: int) -> None:
     """Fill every shape overlapping the window, in drawing order."""
@@ -963,9 +1228,10 @@ def _draw_shapes(shapes: Shapes, hem: np.ndarray, eos: np.ndarray, tex: list[np.
         _fill(hem, eos, cover, int(shapes.material[i]), tex, window)
 
 
-def _stamp_nuclei(spec: SlideSpec, hem: np.ndarray, eos: np.ndarray, x0: int, y0: int, w: int, h: int) -> None:
+def _stamp_nuclei(nuclei: np.ndarray, variant: int, hem: np.ndarray, eos: np.ndarray, x0: int, y0: int, w: int,
+                  h: int) -> None:
     """Stamp nuclear sprites: haematoxylin takes the darker value, eosin fades under the nucleus."""
-    nuclei, (sprites, reach) = spec.nuclei, _sprites(spec.variant)
+    sprites, reach = _sprites(variant)
     lo, hi = np.searchsorted(nuclei[:, 1], [y0 - reach, y0 + h + reach])
     rows = nuclei[lo:hi]
     rows = rows[(rows[:, 0] > x0 - reach) & (rows[:, 0] < x0 + w + reach)]
@@ -1014,22 +1280,52 @@ def lesion_mask(spec: SlideSpec) -> np.ndarray:
     return spec.fields[1] > 0
 
 
+def follicle_mask(spec: SlideSpec) -> np.ndarray:
+    """The context task's follicle B on the coarse grid (all false on a morphology slide)."""
+    if len(spec.fields) < 4:
+        return np.zeros(spec.fields.shape[1:], bool)
+    return spec.fields[3] > 0
+
+
 MASK_GLASS, MASK_TISSUE, MASK_LESION = 0, 128, 255  # values of the written mask PNGs
+MASK_FOLLICLE = 192  # context task: the follicle B (its tumour focus A is the lesion, 255)
 
 
 def label_mask(spec: SlideSpec) -> np.ndarray:
-    """uint8 mask on the coarse grid: MASK_LESION on the lesion, MASK_TISSUE on other tissue, else 0."""
+    """uint8 mask on the coarse grid: MASK_LESION on the lesion, MASK_FOLLICLE on a context slide's
+    follicle, MASK_TISSUE on other tissue, else 0."""
     mask = np.where(tissue_mask(spec), MASK_TISSUE, MASK_GLASS).astype(np.uint8)
     mask[lesion_mask(spec)] = MASK_LESION
+    mask[follicle_mask(spec)] = MASK_FOLLICLE
     return mask
+
+
+def _mask_boxes(mask: np.ndarray, size: tuple[int, int]) -> list[list[int]]:
+    """Bounding boxes [x0, y0, x1, y1] in level-0 px of each connected region of a coarse-grid mask."""
+    labels, _ = ndimage.label(mask)
+    width, height = size
+    return [[sl[1].start * FIELD_STEP, sl[0].start * FIELD_STEP, min(sl[1].stop * FIELD_STEP, width),
+             min(sl[0].stop * FIELD_STEP, height)] for sl in ndimage.find_objects(labels)]
 
 
 def lesion_boxes(spec: SlideSpec) -> list[list[int]]:
     """Bounding boxes [x0, y0, x1, y1] in level-0 px of each connected lesion region."""
-    labels, _ = ndimage.label(lesion_mask(spec))
-    width, height = spec.size
-    return [[sl[1].start * FIELD_STEP, sl[0].start * FIELD_STEP, min(sl[1].stop * FIELD_STEP, width),
-             min(sl[0].stop * FIELD_STEP, height)] for sl in ndimage.find_objects(labels)]
+    return _mask_boxes(lesion_mask(spec), spec.size)
+
+
+def gap_um(a: np.ndarray, b: np.ndarray) -> float:
+    """Least distance (µm) between the centres of a pixel of coarse-grid mask ``a`` and one of mask ``b``."""
+    return float(ndimage.distance_transform_edt(~a)[b].min()) * FIELD_STEP * MPP
+
+
+def context_layout(spec: SlideSpec) -> dict:
+    """Where a context slide's tumour focus A and follicle B lie: their boxes [x0, y0, x1, y1] (level-0 px),
+    mask areas (µm²) and the gap between them (:func:`gap_um`), as recorded in ``synth.json``."""
+    a, b = lesion_mask(spec), follicle_mask(spec)
+    pixel_um2 = (FIELD_STEP * MPP) ** 2
+    return {"tumour_bbox": _mask_boxes(a, spec.size)[0], "follicle_bbox": _mask_boxes(b, spec.size)[0],
+            "tumour_area_um2": float(a.sum() * pixel_um2), "follicle_area_um2": float(b.sum() * pixel_um2),
+            "gap_um": round(gap_um(a, b), 3)}
 
 
 def write_slide(spec: SlideSpec, path: str | Path, *, quality: int = 90,
@@ -1046,11 +1342,12 @@ def _write_one(job: dict) -> dict:
     out = Path(job["out_dir"])
     write_slide(spec, out / job["path"], quality=params.quality)
     Image.fromarray(label_mask(spec)).save(out / job["mask"])
-    return {
+    info = {
         "slide_id": job["slide_id"], "case_id": job["case_id"], "label": job["label"], "split": job["split"],
         "seed": params.seed, "size": list(spec.size), "lesion_fraction": round(spec.lesion_fraction, 5),
         "lesion_bboxes": lesion_boxes(spec), "mask": job["mask"], "mask_downsample": spec.mask_downsample,
     }
+    return {**info, **context_layout(spec)} if params.task == "context" else info
 
 
 def _assign_splits(rng: np.random.Generator, n_cases: int, splits: Sequence[float]) -> list[int]:
@@ -1070,9 +1367,9 @@ def _assign_splits(rng: np.random.Generator, n_cases: int, splits: Sequence[floa
 def synthesize_cohort(
     out_dir: str | Path,
     *,
-    classes: int = 3,
+    classes: int | None = None,
     slides_per_class: int = 10,
-    size: tuple[int, int] = (8192, 8192),
+    size: tuple[int, int] | None = None,
     seed: int = 0,
     workers: int = 1,
     splits: tuple[float, float, float] = (0.6, 0.2, 0.2),
@@ -1082,20 +1379,29 @@ def synthesize_cohort(
 ) -> Path:
     """Write a synthetic cohort and return the path of its ``cohort.csv``.
 
-    Layout: ``slides/<slide_id>.svs``, ``masks/<slide_id>.png`` (255 lesion, 128 other tissue, 0 glass;
-    one pixel per ``mask_downsample`` level-0 px), ``cohort.csv`` (``slide_id,path,label,split,case_id``, paths relative
-    to it) and ``synth.json`` (parameters, generator version, per-slide label, size, lesion fraction and
-    lesion boxes). About a quarter of the cases hold two slides of the same label (and staining run);
-    splits (train/val/test) are drawn per case and stratified by class.
+    Layout: ``slides/<slide_id>.svs``, ``masks/<slide_id>.png`` (255 lesion, 192 follicle (context task),
+    128 other tissue, 0 glass; one pixel per ``mask_downsample`` level-0 px), ``cohort.csv``
+    (``slide_id,path,label,split,case_id``, paths relative to it) and ``synth.json`` (parameters, generator
+    version, per-slide label, size, lesion fraction and lesion boxes; context task: also A's and B's boxes
+    and areas and their gap, see :func:`context_layout`). About a quarter of the cases hold two slides of the
+    same label (and staining run); splits (train/val/test) are drawn per case and stratified by class.
 
     Args:
-        params: template for the other knobs (lesion fraction, stain variation, …); ``classes``,
+        classes: number of classes of the morphology task (default ``params.classes``); the context task
+            has two, ``near`` and ``far``.
+        size: level-0 (width, height) in px (default ``params.size``, which defaults by task).
+        params: template for the other knobs (task, lesion fraction, stain variation, …); ``classes``,
             ``size`` and ``seed`` given here take precedence.
         size_jitter: each side of each slide is ``size`` × U(1 − jitter, 1 + jitter), so sizes and aspect
-            ratios vary.
+            ratios vary; context task: × U(1, 1 + jitter), since ``size`` is what its layout needs.
         workers: slides written in parallel processes.
     """
-    base = replace(params or SynthParams(), classes=classes, size=tuple(size), seed=seed)
+    base = params or SynthParams()
+    if classes is not None:
+        if base.task == "context" and classes != len(CONTEXT_CLASSES):
+            raise ConfigError(f"the context task has two classes ({', '.join(CONTEXT_CLASSES)}), not {classes}")
+        base = replace(base, classes=classes)
+    base = replace(base, size=tuple(size or base.size), seed=seed)
     base.validate()
     if len(splits) != 3 or min(splits) < 0 or sum(splits) <= 0:
         raise ConfigError(f"splits must be three non-negative shares (train, val, test), not {splits}")
@@ -1107,13 +1413,14 @@ def synthesize_cohort(
     rng = np.random.default_rng([seed, 0xC0])
     split_names = ("train", "val", "test")
 
+    names = class_names(base.classes, base.task)
     cases: list[tuple[str, int]] = []  # (label, slides in the case)
-    for label in class_names(classes):
+    for label in names:
         pairs = min(slides_per_class // 4, max(0, slides_per_class - 3))
         sizes = [2] * pairs + [1] * (slides_per_class - 2 * pairs)
         cases += [(label, k) for k in sizes]
     split_of_case = np.zeros(len(cases), np.int64)
-    for label in class_names(classes):
+    for label in names:
         idx = [i for i, (lab, _) in enumerate(cases) if lab == label]
         split_of_case[idx] = _assign_splits(rng, len(idx), splits)
 
@@ -1121,10 +1428,11 @@ def synthesize_cohort(
     order = rng.permutation(len(slides))  # slide ids say nothing about the class
     slide_seeds = rng.integers(0, 2**31, len(slides))
     case_stain = rng.integers(0, 2**31, len(cases))
+    low = 1.0 if base.task == "context" else 1 - size_jitter
     jobs = []
     for number, s in enumerate(order):
         case, label, _ = slides[s]
-        w, h = (max(256, round(side * rng.uniform(1 - size_jitter, 1 + size_jitter))) for side in size)
+        w, h = (max(256, round(side * rng.uniform(low, 1 + size_jitter))) for side in base.size)
         slide_id = f"synth-{number:04d}"
         jobs.append({
             "params": {**asdict(base), "size": (w, h), "seed": int(slide_seeds[s])}, "label": label,
@@ -1159,8 +1467,9 @@ def synthesize_cohort(
     meta = {
         "generator": "wsilocal.slide.synth", "version": GENERATOR_VERSION, "mpp": MPP, "app_mag": APP_MAG,
         "params": asdict(base), "slides_per_class": slides_per_class, "splits": list(splits),
-        "size_jitter": size_jitter, "mask_downsample": FIELD_STEP,
-        "mask_values": {"glass": MASK_GLASS, "tissue": MASK_TISSUE, "lesion": MASK_LESION},
+        "size_jitter": size_jitter, "mask_downsample": FIELD_STEP, "classes": names,
+        "mask_values": {"glass": MASK_GLASS, "tissue": MASK_TISSUE, "lesion": MASK_LESION,
+                        **({"follicle": MASK_FOLLICLE} if base.task == "context" else {})},
         "slides": {job["slide_id"]: results[job["slide_id"]] for job in jobs},
     }
     (out / "synth.json").write_text(json.dumps(meta, indent=1))
@@ -1171,14 +1480,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m wsilocal.slide.synth OUT_DIR [options]``: write a synthetic cohort."""
     parser = argparse.ArgumentParser(description="Write a synthetic H&E-like whole-slide cohort.")
     parser.add_argument("out_dir")
-    parser.add_argument("--classes", type=int, default=3)
+    parser.add_argument("--task", choices=TASKS, default="morphology")
+    parser.add_argument("--classes", type=int, help="morphology task: number of classes (default 3)")
     parser.add_argument("--slides-per-class", type=int, default=10)
-    parser.add_argument("--size", type=int, nargs=2, default=(8192, 8192), metavar=("WIDTH", "HEIGHT"))
+    parser.add_argument("--size", type=int, nargs=2, metavar=("WIDTH", "HEIGHT"),
+                        help="level-0 px (default: 8192 8192, context task 28800 12800)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     path = synthesize_cohort(args.out_dir, classes=args.classes, slides_per_class=args.slides_per_class,
-                             size=tuple(args.size), seed=args.seed, workers=args.workers)
+                             size=args.size and tuple(args.size), seed=args.seed, workers=args.workers,
+                             params=SynthParams(task=args.task))
     print(path)
 
 
