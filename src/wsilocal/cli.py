@@ -90,7 +90,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides)
     else:
         config = config_from_dict(overrides, TrainConfig)
-    result = train(config.validate(), resume=bool(args.resume))
+    config.validate()
+    from wsilocal.train.distributed import relaunch_under_torchrun, torchrun_environment
+    from wsilocal.train.trainer import resolve_device
+
+    launched = torchrun_environment()
+    if args.devices > 1 and launched is None:  # not yet started by torchrun: start N copies of this command
+        return relaunch_under_torchrun(args.devices, args.argv, resolve_device(config.device))
+    result = train(config, resume=bool(args.resume))
+    if launched is not None and launched[0] != 0:
+        return 0  # rank 0 reports for every rank
     best = result.best_val
     print(f"run {result.run_dir}: best epoch {result.best_epoch}, validation balanced accuracy "
           f"{best.get('balanced_accuracy', float('nan')):.3f}, AUROC {best.get('auroc') or float('nan'):.3f}")
@@ -212,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (config file and/or --options)")
     p.add_argument("config", nargs="?", help="YAML config; every key can be overridden with --key value")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine (one per GPU; CPU: gloo), via torchrun")
     add_config_arguments(p)
     p.set_defaults(func=cmd_train)
 
@@ -256,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = bench.add_parser("memory", help="peak saved-for-backward bytes, peak RSS and step time per K and size")
     add_memory_arguments(q)
     q.set_defaults(func=memory_main)
+
+    from wsilocal.bench.scaling import add_scaling_arguments, scaling_main
+
+    q = bench.add_parser("scaling", help="training throughput with 1 and 2 processes, with/without all-reduce overlap")
+    add_scaling_arguments(q)
+    q.set_defaults(func=scaling_main)
 
     p = sub.add_parser("demo", help="synthetic cohort → prepare → train K=4 → evaluate, in one command")
     p.add_argument("--out", default="demo_out", help="folder for the cohort, cache and run")

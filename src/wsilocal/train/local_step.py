@@ -9,6 +9,7 @@ frozen); modules after the last active one are not run at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,7 @@ def local_training_step(
     class_weight: torch.Tensor | None = None,
     loss_scale: float = 1.0,
     generator: torch.Generator | None = None,
+    on_module_backward: Callable[[int], None] | None = None,
 ) -> StepResult:
     """Forward/loss/backward module by module; gradients accumulate in ``.grad`` (scaled by ``loss_scale``).
 
@@ -48,6 +50,8 @@ def local_training_step(
         class_weight: optional per-class CE weights.
         loss_scale: multiplies every loss before backward (1 / gradient-accumulation steps).
         generator: random stream for the RFR patch locations.
+        on_module_backward: called with ``i`` as soon as module i's backward is over, while module i+1 has
+            not started: distributed training starts the all-reduce of module i's gradients there.
     """
     k = len(net.stages)
     active = active if active is not None else range(k)
@@ -71,6 +75,8 @@ def local_training_step(
             cls_loss = F.cross_entropy(logits, target, weight=class_weight)
             loss = cls_loss
         (loss * loss_scale).backward()
+        if on_module_backward is not None:
+            on_module_backward(i)
         result.cls_losses.append(float(cls_loss.detach()))
         result.logits.append(logits.detach())
         x = x_out.detach()  # the graph of module i is freed here; module i+1 starts a new one

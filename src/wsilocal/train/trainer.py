@@ -19,6 +19,12 @@ the final classifier. Both are a list of *phases* over which the same epoch loop
 Reproducibility: data order, augmentation, RFR locations and dropout draw from seeds derived from
 (seed, phase, epoch, slide), and resume restores model, optimizer, scheduler and counters at an epoch
 boundary, so ``--resume`` ends with the same weights as an uninterrupted run.
+
+Several processes (``torchrun``, or ``wsilocal train --devices N``; see :mod:`wsilocal.train.distributed`):
+rank r trains on the positions ``r, r+N, r+2N, …`` of each epoch's order, gradients are summed over ranks
+once per optimizer step, validation predictions are gathered in cohort order, and only rank 0 touches the
+run directory. Because every slide's random draws depend on the slide, not on what ran before it, N
+processes with accumulation A compute what one process with accumulation N×A computes.
 """
 
 from __future__ import annotations
@@ -42,11 +48,12 @@ from wsilocal.models.local_net import LocalNet
 from wsilocal.models.resnet import calibrate_batchnorm, load_resnet34_weights
 from wsilocal.models.split import BlockBoundaries, block_boundaries
 from wsilocal.runtime import tune_cpu_allocator
-from wsilocal.slide.cache import PrepareSettings, channel_stats, format_summary, prepare_cohort
+from wsilocal.slide.cache import PrepareResult, PrepareSettings, channel_stats, format_summary, prepare_cohort
 from wsilocal.slide.cohort import Cohort, load_cohort
 from wsilocal.train.checkpoint import load_checkpoint, save_checkpoint
 from wsilocal.train.data import Augmentation, CachedSlides, sample_generator
-from wsilocal.train.local_step import forward_all_classifiers, local_training_step
+from wsilocal.train.distributed import DistContext, GradientAllReduce, distributed_session
+from wsilocal.train.local_step import StepResult, forward_all_classifiers, local_training_step
 from wsilocal.train.metrics import classification_metrics, plot_learning_curves
 
 log = logging.getLogger("wsilocal")
@@ -133,9 +140,21 @@ def _phases(config: TrainConfig, k: int) -> list[range]:
     return [range(0, k)] if config.schedule == "simultaneous" else [range(i, i + 1) for i in range(k)]
 
 
+def module_parameters(net: LocalNet, i: int) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """Trainable parameters of module i: its part of the trunk, and its auxiliary model (H for the last)."""
+    trunk = [p for p in net.stages[i].parameters() if p.requires_grad]
+    return trunk, list((net.aux[i] if i < len(net.aux) else net.head).parameters())
+
+
+def gradient_buckets(net: LocalNet, phase: range) -> dict[int, list[torch.nn.Parameter]]:
+    """What distributed training sums across ranks after each module's backward: module i's parameters."""
+    return {i: [p for part in module_parameters(net, i) for p in part] for i in phase}
+
+
 def _phase_parameters(net: LocalNet, phase: range, config: TrainConfig) -> list[dict]:
-    trunk = [p for i in phase for p in net.stages[i].parameters() if p.requires_grad]
-    heads = [p for i in phase for p in (net.aux[i] if i < len(net.aux) else net.head).parameters()]
+    parts = [module_parameters(net, i) for i in phase]
+    trunk = [p for part, _ in parts for p in part]
+    heads = [p for _, part in parts for p in part]
     groups = [{"params": heads, "lr": config.lr_aux}]
     if trunk:
         groups.insert(0, {"params": trunk, "lr": config.lr_trunk})
@@ -162,29 +181,38 @@ def check_trainable_size(image: torch.Tensor, slide_id: str, source: str, config
 
 @torch.no_grad()
 def evaluate_samples(net: LocalNet, samples: CachedSlides, device: torch.device, upto: int | None = None,
-                     progress: bool = False, desc: str = "validate") -> dict:
-    """Probabilities of the final classifier (or of module ``upto``'s) and of each auxiliary classifier."""
+                     progress: bool = False, desc: str = "validate", ctx: DistContext | None = None) -> dict:
+    """Probabilities of the final classifier (or of module ``upto``'s) and of each auxiliary classifier.
+
+    With a distributed ``ctx`` each rank evaluates its share of the slides and every rank returns the
+    gathered results in sample order: each slide counted once, as in one process.
+    """
+    ctx = ctx or DistContext(device=device)
     net.eval()
-    final_probs, aux_probs, losses, ids = [], [], [], []
-    for index in tqdm(range(len(samples)), desc=desc, unit="slide", leave=False, disable=not progress):
+    records = []  # (sample index, loss, final probabilities, auxiliary probabilities, slide id)
+    for index in tqdm(ctx.shard(range(len(samples))), desc=desc, unit="slide", leave=False, disable=not progress):
         image, label, slide_id = samples.get(index)
         outputs = forward_all_classifiers(net, image.to(device), upto=upto)
         logits = outputs[-1]
-        losses.append(float(F.cross_entropy(logits, torch.tensor([label], device=device))))
-        final_probs.append(torch.softmax(logits, 1)[0].cpu().numpy())
-        aux_probs.append([torch.softmax(o, 1)[0].cpu().numpy() for o in outputs[:-1]])
-        ids.append(slide_id)
+        records.append((index, float(F.cross_entropy(logits, torch.tensor([label], device=device))),
+                        torch.softmax(logits, 1)[0].cpu().numpy(),
+                        [torch.softmax(o, 1)[0].cpu().numpy() for o in outputs[:-1]], slide_id))
+    records = sorted((r for part in ctx.gather_objects(records) for r in part), key=lambda r: r[0])
+    _, losses, final_probs, aux_probs, ids = zip(*records, strict=True) if records else ([], [], [], [], [])
     return {
         "probabilities": np.array(final_probs),
-        "aux_probabilities": aux_probs,
+        "aux_probabilities": list(aux_probs),
         "labels": np.array(samples.labels),
         "loss": float(np.mean(losses)) if losses else math.nan,
-        "slide_ids": ids,
+        "slide_ids": list(ids),
     }
 
 
 class Trainer:
-    """Trains one run directory from a :class:`TrainConfig`; ``run()`` does everything."""
+    """Trains one run directory from a :class:`TrainConfig`; ``run()`` does everything.
+
+    Under torchrun (or inside a process group the caller started) it is one rank of a distributed run.
+    """
 
     def __init__(self, config: TrainConfig, progress: bool = True, resume: bool = False):
         self.config = config.validate()
@@ -192,16 +220,31 @@ class Trainer:
         self.resume = resume
         self.run_dir = Path(config.out)
         self.warnings: list[str] = []
+        self.ctx = DistContext()
 
-    # --- set-up -------------------------------------------------------------------------------
-    def _prepare_data(self) -> tuple[Cohort, CachedSlides, CachedSlides, dict[str, str]]:
+    # --- set-up (file access on rank 0 only; the results are shared with every rank) -------------
+    def _open_run_dir(self) -> dict | None:
+        """Check the run directory, start the log; the saved ``model.json`` of an earlier start, if any."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.resume and (self.run_dir / "checkpoint_last.pt").exists():
+            raise ConfigError(f"{self.run_dir}: run directory already holds a run; use --resume to continue it "
+                              "or choose another --out")
+        setup_logging(self.run_dir)
+        meta_file = self.run_dir / "model.json"
+        return json.loads(meta_file.read_text()) if meta_file.exists() else None
+
+    def _prepare_data(self, saved_meta: dict | None) -> tuple[Cohort, CachedSlides, CachedSlides, dict[str, str]]:
         config = self.config
-        classes_file = self.run_dir / "model.json"
-        saved_classes = json.loads(classes_file.read_text())["classes"] if classes_file.exists() else None
-        cohort = load_cohort(config.cohort, classes=saved_classes, allow_outside=config.allow_outside_paths)
-        settings = PrepareSettings(mpp=config.mpp, assume_mpp=config.assume_mpp, max_pixels=config.max_pixels)
-        result, _ = prepare_cohort(cohort, config.resolved_cache(), settings, workers=config.workers,
-                                   progress=self.progress)
+
+        def prepare() -> tuple[Cohort, PrepareResult]:  # rank 0 fills the cache; the others read it
+            cohort = load_cohort(config.cohort, classes=saved_meta["classes"] if saved_meta else None,
+                                 allow_outside=config.allow_outside_paths)
+            settings = PrepareSettings(mpp=config.mpp, assume_mpp=config.assume_mpp, max_pixels=config.max_pixels)
+            result, _ = prepare_cohort(cohort, config.resolved_cache(), settings, workers=config.workers,
+                                       progress=self.progress)
+            return cohort, result
+
+        cohort, result = self.ctx.on_main(prepare)
         if result.skipped:
             log.warning("skipped slides:\n%s", format_summary(cohort, result))
             self.warnings.extend(f"skipped {sid}: {why}" for sid, why in result.skipped.items())
@@ -212,9 +255,8 @@ class Trainer:
         if not val_slides:
             raise WsilocalError(f"{config.cohort}: no validation slide (split 'val') could be prepared")
         mean, std = channel_stats(result.entries[s.slide_id] for s in train_slides)
-        if classes_file.exists():  # a resumed run keeps the normalisation it started with
-            saved = json.loads(classes_file.read_text())
-            mean, std = saved["mean"], saved["std"]
+        if saved_meta:  # a resumed run keeps the normalisation it started with
+            mean, std = saved_meta["mean"], saved_meta["std"]
         aug = Augmentation(config.augment, config.edge_crop, config.color_jitter)
 
         def samples(slides, augmentation):
@@ -231,27 +273,32 @@ class Trainer:
             return
         self.warnings.append(RANDOM_INIT_WARNING)
         log.warning(RANDOM_INIT_WARNING)
-        tqdm.write(RANDOM_INIT_WARNING)
-        n = min(self.config.calibration_slides, len(train))
-        images = (train.get(i)[0].to(self.device) for i in range(n))
-        calibrate_batchnorm(net.trunk, images)
+        if self.progress:
+            tqdm.write(RANDOM_INIT_WARNING)
+        if self.ctx.is_main:  # the other ranks receive these statistics with the weights (broadcast_module)
+            n = min(self.config.calibration_slides, len(train))
+            images = (train.get(i)[0].to(self.device) for i in range(n))
+            calibrate_batchnorm(net.trunk, images)
 
     # --- the loop -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        config = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not self.resume and (self.run_dir / "checkpoint_last.pt").exists():
-            raise ConfigError(f"{self.run_dir}: run directory already holds a run; use --resume to continue it "
-                              "or choose another --out")
-        setup_logging(self.run_dir)
         tune_cpu_allocator()
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        self.device = resolve_device(config.device)
-        cohort, train, val, skipped = self._prepare_data()
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        with distributed_session(resolve_device(self.config.device)) as ctx:
+            self.ctx, self.device = ctx, ctx.device
+            self.progress = self.progress and ctx.is_main
+            if not ctx.is_main:
+                log.setLevel(logging.ERROR)  # rank 0 logs for everyone
+            return self._run()
+
+    def _run(self) -> TrainResult:
+        config, ctx = self.config, self.ctx
+        saved_meta = ctx.on_main(self._open_run_dir)
+        cohort, train, val, skipped = self._prepare_data(saved_meta)
         classes = list(cohort.classes)
         signature = model_signature(config, classes)
-        saved = json.loads((self.run_dir / "model.json").read_text()) if self.resume else {}
+        saved = saved_meta if self.resume and saved_meta else {}
         largest = max(train.entries, key=lambda e: e.height * e.width)
         torch.manual_seed(config.seed)  # the initial weights of the model are part of the run's seed
         net = build_model(config, len(classes), saved.get("block_boundaries"),
@@ -262,17 +309,24 @@ class Trainer:
 
         state = None
         if self.resume:
-            state = load_checkpoint(self.run_dir / "checkpoint_last.pt", expected_signature=signature)
+            state = ctx.on_main(lambda: load_checkpoint(self.run_dir / "checkpoint_last.pt",
+                                                        expected_signature=signature))
             net.load_state_dict(state["model"])
             self.warnings = state.get("warnings", [])
         else:
             self._initialise_trunk(net, train)
-            save_config(config, self.run_dir / "config.yaml")
-            meta = {"classes": classes, "mean": self.mean, "std": self.std,
-                    "block_boundaries": list(block_boundaries(net.split))}
-            (self.run_dir / "model.json").write_text(json.dumps(meta, indent=1))
+            if ctx.is_main:
+                save_config(config, self.run_dir / "config.yaml")
+                meta = {"classes": classes, "mean": self.mean, "std": self.std,
+                        "block_boundaries": list(block_boundaries(net.split))}
+                (self.run_dir / "model.json").write_text(json.dumps(meta, indent=1))
+        ctx.broadcast_module(net)  # every rank starts from rank 0's weights and BatchNorm statistics
         log.info("model:\n%s", net.describe())
         log.info("train %d slides, validation %d slides, classes %s", len(train), len(val), classes)
+        if ctx.distributed:
+            log.info("distributed: %d processes (%s), effective batch %d slides per optimizer step = %d processes "
+                     "× accumulation %d", ctx.world_size, ctx.device.type, ctx.world_size * config.accumulation,
+                     ctx.world_size, config.accumulation)
 
         history: list[dict] = state["history"] if state else []
         phase_index = state["phase"] if state else 0
@@ -295,7 +349,8 @@ class Trainer:
             while epoch < config.epochs:
                 row = self._train_epoch(net, train, phase, p, epoch, optimizer, class_weight, k)
                 is_last_module = phase.stop == k
-                evaluation = evaluate_samples(net, val, self.device, upto=phase.stop, progress=self.progress)
+                evaluation = evaluate_samples(net, val, self.device, upto=phase.stop, progress=self.progress,
+                                              ctx=ctx)
                 val_metrics = classification_metrics(evaluation["probabilities"], evaluation["labels"], classes)
                 row.update(self._val_row(evaluation, val_metrics, classes))
                 scheduler.step(evaluation["loss"])
@@ -331,60 +386,84 @@ class Trainer:
             "skipped": skipped,
             "warnings": self.warnings,
             "model": net.describe(),
+            "processes": ctx.world_size,
+            "effective_batch": ctx.world_size * config.accumulation,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if ctx.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return TrainResult(self.run_dir, best["epoch"], best["val"], history, skipped, self.warnings)
 
     def _train_epoch(self, net, train: CachedSlides, phase: range, phase_no: int, epoch: int, optimizer,
                      class_weight, k: int) -> dict:
-        config = self.config
-        torch.manual_seed(config.seed * 1_000_003 + phase_no * 10_007 + epoch)  # dropout stream of this epoch
+        config, ctx = self.config, self.ctx
         net.train()
         for i in range(phase.start):  # frozen earlier modules (greedy) stay in eval
             net.stages[i].eval()
-        order = train.epoch_order(epoch + 1000 * phase_no)
+        stream = epoch + 1000 * phase_no  # seeds the order and each slide's augmentation, RFR and dropout
+        order = train.epoch_order(stream)
+        # One optimizer step per group of `per_step` consecutive slides of the order; rank r takes the
+        # positions ≡ r (mod world size) — groups start at multiples of the world size, so that is the
+        # same as r's share of each group.
+        per_step = ctx.world_size * config.accumulation
+        reducer = GradientAllReduce(gradient_buckets(net, phase)) if ctx.distributed else None
         optimizer.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        final_losses, correct, aux_losses = [], 0, []
-        n_since_step = 0
-        bar = tqdm(order, desc=f"phase {phase_no} epoch {epoch}" if len(_phases(config, k)) > 1 else f"epoch {epoch}",
-                   unit="slide", leave=False, disable=not self.progress)
-        for position, index in enumerate(bar):
-            image, label, slide_id = train.get(index, epoch + 1000 * phase_no)
-            check_trainable_size(image, slide_id, train.entries[index].source, config)
-            # The accumulation group may be shorter at the end of the epoch: scale by its true size.
-            group = min(config.accumulation, len(order) - (position // config.accumulation) * config.accumulation)
-            try:
-                result = local_training_step(
-                    net, image.to(self.device), label, active=phase, alpha=config.alpha,
-                    class_weight=class_weight, loss_scale=1.0 / group,
-                    generator=sample_generator(config.seed + 1, epoch + 1000 * phase_no, index),
-                )
-            except (RuntimeError, MemoryError) as exc:
-                if "memory" not in str(exc).lower():
-                    raise
-                raise SlideError(train.entries[index].source,
-                                 f"out of memory on slide {slide_id} ({image.shape[-1]}×{image.shape[-2]} px); "
-                                 "use more modules (--k 8), --recompute, a coarser --mpp, or a smaller "
-                                 "--max-train-pixels to refuse such slides up front") from None
-            n_since_step += 1
-            if n_since_step == group:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                n_since_step = 0
-            final_losses.append(result.cls_losses[-1])
-            correct += int(result.logits[-1].argmax(1).item() == label)
-            aux_losses.append(result.rfr_losses)
-            bar.set_postfix(loss=f"{np.mean(final_losses):.3f}")
+        records = []  # (position in the order, final-classifier loss, correct, RFR losses) of this rank's slides
+        desc = f"phase {phase_no} epoch {epoch}" if len(_phases(config, k)) > 1 else f"epoch {epoch}"
+        bar = tqdm(total=len(ctx.shard(order)), desc=desc, unit="slide", leave=False, disable=not self.progress)
+        for first in range(0, len(order), per_step):
+            group = list(enumerate(order[first : first + per_step], start=first))
+            mine = ctx.shard(group)
+            for n, (position, index) in enumerate(mine):
+                # The group may be shorter at the end of the epoch: scale by its true size. Gradients are
+                # summed over ranks once, on this rank's last slide of the group.
+                sync = reducer.launch if reducer is not None and n == len(mine) - 1 else None
+                result, label = self._train_slide(net, train, index, phase, stream, class_weight,
+                                                  1.0 / len(group), sync)
+                records.append((position, result.cls_losses[-1], int(result.logits[-1].argmax(1).item() == label),
+                                result.rfr_losses))
+                bar.update()
+                bar.set_postfix(loss=f"{np.mean([r[1] for r in records]):.3f}")
+            if reducer is not None:
+                reducer.finish()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        bar.close()
+        ctx.average_running_statistics(net)
+        records = sorted((r for part in ctx.gather_objects(records) for r in part), key=lambda r: r[0])
         row = {
             "phase": phase_no, "epoch": epoch, "modules": [phase.start, phase.stop],
-            "train_loss": float(np.mean(final_losses)),
-            "train_accuracy": correct / len(order),
+            "train_loss": float(np.mean([r[1] for r in records])),
+            "train_accuracy": sum(r[2] for r in records) / len(order),
             "seconds": time.perf_counter() - start,
         }
-        if aux_losses and aux_losses[0]:
-            row["train_rfr_loss"] = [float(v) for v in np.mean(np.array(aux_losses), axis=0)]
+        if records and records[0][3]:
+            row["train_rfr_loss"] = [float(v) for v in np.mean(np.array([r[3] for r in records]), axis=0)]
         return row
+
+    def _train_slide(self, net: LocalNet, train: CachedSlides, index: int, phase: range, stream: int,
+                     class_weight, loss_scale: float, on_module_backward) -> tuple[StepResult, int]:
+        """One slide's local training step (gradients accumulate); its result and label."""
+        config = self.config
+        image, label, slide_id = train.get(index, stream)
+        check_trainable_size(image, slide_id, train.entries[index].source, config)
+        # Dropout draws from a stream of this slide alone, so it does not matter which rank runs the slide.
+        torch.manual_seed(sample_generator(config.seed + 2, stream, index).initial_seed())
+        try:
+            result = local_training_step(
+                net, image.to(self.device), label, active=phase, alpha=config.alpha,
+                class_weight=class_weight, loss_scale=loss_scale,
+                generator=sample_generator(config.seed + 1, stream, index),
+                on_module_backward=on_module_backward,
+            )
+        except (RuntimeError, MemoryError) as exc:
+            if "memory" not in str(exc).lower():
+                raise
+            raise SlideError(train.entries[index].source,
+                             f"out of memory on slide {slide_id} ({image.shape[-1]}×{image.shape[-2]} px); "
+                             "use more modules (--k 8), --recompute, a coarser --mpp, or a smaller "
+                             "--max-train-pixels to refuse such slides up front") from None
+        return result, label
 
     @staticmethod
     def _val_row(evaluation: dict, metrics: dict, classes: list[str]) -> dict:
@@ -397,12 +476,16 @@ class Trainer:
         return row
 
     def _save(self, net: LocalNet, path: Path, signature: dict, classes: list[str], extra: dict | None = None):
+        if not self.ctx.is_main:
+            return
         save_checkpoint({
             "model": net.state_dict(), "signature": signature, "classes": classes,
             "mean": self.mean, "std": self.std, "config": asdict(self.config), **(extra or {}),
         }, path)
 
     def _write_metrics(self, history: list[dict]) -> None:
+        if not self.ctx.is_main:
+            return
         (self.run_dir / "metrics.json").write_text(json.dumps(history, indent=1))
         keys = sorted({k for row in history for k in row if not isinstance(row[k], list)})
         with open(self.run_dir / "metrics.csv", "w", newline="") as handle:
