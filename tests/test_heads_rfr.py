@@ -208,3 +208,17 @@ def test_auxiliary_model_losses(trunk):
     without = AuxiliaryModel(spec, n_classes=3, rfr=False)
     plain = without(x_in, x_out, y)
     assert without.rfr is None and float(plain["rfr"]) == 0 and torch.equal(plain["total"], plain["cls"])
+
+
+def test_slide_cross_entropy_applies_the_class_weight_to_a_single_slide():
+    from wsilocal.models.heads import slide_cross_entropy
+
+    logits = torch.tensor([[0.3, -1.2, 2.0]])
+    weight = torch.tensor([0.5, 3.0, 1.5])
+    for label in range(3):
+        target = torch.tensor([label])
+        plain = torch.nn.functional.cross_entropy(logits, target)
+        assert torch.allclose(slide_cross_entropy(logits, target), plain)
+        assert torch.allclose(slide_cross_entropy(logits, target, weight), plain * weight[label])
+        # the reason for the helper: torch's weighted mean over one sample cancels the weight
+        assert torch.allclose(torch.nn.functional.cross_entropy(logits, target, weight=weight), plain)

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from wsilocal.models.heads import slide_cross_entropy
 from wsilocal.models.local_net import LocalNet
 
 
@@ -72,7 +72,7 @@ def local_training_step(
             result.rfr_losses.append(float(aux["rfr"].detach()))
         else:
             logits, _ = net.head(x_out)
-            cls_loss = F.cross_entropy(logits, target, weight=class_weight)
+            cls_loss = slide_cross_entropy(logits, target, class_weight)
             loss = cls_loss
         (loss * loss_scale).backward()
         if on_module_backward is not None:
