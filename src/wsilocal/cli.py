@@ -119,7 +119,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from wsilocal.infer.predict import Predictor, cohort_slides, format_run, named_slides, predict_slides
+    import torch
+
+    from wsilocal.infer.predict import (
+        Predictor,
+        bfloat16_is_native,
+        cohort_slides,
+        format_run,
+        named_slides,
+        predict_slides,
+    )
 
     if bool(args.slides) == bool(args.cohort):
         raise WsilocalError("give slide files or --cohort CSV (not both)")
@@ -127,7 +136,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise WsilocalError("--split selects slides of a --cohort CSV")
     budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
     predictor = Predictor.from_run(args.run, args.checkpoint, device=args.device, memory_budget=budget,
-                                   tile=args.tile, assume_mpp=args.assume_mpp)
+                                   tile=args.tile, assume_mpp=args.assume_mpp,
+                                   dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    if args.bf16 and not bfloat16_is_native(predictor.device):
+        print(f"warning: {predictor.device} has no native bfloat16 (CPUs need AVX-512 BF16 or AMX): PyTorch "
+              "emulates it, many times slower than float32; drop --bf16 here", file=sys.stderr)
     slides = cohort_slides(args.cohort, predictor.classes, args.split) if args.cohort else named_slides(args.slides)
     run = predict_slides(predictor, slides, args.out, heatmap=args.heatmap)
     print(format_run(run))
@@ -246,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=1536, help="tile edge in px at the run's MPP, tiled mode (default 1536)")
     p.add_argument("--assume-mpp", type=float, help="µm/px of slides without resolution metadata")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--bf16", action="store_true",
+                   help="run the trunk in bfloat16 (fast on GPUs and CPUs with AVX-512 BF16/AMX, emulated and "
+                        "far slower elsewhere; see docs/inference.md)")
     p.set_defaults(func=cmd_predict)
 
     from wsilocal.models.mil import MIL_MODELS
@@ -267,12 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
     q = bench.add_parser("memory", help="peak saved-for-backward bytes, peak RSS and step time per K and size")
     add_memory_arguments(q)
     q.set_defaults(func=memory_main)
-
     from wsilocal.bench.scaling import add_scaling_arguments, scaling_main
 
     q = bench.add_parser("scaling", help="training throughput with 1 and 2 processes, with/without all-reduce overlap")
     add_scaling_arguments(q)
     q.set_defaults(func=scaling_main)
+    from wsilocal.bench.speed import add_speed_arguments, speed_main
+
+    q = bench.add_parser("speed", help="whole-slide inference vs the tile pipeline (tiling, ResNet34 features, "
+                                       "gated ABMIL) per slide size; peak RSS; bfloat16")
+    add_speed_arguments(q)
+    q.set_defaults(func=speed_main)
+    from wsilocal.bench.accuracy import accuracy_main, add_accuracy_arguments
+
+    q = bench.add_parser("accuracy", help="the paper's Tables 1 and 4 on synthetic cohorts: all methods, several seeds")
+    add_accuracy_arguments(q)
+    q.set_defaults(func=accuracy_main)
+    from wsilocal.bench.report import add_all_arguments, all_main
+
+    q = bench.add_parser("all", help="accuracy, memory, speed and scaling benchmarks and one report.md")
+    add_all_arguments(q)
+    q.set_defaults(func=all_main)
 
     p = sub.add_parser("demo", help="synthetic cohort → prepare → train K=4 → evaluate, in one command")
     p.add_argument("--out", default="demo_out", help="folder for the cohort, cache and run")

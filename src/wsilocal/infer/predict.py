@@ -6,6 +6,10 @@ finds it (same overview resolution, margin and size limit), and the tissue box i
 resolution through the trunk — the whole image at once when that fits the memory budget, in exact
 overlapping tiles otherwise (:func:`wsilocal.infer.tiled.trunk_forward`). No cache is written, and the
 pixels are those the cache would hold, so a prediction equals what ``wsilocal evaluate`` computes.
+
+The trunk can run in bfloat16 (``dtype=torch.bfloat16``, ``wsilocal predict --bf16``); H always runs in
+float32. It pays only where the hardware computes bfloat16 (:func:`bfloat16_is_native`): elsewhere PyTorch
+emulates it, many times slower than float32 (``docs/inference.md`` has the measured speed-up and accuracy).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import resource
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +45,7 @@ from wsilocal.slide.tissue import detect_tissue
 from wsilocal.train.checkpoint import load_checkpoint
 from wsilocal.train.trainer import model_signature, resolve_device
 
+DTYPES = (torch.float32, torch.bfloat16)  # precisions the trunk can run in
 CPU_BUDGET_SHARE = 0.5  # of the RAM available when the predictor is made (the rest: OS, slide reader, other jobs)
 GPU_BUDGET_SHARE = 0.8  # of the free GPU memory
 
@@ -69,6 +74,10 @@ class Prediction:
         attention: H's attention map (h, w), summing to 1 (only with ``heatmap=True``).
         evidence: per-class evidence maps (n_classes, h, w): ``attention × softmax(H's classifier(feature))``
             at each cell (only with ``heatmap=True``; see :func:`class_evidence`).
+        stages: seconds of each step, summing to about ``seconds``: ``tissue`` (open the file, find the
+            tissue), ``read`` (read and resample the tissue box at the run's MPP, normalise), ``trunk`` (the
+            trunk's forward; in tiled mode interleaved with the reads, which are not counted here) and
+            ``head`` (H, and the evidence maps with ``heatmap=True``).
     """
 
     slide: str
@@ -84,6 +93,7 @@ class Prediction:
     cell_size: tuple[float, float]
     attention: np.ndarray | None = None
     evidence: np.ndarray | None = None
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -161,6 +171,38 @@ def _trim_heap() -> None:
         pass
 
 
+def bfloat16_is_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 convolutions in hardware: a CUDA GPU with bfloat16, or a CPU with
+    AVX-512 BF16 / AMX (oneDNN). Elsewhere PyTorch emulates bfloat16, far slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+class _TimedSource:
+    """An :class:`~wsilocal.infer.source.ImageSource` that adds up the seconds spent reading its windows."""
+
+    def __init__(self, source: SlideSource):
+        self.source, self.height, self.width = source, source.height, source.width
+        self.seconds = 0.0
+
+    def read(self, top: int, left: int, height: int, width: int) -> torch.Tensor:
+        start = time.perf_counter()
+        window = self.source.read(top, left, height, width)
+        self.seconds += time.perf_counter() - start
+        return window
+
+
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device has finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def default_memory_budget(device: torch.device) -> int:
     """Bytes a whole-image forward may use: a share of the free GPU memory, or of the available RAM."""
     if device.type == "cuda":
@@ -192,14 +234,20 @@ def _load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], prefix: 
 
 
 class Predictor:
-    """Trunk + final classifier H of a trained run, applied to slide files. Make one with :meth:`from_run`."""
+    """Trunk + final classifier H of a trained run, applied to slide files. Make one with :meth:`from_run`.
+
+    ``dtype`` is the trunk's precision (float32 or bfloat16); the trunk module is converted in place.
+    """
 
     def __init__(self, trunk: ResNet34Trunk, head: FinalClassifier, classes: Sequence[str], mean: Sequence[float],
                  std: Sequence[float], settings: PrepareSettings, *, device: torch.device,
-                 memory_budget: int | None = None, tile: int = 1536):
+                 memory_budget: int | None = None, tile: int = 1536, dtype: torch.dtype = torch.float32):
+        if dtype not in DTYPES:
+            raise ConfigError(f"inference dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype}")
         self.device = device
-        self.trunk = trunk.to(device).eval()
-        self.head = head.to(device).eval()
+        self.dtype = dtype
+        self.trunk = trunk.to(device=device, dtype=dtype).eval()
+        self.head = head.to(device).eval()  # float32: its softmax over up to 10^5 cells needs the precision
         self.classes = list(classes)
         self.mean, self.std = list(mean), list(std)
         self.settings = settings
@@ -209,7 +257,8 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str = "best", *, device: str = "auto",
-                 memory_budget: int | None = None, tile: int = 1536, assume_mpp: float | None = None) -> Predictor:
+                 memory_budget: int | None = None, tile: int = 1536, assume_mpp: float | None = None,
+                 dtype: torch.dtype = torch.float32) -> Predictor:
         """Load a run directory's trunk and classifier H (``checkpoint_best.pt``, else ``_last``).
 
         Args:
@@ -220,6 +269,7 @@ class Predictor:
                 available RAM, or 80 % of the free GPU memory.
             tile: edge of the tiles in tiled mode, in pixels at the run's MPP.
             assume_mpp: µm/px for slides without resolution metadata (default: the run's ``assume_mpp``).
+            dtype: precision of the trunk, ``torch.float32`` or ``torch.bfloat16`` (see :func:`bfloat16_is_native`).
         """
         run_dir = Path(run_dir)
         if checkpoint not in ("best", "last"):
@@ -249,7 +299,7 @@ class Predictor:
         settings = PrepareSettings(mpp=config.mpp, max_pixels=config.max_pixels,
                                    assume_mpp=assume_mpp if assume_mpp is not None else config.assume_mpp)
         return cls(trunk, head, classes, mean, std, settings, device=resolve_device(device),
-                   memory_budget=memory_budget, tile=tile)
+                   memory_budget=memory_budget, tile=tile, dtype=dtype)
 
     def predict(self, slide_path: str | Path, *, heatmap: bool = False, progress: bool = False) -> Prediction:
         """Predict one slide; with ``heatmap=True`` also keep its attention and per-class evidence maps.
@@ -265,19 +315,22 @@ class Predictor:
         with peak, open_slide(path, assume_mpp=settings.assume_mpp) as slide:
             slide_mpp = slide.mpp  # a clear SlideError when the file has no MPP and none is assumed
             bbox = detect_tissue(slide, mask_mpp=settings.mask_mpp, margin=settings.margin).bbox
+            tissue_done = time.perf_counter()
             out_w, out_h = size_at_mpp(bbox[2], bbox[3], slide_mpp, settings.mpp)
             if out_w * out_h > settings.max_pixels:
                 raise SlideError(path, f"tissue region at {settings.mpp} µm/px is {out_w}×{out_h} px, above the "
                                        f"run's max_pixels ({settings.max_pixels:,})")
-            source = SlideSource(slide, settings.mpp, bbox, self.mean, self.std)
+            source = _TimedSource(SlideSource(slide, settings.mpp, bbox, self.mean, self.std))
             try:
                 with torch.no_grad():
                     features, mode = trunk_forward(self.trunk, source, memory_budget=self.memory_budget,
                                                    tile=self.tile, progress=progress)
-                    features = features.to(self.device)
+                    trunk_done = _clock(self.device)
+                    features = features.to(self.device, torch.float32)
                     logits, attention = self.head(features)
                     probabilities = torch.softmax(logits, dim=1)[0].cpu().numpy()
                     evidence = class_evidence(self.head, features, attention).cpu().numpy() if heatmap else None
+                    head_done = time.perf_counter()  # .cpu() waited for the device
             except (RuntimeError, MemoryError) as exc:
                 if "memory" not in str(exc).lower():
                     raise
@@ -300,6 +353,8 @@ class Predictor:
             cell_size=(self.stride * scale[0], self.stride * scale[1]),
             attention=attention.cpu().numpy() if heatmap else None,
             evidence=evidence,
+            stages={"tissue": tissue_done - start, "read": source.seconds,
+                    "trunk": trunk_done - tissue_done - source.seconds, "head": head_done - trunk_done},
         )
 
 

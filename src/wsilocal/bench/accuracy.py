@@ -1,0 +1,618 @@
+"""``wsilocal bench accuracy``: the paper's Table 1 (every method) and Table 4 (RFR ablation) on synthetic cohorts.
+
+For each *task* a synthetic cohort is generated once (or reused) with the parameters of a
+:class:`CohortSettings`, its slides are cached at the task's resolution and its tile features extracted once.
+Then every *row* (a method: a tile-feature MIL baseline, StreamingCNN, or our locally supervised network with
+some K, with or without RFR, greedy or simultaneous) is trained with several seeds and evaluated on the
+cohort's test split. Seeds change the model's initial weights and the data order; the splits stay the same.
+
+Every run is an ordinary run directory, ``OUT/runs/<task>/<row>/seed<s>``, that ``wsilocal evaluate`` and
+``wsilocal predict`` open as usual. When a run finishes, ``bench_run.json`` is written into it (its settings
+and test metrics) and its ``checkpoint_last.pt`` (optimizer state) is dropped unless asked to keep it; a later
+benchmark into the same ``OUT`` reuses the run instead of training again, and resumes an interrupted run from
+its last checkpoint. Cohorts and runs made with other settings are refused, not mixed in.
+
+``OUT/accuracy.json`` holds one record per task/row/seed and the mean ± sample standard deviation (n − 1) over
+seeds; ``accuracy.md`` the tables beside the paper's numbers; ``accuracy.png`` bars with error bars.
+
+Caveat for both sides: no pretrained weights can be downloaded here, so our trunk starts from random weights
+(trained with the demo's learning rates, :class:`wsilocal.demo.DemoSettings`) and the MIL baselines run on
+features of a randomly initialised ResNet34. The paper fine-tunes ImageNet weights and its baselines use
+ImageNet features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wsilocal.atomic import write_text_atomic
+from wsilocal.config import METHODS, TrainConfig
+from wsilocal.demo import QUICK as DEMO_QUICK
+from wsilocal.demo import DemoSettings, demo_config
+from wsilocal.errors import ConfigError, WsilocalError
+from wsilocal.models.mil import MIL_MODELS
+from wsilocal.slide.synth import DEFAULT_SIZE, SynthParams, class_names
+
+RUN_MARKER = "bench_run.json"  # written last into a run directory: the run is finished, with these results
+METRICS = ("accuracy", "balanced_accuracy", "auroc")
+METRIC_LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auroc": "AUROC"}
+PATH_FIELDS = ("cohort", "out", "cache", "features")  # config fields left out when comparing a run's settings
+
+# --- the paper's numbers (Zhang et al., MICCAI 2022; real slides at 5x, ImageNet weights, GPUs) -------------
+
+PAPER_DATASETS = ("TCGA-NSCLC", "TCGA-RCC", "LKS")
+# Table 1: (accuracy, AUROC) per dataset; MIL-RNN only on the binary TCGA-NSCLC.
+PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
+    "maxpool": {"TCGA-NSCLC": (0.8318, 0.9036), "TCGA-RCC": (0.8495, 0.9306), "LKS": (0.8049, 0.9366)},
+    "meanpool": {"TCGA-NSCLC": (0.7944, 0.8669), "TCGA-RCC": (0.8172, 0.9309), "LKS": (0.6000, 0.9086)},
+    "abmil": {"TCGA-NSCLC": (0.8037, 0.8816), "TCGA-RCC": (0.8495, 0.9423), "LKS": (0.8341, 0.9392)},
+    "gabmil": {"TCGA-NSCLC": (0.8364, 0.8762), "TCGA-RCC": (0.8602, 0.9535), "LKS": (0.8146, 0.9399)},
+    "milrnn": {"TCGA-NSCLC": (0.8178, 0.9011)},
+    "dsmil": {"TCGA-NSCLC": (0.8271, 0.8909), "TCGA-RCC": (0.8710, 0.9590), "LKS": (0.8390, 0.9328)},
+    "clam_sb": {"TCGA-NSCLC": (0.8224, 0.9185), "TCGA-RCC": (0.8763, 0.9701), "LKS": (0.8293, 0.9446)},
+    "clam_mb": {"TCGA-NSCLC": (0.8598, 0.9131), "TCGA-RCC": (0.8763, 0.9716), "LKS": (0.8439, 0.9448)},
+    "streaming": {"TCGA-NSCLC": (0.8692, 0.9260), "TCGA-RCC": (0.8817, 0.9660), "LKS": (0.8927, 0.9652)},
+    "ours_k4": {"TCGA-NSCLC": (0.8785, 0.9377), "TCGA-RCC": (0.9140, 0.9740), "LKS": (0.8976, 0.9562)},
+    "ours_k8": {"TCGA-NSCLC": (0.8785, 0.9322), "TCGA-RCC": (0.9032, 0.9760), "LKS": (0.8829, 0.9633)},
+}
+# Table 4: accuracy without RFR (with RFR is Table 1's).
+PAPER_TABLE4: dict[str, dict[str, float]] = {
+    "ours_k4_norfr": {"TCGA-NSCLC": 0.8738, "TCGA-RCC": 0.8925, "LKS": 0.8829},
+    "ours_k8_norfr": {"TCGA-NSCLC": 0.8458, "TCGA-RCC": 0.8710, "LKS": 0.8780},
+}
+# The paper's dataset each task is set beside: same number of classes (NSCLC: 2 subtypes, RCC: 3).
+PAPER_DATASET_OF_TASK = {"context": "TCGA-NSCLC", "morphology": "TCGA-RCC"}
+
+
+def paper_numbers(row: str, dataset: str) -> tuple[float | None, float | None]:
+    """The paper's (accuracy, AUROC) of a row on a dataset; None where the paper has no number."""
+    if row in PAPER_TABLE4:
+        return PAPER_TABLE4[row].get(dataset), None
+    return PAPER_TABLE1.get(row, {}).get(dataset, (None, None))
+
+
+# --- rows: the methods compared ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method of the table. ``kind``: ``mil`` (tile features + a MIL model), ``local`` (our trainer; K=1
+    is end-to-end) or ``streaming`` (StreamingCNN, trained by our trainer as ``method="streaming"``)."""
+
+    name: str
+    label: str
+    kind: str
+    model: str = ""  # MIL model (kind "mil")
+    k: int = 1
+    rfr: bool = False
+    schedule: str = "simultaneous"
+
+
+def _mil(name: str, label: str) -> Row:
+    return Row(name, label, "mil", model=name)
+
+
+def _ours(k: int, rfr: bool = True, schedule: str = "simultaneous") -> Row:
+    name = f"ours_k{k}" + ("" if rfr else "_norfr") + ("_greedy" if schedule == "greedy" else "")
+    if k == 1:
+        return Row(name, "end-to-end (K=1)", "local", k=1, rfr=False)
+    label = f"ours K={k}" + ("" if rfr else " without RFR") + (", greedy" if schedule == "greedy" else "")
+    return Row(name, label, "local", k=k, rfr=rfr, schedule=schedule)
+
+
+ROWS: dict[str, Row] = {row.name: row for row in (
+    _mil("maxpool", "max-pooling"), _mil("meanpool", "mean-pooling"), _mil("abmil", "ABMIL"),
+    _mil("gabmil", "GABMIL"), _mil("milrnn", "MIL-RNN"), _mil("dsmil", "DSMIL"), _mil("clam_sb", "CLAM-SB"),
+    _mil("clam_mb", "CLAM-MB"), _mil("transmil", "TransMIL"),
+    Row("streaming", "StreamingCNN", "streaming"),
+    _ours(4), _ours(8), _ours(4, rfr=False), _ours(8, rfr=False), _ours(1), _ours(4, schedule="greedy"),
+    _ours(2),  # not in the paper and not run by default: the cheapest local row, for smoke tests
+)}
+# ours_k4 is also the "simultaneous" side of the schedule comparison (the trainer's default schedule).
+DEFAULT_ROWS = tuple(name for name in ROWS if name != "ours_k2")
+
+
+def row_status(row: Row, n_classes: int) -> str | None:
+    """Why a row is not run on a task with ``n_classes`` classes (None: it is run)."""
+    if row.kind == "mil" and MIL_MODELS[row.model].binary_only and n_classes != 2:
+        return "n/a: binary only"
+    if row.kind == "streaming" and "streaming" not in METHODS:
+        return "pending: StreamingCNN (TrainConfig method 'streaming') is not available yet"
+    return None
+
+
+# --- settings ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CohortSettings:
+    """A task's synthetic cohort and the resolution every method reads it at.
+
+    Attributes:
+        task: ``morphology`` (class = arrangement of tumour nuclei) or ``context`` (binary, near/far: the gap
+            between a tumour focus and a lymphoid follicle; see ``docs/synthetic.md``).
+        classes: number of classes of the morphology task (the context task has two).
+        slides_per_class: slides generated per class (about a quarter of the cases hold two slides).
+        size: level-0 (width, height) at 0.25 µm/px; None: the generator's default for the task × layout_scale.
+        mpp: µm/px at which our network reads whole slides *and* the MIL baselines read their tiles.
+        tile: MIL tile edge in px at ``mpp``.
+        layout_scale: context task: every length of the generator's layout (and the default size) × this. The
+            generator's least near-gap has a fixed 16 µm term, so the smallest scale that validates is 1/4.
+        seed: the cohort's seed (slides, splits).
+        splits: train, validation and test shares of the cases, per class.
+    """
+
+    task: str
+    slides_per_class: int
+    mpp: float
+    tile: int
+    classes: int = 3
+    size: tuple[int, int] | None = None
+    layout_scale: float = 1.0
+    seed: int = 0
+    splits: tuple[float, float, float] = (0.5, 0.2, 0.3)
+
+    @property
+    def n_classes(self) -> int:
+        return len(class_names(self.classes, self.task))
+
+    def synth_params(self) -> SynthParams:
+        """The generator's parameters for this cohort (checked: a context tile must not see both structures)."""
+        params = SynthParams(task=self.task, classes=self.classes, seed=self.seed)
+        if self.task == "context":
+            s = self.layout_scale
+            params = replace(params, context_tile_um=params.context_tile_um * s,
+                             context_tumour_um=_scaled(params.context_tumour_um, s),
+                             context_follicle_um=_scaled(params.context_follicle_um, s),
+                             context_near_um=_scaled(params.context_near_um, s),
+                             context_far_um=_scaled(params.context_far_um, s))
+            if self.tile * self.mpp > params.context_tile_um:
+                raise ConfigError(f"bench accuracy: context tiles of {self.tile} px at {self.mpp:g} µm/px are larger "
+                                  f"than the layout's {params.context_tile_um:g} µm: one tile could hold both "
+                                  "structures")
+        elif self.layout_scale != 1.0:
+            raise ConfigError("bench accuracy: layout_scale applies to the context task only")
+        size = self.size or tuple(round(v * self.layout_scale) for v in DEFAULT_SIZE[self.task])
+        params = replace(params, size=size)
+        params.validate()
+        return params
+
+
+def _scaled(pair: tuple[float, float], scale: float) -> tuple[float, float]:
+    return (pair[0] * scale, pair[1] * scale)
+
+
+@dataclass(frozen=True)
+class AccuracyBenchSettings:
+    """Everything that sizes the benchmark; :data:`FULL` (≤ 2 h on 2 CPU cores) and :data:`QUICK` (≤ 15 min).
+
+    Attributes:
+        cohorts: one per task.
+        seeds: seeds per row (0, 1, …).
+        epochs: epochs of our network (per module under the greedy schedule, as the trainer defines them).
+        mil_epochs: epochs of the MIL baselines; None: each model's published count (up to CLAM's 200).
+        demo: learning rates, accumulation and RFR patches of our network: the demo's, so that both agree.
+        workers: processes writing synthetic slides and preparing the cache.
+        keep_last_checkpoint: keep ``checkpoint_last.pt`` of finished runs. It holds the optimizer state, only
+            needed to continue training (~260 MB per run of ours, ~9 GB for the full benchmark); ``evaluate`` and
+            ``predict`` load ``checkpoint_best.pt``, which is always kept.
+    """
+
+    cohorts: tuple[CohortSettings, ...]
+    seeds: int = 3
+    epochs: int = 6
+    mil_epochs: int | None = 50
+    demo: DemoSettings = field(default_factory=DemoSettings)
+    workers: int = 2
+    keep_last_checkpoint: bool = False
+
+    def cohort(self, task: str) -> CohortSettings:
+        for settings in self.cohorts:
+            if settings.task == task:
+                return settings
+        raise ConfigError(f"bench accuracy: no task {task!r} in these settings; tasks: "
+                          + ", ".join(c.task for c in self.cohorts))
+
+
+# FULL: morphology slides as the demo's (4096² px at 0.25 µm/px ≈ 512² px at 5x) with 128-px tiles (~8-16 per
+# slide; the paper's 256-px tiles would leave 2-4); the context task with the generator's own layout read at
+# 8 µm/px, so a 64-px tile is the layout's 512 µm tile and a slide ~900 × 400 px (as many pixels as the layout
+# shrunk 4× read at 5x, but with distractors true to scale).
+# Time, estimated from costs measured on this 2-core machine (single-threaded CPU seconds per training step,
+# morphology ~430² px / context ~420×900 px: K=4 1.5/1.9, K=8 2.1/2.2, without RFR 0.7/1.1, K=1 0.6/1.1; an
+# evaluation forward 0.3/0.4): 30-40 min per task for the 6 rows of ours × 3 seeds, ~7 min writing the 24 context
+# slides (~35 CPU-s each), ~6 min for the MIL rows: ~1.5 h in all on an idle machine with 2 threads.
+FULL = AccuracyBenchSettings(cohorts=(
+    CohortSettings("morphology", slides_per_class=12, mpp=2.0, tile=128, size=(4096, 4096)),
+    CohortSettings("context", slides_per_class=12, mpp=8.0, tile=64),
+))
+# QUICK: the demo's quick sizes; the context layout shrunk 4× and read at 4 µm/px (~450 × 200 px). Estimated
+# ~8 min (a 1-seed, 1-epoch run of every row on 6 such context slides took 61 CPU-seconds here).
+QUICK = AccuracyBenchSettings(cohorts=(
+    CohortSettings("morphology", slides_per_class=4, mpp=2.0, tile=128, size=(2048, 2048)),
+    CohortSettings("context", slides_per_class=4, mpp=4.0, tile=32, layout_scale=0.25),
+), seeds=2, epochs=1, mil_epochs=5, demo=DEMO_QUICK)
+
+
+# --- cohorts: generate, cache, extract features (each once) ------------------------------------------------
+
+
+@dataclass
+class PreparedCohort:
+    """Where a task's cohort, cache and tile features lie, and what preparing them took."""
+
+    settings: CohortSettings
+    csv: Path
+    cache: Path
+    features: Path
+    n_slides: dict[str, int]  # per split
+    feature_skipped: dict[str, str]
+    seconds: dict[str, float]
+
+
+def prepare_benchmark_cohort(cohort_settings: CohortSettings, folder: Path, *, workers: int = 2,
+                             progress: bool = True) -> PreparedCohort:
+    """Generate (or reuse) the cohort in ``folder``, cache its slides and extract tile features, all reusable.
+
+    Raises ConfigError when ``folder`` holds a cohort generated with other parameters.
+    """
+    # Imported here, as the trainers below: the CLI imports this module to build its parser.
+    from wsilocal.features.extract import extract_features
+    from wsilocal.slide.cache import PrepareSettings, prepare_cohort
+    from wsilocal.slide.cohort import SPLITS, load_cohort
+    from wsilocal.slide.synth import synthesize_cohort
+
+    params = cohort_settings.synth_params()
+    seconds = {}
+    start = time.perf_counter()
+    meta_file = folder / "synth.json"  # written last by the generator: its presence means a complete cohort
+    if meta_file.is_file():
+        _check_cohort(meta_file, params, cohort_settings)
+    else:
+        _log(progress, f"[{cohort_settings.task}] generating {cohort_settings.slides_per_class} slides per class, "
+                       f"{params.size[0]}×{params.size[1]} px → {folder}")
+        synthesize_cohort(folder, slides_per_class=cohort_settings.slides_per_class, seed=cohort_settings.seed,
+                          workers=workers, splits=cohort_settings.splits, progress=progress, params=params)
+    seconds["synth"] = time.perf_counter() - start
+    csv_path = folder / "cohort.csv"
+    cohort = load_cohort(csv_path)
+
+    start = time.perf_counter()
+    cache = folder / "cache"
+    result, _ = prepare_cohort(cohort, cache, PrepareSettings(mpp=cohort_settings.mpp), workers=workers,
+                               progress=progress)
+    if result.skipped:
+        raise WsilocalError(f"{csv_path}: {len(result.skipped)} slide(s) could not be cached, e.g. "
+                            + "; ".join(f"{k}: {v}" for k, v in list(result.skipped.items())[:2]))
+    seconds["prepare"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    features = folder / "features"
+    extracted = extract_features(cohort, features, mpp=cohort_settings.mpp, tile=cohort_settings.tile,
+                                 progress=progress)
+    seconds["features"] = time.perf_counter() - start
+    return PreparedCohort(cohort_settings, csv_path, cache, features,
+                          {split: len(cohort.split(split)) for split in SPLITS}, dict(extracted.skipped), seconds)
+
+
+def _check_cohort(meta_file: Path, params: SynthParams, settings: CohortSettings) -> None:
+    """Refuse to reuse a cohort made with other parameters (its results would not be this benchmark's)."""
+    meta = json.loads(meta_file.read_text())
+    wanted = {"params": json.loads(json.dumps(asdict(params))), "slides_per_class": settings.slides_per_class,
+              "splits": list(settings.splits)}
+    differs = sorted(key for key, value in wanted.items() if meta.get(key) != value)
+    if differs:
+        raise ConfigError(f"{meta_file.parent}: holds a {settings.task} cohort generated with other "
+                          f"{', '.join(differs)}; use another --out or delete that folder")
+
+
+# --- runs ----------------------------------------------------------------------------------------------------
+
+
+def run_config(row: Row, cohort: PreparedCohort, seed: int, run_dir: Path, settings: AccuracyBenchSettings):
+    """The configuration of one run: a BaselineConfig for MIL rows, else a TrainConfig built on the demo's."""
+    if row.kind == "mil":
+        from wsilocal.train.baseline import BaselineConfig
+
+        return BaselineConfig(cohort=str(cohort.csv), features=str(cohort.features), out=str(run_dir),
+                              model=row.model, epochs=settings.mil_epochs, seed=seed)
+    base: TrainConfig = demo_config(run_dir, settings.demo)  # the demo's optimiser settings: bench and demo agree
+    return replace(base, cohort=str(cohort.csv), out=str(run_dir), cache=str(cohort.cache),
+                   mpp=cohort.settings.mpp, method="streaming" if row.kind == "streaming" else "local",
+                   k=row.k, rfr=row.rfr, schedule=row.schedule, epochs=settings.epochs, seed=seed, workers=1)
+
+
+def _settings_of(config) -> dict[str, Any]:
+    """A run's settings as compared on reuse: the config without its paths (OUT may have moved)."""
+    return {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in PATH_FIELDS}
+
+
+def finished_run(run_dir: Path, config) -> dict[str, Any] | None:
+    """The saved result of ``run_dir`` when a run with the same settings finished there (with ``reused``
+    true); None when no run finished there. Raises ConfigError when it finished with other settings."""
+    marker = run_dir / RUN_MARKER
+    if not marker.is_file():
+        return None
+    saved, wanted = json.loads(marker.read_text()), _settings_of(config)
+    if saved["settings"] != wanted:
+        differs = sorted(k for k in wanted.keys() | saved["settings"].keys()
+                         if wanted.get(k) != saved["settings"].get(k))
+        raise ConfigError(f"{run_dir}: finished with other settings ({', '.join(differs)}); use another --out "
+                          "or delete that run")
+    return {**saved["result"], "reused": True}
+
+
+def train_and_evaluate(row: Row, config, run_dir: Path, *, keep_last_checkpoint: bool = True,
+                       progress: bool = False) -> dict[str, Any]:
+    """Train one run (resuming an interrupted one), evaluate it on the test split, mark it finished (and drop
+    its ``checkpoint_last.pt`` unless ``keep_last_checkpoint``).
+
+    Returns the test metrics, the run's seconds and ``reused`` false.
+    """
+    from wsilocal.train.baseline import train_baseline
+    from wsilocal.train.evaluate import evaluate_run
+    from wsilocal.train.trainer import train
+
+    start = time.perf_counter()
+    resume = (run_dir / "checkpoint_last.pt").is_file()  # an interrupted run continues where it stopped
+    (train_baseline if row.kind == "mil" else train)(config, resume=resume, progress=progress)
+    metrics = evaluate_run(run_dir, "test", progress=progress)
+    result = {**{m: metrics[m] for m in METRICS}, "n_test": metrics["n"],
+              "seconds": round(time.perf_counter() - start, 1)}
+    write_text_atomic(run_dir / RUN_MARKER, json.dumps({"settings": _settings_of(config), "result": result},
+                                                       indent=1))
+    if not keep_last_checkpoint:  # only now: until the marker exists, it is what resumes the run
+        (run_dir / "checkpoint_last.pt").unlink(missing_ok=True)
+    return {**result, "reused": False}
+
+
+def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample standard deviation (n − 1; None for one value) of each metric over a row's seeds.
+
+    Runs that failed, and metrics a run could not compute (AUROC without both classes), are left out; ``n``
+    counts the values used.
+    """
+    result: dict[str, Any] = {}
+    for metric in METRICS:
+        values = [r[metric] for r in records if not r.get("error") and r.get(metric) is not None]
+        result[metric] = {"n": len(values), "mean": statistics.fmean(values) if values else None,
+                          "std": statistics.stdev(values) if len(values) > 1 else None}
+    done = [r for r in records if not r.get("error")]
+    result["seconds_per_run"] = statistics.fmean(r["seconds"] for r in done) if done else None
+    return result
+
+
+def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FULL, *,
+                           tasks: Sequence[str] | None = None, rows: Sequence[str] | None = None,
+                           seeds: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or reuse) every task × row × seed; write ``accuracy.json``, ``.md`` and ``.png`` into ``out``.
+
+    Args:
+        settings: sizes of cohorts and training (:data:`FULL` or :data:`QUICK`, or your own).
+        tasks: task names of ``settings.cohorts`` (default all).
+        rows: names from :data:`ROWS` (default :data:`DEFAULT_ROWS`).
+        seeds: number of seeds (default ``settings.seeds``).
+        progress: print one line per run (and the generator's and extractor's progress bars).
+
+    A run that fails is recorded with its error and the benchmark goes on. Returns the report's content.
+    """
+    out = Path(out)
+    rows = list(rows or DEFAULT_ROWS)
+    unknown = [name for name in rows if name not in ROWS]
+    if unknown:
+        raise ConfigError(f"bench accuracy: unknown row(s) {', '.join(unknown)}; known: {', '.join(ROWS)}")
+    cohorts = [settings.cohort(task) for task in (tasks or [c.task for c in settings.cohorts])]
+    n_seeds = settings.seeds if seeds is None else seeds
+    if n_seeds < 1:
+        raise ConfigError(f"bench accuracy: seeds must be >= 1, got {n_seeds}")
+    for cohort_settings in cohorts:
+        cohort_settings.synth_params()  # every setting is checked before hours of work start
+    started = time.perf_counter()
+    report: dict[str, Any] = {"settings": asdict(settings), "seeds": list(range(n_seeds)), "rows": rows,
+                              "tasks": {}, "records": [], "aggregates": []}
+    for cohort_settings in cohorts:
+        task = cohort_settings.task
+        cohort = prepare_benchmark_cohort(cohort_settings, out / "cohorts" / task, workers=settings.workers,
+                                          progress=progress)
+        report["tasks"][task] = {"classes": class_names(cohort_settings.classes, task), "slides": cohort.n_slides,
+                                 "feature_skipped": cohort.feature_skipped, "seconds": cohort.seconds,
+                                 "synth_params": asdict(cohort_settings.synth_params()),
+                                 "paper_dataset": PAPER_DATASET_OF_TASK[task]}
+        for name in rows:
+            row = ROWS[name]
+            status = row_status(row, cohort_settings.n_classes)
+            records = [] if status else [_record(row, cohort, seed, out, settings, progress)
+                                         for seed in range(n_seeds)]
+            report["records"] += records
+            failed = [r for r in records if r.get("error")]
+            if failed and not status:
+                status = f"failed ({len(failed)} of {len(records)} seeds): {failed[0]['error']}"
+            report["aggregates"].append({"task": task, "row": name, "label": row.label, "status": status or "done",
+                                         **aggregate(records)})
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    write_accuracy_report(report, out)
+    return report
+
+
+def _record(row: Row, cohort: PreparedCohort, seed: int, out: Path, settings: AccuracyBenchSettings,
+            progress: bool) -> dict[str, Any]:
+    """One run's record; a failing run gives a record with its error instead of stopping the benchmark."""
+    task = cohort.settings.task
+    run_dir = out / "runs" / task / row.name / f"seed{seed}"
+    record: dict[str, Any] = {"task": task, "row": row.name, "seed": seed, "run_dir": str(run_dir)}
+    config = run_config(row, cohort, seed, run_dir, settings)
+    saved = finished_run(run_dir, config)  # a settings conflict concerns every run: it stops the benchmark
+    try:
+        record.update(saved or train_and_evaluate(row, config, run_dir,
+                                                  keep_last_checkpoint=settings.keep_last_checkpoint))
+    except WsilocalError as exc:  # one failing run does not stop a benchmark of hours
+        record["error"] = str(exc)
+    line = (f"FAILED: {record['error']}" if "error" in record else
+            " ".join(f"{METRIC_LABELS[m]} {_num(record[m])}" for m in METRICS)
+            + (" (reused)" if record["reused"] else f" ({record['seconds']:.0f} s)"))
+    _log(progress, f"[{task}] {row.label} seed {seed}: {line}")
+    return record
+
+
+# --- report --------------------------------------------------------------------------------------------------
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _mean_std(summary: dict[str, Any]) -> str:
+    if summary["mean"] is None:
+        return "—"
+    return _num(summary["mean"]) + ("" if summary["std"] is None else f" ± {_num(summary['std'])}")
+
+
+def format_accuracy_tables(report: dict[str, Any]) -> str:
+    """Markdown: per task, every row's mean ± std over seeds beside the paper's numbers on the dataset with the
+    same number of classes (Table 1; the ablation rows without RFR from Table 4)."""
+    parts = []
+    for task, info in report["tasks"].items():
+        dataset = info["paper_dataset"]
+        slides = ", ".join(f"{split} {n}" for split, n in info["slides"].items())
+        lines = [f"### Task `{task}`: {len(info['classes'])} classes ({', '.join(info['classes'])}); slides {slides}",
+                 "", f"| method | accuracy | balanced accuracy | AUROC | seeds | s/run | paper accuracy ({dataset}, "
+                     "GPU) | paper AUROC |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for agg in (a for a in report["aggregates"] if a["task"] == task):
+            paper_acc, paper_auroc = paper_numbers(agg["row"], dataset)
+            paper = f"| {_num(paper_acc, 4)} | {_num(paper_auroc, 4)} |"
+            if agg["status"] != "done" and agg["accuracy"]["n"] == 0:
+                lines.append(f"| {agg['label']} | {agg['status']} | | | | {paper}")
+                continue
+            seconds = "—" if agg["seconds_per_run"] is None else f"{agg['seconds_per_run']:.0f}"
+            note = "" if agg["status"] == "done" else f" ({agg['status']})"
+            lines.append(f"| {agg['label']}{note} | " + " | ".join(_mean_std(agg[m]) for m in METRICS)
+                         + f" | {agg['accuracy']['n']} | {seconds} {paper}")
+        if info["feature_skipped"]:
+            lines += ["", f"Tile features skipped {len(info['feature_skipped'])} slide(s) (MIL rows do without them): "
+                      + "; ".join(f"{k}: {v}" for k, v in info["feature_skipped"].items())]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def describe_settings(report: dict[str, Any]) -> str:
+    """Markdown list: how each cohort was made and read, and how the methods were trained."""
+    s = report["settings"]
+    lines = []
+    for c in s["cohorts"]:
+        task = c["task"]
+        if task not in report["tasks"]:
+            continue
+        p = report["tasks"][task]["synth_params"]
+        extra = (f", layout × {c['layout_scale']:g} (tile {p['context_tile_um']:g} µm, near gap "
+                 f"{p['context_near_um'][0]:g}–{p['context_near_um'][1]:g} µm, far {p['context_far_um'][0]:g}–"
+                 f"{p['context_far_um'][1]:g} µm)" if task == "context" else
+                 f", lesion {p['lesion_fraction'][0]:.0%}–{p['lesion_fraction'][1]:.0%} of the tissue, "
+                 f"stain variation {p['stain_variation']:g}")
+        lines.append(f"- `{task}`: {c['slides_per_class']} slides per class, level 0 {p['size'][0]}×{p['size'][1]} "
+                     f"px at 0.25 µm/px (±25 % size jitter){extra}; splits {c['splits']} per class; read at "
+                     f"{c['mpp']:g} µm/px by every method; MIL tiles {c['tile']} px ({c['tile'] * c['mpp']:g} µm).")
+    d = s["demo"]
+    mil_epochs = s["mil_epochs"] or "the model's published count"
+    lines += [f"- ours: epochs {s['epochs']} (greedy: per module), lr trunk {d['lr_trunk']:g}, lr auxiliary "
+              f"{d['lr_aux']:g}, accumulation {d['accumulation']}, {d['rfr_patches']} RFR patches (the demo's "
+              "settings), random initial weights.",
+              f"- MIL baselines: epochs {mil_epochs}, each model's published optimiser, features of a randomly "
+              "initialised ResNet34 (no ImageNet weights offline).",
+              f"- seeds {report['seeds']}: the seed sets initial weights and data order; the splits stay fixed. "
+              "± is the sample standard deviation over seeds."]
+    return "\n".join(lines)
+
+
+def plot_accuracy(report: dict[str, Any], path: str | Path) -> None:
+    """One panel per task: bars of mean accuracy, balanced accuracy and AUROC per method, std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(report["tasks"])
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(12, 4.2 * max(1, len(tasks))), squeeze=False)
+    width = 0.27
+    for ax, task in zip(axes[:, 0], tasks, strict=True):
+        rows = [a for a in report["aggregates"] if a["task"] == task and a["accuracy"]["n"] > 0]
+        for j, metric in enumerate(METRICS):
+            means = [a[metric]["mean"] if a[metric]["mean"] is not None else math.nan for a in rows]
+            stds = [a[metric]["std"] or 0.0 for a in rows]
+            ax.bar([i + (j - 1) * width for i in range(len(rows))], means, width, yerr=stds, capsize=2,
+                   label=METRIC_LABELS[metric])
+        dataset = report["tasks"][task]["paper_dataset"]
+        paper = [(i - width, paper_numbers(a["row"], dataset)[0]) for i, a in enumerate(rows)]
+        paper = [(x, y) for x, y in paper if y is not None]
+        if paper:
+            ax.plot(*zip(*paper, strict=True), "kD", markersize=5, label=f"paper accuracy ({dataset}, GPU)")
+        ax.set_xticks(range(len(rows)), [a["label"] for a in rows], rotation=30, ha="right", fontsize=8)
+        chance = 1 / len(report["tasks"][task]["classes"])
+        ax.axhline(chance, color="gray", linestyle=":", label=f"chance accuracy ({chance:.2f})")
+        ax.set_ylim(0, 1.12)
+        ax.set_title(f"task {task}: mean ± std over seeds (test split)")
+        ax.legend(fontsize=7, ncol=5, loc="upper left")
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_accuracy_report(report: dict[str, Any], out: str | Path) -> None:
+    """Write ``accuracy.json`` (settings, records, aggregates, the paper's tables), ``accuracy.md`` and
+    ``accuracy.png`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    report["machine"] = {"torch": torch.__version__, "cpu_count": os.cpu_count(),
+                         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    report["paper"] = {"table1": PAPER_TABLE1, "table4": PAPER_TABLE4, "datasets": PAPER_DATASETS,
+                       "note": "Zhang et al., MICCAI 2022: real slides (TCGA-NSCLC, TCGA-RCC, LKS) at 5x, "
+                               "ImageNet-pretrained ResNet34, GPUs"}
+    write_text_atomic(out / "accuracy.json", json.dumps(report, indent=1))
+    text = (f"# Accuracy benchmark ({report['date']}, {report['seconds'] / 60:.1f} min, torch {torch.__version__}, "
+            f"{os.cpu_count()} CPUs)\n\n{describe_settings(report)}\n\n{format_accuracy_tables(report)}\n")
+    write_text_atomic(out / "accuracy.md", text)
+    plot_accuracy(report, out / "accuracy.png")
+
+
+def _log(progress: bool, text: str) -> None:
+    if progress:
+        print(text, file=sys.stderr, flush=True)
+
+
+# --- command line --------------------------------------------------------------------------------------------
+
+
+def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``wsilocal bench accuracy``."""
+    parser.add_argument("--out", required=True, help="folder for cohorts, runs and accuracy.json/.md/.png")
+    parser.add_argument("--quick", action="store_true", help="small cohorts, 1 epoch, 2 seeds (≤ 15 min)")
+    parser.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick 2)")
+    parser.add_argument("--tasks", nargs="+", choices=[c.task for c in FULL.cohorts],
+                        help="tasks to run (default: all)")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), metavar="ROW",
+                        help=f"methods to run (default: {' '.join(DEFAULT_ROWS)}; also: "
+                             f"{' '.join(r for r in ROWS if r not in DEFAULT_ROWS)})")
+
+
+def accuracy_main(args: argparse.Namespace) -> int:
+    """Run the benchmark from parsed arguments; print the tables and where the files are."""
+    report = run_accuracy_benchmark(args.out, QUICK if args.quick else FULL, tasks=args.tasks, rows=args.rows,
+                                    seeds=args.seeds)
+    print(format_accuracy_tables(report))
+    print(f"wrote {Path(args.out) / 'accuracy.json'}, accuracy.md, accuracy.png ({report['seconds'] / 60:.1f} min)")
+    return 1 if any(a["status"].startswith("failed") for a in report["aggregates"]) else 0

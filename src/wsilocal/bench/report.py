@@ -1,0 +1,334 @@
+"""``wsilocal bench all``: every benchmark into ``OUT/<name>/`` and one ``OUT/report.md`` (+ ``report.json``).
+
+The sections are the benchmarks of :data:`SECTIONS` — accuracy (the paper's Tables 1 and 4), memory (Table 2),
+speed (Table 3) and scaling (multi-process training; no counterpart in the paper). Each is run through its
+own command-line layer (``add_<name>_arguments`` + ``<name>_main`` of ``wsilocal.bench.<name>``) with the
+options of :data:`FULL_ARGS` or :data:`QUICK_ARGS`, exactly as ``wsilocal bench <name> --out OUT/<name> …``
+would run it. A benchmark that is not there yet is marked *pending*; one that fails is marked *failed* and the
+others still run.
+
+The report is then built from the files the benchmarks wrote (``<name>.md``, ``<name>.json``, ``*.png``), so
+:func:`write_report` can rebuild it at any time. It holds the machine description, every table and plot, the
+paper's numbers beside ours (clearly labelled as measured on real TCGA slides on GPUs) and a table of the
+paper's claims with our verdict and, where we disagree, a place to say why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wsilocal.atomic import write_text_atomic
+from wsilocal.bench.accuracy import PAPER_DATASET_OF_TASK, PAPER_TABLE1, PAPER_TABLE4, ROWS
+from wsilocal.bench.memory import PAPER_TABLE2
+from wsilocal.bench.speed import PAPER_TABLE3
+from wsilocal.errors import WsilocalError
+
+SECTIONS = ("accuracy", "memory", "speed", "scaling")
+TITLES = {
+    "accuracy": "Accuracy (Tables 1 and 4)",
+    "memory": "Memory (Table 2)",
+    "speed": "Inference speed (Table 3)",
+    "scaling": "Training throughput with several processes (not in the paper)",
+}
+# Options of each benchmark's command (after --out). Full: each benchmark's own defaults.
+FULL_ARGS: dict[str, list[str]] = {name: [] for name in SECTIONS}
+QUICK_ARGS: dict[str, list[str]] = {
+    "accuracy": ["--quick"],
+    "memory": ["--quick"],
+    "speed": ["--quick"],
+    "scaling": ["--size", "256", "--repeats", "2"],
+}
+
+PAPER_LABEL = "paper (TCGA, GPU)"
+WHY_PLACEHOLDER = "_why: to be written after reading this run (candidate reasons below)_"
+CANDIDATE_REASONS = [
+    "No pretrained weights offline: our trunk starts from random weights and the MIL baselines use features of a "
+    "random ResNet34; the paper fine-tunes ImageNet weights and its baselines use ImageNet features.",
+    "Synthetic cohorts of a few dozen slides (test splits of ~10 slides: one slide moves accuracy by ~0.1) "
+    "instead of ~1000 TCGA slides; slides ~30× smaller than real slides at 5x, so the context the whole-slide "
+    "model can exploit is smaller too.",
+    "A few epochs on 2 CPU cores instead of training to convergence on a GPU.",
+    "Memory: saved-for-backward bytes and RSS on a CPU, not GPU memory (allocator caches, cuDNN workspaces).",
+    "Speed: CPU timings on a shared machine (noisy); the paper times a GPU, where feature extraction dominates.",
+]
+
+
+# --- running ------------------------------------------------------------------------------------------------
+
+
+def run_section(name: str, folder: Path, argv: Sequence[str]) -> dict[str, Any]:
+    """Run one benchmark as ``wsilocal bench <name> --out folder ARGV``; returns its status, options, seconds."""
+    try:
+        module = importlib.import_module(f"wsilocal.bench.{name}")
+    except ImportError as exc:
+        if exc.name == f"wsilocal.bench.{name}":
+            return {"status": f"pending: wsilocal.bench.{name} is not there yet", "argv": list(argv)}
+        return {"status": f"failed: cannot import wsilocal.bench.{name} ({exc})", "argv": list(argv)}
+    add_arguments, main = getattr(module, f"add_{name}_arguments", None), getattr(module, f"{name}_main", None)
+    if add_arguments is None or main is None:
+        return {"status": f"pending: wsilocal.bench.{name} has no add_{name}_arguments/{name}_main yet",
+                "argv": list(argv)}
+    parser = argparse.ArgumentParser(prog=f"wsilocal bench {name}", exit_on_error=False)
+    add_arguments(parser)
+    start = time.perf_counter()
+    try:
+        args, unknown = parser.parse_known_args(["--out", str(folder), *argv])
+        if unknown:  # the benchmark's options changed since QUICK_ARGS/FULL_ARGS were written
+            raise argparse.ArgumentError(None, f"unknown option(s) {' '.join(unknown)}")
+        code = main(args)
+        status = "done" if code == 0 else f"done with errors (exit status {code})"
+    except (WsilocalError, argparse.ArgumentError) as exc:
+        status = f"failed: {exc}"
+    return {"status": status, "argv": list(argv), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def run_all_benchmarks(out: str | Path, *, quick: bool = False, sections: Sequence[str] = SECTIONS,
+                       progress: bool = True) -> dict[str, Any]:
+    """Run each benchmark into ``out/<name>/`` (options: :data:`QUICK_ARGS` or :data:`FULL_ARGS`), then write
+    ``out/report.md`` and ``out/report.json``; returns the report's content."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = QUICK_ARGS if quick else FULL_ARGS
+    runs = {}
+    for name in sections:
+        if progress:
+            print(f"== bench {name} → {out / name}", file=sys.stderr, flush=True)
+        runs[name] = run_section(name, out / name, options[name])
+    return write_report(out, runs, quick=quick)
+
+
+# --- the report ---------------------------------------------------------------------------------------------
+
+
+def machine_description() -> dict[str, Any]:
+    """CPU model, cores, RAM, GPU, torch and Python versions, and the date (UTC)."""
+    cpu, ram = platform.processor() or platform.machine(), None
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+        ram = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                    if line.startswith("MemTotal")), None)
+    except OSError:  # not Linux
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "torch_threads": torch.get_num_threads(),
+            "ram_gib": None if ram is None else round(ram / 2**30, 1),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def section_text(name: str, folder: Path) -> str:
+    """The tables a benchmark wrote: its ``<name>.md`` (title dropped), else its records through the module's
+    ``format_<name>_table``; then its plots."""
+    parts = []
+    md = folder / f"{name}.md"
+    data = _read_json(folder / f"{name}.json")
+    if md.is_file():
+        lines = md.read_text().splitlines()
+        parts.append("\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines).strip())
+    elif data and "records" in data:
+        formatter = getattr(importlib.import_module(f"wsilocal.bench.{name}"), f"format_{name}_table", None)
+        if formatter is not None:
+            parts.append("```\n" + formatter(data["records"]) + "\n```")
+    parts += [f"![{name}]({name}/{png.name})" for png in sorted(folder.glob("*.png"))]
+    return "\n\n".join(p for p in parts if p) or "_no results were written_"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f} %"
+
+
+def paper_memory_shares(k: int) -> list[float]:
+    """The paper's GPU memory of K modules as shares of end-to-end, at its three slide sizes (Table 2)."""
+    return [v / e2e for v, e2e in zip(PAPER_TABLE2[f"K={k}"], PAPER_TABLE2["E2E"], strict=True)]
+
+
+def paper_memory_table(memory: dict[str, Any] | None) -> str:
+    """Markdown: the paper's Table 2 as shares of end-to-end beside our saved-bytes shares at our largest size."""
+    shares = {k: paper_memory_shares(k) for k in (4, 8)}
+    ours = memory_shares(memory)
+    sizes = " / ".join(f"{w}×{h}" for w, h in PAPER_TABLE2["sizes"])
+    lines = [f"| K | {PAPER_LABEL}: GPU memory vs E2E at {sizes} | ours: saved bytes vs paper-style K=1 |",
+             "|---|---|---|"]
+    for k in (4, 8):
+        mine = ", ".join(f"{variant} {_pct(share)}" for variant, share in ours.get(k, {}).items()) or "not measured"
+        lines.append(f"| {k} | " + " / ".join(_pct(s) for s in shares[k]) + f" | {mine} |")
+    if ours.get("size"):
+        lines.append(f"\nOurs at {ours['size']}, the largest size measured (CPU; see the memory section).")
+    return "\n".join(lines)
+
+
+def memory_shares(memory: dict[str, Any] | None) -> dict[Any, Any]:
+    """Our saved bytes of K=4 and K=8 as shares of the paper-style K=1, per variant, at the largest size."""
+    records = [r for r in (memory or {}).get("records", []) if not r.get("error")
+               and r.get("ratio_saved_paper_style") is not None]
+    if not records:
+        return {}
+    area = max(r["height"] * r["width"] for r in records)
+    largest = [r for r in records if r["height"] * r["width"] == area]
+    shares: dict[Any, Any] = {k: {r["variant"]: r["ratio_saved_paper_style"] for r in largest if r["k"] == k}
+                              for k in (4, 8)}
+    shares["size"] = f"{largest[0]['width']}×{largest[0]['height']}"
+    return shares
+
+
+def paper_speed_table(speed: dict[str, Any] | None) -> str:
+    """Markdown: the paper's Table 3 beside our measured speed-ups (pipeline time / ours)."""
+    lines = [f"| {PAPER_LABEL}: size | GABMIL pipeline s | ours s | speed-up |", "|---|---:|---:|---:|"]
+    for (w, h), total, ours, gain in zip(PAPER_TABLE3["sizes"], PAPER_TABLE3["pipeline_s"], PAPER_TABLE3["ours_s"],
+                                         PAPER_TABLE3["ratio"], strict=True):
+        lines.append(f"| {w}×{h} | {total} | {ours} | {gain}× |")
+    ratios = _speed_ratios(speed)
+    lines.append("\nOurs (CPU): " + (", ".join(f"{size}: {ratio:.1f}×" for size, ratio in ratios)
+                                     if ratios else "not measured") + ".")
+    return "\n".join(lines)
+
+
+def _speed_ratios(speed: dict[str, Any] | None) -> list[tuple[str, float]]:
+    return [(f"{r.get('width')}×{r.get('height')}", float(r["ratio"])) for r in (speed or {}).get("records", [])
+            if isinstance(r, dict) and isinstance(r.get("ratio"), (int, float))]
+
+
+def paper_claims(data: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The paper's claims, what we measured and our verdict: ``agrees``, ``disagrees`` or ``pending``."""
+    claims = []
+    accuracy = data.get("accuracy") or {}
+    means = {(a["task"], a["row"]): a["accuracy"]["mean"] for a in accuracy.get("aggregates", [])}
+    mil_rows = [name for name, row in ROWS.items() if row.kind == "mil"]
+    for task in accuracy.get("tasks", {}):
+        dataset = PAPER_DATASET_OF_TASK[task]
+        best_paper = max(PAPER_TABLE1[r][dataset][0] for r in mil_rows if dataset in PAPER_TABLE1.get(r, {}))
+        mil = {row: means[(task, row)] for row in mil_rows if means.get((task, row)) is not None}
+        best = max(mil, key=mil.get) if mil else None
+        claims.append(_claim(
+            f"`{task}`: ours K=4 is more accurate than every tile-based MIL baseline",
+            f"{dataset}: {PAPER_TABLE1['ours_k4'][dataset][0]:.4f} vs best MIL {best_paper:.4f}",
+            means.get((task, "ours_k4")), mil[best] if best else None, f"best MIL ({best})"))
+        for k in (4, 8):
+            claims.append(_claim(
+                f"`{task}`: RFR improves the accuracy of K={k}",
+                f"{dataset}: {PAPER_TABLE1[f'ours_k{k}'][dataset][0]:.4f} with vs "
+                f"{PAPER_TABLE4[f'ours_k{k}_norfr'][dataset]:.4f} without",
+                means.get((task, f"ours_k{k}")), means.get((task, f"ours_k{k}_norfr")), "without RFR"))
+    shares = memory_shares(data.get("memory"))
+    for k in (4, 8):
+        low, high = min(paper_memory_shares(k)), max(paper_memory_shares(k))
+        mine = shares.get(k, {})
+        value = mine.get("paper", next(iter(mine.values()), None))  # the paper-style variant where measured
+        verdict = "pending" if value is None else ("agrees" if value <= high + 0.05 else "disagrees")
+        claims.append({"claim": f"K={k} needs about {high:.0%} (or less) of end-to-end training memory",
+                       "paper": f"{low:.1%}–{high:.1%} of E2E GPU memory",
+                       "ours": "not measured" if value is None else f"{value:.1%} of paper-style K=1 saved bytes "
+                                                                     f"at {shares['size']}",
+                       "verdict": verdict})
+    ratios = _speed_ratios(data.get("speed"))
+    slowest = min((r for _, r in ratios), default=None)
+    claims.append({"claim": "whole-slide inference is 7–10× faster than the tile pipeline (GABMIL)",
+                   "paper": f"{min(PAPER_TABLE3['ratio'])}×–{max(PAPER_TABLE3['ratio'])}× (GPU)",
+                   "ours": ", ".join(f"{size}: {r:.1f}×" for size, r in ratios) if ratios else "not measured",
+                   "verdict": "pending" if slowest is None else ("agrees" if slowest >= 7 else "disagrees")})
+    return claims
+
+
+def _claim(text: str, paper: str, ours: float | None, other: float | None, other_name: str) -> dict[str, Any]:
+    """A claim "ours > other" on mean test accuracy."""
+    if ours is None or other is None:
+        return {"claim": text, "paper": paper, "ours": "not measured", "verdict": "pending"}
+    return {"claim": text, "paper": paper, "ours": f"{ours:.3f} vs {other_name} {other:.3f} ({ours - other:+.3f})",
+            "verdict": "agrees" if ours > other else "disagrees"}
+
+
+def format_claims(claims: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one row per claim, with a place to say why where we disagree."""
+    lines = [f"| the paper claims | {PAPER_LABEL} | ours (this machine) | verdict | why we differ |",
+             "|---|---|---|---|---|"]
+    for c in claims:
+        why = WHY_PLACEHOLDER if c["verdict"] == "disagrees" else ""
+        lines.append(f"| {c['claim']} | {c['paper']} | {c['ours']} | {c['verdict']} | {why} |")
+    return "\n".join(lines)
+
+
+def write_report(out: str | Path, runs: dict[str, dict[str, Any]] | None = None, *,
+                 quick: bool | None = None) -> dict[str, Any]:
+    """Write ``out/report.md`` and ``out/report.json`` from the files in ``out/<name>/`` and the sections'
+    run statuses (``runs``; without them a section with files is "done", one without is "not run")."""
+    out = Path(out)
+    runs = runs or {}
+    machine = machine_description()
+    data = {name: _read_json(out / name / f"{name}.json") for name in SECTIONS}
+    sections = {}
+    for name in SECTIONS:
+        run = runs.get(name, {"status": "done" if data[name] else "not run"})
+        sections[name] = {**run, "files": sorted(str(p.relative_to(out)) for p in (out / name).glob("*.*"))
+                          if (out / name).is_dir() else []}
+    claims = paper_claims(data)
+    gpu = machine["gpu"] or "no GPU"
+    lines = [
+        "# Benchmark report", "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "
+        f"{machine['ram_gib']} GiB RAM, {gpu}; torch {machine['torch']}, Python {machine['python']}; "
+        f"{machine['date']}.", "",
+        "Command: `wsilocal bench all --out " + str(out) + (" --quick`" if quick else "`") + ". Each section below "
+        "is also its own command, `wsilocal bench <name> --out " + str(out) + "/<name>`.", "",
+        f"Numbers labelled **{PAPER_LABEL}** are the paper's (Zhang et al., MICCAI 2022): real TCGA-NSCLC and "
+        "TCGA-RCC slides (and LKS) at 5x, ImageNet-pretrained ResNet34, measured on GPUs. Ours are measured here, "
+        "on synthetic cohorts and on this machine's CPU.", "",
+        "## The paper's claims against our results", "", format_claims(claims), "",
+        "Candidate reasons where we differ:", "", *[f"- {reason}" for reason in CANDIDATE_REASONS],
+    ]
+    for name in SECTIONS:
+        section = sections[name]
+        lines += ["", f"## {TITLES[name]}", "", f"Status: **{section['status']}**"
+                  + (f" ({section['seconds'] / 60:.1f} min)" if section.get("seconds") is not None else "")]
+        if name == "memory":
+            lines += ["", paper_memory_table(data["memory"])]
+        if name == "speed":
+            lines += ["", paper_speed_table(data["speed"])]
+        if (out / name).is_dir():
+            lines += ["", section_text(name, out / name)]
+    report = {"machine": machine, "quick": quick, "sections": sections, "claims": claims,
+              "paper": {"table1": PAPER_TABLE1, "table2": PAPER_TABLE2, "table3": PAPER_TABLE3, "table4": PAPER_TABLE4}}
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
+    return report
+
+
+# --- command line -------------------------------------------------------------------------------------------
+
+
+def add_all_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``wsilocal bench all``."""
+    parser.add_argument("--out", required=True, help="folder: one subfolder per benchmark, report.md, report.json")
+    parser.add_argument("--quick", action="store_true", help="every benchmark's quick variant")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="benchmarks to run (default: all); the report includes every section found in --out")
+
+
+def all_main(args: argparse.Namespace) -> int:
+    """Run the benchmarks from parsed arguments; print where the report is."""
+    report = run_all_benchmarks(args.out, quick=args.quick, sections=args.sections)
+    for name, section in report["sections"].items():
+        print(f"{name:<9} {section['status']}")
+    print(f"wrote {Path(args.out) / 'report.md'}, report.json")
+    return 1 if any(s["status"].startswith("failed") for s in report["sections"].values()) else 0

@@ -1,0 +1,183 @@
+"""`wsilocal bench accuracy` and `wsilocal bench all` end to end through the command line, on a tiny cohort:
+records against the run directories' own evaluations, mean/std against numpy, reuse of finished runs,
+the binary-only row, settings conflicts, and the report with every section."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsilocal.bench import accuracy, report
+from wsilocal.bench.accuracy import AccuracyBenchSettings, CohortSettings, run_accuracy_benchmark
+from wsilocal.cli import main
+from wsilocal.demo import QUICK as DEMO_QUICK
+from wsilocal.errors import ConfigError
+
+# 3 classes × 3 slides of ~190² px at 5x (one slide per class in each split), 64-px tiles, 1 epoch, 2 seeds.
+TINY = AccuracyBenchSettings(
+    cohorts=(CohortSettings("morphology", slides_per_class=3, mpp=2.0, tile=64, size=(1536, 1536)),),
+    seeds=2, epochs=1, mil_epochs=2, demo=DEMO_QUICK, workers=1)
+ROWS = ["abmil", "ours_k2", "milrnn"]
+RUN_ROWS = ["abmil", "ours_k2"]  # milrnn is binary only: not run on 3 classes
+QUICK_ARGS = {
+    "accuracy": ["--quick", "--rows", *ROWS],
+    "memory": ["--sizes", "128", "--k", "4", "--variants", "paper", "--repeats", "0", "--no-rfr"],
+    "speed": ["--quick"],
+}  # scaling is not run below: even its smallest configuration costs ~15 s here
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny steps on a shared 2-core machine run much faster single-threaded (here and in subprocesses)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(threads)
+
+
+def bench_accuracy(out: Path) -> int:
+    """`wsilocal bench accuracy --quick` with the tiny settings as its quick preset."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(accuracy, "QUICK", TINY)
+        return main(["bench", "accuracy", "--out", str(out), "--quick", "--rows", *ROWS])
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> Path:
+    """One real benchmark run; returns OUT of `bench all` (the accuracy benchmark is in OUT/accuracy)."""
+    out = tmp_path_factory.mktemp("bench")
+    assert bench_accuracy(out / "accuracy") == 0
+    return out
+
+
+def load(out: Path) -> dict:
+    return json.loads((out / "accuracy" / "accuracy.json").read_text())
+
+
+def run_files(out: Path) -> dict[Path, int]:
+    """Modification times of what training and evaluation write, in every run directory."""
+    names = ("checkpoint_best.pt", "metrics_test.json", accuracy.RUN_MARKER)
+    return {path: path.stat().st_mtime_ns for name in names for path in (out / "accuracy" / "runs").rglob(name)}
+
+
+def test_records_are_the_run_directories_own_test_evaluations(bench):
+    data = load(bench)
+    assert [(r["row"], r["seed"]) for r in data["records"]] == [(row, s) for row in RUN_ROWS for s in (0, 1)]
+    for record in data["records"]:
+        run_dir = Path(record["run_dir"])
+        assert run_dir == bench / "accuracy" / "runs" / "morphology" / record["row"] / f"seed{record['seed']}"
+        evaluated = json.loads((run_dir / "metrics_test.json").read_text())  # written by `wsilocal evaluate`
+        for metric in accuracy.METRICS:
+            assert record[metric] == evaluated[metric]
+        assert record["n_test"] == evaluated["n"] == 3 and record["reused"] is False
+        assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoint_best.pt").is_file()
+        assert not (run_dir / "checkpoint_last.pt").exists()  # optimizer state, dropped once the run is finished
+    seeds = {r["seed"]: r for r in data["records"] if r["row"] == "ours_k2"}
+    config = {s: (Path(seeds[s]["run_dir"]) / "config.yaml").read_text() for s in (0, 1)}
+    assert "seed: 0" in config[0] and "seed: 1" in config[1] and "k: 2" in config[0]
+    assert f"lr_trunk: {DEMO_QUICK.lr_trunk}" in config[0]  # the demo's optimiser settings
+    # The cohort: 3 classes, one slide each per split, as the tiny settings ask.
+    assert data["tasks"]["morphology"]["slides"] == {"train": 3, "val": 3, "test": 3}
+    assert len(list((bench / "accuracy" / "cohorts" / "morphology" / "features").glob("*.h5"))) == 9
+
+
+def test_aggregates_are_mean_and_sample_std_over_seeds(bench):
+    data = load(bench)
+    table = (bench / "accuracy" / "accuracy.md").read_text()
+    for row in RUN_ROWS:
+        (agg,) = [a for a in data["aggregates"] if a["row"] == row]
+        assert agg["status"] == "done"
+        for metric in accuracy.METRICS:
+            values = np.array([r[metric] for r in data["records"] if r["row"] == row])
+            assert agg[metric]["n"] == 2
+            assert agg[metric]["mean"] == pytest.approx(values.mean(), abs=1e-12)
+            assert agg[metric]["std"] == pytest.approx(values.std(ddof=1), abs=1e-12)
+        label = accuracy.ROWS[row].label
+        cells = " | ".join(f"{agg[m]['mean']:.3f} ± {agg[m]['std']:.3f}" for m in accuracy.METRICS)
+        assert f"| {label} | {cells} | 2 |" in table
+    assert "paper accuracy (TCGA-RCC, GPU)" in table and "| 0.8495 | 0.9423 |" in table  # ABMIL, Table 1
+    with Image.open(bench / "accuracy" / "accuracy.png") as png:
+        assert png.format == "PNG" and png.size[0] > 500
+
+
+def test_milrnn_is_binary_only_on_three_classes(bench):
+    data = load(bench)
+    (agg,) = [a for a in data["aggregates"] if a["row"] == "milrnn"]
+    assert agg["status"] == "n/a: binary only" and agg["accuracy"]["n"] == 0
+    assert not any(r["row"] == "milrnn" for r in data["records"])
+    assert not (bench / "accuracy" / "runs" / "morphology" / "milrnn").exists()
+    assert "| MIL-RNN | n/a: binary only |" in (bench / "accuracy" / "accuracy.md").read_text()
+
+
+def test_a_second_invocation_reuses_finished_runs(bench):
+    before, first = run_files(bench), load(bench)
+    slides = {p: p.stat().st_mtime_ns for p in (bench / "accuracy" / "cohorts").rglob("*.svs")}
+    assert len(before) == 3 * len(RUN_ROWS) * 2 and len(slides) == 9
+    assert bench_accuracy(bench / "accuracy") == 0
+    assert run_files(bench) == before  # nothing trained or evaluated again
+    assert {p: p.stat().st_mtime_ns for p in slides} == slides  # nor generated again
+    second = load(bench)
+    assert all(r["reused"] for r in second["records"])
+    strip = [{k: v for k, v in r.items() if k != "reused"} for r in first["records"]]
+    assert [{k: v for k, v in r.items() if k != "reused"} for r in second["records"]] == strip
+
+
+def test_runs_or_cohorts_made_with_other_settings_are_refused(bench):
+    out = bench / "accuracy"
+    with pytest.raises(ConfigError, match=r"ours_k2/seed0: finished with other settings \(epochs\)"):
+        run_accuracy_benchmark(out, AccuracyBenchSettings(TINY.cohorts, epochs=2, mil_epochs=2, demo=DEMO_QUICK),
+                               rows=["ours_k2"], seeds=1, progress=False)
+    other = CohortSettings("morphology", slides_per_class=4, mpp=2.0, tile=64, size=(1536, 1536))
+    with pytest.raises(ConfigError, match=r"cohorts/morphology: holds a morphology cohort generated with other "
+                                          r"slides_per_class; use another --out"):
+        run_accuracy_benchmark(out, AccuracyBenchSettings((other,)), rows=["abmil"], progress=False)
+    with pytest.raises(ConfigError, match="tiles of 64 px at 8 µm/px are larger than the layout's 128 µm"):
+        CohortSettings("context", slides_per_class=2, mpp=8.0, tile=64, layout_scale=0.25).synth_params()
+
+
+def test_bench_all_writes_one_report_with_every_section(bench, monkeypatch):
+    monkeypatch.setattr(accuracy, "QUICK", TINY)
+    monkeypatch.setattr(report, "QUICK_ARGS", QUICK_ARGS)
+    # `wsilocal bench all --out OUT --quick`, with the speed benchmark as if it were not there yet (the CLI itself
+    # imports it to build its parser, so the command's own options layer is called here).
+    monkeypatch.setitem(sys.modules, "wsilocal.bench.speed", None)
+    parser = argparse.ArgumentParser()
+    report.add_all_arguments(parser)
+    before = run_files(bench)
+    args = parser.parse_args(["--out", str(bench), "--quick", "--sections", "accuracy", "memory", "speed"])
+    assert report.all_main(args) == 0
+    assert run_files(bench) == before  # the accuracy section reused its finished runs
+    text = (bench / "report.md").read_text()
+    data = json.loads((bench / "report.json").read_text())
+    status = {name: section["status"] for name, section in data["sections"].items()}
+    assert status == {"accuracy": "done", "memory": "done", "speed": "pending: wsilocal.bench.speed is not there yet",
+                      "scaling": "not run"}
+    for name in report.SECTIONS:
+        assert f"## {report.TITLES[name]}\n\nStatus: **{status[name]}**" in text
+    for png in ("accuracy/accuracy.png", "memory/memory.png"):
+        assert (bench / png).is_file() and f"]({png})" in text
+    assert "| ABMIL | " in text and "| 128×128 | paper | 4 |" in text  # the accuracy and memory tables
+    # The paper's numbers beside ours, and the claims with a place to say why where we disagree.
+    assert text.count(report.PAPER_LABEL) >= 3 and "| 8698×7496 | 2.9 | 0.3 | 9.7× |" in text
+    memory = json.loads((bench / "memory" / "memory.json").read_text())
+    (k4,) = [r for r in memory["records"] if r["k"] == 4]
+    (claim,) = [c for c in data["claims"] if c["claim"].startswith("K=4 needs")]
+    assert claim["ours"].startswith(f"{k4['ratio_saved_paper_style']:.1%} of paper-style K=1")
+    paper_k4 = max(report.paper_memory_shares(4))  # 5.35 / 17.89 GB
+    assert claim["verdict"] == ("agrees" if k4["ratio_saved_paper_style"] <= paper_k4 + 0.05 else "disagrees")
+    pending = [c for c in data["claims"] if c["verdict"] == "pending"]
+    assert {c["claim"] for c in pending} >= {"`morphology`: RFR improves the accuracy of K=4",
+                                             "whole-slide inference is 7–10× faster than the tile pipeline (GABMIL)"}
+    assert all(report.WHY_PLACEHOLDER in line for line in text.splitlines() if "| disagrees |" in line)
+    machine = data["machine"]
+    assert machine["cores"] >= 1 and machine["torch"] == torch.__version__ and machine["ram_gib"] > 0
+    assert f"{machine['cores']} cores" in text
