@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{best.get('balanced_accuracy', float('nan')):.3f}, AUROC {best.get('auroc') or float('nan'):.3f}")
     for warning in result.warnings:
         print(warning)
-    return 0
+    return 1 if result.skipped else 0  # like prepare: the run finished, but not on every slide
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -115,7 +115,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_metrics(metrics))
     print(f"wrote {Path(args.run) / f'metrics_{args.split}.json'}, predictions_{args.split}.csv, "
           f"roc_{args.split}.png")
-    return 0
+    return 1 if metrics.get("skipped") else 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -168,7 +168,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
           f"{best['balanced_accuracy']}, AUROC {best['auroc']}")
     for warning in result.warnings:
         print(warning)
-    return 0
+    return 1 if result.skipped else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -299,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = bench.add_parser("accuracy", help="the paper's Tables 1 and 4 on synthetic cohorts: all methods, several seeds")
     add_accuracy_arguments(q)
     q.set_defaults(func=accuracy_main)
+    from wsilocal.bench.soak import add_soak_arguments, soak_main
+
+    q = bench.add_parser("soak", help="train a synthetic cohort for many epochs; fail if process memory grows")
+    add_soak_arguments(q)
+    q.set_defaults(func=soak_main)
     from wsilocal.bench.report import add_all_arguments, all_main
 
     q = bench.add_parser("all", help="accuracy, memory, speed and scaling benchmarks and one report.md")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import yaml
 
+from wsilocal.atomic import write_text_atomic
 from wsilocal.errors import ConfigError
 
 SCHEDULES = ("simultaneous", "greedy")
+MAX_RFR_PATCHES = 1000  # the paper uses 10; more only costs memory
 METHODS = ("local",)
 
 
@@ -90,14 +93,37 @@ class TrainConfig:
             (self.conv1_stride in (1, 2, 3, 4), f"conv1_stride must be 1-4, got {self.conv1_stride}"),
             (0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1), got {self.plateau_factor}"),
             (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
+            (self.threads >= 0, f"threads must be >= 0 (0 = torch's default), got {self.threads}"),
+            (self.max_pixels >= 1, f"max_pixels must be >= 1, got {self.max_pixels}"),
+            (self.max_train_pixels >= 1, f"max_train_pixels must be >= 1, got {self.max_train_pixels}"),
+            (self.calibration_slides >= 1, f"calibration_slides must be >= 1, got {self.calibration_slides}"),
+            (self.early_stopping >= 0, f"early_stopping must be >= 0, got {self.early_stopping}"),
+            (self.plateau_patience >= 0, f"plateau_patience must be >= 0, got {self.plateau_patience}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.rfr_patches <= MAX_RFR_PATCHES, f"rfr_patches must be <= {MAX_RFR_PATCHES}, got {self.rfr_patches}"),
+            *shared_checks(self),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"config: {message}")
+        if self.boundaries is not None:
+            from wsilocal.models.split import block_boundaries  # torch: only loaded when boundaries are given
+
+            block_boundaries(self.boundaries)  # ConfigError naming the rule when they are not a valid split
         return self
 
     def resolved_cache(self) -> Path:
         return Path(self.cache) if self.cache else Path(self.cohort).parent / "cache"
+
+
+def shared_checks(config) -> list[tuple[bool, str]]:
+    """Checks every config class shares: finite numbers, a seed the random generators accept."""
+    infinite = [f.name for f in fields(config) if isinstance(getattr(config, f.name), float)
+                and not math.isfinite(getattr(config, f.name))]
+    return [
+        (not infinite, f"{', '.join(infinite)} must be finite numbers"),
+        (0 <= config.seed < 2**31, f"seed must be in 0..2147483647, got {config.seed}"),
+    ]
 
 
 def _field_types(cls: type) -> dict[str, typing.Any]:
@@ -116,7 +142,7 @@ def _coerce(name: str, value: typing.Any, annotation: typing.Any) -> typing.Any:
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):
-            raise ConfigError(f"config: {name} must be a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"config: {name} must be a list, got {type(value).__name__} {_show(value)}")
         return [_coerce(name, v, item) for v in value]
     if annotation is bool:
         if isinstance(value, bool):
@@ -126,14 +152,26 @@ def _coerce(name: str, value: typing.Any, annotation: typing.Any) -> typing.Any:
             return value
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond any float
+                raise ConfigError(f"config: {name} is too large a number") from None
     elif annotation is str:
         if isinstance(value, str):
             return value
         if isinstance(value, Path):
             return str(value)
     expected = getattr(annotation, "__name__", str(annotation))
-    raise ConfigError(f"config: {name} must be {expected}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"config: {name} must be {expected}, got {type(value).__name__} {_show(value)}")
+
+
+def _show(value: typing.Any, limit: int = 80) -> str:
+    """A short repr for an error message (huge values are cut, not printed whole)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer with more digits than Python converts to text
+        return "(a huge number)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def config_from_dict(values: dict, cls: type = TrainConfig):
@@ -156,6 +194,8 @@ def load_config(path: str | Path, overrides: dict | None = None, cls: type = Tra
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config ({exc})") from None
+    except RecursionError:  # yaml constructs nested lists recursively
+        raise ConfigError(f"{path}: invalid YAML (nested too deeply)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -163,18 +203,15 @@ def load_config(path: str | Path, overrides: dict | None = None, cls: type = Tra
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values")
     try:
-        config = config_from_dict({**values, **(overrides or {})}, cls)
-    except ConfigError as exc:
+        config = config_from_dict({**values, **(overrides or {})}, cls).validate()
+    except ConfigError as exc:  # name the file: the bad value is in it (or overrides it)
         raise ConfigError(f"{path}: {exc}") from None
     return config
 
 
 def save_config(config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:

@@ -12,6 +12,10 @@ from pathlib import Path
 class WsilocalError(Exception):
     """Base class of every error wsilocal reports to a user."""
 
+    def __str__(self) -> str:
+        # One line whatever the message quotes (a label or file name with a line break in it).
+        return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
+
 
 class SlideError(WsilocalError):
     """A slide cannot be opened or read, or is unusable (no tissue, no MPP, too large)."""

@@ -36,10 +36,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from wsilocal.atomic import check_writable_folder, remove_stale_temporaries
 from wsilocal.errors import ConfigError, SlideError, WsilocalError
 from wsilocal.features.h5 import read_attrs, write_features
 from wsilocal.features.tiles import read_tile, tile_grid, tile_size_level0
 from wsilocal.models.resnet import ResNet34Trunk, load_resnet34_weights
+from wsilocal.slide.cache import DEFAULT_MAX_PIXELS, tissue_read_size
 from wsilocal.slide.cohort import SPLITS, Cohort, CohortSlide
 from wsilocal.slide.reader import Slide, open_slide
 from wsilocal.slide.tissue import detect_tissue
@@ -159,8 +161,8 @@ def extract_features(
 
     _check_parameters(mpp, tile, min_tissue, batch_size, workers, assume_mpp)
     slides = list(cohort_or_slides.slides if isinstance(cohort_or_slides, Cohort) else cohort_or_slides)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_writable_folder(out_dir, "feature files")  # read-only or full: said now, not per slide
+    remove_stale_temporaries(out_dir)  # of a run killed while writing a file
     extractor = FeatureExtractor(weights).to(resolve_device(device))
     result = ExtractResult()
     if weights is None:
@@ -214,6 +216,7 @@ def _extract_slide(slide: CohortSlide, path: Path, extractor: FeatureExtractor, 
     with open_slide(slide.path, assume_mpp=attrs["assume_mpp"]) as handle:
         slide_mpp = handle.mpp  # a clear SlideError when the file has no MPP and none is assumed
         tissue = detect_tissue(handle, mask_mpp=MASK_MPP)
+        tissue_read_size(handle, tissue.bbox, mpp, DEFAULT_MAX_PIXELS)  # refuses what prepare would refuse
         coords = tile_grid(handle, tissue, mpp, tile, attrs["min_tissue"])
         if not coords:
             raise SlideError(slide.path, f"no {tile}-px tile at {mpp} µm/px has at least "

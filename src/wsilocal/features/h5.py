@@ -11,13 +11,13 @@ always complete.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from wsilocal.atomic import atomic_output
 from wsilocal.errors import WsilocalError
 
 
@@ -38,17 +38,12 @@ def write_features(path: str | Path, features: np.ndarray, coords: np.ndarray, a
         raise ValueError(f"features must be (N, D) with N, D >= 1, got shape {features.shape}")
     if coords.shape != (features.shape[0], 2) or not np.issubdtype(coords.dtype, np.integer):
         raise ValueError(f"coords must be integer ({features.shape[0]}, 2), got {coords.dtype} {coords.shape}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as file:
-            file.create_dataset("features", data=features)
-            file.create_dataset("coords", data=coords.astype(np.int64))
-            for key, value in attrs.items():
-                if value is not None:
-                    file.attrs[key] = value
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as file:
+        file.create_dataset("features", data=features)
+        file.create_dataset("coords", data=coords.astype(np.int64))
+        for key, value in attrs.items():
+            if value is not None:
+                file.attrs[key] = value
 
 
 def read_features(path: str | Path, *, dim: int | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:

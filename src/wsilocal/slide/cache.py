@@ -13,6 +13,7 @@ temporary name and renamed, so an interrupted run never leaves a half-written en
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,13 +25,21 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from wsilocal.atomic import atomic_output, check_writable_folder, remove_stale_temporaries, write_text_atomic
 from wsilocal.errors import SlideError, WsilocalError
 from wsilocal.slide.cohort import Cohort, CohortSlide
-from wsilocal.slide.reader import open_slide, read_region_at_mpp, size_at_mpp
+from wsilocal.slide.reader import (
+    DEFAULT_MAX_PIXELS,
+    Slide,
+    describe_level,
+    open_slide,
+    read_region_at_mpp,
+    size_at_mpp,
+    source_pixels,
+)
 from wsilocal.slide.tissue import detect_tissue
 
 CACHE_VERSION = 1
-DEFAULT_MAX_PIXELS = 40_000 * 40_000  # at the target MPP; larger requests are refused, not attempted
 STATS_CHUNK_ROWS = 512
 
 
@@ -90,20 +99,15 @@ def _entry_key(source: Path, settings: PrepareSettings) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def load_entry(cache_dir: Path, slide_id: str) -> CacheEntry | None:
-    """The cached entry of a slide, or None when there is none or its files are incomplete."""
+    """The cached entry of a slide, or None when there is none or its files are incomplete or damaged."""
     meta = Path(cache_dir) / f"{slide_id}.json"
     try:
         entry = CacheEntry(**json.loads(meta.read_text()))
+        shape = entry.image().shape  # maps the array: checks its header and that the file holds all pixels
     except (OSError, ValueError, TypeError):
         return None
-    return entry if Path(entry.array_path).is_file() else None
+    return entry if shape == (entry.height, entry.width, 3) else None
 
 
 def _channel_sums(image: np.ndarray) -> tuple[list[float], list[float]]:
@@ -122,34 +126,65 @@ def build_entry(slide: CohortSlide, cache_dir: Path, settings: PrepareSettings) 
     key = _entry_key(slide.path, settings)
     with open_slide(slide.path, assume_mpp=settings.assume_mpp) as handle:
         slide_mpp = handle.mpp  # raises a clear SlideError when the file has no MPP and none is assumed
-        tissue = detect_tissue(handle, mask_mpp=settings.mask_mpp, margin=settings.margin)
+        tissue = detect_tissue(handle, mask_mpp=settings.mask_mpp, margin=settings.margin,
+                               max_pixels=settings.max_pixels)
         x, y, w, h = tissue.bbox
-        out_w, out_h = size_at_mpp(w, h, slide_mpp, settings.mpp)
-        if out_w * out_h > settings.max_pixels:
-            raise SlideError(
-                slide.path,
-                f"tissue region at {settings.mpp} µm/px is {out_w}×{out_h} = {out_w * out_h:,} px, above the "
-                f"limit of {settings.max_pixels:,} px (raise --max-pixels if this is intended)",
-            )
+        out_w, out_h = tissue_read_size(handle, tissue.bbox, settings.mpp, settings.max_pixels)
         final = cache_dir / f"{slide.slide_id}.npy"
-        tmp = cache_dir / f".{slide.slide_id}.npy.tmp-{os.getpid()}"
-        try:
+        with atomic_output(final) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(out_h, out_w, 3))
+            _reserve(tmp)
             read_region_at_mpp(handle, settings.mpp, region=(x, y, w, h), out=out)
             out.flush()
             channel_sum, channel_sumsq = _channel_sums(out)
             del out
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
     entry = CacheEntry(
         slide_id=slide.slide_id, array_path=str(final.resolve()), source=str(slide.path), key=key,
         height=out_h, width=out_w, slide_mpp=slide_mpp, mpp=settings.mpp, bbox=[x, y, w, h],
         tissue_fraction=tissue.tissue_fraction, channel_sum=channel_sum, channel_sumsq=channel_sumsq,
         n_pixels=out_h * out_w,
     )
-    _atomic_write_text(cache_dir / f"{slide.slide_id}.json", json.dumps(asdict(entry), indent=1))
+    try:
+        write_text_atomic(cache_dir / f"{slide.slide_id}.json", json.dumps(asdict(entry), indent=1))
+    except OSError:
+        final.unlink(missing_ok=True)  # no pixels without their facts: the entry is wholly there or not at all
+        raise
     return entry
+
+
+def tissue_read_size(slide: Slide, bbox: tuple[int, int, int, int], mpp: float, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of the tissue box ``bbox`` (level-0 px) read at ``mpp``, checked against ``max_pixels``.
+
+    Both the image and the pixels decoded to make it count: a slide without a pyramid level near ``mpp``
+    (a flat TIFF) decodes its full-resolution box, however small the result.
+
+    Raises:
+        SlideError: before anything is read or allocated, when either exceeds ``max_pixels``.
+    """
+    out_w, out_h = size_at_mpp(bbox[2], bbox[3], slide.mpp, mpp)
+    if out_w * out_h > max_pixels:
+        raise SlideError(slide.path, f"tissue region at {mpp} µm/px is {out_w}×{out_h} = {out_w * out_h:,} px, above "
+                                     f"the limit of {max_pixels:,} px (raise --max-pixels if this is intended)")
+    level, decoded = source_pixels(slide, mpp / slide.mpp, bbox)
+    if decoded > max_pixels:
+        raise SlideError(slide.path, f"reading the tissue region at {mpp} µm/px means decoding {decoded:,} px of "
+                                     f"{describe_level(slide, level)}, above the limit of {max_pixels:,} px (raise "
+                                     "--max-pixels if this is intended)")
+    return out_w, out_h
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a memory-mapped file's blocks now: on a full disk, an OSError here instead of a SIGBUS later.
+
+    ``open_memmap`` makes a sparse file; writing pixels into its pages when the disk is full kills the
+    process with SIGBUS, no message and no clean-up.
+    """
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: go on sparse
+                raise
 
 
 def _prepare_one(args: tuple[CohortSlide, Path, PrepareSettings]) -> tuple[str, CacheEntry | None, str | None]:
@@ -176,8 +211,8 @@ def prepare_slides(
     finish. Fresh entries are reused without opening the slide.
     """
     settings = settings or PrepareSettings()
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = check_writable_folder(cache_dir, "cache")  # read-only or full: said once, not per slide
+    remove_stale_temporaries(cache_dir)  # of a run killed while writing an entry
     result = PrepareResult()
     todo: list[CohortSlide] = []
     for slide in slides:
@@ -250,7 +285,7 @@ def prepare_cohort(
     stats: dict = {"classes": list(cohort.classes), "n_slides": len(train)}
     if train:
         stats["mean"], stats["std"] = channel_stats(train)
-        _atomic_write_text(Path(cache_dir) / "stats.json", json.dumps(stats, indent=1))
+        write_text_atomic(Path(cache_dir) / "stats.json", json.dumps(stats, indent=1))
     return result, stats
 
 

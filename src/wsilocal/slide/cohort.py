@@ -3,6 +3,8 @@
 Format: ``slide_id,path,label,split`` plus an optional ``case_id``. Relative paths resolve against the
 CSV's folder and must stay inside it (``..`` or a symlink leading out is refused unless
 ``allow_outside=True``); absolute paths are taken as given. Splits are ``train``, ``val`` and ``test``.
+Slide ids name the cache and feature files, so they may not contain path separators or control
+characters, start with a dot, or exceed 200 bytes.
 Every problem in the file is collected and reported at once in one :class:`CohortError`.
 """
 
@@ -19,6 +21,7 @@ from wsilocal.errors import CohortError
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("slide_id", "path", "label", "split")
+MAX_ID_BYTES = 200  # slide ids name files; most file systems allow 255 bytes per name
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,21 @@ def _resolve_slide_path(raw: str, folder: Path, allow_outside: bool) -> tuple[Pa
         if real != root and root not in real.parents:
             return path, f"path {raw!r} leads outside the cohort folder (use --allow-outside-paths to permit)"
     return path, None
+
+
+def _slide_id_problem(slide_id: str) -> str | None:
+    """Why a slide id cannot name files (``<cache>/<slide_id>.npy``, ``<features>/<slide_id>.h5``), or None."""
+    if any(c in slide_id for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in slide_id):
+        return "contains a path separator or a control character"
+    if slide_id.startswith("."):
+        return "starts with a dot (hidden and temporary files do)"
+    if len(slide_id.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        return f"is longer than {MAX_ID_BYTES} bytes"
+    return None
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return repr(text) if len(text) <= limit else repr(text[: limit - 3] + "...")
 
 
 def load_cohort(
@@ -117,6 +135,10 @@ def load_cohort(
         if not slide_id:
             problems.append(f"{where}: empty slide_id")
             continue
+        id_problem = _slide_id_problem(slide_id)
+        if id_problem:
+            problems.append(f"{where}: slide_id {_short(slide_id)} {id_problem}")
+            continue
         where = f"line {line_no} ({slide_id})"
         if slide_id in seen_ids:
             problems.append(f"{where}: duplicate slide_id (first on line {seen_ids[slide_id]})")
@@ -131,16 +153,23 @@ def load_cohort(
         if not raw_path:
             problems.append(f"{where}: empty path")
             continue
-        path, path_problem = _resolve_slide_path(raw_path, folder, allow_outside)
-        if path_problem:
-            problems.append(f"{where}: {path_problem}")
-        elif check_files:
-            if not path.exists():
-                problems.append(f"{where}: slide file not found: {path}")
-            elif not (path.is_file() or path.is_dir()):  # .mrxs/DICOM may be folders beside a file
-                problems.append(f"{where}: not a file: {path}")
-            elif path.is_file() and not os.access(path, os.R_OK):
-                problems.append(f"{where}: slide file not readable: {path}")
+        if "\0" in raw_path:  # the OS cannot take it; Path() would raise ValueError
+            problems.append(f"{where}: path contains a NUL character")
+            continue
+        try:
+            path, path_problem = _resolve_slide_path(raw_path, folder, allow_outside)
+            if path_problem:
+                problems.append(f"{where}: {path_problem}")
+            elif check_files:
+                if not path.exists():
+                    problems.append(f"{where}: slide file not found: {path}")
+                elif not (path.is_file() or path.is_dir()):  # .mrxs/DICOM may be folders beside a file
+                    problems.append(f"{where}: not a file: {path}")
+                elif path.is_file() and not os.access(path, os.R_OK):
+                    problems.append(f"{where}: slide file not readable: {path}")
+        except OSError as exc:  # a name too long, a symlink loop, ...
+            problems.append(f"{where}: cannot use path {_short(raw_path)} ({exc.strerror or exc})")
+            continue
         case_id = row.get("case_id") or slide_id
         slides.append(CohortSlide(slide_id, path, label, split, case_id))
 

@@ -183,8 +183,9 @@ def level_for_mpp(slide: Slide, mpp: float) -> int:
     return _level_for_downsample(slide, mpp / slide.mpp)
 
 
-def source_pixels(slide: Slide, downsample: float, region: tuple[int, int, int, int] | None = None) -> int:
-    """How many pixels of the pyramid level chosen for ``downsample`` a read of ``region`` decodes.
+def source_pixels(slide: Slide, downsample: float,
+                  region: tuple[int, int, int, int] | None = None) -> tuple[int, int]:
+    """(level, pixels of it decoded) when reading ``region`` at ``downsample`` (level-0 px per output px).
 
     ``region`` is (x, y, width, height) in level-0 pixels, the whole slide when None. For a slide without a
     level near the target (a flat TIFF) this is the level-0 area: the figure to check against a pixel limit
@@ -193,7 +194,15 @@ def source_pixels(slide: Slide, downsample: float, region: tuple[int, int, int, 
     level = _level_for_downsample(slide, downsample)
     level_downsample = slide.level_downsamples[level]
     _, _, width, height = region or (0, 0, *slide.level_dimensions[0])
-    return math.ceil(width / level_downsample) * math.ceil(height / level_downsample)
+    return level, math.ceil(width / level_downsample) * math.ceil(height / level_downsample)
+
+
+def describe_level(slide: Slide, level: int) -> str:
+    """A level for messages: "level 0 of 1 (100000x100000 px, 0.25 µm/px)"; flat files show as 1 level."""
+    width, height = slide.level_dimensions[level]
+    mpp = slide.mpp_or_none
+    at = f", {mpp * slide.level_downsamples[level]:.3g} µm/px" if mpp is not None else ""
+    return f"level {level} of {slide.level_count} ({width}x{height} px{at})"
 
 
 def size_at_mpp(width: int, height: int, slide_mpp: float, mpp: float) -> tuple[int, int]:

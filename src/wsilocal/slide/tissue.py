@@ -15,11 +15,20 @@ import numpy as np
 from scipy import ndimage
 
 from wsilocal.errors import SlideError
-from wsilocal.slide.reader import Slide, read_region_at_mpp, read_region_downsampled
+from wsilocal.slide.reader import (
+    DEFAULT_MAX_PIXELS,
+    Slide,
+    describe_level,
+    read_region_at_mpp,
+    read_region_downsampled,
+    source_pixels,
+)
 
 #: For a slide without MPP the overview is taken as if it were scanned at 40x (0.25 µm/px), the
 #: common case. Only the overview's resolution depends on it, never the bounding box's coordinates.
 FALLBACK_MPP = 0.25
+#: Largest overview accepted: 64 Mpx at 16 µm/px is 128 mm square, far beyond any glass slide.
+OVERVIEW_MAX_PIXELS = 64_000_000
 
 
 @dataclass(frozen=True)
@@ -97,17 +106,34 @@ def tissue_mask_from_rgb(
     return mask
 
 
-def read_overview(slide: Slide, mpp: float = 16.0) -> tuple[np.ndarray, float]:
+def read_overview(slide: Slide, mpp: float = 16.0, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, float]:
     """A low-resolution RGB view of the whole slide and its downsample (level-0 px per view px).
 
     At ``mpp`` microns per pixel when the slide's MPP is known; otherwise at the downsample
     ``mpp / FALLBACK_MPP`` from the pyramid levels, so slides without MPP work too.
+
+    Raises:
+        SlideError: before reading, when the overview would exceed ``OVERVIEW_MAX_PIXELS`` (no real slide
+            comes near it) or producing it means decoding more than ``max_pixels`` pixels (a slide without
+            a pyramid level near ``mpp``, e.g. a huge flat TIFF).
     """
+    slide_mpp = slide.mpp_or_none if slide.mpp_or_none is not None else FALLBACK_MPP
+    downsample = mpp / slide_mpp
+    width, height = slide.level_dimensions[0]
+    out_w, out_h = max(1, round(width / downsample)), max(1, round(height / downsample))
+    if out_w * out_h > OVERVIEW_MAX_PIXELS:
+        assumed = " (assumed)" if slide.mpp_or_none is None else ""
+        raise SlideError(slide.path, f"implausibly large: {width}x{height} px at {slide_mpp:g} µm/px{assumed} would "
+                                     f"make a {out_w}x{out_h} px overview at {mpp:g} µm/px (limit "
+                                     f"{OVERVIEW_MAX_PIXELS:,} px)")
+    level, decoded = source_pixels(slide, downsample)
+    if decoded > max_pixels:
+        raise SlideError(slide.path, f"finding the tissue on a {mpp:g} µm/px overview means decoding {decoded:,} px "
+                                     f"of {describe_level(slide, level)}, above the limit of {max_pixels:,} px")
     if slide.mpp_or_none is not None:
         view = read_region_at_mpp(slide, mpp)
     else:
-        view = read_region_downsampled(slide, mpp / FALLBACK_MPP)
-    width, height = slide.level_dimensions[0]
+        view = read_region_downsampled(slide, downsample)
     return view, (width / view.shape[1] + height / view.shape[0]) / 2
 
 
@@ -135,13 +161,14 @@ def tissue_region_from_overview(
     return TissueRegion(mask, downsample, (left, top, right - left, bottom - top), float(mask.mean()))
 
 
-def detect_tissue(slide: Slide, *, mask_mpp: float = 16.0, margin: float = 0.05) -> TissueRegion:
+def detect_tissue(slide: Slide, *, mask_mpp: float = 16.0, margin: float = 0.05,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> TissueRegion:
     """Detect the tissue of ``slide`` on an overview at ``mask_mpp`` µm/px.
 
     Raises:
-        SlideError: the slide shows no tissue.
+        SlideError: the slide shows no tissue, or its overview is too large to read (see :func:`read_overview`).
     """
-    overview, downsample = read_overview(slide, mask_mpp)
+    overview, downsample = read_overview(slide, mask_mpp, max_pixels)
     region = tissue_region_from_overview(overview, downsample, slide.level_dimensions[0], margin=margin)
     if region is None:
         raise SlideError(slide.path, f"no tissue found (nothing coloured like stained tissue on the "

@@ -47,13 +47,14 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from wsilocal.config import load_config, save_config
+from wsilocal.atomic import write_text_atomic
+from wsilocal.config import load_config, save_config, shared_checks
 from wsilocal.errors import ConfigError, WsilocalError
 from wsilocal.models.mil import MIL_MODELS, build_mil_model
 from wsilocal.models.mil.base import OPTIMIZERS, MILModel
 from wsilocal.slide.cohort import SPLITS, load_cohort
 from wsilocal.train.bags import FeatureBags, epoch_order, load_bags
-from wsilocal.train.checkpoint import load_checkpoint, save_checkpoint
+from wsilocal.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from wsilocal.train.data import sample_generator
 from wsilocal.train.metrics import classification_metrics, plot_roc_curves
 from wsilocal.train.trainer import (
@@ -123,6 +124,8 @@ class BaselineConfig:
             (self.plateau_patience >= 0, f"plateau_patience must be >= 0, got {self.plateau_patience}"),
             (0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1), got {self.plateau_factor}"),
             (self.max_instances >= 0, f"max_instances must be >= 0, got {self.max_instances}"),
+            (self.threads >= 0, f"threads must be >= 0 (0 = torch's default), got {self.threads}"),
+            *shared_checks(self),
         ]
         for ok, message in checks:
             if not ok:
@@ -249,12 +252,12 @@ class BaselineTrainer(Trainer):
         state = None
         if self.resume:
             state = load_checkpoint(self.run_dir / "checkpoint_last.pt", expected_signature=signature)
-            model.load_state_dict(state["model"])
+            load_model_state(model, state, self.run_dir / "checkpoint_last.pt")
             self.warnings = state.get("warnings", [])
         else:
             save_config(config, self.run_dir / "config.yaml")
             meta = {"method": METHOD, "model": config.model, "classes": classes, "in_dim": train.in_dim}
-            (self.run_dir / "model.json").write_text(json.dumps(meta, indent=1))
+            write_text_atomic(self.run_dir / "model.json", json.dumps(meta, indent=1))
             for slide_id, reason in skipped.items():
                 self.warnings.append(f"skipped {slide_id}: {reason}")
                 log.warning("skipped %s: %s", slide_id, reason)
@@ -329,7 +332,7 @@ class BaselineTrainer(Trainer):
             "warnings": self.warnings,
             "model": _describe(model, train.in_dim, config),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return TrainResult(self.run_dir, best["epoch"], best["val"], history, skipped, self.warnings)
 
     def _train_epoch(self, model, train: FeatureBags, stage_no: int, stage: str, epoch: int, optimizer,
@@ -398,7 +401,7 @@ def load_baseline_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[Ba
     state = load_checkpoint(path, expected_signature=baseline_signature(config.model, meta["classes"],
                                                                         meta["in_dim"]))
     model = build_mil_model(config.model, len(meta["classes"]), in_dim=meta["in_dim"])
-    model.load_state_dict(state["model"])
+    load_model_state(model, state, path)
     model.set_stage(model.training_stages[state.get("stage", len(model.training_stages) - 1)])
     model.eval()
     return config, model, state
@@ -429,7 +432,7 @@ def evaluate_baseline_run(run_dir: str | Path, split: str = "test", *, checkpoin
                               keep_attention=True)
     metrics = classification_metrics(evaluation["probabilities"], evaluation["labels"], classes)
     metrics.update(loss=evaluation["loss"], split=split, checkpoint=checkpoint, skipped=bags.skipped)
-    (run_dir / f"metrics_{split}.json").write_text(json.dumps(metrics, indent=1))
+    write_text_atomic(run_dir / f"metrics_{split}.json", json.dumps(metrics, indent=1))
     with open(run_dir / f"predictions_{split}.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["slide_id", "label", "predicted", *[f"p_{c}" for c in classes]])

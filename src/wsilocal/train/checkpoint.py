@@ -8,30 +8,32 @@ different signature is a clear :class:`~wsilocal.errors.CheckpointError`, not a 
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
 
 import torch
 
+from wsilocal.atomic import atomic_output, remove_stale_temporaries
 from wsilocal.errors import CheckpointError
 
 FORMAT_VERSION = 1
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write ``state`` to ``path`` via a temporary file and an atomic rename (never half-written)."""
+    """Write ``state`` to ``path`` via a temporary file, fsync and an atomic rename (never half-written).
+
+    A failed write (disk full, read-only folder) leaves the previous file at ``path`` as it was and no
+    temporary file; temporary files of killed earlier runs in the folder are removed first.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(path.parent)
     try:
-        with open(tmp, "wb") as handle:
-            torch.save({**state, "format_version": FORMAT_VERSION}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with atomic_output(path, fsync=True) as tmp, open(tmp, "wb") as handle:
+            torch.save({**state, "format_version": FORMAT_VERSION}, handle)  # a handle: write errors are OSErrors
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({exc.strerror or exc}); "
+                              "the previous one, if any, is unchanged") from exc
 
 
 def load_checkpoint(path: str | Path, expected_signature: dict | None = None) -> dict:
@@ -44,20 +46,44 @@ def load_checkpoint(path: str | Path, expected_signature: dict | None = None) ->
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's message is long; keep the line that names the offending object.
+        # torch's message is long and suggests how to allow the object; keep only what names it.
         lines = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "global" in line]
-        detail = lines[0] if lines else "unsupported object"
+        detail = _first_sentence(lines[0]) if lines else "unsupported object"
         raise CheckpointError(f"{path}: refused to load, it contains objects beyond tensors and plain data "
-                              f"({detail[:200]})") from None
+                              f"({detail})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({first[:160]})") from None
-    if not isinstance(state, dict) or "format_version" not in state or "model" not in state:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_sentence(first)})") from None
+    model = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(model, dict) or "format_version" not in state:
         raise CheckpointError(f"{path}: not a wsilocal checkpoint")
+    # A module's extra state (``get_extra_state``, e.g. MIL-RNN's stage) is plain data; the rest are tensors.
+    if not all(isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("_extra_state"))
+               for k, v in model.items()):
+        raise CheckpointError(f"{path}: not a wsilocal checkpoint (its model is not a state dict of tensors)")
     if expected_signature is not None:
-        found = state.get("signature", {})
+        found = state.get("signature") if isinstance(state.get("signature"), dict) else {}
         diffs = [f"{k}: checkpoint {found.get(k)!r} vs model {v!r}" for k, v in expected_signature.items()
                  if found.get(k) != v]
         if diffs:
             raise CheckpointError(f"{path}: checkpoint is from another model ({'; '.join(diffs)})")
     return state
+
+
+def load_model_state(model: torch.nn.Module, state: dict, path: str | Path) -> None:
+    """``model.load_state_dict(state["model"])``, a CheckpointError naming ``path`` instead of torch's traceback.
+
+    The signature check of :func:`load_checkpoint` catches another architecture; this catches a checkpoint
+    whose signature matches but whose tensors do not (edited by hand, or written by another version).
+    """
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = "; ".join(lines[1:3]) if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+        raise CheckpointError(f"{path}: the checkpoint's tensors do not fit the model ({detail[:300]})") from None
+
+
+def _first_sentence(text: str, limit: int = 200) -> str:
+    """The first sentence of a library's message (they go on with advice that does not apply here)."""
+    return text.split(". ")[0].strip()[:limit]

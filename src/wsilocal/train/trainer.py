@@ -30,6 +30,7 @@ processes with accumulation A compute what one process with accumulation N×A co
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import logging
 import math
@@ -282,6 +283,9 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        if self.resume and not (self.run_dir / "checkpoint_last.pt").exists():
+            # Killed before its first epoch ended: nothing to continue, so start over (same seed, same run).
+            self.resume = False
         tune_cpu_allocator()
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
@@ -372,6 +376,7 @@ class Trainer:
                     "history": history, "best": best, "warnings": self.warnings,
                 })
                 self._write_metrics(history)
+                gc.collect()  # per-epoch figures and logs form reference cycles; free them before the heap grows
                 log.info("phase %d epoch %d: %s", p, epoch - 1, json.dumps(_printable(row)))
                 if self.progress:
                     tqdm.write(_epoch_line(row))
