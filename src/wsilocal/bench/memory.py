@@ -10,6 +10,13 @@ For every input size, number of modules K and *variant* (how the step is compute
    (plus its RSS after building the model, so the step's own increment is visible).
 3. **CUDA** — ``torch.cuda.max_memory_allocated`` of that step when the subprocess has a GPU.
 
+**Streaming** rows (variant ``streaming``; methods ``streaming_e2e`` = StreamingCNN at K=1 and
+``streaming_local`` at K>1, see :mod:`wsilocal.train.streaming`) run the same network streamed tile by tile,
+x_i in a memory-mapped store on CPU (host memory on a GPU), on a procedural image that costs no memory, so
+they also run at ``streaming_sizes`` where the plain step would not fit. Peak RSS is *anonymous* memory
+(``RssAnon``, sampled by a thread: the kernel keeps no high-water mark of it) in every row: it leaves out the
+shared libraries and the page-cache pages of the store, which the kernel can evict.
+
 Step times are measured in one more subprocess per size that holds every variant's model and steps them
 in interleaved rounds after a warm-up round (median per variant): the machines are shared and noisy, so
 only ratios between numbers from the same rounds mean much. Ratios are taken against K=1 of the same
@@ -22,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -50,7 +59,13 @@ from wsilocal.models.split import (
     module_saved_bytes,
 )
 from wsilocal.runtime import tune_cpu_allocator
-from wsilocal.train.local_step import local_training_step
+from wsilocal.train.local_step import StepResult, local_training_step
+from wsilocal.train.streaming import (
+    DEFAULT_TILE,
+    streaming_end_to_end_step,
+    streaming_local_step,
+    tiles_for_budget,
+)
 
 N_CLASSES = 2
 LABEL = 1
@@ -76,6 +91,7 @@ class Variant:
     recompute: bool
     balanced: bool
     description: str
+    streaming: bool = False
 
 
 VARIANTS = {v.name: v for v in (
@@ -84,6 +100,8 @@ VARIANTS = {v.name: v for v in (
     Variant("recompute", True, True, False, "folded + per-block activation recomputation"),
     Variant("balanced", True, False, True, "folded + block-level split balancing the modules' memory"),
     Variant("balanced-recompute", True, True, True, "folded + balanced split + recomputation"),
+    Variant("streaming", True, False, False, "folded, streamed tile by tile with exact gradients: StreamingCNN "
+            "at K=1, streaming local learning at K>1 (x_i in a memory-mapped store on CPU)", streaming=True),
 )}
 DEFAULT_VARIANTS = ("paper", "folded", "recompute", "balanced-recompute")
 DEFAULT_SIZES = ((1024, 1024), (2048, 2048), (4096, 4096))
@@ -101,6 +119,9 @@ class StepConfig:
     recompute: bool
     rfr: bool
     boundaries: tuple[int, ...]  # first block of modules 2..K
+    streaming: bool = False
+    tile: int = DEFAULT_TILE  # streaming only: output block per window, image px ...
+    window_bytes: int = 0  # ... or, when > 0, per-module tiles whose windows save about this much
 
     def build(self, device: str | torch.device = "cpu") -> LocalNet:
         """The network, seeded, in train mode."""
@@ -114,15 +135,44 @@ class StepConfig:
         image = torch.randn(1, 3, self.height, self.width, generator=torch.Generator().manual_seed(SEED))
         return image.to(device)
 
+    def inputs(self, device: str | torch.device = "cpu") -> torch.Tensor | NoiseSource:
+        """What the step reads: the image, or for a streaming step a :class:`NoiseSource` of its size."""
+        return NoiseSource(self.height, self.width) if self.streaming else self.image(device)
 
-def step_config(variant: Variant, k: int, hw: tuple[int, int], rfr: bool = True) -> StepConfig:
-    """The network ``variant`` trains with K modules at input ``hw`` (a balanced split is chosen for it)."""
+    def tiles(self, net: LocalNet) -> list[int]:
+        """The streaming step's tile per module (measures ``net`` on the meta device for ``window_bytes``)."""
+        return tiles_for_budget(net, self.window_bytes) if self.window_bytes else [self.tile] * len(net.stages)
+
+
+class NoiseSource:
+    """An ImageSource of any size that costs no memory: about standard-normal noise, tiled with a period that
+    no stride of the trunk divides (1021 px), read window by window. Only for measuring: content does not
+    change a step's memory or time."""
+
+    PERIOD = 1021
+
+    def __init__(self, height: int, width: int):
+        self.height, self.width = height, width
+        self.pattern = torch.randn(3, self.PERIOD, self.PERIOD, generator=torch.Generator().manual_seed(SEED))
+
+    def read(self, top: int, left: int, height: int, width: int) -> torch.Tensor:
+        rows = torch.arange(top, top + height) % self.PERIOD
+        cols = torch.arange(left, left + width) % self.PERIOD
+        return self.pattern[:, rows][:, :, cols].unsqueeze(0)
+
+
+def step_config(variant: Variant, k: int, hw: tuple[int, int], rfr: bool = True,
+                tile: int = DEFAULT_TILE, window_bytes: int = 0) -> StepConfig:
+    """The network ``variant`` trains with K modules at input ``hw`` (a balanced split is chosen for it);
+    ``tile`` and ``window_bytes`` only matter to the streaming variant."""
     if variant.balanced:
         # LocalNet itself picks the balanced boundaries, so the benchmark uses exactly what training uses.
         split = LocalNet(N_CLASSES, k, rfr=rfr, input_hw_for_balance=hw).split
     else:
         split = k
-    return StepConfig(hw[0], hw[1], variant.fold_bn, variant.recompute, rfr, block_boundaries(split))
+    return StepConfig(hw[0], hw[1], variant.fold_bn, variant.recompute, rfr, block_boundaries(split),
+                      variant.streaming, tile if variant.streaming else DEFAULT_TILE,
+                      window_bytes if variant.streaming else 0)
 
 
 # --- saved bytes of one real step, per module and per kind of tensor ------------------------------------
@@ -222,11 +272,46 @@ def recompute_bound_bytes(net: LocalNet, per_module: Sequence[int], hw: tuple[in
                for saved, spec in zip(per_module, net.specs, strict=True))
 
 
+def run_step(net: LocalNet, config: StepConfig, inputs: torch.Tensor | NoiseSource, tiles: list[int] | None = None,
+             on_module_backward: Any = None) -> StepResult:
+    """The training step ``config`` describes, on ``inputs`` (:meth:`StepConfig.inputs`); a streaming step
+    with ``tiles`` (:meth:`StepConfig.tiles`)."""
+    generator = torch.Generator().manual_seed(SEED)
+    if not config.streaming:
+        return local_training_step(net, inputs, LABEL, generator=generator, on_module_backward=on_module_backward)
+    tiles = tiles or config.tiles(net)
+    if len(net.stages) == 1:
+        result = streaming_end_to_end_step(net, inputs, LABEL, tile=tiles[0])
+        if on_module_backward is not None:
+            on_module_backward(0)
+        return result
+    store = "disk" if next(net.parameters()).device.type == "cpu" else "memory"
+    return streaming_local_step(net, inputs, LABEL, tile=tiles, store=store, generator=generator,
+                                on_module_backward=on_module_backward)
+
+
+def measure_streaming_memory(net: LocalNet, config: StepConfig, source: NoiseSource) -> StepMemory:
+    """Saved-for-backward bytes of one streaming step: the peak of each module (between the ends of two
+    modules' backwards; at K=1 the whole step). Window graphs come and go, so no breakdown by kind."""
+    tiles = config.tiles(net)  # before metering: it builds graphs on the meta device
+    meter = SavedTensorMeter()
+    peaks: list[int] = []
+
+    def close_module(_index: int) -> None:
+        peaks.append(meter.peak)
+        meter.reset()
+
+    with meter:
+        run_step(net, config, source, tiles, on_module_backward=close_module)
+    return StepMemory(max(peaks), peaks, [{} for _ in peaks], meter.current)
+
+
 # --- child processes ----------------------------------------------------------------------------------
 
 
 def _rss_bytes(field: str) -> int:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, from /proc; ru_maxrss where there is no /proc."""
+    """``VmRSS``, ``RssAnon`` (now) or ``VmHWM`` (peak) of this process, from /proc; ru_maxrss where there is
+    no /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -237,16 +322,42 @@ def _rss_bytes(field: str) -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+class AnonPeak:
+    """Peak ``RssAnon`` of this process while the context is open, sampled every ``interval`` seconds by a
+    thread (convolutions release the GIL, so it samples during them too) and once more on exit."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes("RssAnon"))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes("RssAnon"))
+
+
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _timed_step(net: LocalNet, image: torch.Tensor) -> float:
-    if image.is_cuda:
+def _timed_step(net: LocalNet, config: StepConfig, inputs: torch.Tensor | NoiseSource,
+                tiles: list[int]) -> float:
+    cuda = next(net.parameters()).is_cuda
+    if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    local_training_step(net, image, LABEL, generator=torch.Generator().manual_seed(SEED))
-    if image.is_cuda:
+    run_step(net, config, inputs, tiles)
+    if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     net.zero_grad(set_to_none=True)  # frees the gradients: every step allocates its own, as the first did
@@ -254,17 +365,19 @@ def _timed_step(net: LocalNet, image: torch.Tensor) -> float:
 
 
 def _child_memory(config: StepConfig) -> dict[str, Any]:
-    """In a fresh process: build, measure one step three ways."""
+    """In a fresh process: build, measure one step three ways (RSS: anonymous memory, see the module doc)."""
     device = _device()
-    rss_baseline = _rss_bytes("VmRSS")
-    net, image = config.build(device), config.image(device)
-    rss_model = _rss_bytes("VmRSS")
-    cuda_model = torch.cuda.memory_allocated() if device == "cuda" else None
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    memory = measure_step_memory(net, image)
-    seconds = time.perf_counter() - start
+    with AnonPeak() as anon:
+        rss_baseline = _rss_bytes("RssAnon")
+        net, inputs = config.build(device), config.inputs(device)
+        rss_model = _rss_bytes("RssAnon")
+        cuda_model = torch.cuda.memory_allocated() if device == "cuda" else None
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        memory = (measure_streaming_memory(net, config, inputs) if config.streaming
+                  else measure_step_memory(net, inputs))
+        seconds = time.perf_counter() - start
     hw = (config.height, config.width)
     return {
         **asdict(memory),
@@ -273,10 +386,12 @@ def _child_memory(config: StepConfig) -> dict[str, Any]:
         "module_labels": [spec.label() for spec in net.specs],
         "rss_baseline_bytes": rss_baseline,
         "rss_model_bytes": rss_model,
-        "peak_rss_bytes": _rss_bytes("VmHWM"),
+        "peak_rss_bytes": anon.peak,
+        "peak_vm_hwm_bytes": _rss_bytes("VmHWM"),
         "cuda_model_bytes": cuda_model,
         "cuda_max_allocated": torch.cuda.max_memory_allocated() if device == "cuda" else None,
         "first_step_seconds": seconds,
+        "tiles": config.tiles(net) if config.streaming else None,
         "device": device,
         "threads": torch.get_num_threads(),
     }
@@ -287,12 +402,15 @@ def _child_time(configs: list[StepConfig], repeats: int) -> list[list[float]]:
     order rotated each round so that no variant always runs first or last. Step times per config."""
     device = _device()
     nets = [config.build(device) for config in configs]
-    image = configs[0].image(device)  # all configs of one call share the size
+    tiles = [config.tiles(net) for config, net in zip(configs, nets, strict=True)]
+    # All configs of one call share the size: one image for the plain steps, one source for streaming ones.
+    inputs = {streaming: next(c for c in configs if c.streaming == streaming).inputs(device)
+              for streaming in {c.streaming for c in configs}}
     times: list[list[float]] = [[] for _ in configs]
     for round_index in range(repeats + 1):
         shift = round_index % len(configs)
         for i in list(range(shift, len(configs))) + list(range(shift)):
-            seconds = _timed_step(nets[i], image)
+            seconds = _timed_step(nets[i], configs[i], inputs[configs[i].streaming], tiles[i])
             if round_index > 0:
                 times[i].append(seconds)
     return times
@@ -342,6 +460,9 @@ def run_memory_benchmark(
     variants: Sequence[str] = DEFAULT_VARIANTS,
     repeats: int = 2,
     rfr: bool = True,
+    streaming_sizes: Sequence[tuple[int, int]] = (),
+    tile: int = DEFAULT_TILE,
+    window_bytes: int = 0,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Measure every (size, K, variant); write ``memory.json``, ``.md`` and ``.png`` in ``out_dir``.
@@ -352,6 +473,11 @@ def run_memory_benchmark(
         variants: names from :data:`VARIANTS`; the paper-style K=1 is always measured at every size.
         repeats: timed steps per network after the warm-up round; 0 skips timing.
         rfr: with the RFR decoders (the method) or without (the paper's ablation).
+        streaming_sizes: further sizes at which only the ``streaming`` variant runs (where the plain step
+            would not fit); it is added to ``variants`` if missing.
+        tile: output block per window of the streaming steps, image px, for every module; or
+        window_bytes: when > 0, per-module tiles whose windows save about this much for backward
+            (:func:`~wsilocal.train.streaming.tiles_for_budget`).
         progress: print one line per measurement on stderr.
 
     Returns one record (dict) per size, K and variant; see ``docs/benchmarks.md`` for the keys.
@@ -362,12 +488,16 @@ def run_memory_benchmark(
     if repeats < 0:
         raise ConfigError(f"bench memory: repeats must be >= 0, got {repeats}")
     ks = sorted(set(ks) | {1})
+    if streaming_sizes and "streaming" not in variants:
+        variants = [*variants, "streaming"]
     names = ["paper"] + [name for name in variants if name != "paper"]
+    streaming_only = [tuple(hw) for hw in streaming_sizes if tuple(hw) not in {tuple(s) for s in sizes}]
     plan = []  # (variant, k, size, config): sizes outermost, then K, so that variants of a K run together
-    for hw in sizes:
+    for hw in [tuple(hw) for hw in sizes] + streaming_only:
+        chosen = ["streaming"] if hw in streaming_only else names
         for k in ks:
-            plan += [(VARIANTS[name], k, tuple(hw), step_config(VARIANTS[name], k, tuple(hw), rfr))
-                     for name in names if name in variants or k == 1]
+            plan += [(VARIANTS[name], k, hw, step_config(VARIANTS[name], k, hw, rfr, tile, window_bytes))
+                     for name in chosen if name in variants or k == 1 or hw in streaming_only]
     configs = list(dict.fromkeys(config for *_, config in plan))
 
     measured: dict[StepConfig, dict[str, Any]] = {}
@@ -386,7 +516,7 @@ def run_memory_benchmark(
 
     write_memory_report(_records(plan, measured, {}), out_dir, started=started)  # in case timing fails
     step_times: dict[StepConfig, list[float]] = {}
-    for hw in dict.fromkeys(tuple(hw) for hw in sizes):
+    for hw in dict.fromkeys(hw for _, _, hw, _ in plan):
         timed = [c for c in configs if (c.height, c.width) == hw and "error" not in measured[c]]
         if repeats == 0 or not timed:
             continue
@@ -408,14 +538,19 @@ def _records(plan: list, measured: dict[StepConfig, dict[str, Any]],
     for variant, k, hw, config in plan:
         m = measured[config]
         times = step_times.get(config)
+        method = "end-to-end" if k == 1 else "local"
         record = {
-            "method": "end-to-end" if k == 1 else "local", "variant": variant.name, "k": k,
-            "height": hw[0], "width": hw[1], "fold_bn": variant.fold_bn, "recompute": variant.recompute,
-            "balanced": variant.balanced, "rfr": config.rfr, "boundaries": list(config.boundaries),
+            "method": f"streaming_{'e2e' if k == 1 else 'local'}" if variant.streaming else method,
+            "variant": variant.name, "k": k, "height": hw[0], "width": hw[1], "fold_bn": variant.fold_bn,
+            "recompute": variant.recompute, "balanced": variant.balanced, "streaming": variant.streaming,
+            "tile": (config.tile if not config.window_bytes else None) if variant.streaming else None,
+            "window_bytes": config.window_bytes or None, "tiles": m.get("tiles"), "rfr": config.rfr,
+            "boundaries": list(config.boundaries),
             "step_seconds": statistics.median(times) if times else None, "step_seconds_all": times,
             **{key: m.get(key) for key in ("saved_bytes", "per_module_saved_bytes", "per_module_breakdown",
                                            "left_over_bytes", "recompute_bound_bytes", "module_labels",
                                            "rss_baseline_bytes", "rss_model_bytes", "peak_rss_bytes",
+                                           "peak_vm_hwm_bytes",
                                            "cuda_model_bytes", "cuda_max_allocated", "first_step_seconds",
                                            "device", "threads", "error")},
         }
@@ -425,14 +560,25 @@ def _records(plan: list, measured: dict[StepConfig, dict[str, Any]],
 
     def find(variant: str, k: int, hw: tuple[int, int]) -> dict[str, Any]:
         key = (variant, k, *hw)
-        return next(r for r in records if (r["variant"], r["k"], r["height"], r["width"]) == key)
+        return next((r for r in records if (r["variant"], r["k"], r["height"], r["width"]) == key), {})
 
+    ratios = (("saved", "saved_bytes"), ("rss", "peak_rss_bytes"), ("time", "step_seconds"))
     for r in records:
         hw = (r["height"], r["width"])
-        own, paper = find(r["variant"], 1, hw), find("paper", 1, hw)
-        for short, key in (("saved", "saved_bytes"), ("rss", "peak_rss_bytes"), ("time", "step_seconds")):
-            r[f"ratio_{short}"] = _ratio(r[key], own[key])
-            r[f"ratio_{short}_paper_style"] = _ratio(r[key], paper[key])
+        # Streaming rows also against the plain step of the same network (the folded variant) and, for the goal
+        # "nearly flat in slide area", against themselves at the next smaller size.
+        references = {"": find(r["variant"], 1, hw), "_paper_style": find("paper", 1, hw)}
+        if r["streaming"]:
+            references["_nonstreaming"] = find("folded", r["k"], hw)
+        for suffix, reference in references.items():
+            for short, key in ratios:
+                r[f"ratio_{short}{suffix}"] = _ratio(r[key], reference.get(key))
+        if r["streaming"]:
+            smaller = [o for o in records if (o["variant"], o["k"]) == (r["variant"], r["k"])
+                       and o["height"] * o["width"] < hw[0] * hw[1] and not o.get("error")]
+            previous = max(smaller, key=lambda o: o["height"] * o["width"], default={})
+            r["area_growth"] = _ratio(hw[0] * hw[1], previous["height"] * previous["width"] if previous else None)
+            r["rss_growth"] = _ratio(r["peak_rss_bytes"], previous.get("peak_rss_bytes"))
     return records
 
 
@@ -469,12 +615,12 @@ def format_memory_table(records: Sequence[dict[str, Any]]) -> str:
                      f"| {_x(r['ratio_time'])} | {_x(r['ratio_time_paper_style'])} "
                      f"| {_mib(r['cuda_max_allocated'])} |")
     return "\n\n".join(part for part in ("\n".join(lines), format_breakdown(records), format_goal(records),
-                                          format_projection(records)) if part)
+                                          format_projection(records), format_streaming(records)) if part)
 
 
 def format_breakdown(records: Sequence[dict[str, Any]]) -> str:
     """Markdown: at the largest size, the peak module of each record and what its saved bytes are."""
-    valid = [r for r in records if not r.get("error")]
+    valid = [r for r in records if not r.get("error") and not r.get("streaming")]  # streaming: no breakdown
     if not valid:
         return ""
     largest = max((r["height"] * r["width"], r["height"], r["width"]) for r in valid)[1:]
@@ -522,7 +668,7 @@ def project_saved_bytes(records: Sequence[dict[str, Any]], area: float) -> dict[
     """
     rows: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        if not r.get("error") and not r["balanced"]:
+        if not r.get("error") and not r["balanced"] and not r.get("streaming"):  # both: not linear in area
             rows[(r["variant"], r["k"])].append(r)
     projected = {}
     for key, group in rows.items():
@@ -567,6 +713,46 @@ def format_projection(records: Sequence[dict[str, Any]], tolerance: float = 0.02
             lines.append(f"| {variant} | {k} | " + " | ".join(shares) + " |")
     lines += ["", "Check: fitted without the largest size, the projection of the largest size is off by "
                   f"at most {100 * max(errors):.1f} % (mean {100 * statistics.mean(errors):.1f} %)."]
+    return "\n".join(lines)
+
+
+STREAMING_GOAL = {"rss_growth": 1.5, "area_growth": 4.0, "time": 1.5}
+
+
+def format_streaming(records: Sequence[dict[str, Any]]) -> str:
+    """Markdown: the streaming rows side by side — StreamingCNN and streaming local learning — against the plain
+    step of the same network, and how their peak memory grows with the slide; then the goal's verdicts."""
+    rows = [r for r in records if r.get("streaming") and not r.get("error")]
+    if not rows:
+        return ""
+    lines = ["Streaming (exact gradients, tile by tile; peak RSS = anonymous memory, the memory-mapped x_i store "
+             "excluded). \"vs plain\": the same network's non-streaming step at the same size.", "",
+             "| size | method | K | tile | saved MiB | peak RSS MiB | saved vs plain | RSS vs plain | time s "
+             "| time vs plain | vs smaller size: area × / RSS × | RSS vs StreamingCNN | time vs StreamingCNN |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["k"], r["height"] * r["width"])):
+        growth = "—" if r["area_growth"] is None else f"{r['area_growth']:.1f} / {r['rss_growth']:.2f}"
+        step = "—" if r["step_seconds"] is None else f"{r['step_seconds']:.1f}"
+        tiles = r["tiles"] or []
+        tile = str(tiles[0]) if len(set(tiles)) == 1 else "/".join(map(str, tiles))
+        lines.append(f"| {r['width']}×{r['height']} | {r['method']} | {r['k']} | {tile} "
+                     f"| {_mib(r['saved_bytes'])} | {_mib(r['peak_rss_bytes'])} "
+                     f"| {_pct(r['ratio_saved_nonstreaming'])} | {_pct(r['ratio_rss_nonstreaming'])} | {step} "
+                     f"| {_x(r['ratio_time_nonstreaming'])} "
+                     f"| {growth} | {_pct(r['ratio_rss'])} | {_x(r['ratio_time'])} |")
+    lines += ["", f"Goal of streaming local learning: {STREAMING_GOAL['area_growth']:.0f}× the area costs at most "
+                  f"{STREAMING_GOAL['rss_growth']}× the peak memory; a step under {STREAMING_GOAL['time']}× the plain "
+                  "step's time.", ""]
+    for r in sorted((r for r in rows if r["method"] == "streaming_local"), key=lambda r: (r["k"], r["height"])):
+        size = f"{r['width']}×{r['height']}, K={r['k']}"
+        if r["rss_growth"] is not None:
+            per_4x = r["rss_growth"] ** (math.log(STREAMING_GOAL["area_growth"]) / math.log(r["area_growth"]))
+            verdict = "met" if per_4x <= STREAMING_GOAL["rss_growth"] else "NOT met"
+            lines.append(f"- {size}: memory ×{r['rss_growth']:.2f} for area ×{r['area_growth']:.1f} "
+                         f"(×{per_4x:.2f} per 4× area): {verdict}")
+        if r["ratio_time_nonstreaming"] is not None:
+            verdict = "met" if r["ratio_time_nonstreaming"] < STREAMING_GOAL["time"] else "NOT met"
+            lines.append(f"- {size}: step time {_x(r['ratio_time_nonstreaming'])} the plain step: {verdict}")
     return "\n".join(lines)
 
 
@@ -617,6 +803,12 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed steps per network (default 2; 0: no timing)")
     parser.add_argument("--no-rfr", action="store_true",
                         help="without the RFR decoders (the paper's ablation)")
+    parser.add_argument("--streaming-sizes", nargs="+", type=_size, default=(), metavar="N|WxH",
+                        help="further sizes measured with the streaming variant only (too large for the plain step)")
+    parser.add_argument("--tile", type=int, default=DEFAULT_TILE,
+                        help=f"streaming: output block per window in image px (default {DEFAULT_TILE})")
+    parser.add_argument("--window-mib", type=int, default=0,
+                        help="streaming: instead of --tile, per-module tiles whose windows save about this many MiB")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: sizes 512 1024, K 1 4, one timed round")
 
@@ -627,7 +819,8 @@ def memory_main(args: argparse.Namespace) -> int:
     ks = args.k or ((1, 4) if args.quick else (1, 2, 4, 8))
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
     records = run_memory_benchmark(args.out, sizes=sizes, ks=ks, variants=args.variants, repeats=repeats,
-                                   rfr=not args.no_rfr)
+                                   rfr=not args.no_rfr, streaming_sizes=args.streaming_sizes, tile=args.tile,
+                                   window_bytes=args.window_mib * MiB)
     print(format_memory_table(records))
     print(f"wrote {Path(args.out) / 'memory.json'}, memory.md, memory.png")
     return 1 if any(r.get("error") for r in records) else 0

@@ -1,0 +1,302 @@
+"""Streaming training: StreamingCNN and streaming local learning give the plain steps' gradients exactly.
+
+Precision: a window whose halo is one stride short changes the full trunk's gradients by ~2e-8 (relative),
+far below float32 rounding, so exactness is checked in float64 to 1e-10 (the streamed and plain steps agree to
+~1e-12 there; test_wrong_halo_is_caught shows a wrong plan fails that bound). The trunk's receptive field is
+1345 px, so the end-to-end case uses a thin image; the local cases use a thin image (windows split along the
+long axis in every module) and a small square one with small tiles for the early modules (2-D grids of
+windows), none a multiple of the tile.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wsilocal.bench.memory import StepConfig, measure_streaming_memory, run_memory_benchmark
+from wsilocal.infer import tiled
+from wsilocal.infer.source import ArraySource
+from wsilocal.models.local_net import LocalNet, auxiliary_cost
+from wsilocal.models.split import module_saved_bytes
+from wsilocal.train import streaming
+from wsilocal.train.activation_store import ActivationStore
+from wsilocal.train.local_step import local_training_step
+from wsilocal.train.streaming import (
+    StreamedModule,
+    TensorSource,
+    should_stream,
+    step_memory_estimate,
+    streaming_end_to_end_step,
+    streaming_local_step,
+)
+
+torch.set_num_threads(1)  # tiny windows: threads only contend on a shared 2-core machine
+
+MEAN, STD = [0.7, 0.55, 0.7], [0.2, 0.25, 0.2]
+N_CLASSES, LABEL = 3, 2
+FLOAT64_RTOL = 1e-10
+THIN, SQUARE = (1400, 24), (300, 260)  # (height, width)
+
+
+def make_net(split, *, rfr: bool = True, dtype: torch.dtype = torch.float64) -> LocalNet:
+    torch.manual_seed(0)
+    return LocalNet(N_CLASSES, split, rfr=rfr, rfr_patches=3).to(dtype).train()
+
+
+def make_source(height: int, width: int) -> ArraySource:
+    image = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return ArraySource(image, MEAN, STD)
+
+
+def whole(source: ArraySource, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return source.read(0, 0, source.height, source.width).to(dtype)
+
+
+def take_gradients(net: LocalNet) -> dict[str, torch.Tensor]:
+    result = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+    net.zero_grad(set_to_none=True)
+    return result
+
+
+def exact_zero(gradient: torch.Tensor, top: float) -> bool:
+    """Some gradients are zero in exact arithmetic — the attention scores' bias (softmax ignores a common shift),
+    the RFR decoder's conv bias (its BatchNorm subtracts the batch mean) — and hold only rounding noise."""
+    return float(gradient.norm()) <= torch.finfo(gradient.dtype).eps ** 0.5 * top
+
+
+def relative_errors(got: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    """‖got − reference‖ / ‖reference‖ per parameter tensor whose gradient is not zero in exact arithmetic."""
+    assert got.keys() == reference.keys()
+    top = max(float(g.norm()) for g in reference.values())
+    return {name: float((got[name] - g).norm() / g.norm()) for name, g in reference.items() if not exact_zero(g, top)}
+
+
+def assert_same_gradients(got, reference, rtol=FLOAT64_RTOL):
+    errors = relative_errors(got, reference)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= rtol, f"{worst}: relative error {errors[worst]:.2e}"
+    top = max(float(g.norm()) for g in reference.values())
+    assert all(exact_zero(got[name], top) for name in reference.keys() - errors.keys())
+
+
+# --- StreamingCNN --------------------------------------------------------------------------------------
+
+
+def test_streaming_cnn_gradients_equal_a_whole_image_backward():
+    net, source = make_net(1), make_source(*THIN)
+    target = torch.tensor([LABEL])
+    torch.manual_seed(7)  # the same dropout mask in H for both
+    logits, _ = net.head(net.trunk(whole(source)))
+    loss = F.cross_entropy(logits, target)
+    loss.backward()
+    reference = take_gradients(net)
+
+    # Tile 720 px = 15 of the 30 output rows: two windows, [0, 1345) and [48, 1400), each with an interior edge.
+    assert [w[:2] for w in tiled.plan_axis(THIN[0], 720, tiled.trunk_geometry(net.trunk))] == [(0, 1345), (48, 1400)]
+    torch.manual_seed(7)
+    result = streaming_end_to_end_step(net, source, LABEL, tile=720)
+    assert result.cls_losses == [pytest.approx(float(loss.detach()), rel=1e-12)]
+    torch.testing.assert_close(result.logits[0], logits.detach(), rtol=1e-12, atol=0)
+    assert {name.split(".")[0] for name in reference} == {"trunk", "head"}
+    assert_same_gradients(take_gradients(net), reference)
+
+
+# --- streaming local learning ----------------------------------------------------------------------------
+
+LOCAL_CASES = [
+    # (K, RFR, image, tile per module in image px, class weights)
+    pytest.param(4, True, SQUARE, (64, 64, 192, 4096), False, id="K4-rfr-square"),
+    pytest.param(4, False, THIN, 480, True, id="K4-norfr-thin-weighted"),
+    pytest.param(2, True, THIN, 480, False, id="K2-rfr-thin"),
+    pytest.param(2, False, SQUARE, (64, 4096), True, id="K2-norfr-square-weighted"),
+]
+
+
+@pytest.mark.parametrize("k, rfr, hw, tile, weighted", LOCAL_CASES)
+def test_streaming_local_step_equals_the_local_step(k, rfr, hw, tile, weighted):
+    net, source = make_net(k, rfr=rfr), make_source(*hw)
+    class_weight = torch.tensor([0.5, 1.0, 2.5], dtype=torch.float64) if weighted else None
+    kwargs = {"alpha": 0.7, "class_weight": class_weight, "loss_scale": 0.25}
+    torch.manual_seed(3)  # dropout of every attention pooling draws the same masks in both steps
+    plain = local_training_step(net, whole(source), LABEL, generator=torch.Generator().manual_seed(5), **kwargs)
+    reference = take_gradients(net)
+    decoder_stats = [aux.rfr.decoder[-3].running_mean.clone() for aux in net.aux if aux.rfr is not None]
+
+    torch.manual_seed(3)
+    done = []
+    streamed = streaming_local_step(net, source, LABEL, tile=tile, generator=torch.Generator().manual_seed(5),
+                                    on_module_backward=done.append, **kwargs)
+    assert done == list(range(k))
+    assert streamed.cls_losses == pytest.approx(plain.cls_losses, rel=1e-12)
+    assert streamed.rfr_losses == pytest.approx(plain.rfr_losses, rel=1e-12)
+    assert len(streamed.rfr_losses) == k - 1 and (min(streamed.rfr_losses) > 0) == rfr
+    for a, b in zip(streamed.logits, plain.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert {name.split(".")[0] for name in reference} == {"trunk", "aux", "head"}
+    assert_same_gradients(take_gradients(net), reference)
+    # The RFR decoders' BatchNorm saw the same patch batch twice (same locations, same generator): from 0, its
+    # running mean went to 0.1·m after the plain step and to 0.9·0.1·m + 0.1·m = 1.9× that after the streamed one.
+    for aux, stats in zip([a for a in net.aux if a.rfr is not None], decoder_stats, strict=True):
+        torch.testing.assert_close(aux.rfr.decoder[-3].running_mean, 1.9 * stats, rtol=1e-10, atol=1e-14)
+
+
+def test_early_modules_stream_over_a_2d_grid_of_windows():
+    """The square case really splits modules 1 and 2 both ways, with interior window edges."""
+    net, source = make_net(4), make_source(*SQUARE)
+    module = StreamedModule(net.stages[0], source, 64)
+    windows = module.windows(net.aux[0].classifier.kernel)
+    rows, cols = (list(dict.fromkeys(window[axis] for window in windows)) for axis in (0, 1))
+    assert len(windows) == len(rows) * len(cols) and len(rows) > 2 and len(cols) > 2
+    assert any(0 < x[0] and x[1] < SQUARE[0] for x, _ in rows)  # a window with two interior edges
+    # The x_i parts of the windows partition x_i, aligned to the auxiliary conv's grid.
+    starts, stops = [x[4] for x, _ in rows], [x[5] for x, _ in rows]
+    assert starts[0] == 0 and stops[-1] == module.out_hw[0] and starts[1:] == stops[:-1]
+    pad = streaming.aux_conv_padding(module.out_hw[0], 9)
+    assert all((start + pad) % 9 == 0 for start in starts[1:])
+
+
+def test_greedy_phase_streams_frozen_modules_forward_only():
+    net, source = make_net(4, rfr=False, dtype=torch.float32), make_source(*SQUARE)
+    active = range(1, 3)
+    torch.manual_seed(0)
+    plain = local_training_step(net, whole(source, torch.float32), LABEL, active=active)
+    reference = take_gradients(net)
+    torch.manual_seed(0)
+    streamed = streaming_local_step(net, source, LABEL, tile=(64, 64, 192, 4096), active=active)
+    assert streamed.cls_losses == pytest.approx(plain.cls_losses, rel=1e-5)
+    got = take_gradients(net)
+    assert not any(name.startswith(("trunk.layer1.0", "aux.0", "head", "trunk.layer4")) for name in got)
+    assert_same_gradients(got, reference, rtol=1e-4)  # float32: the brief's bound
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_wrong_halo_is_caught(monkeypatch, wrong):
+    """Module 1 alone on a 2-D grid: the exact plan passes the float64 bound; a plan that believes the module's
+    last 3×3 conv is 1×1 (windows one x_1 pixel short of the receptive field) fails it by far."""
+    net, source = make_net(4), make_source(*SQUARE)
+    torch.manual_seed(0)
+    local_training_step(net, whole(source), LABEL, active=range(0, 1), generator=torch.Generator().manual_seed(1))
+    reference = take_gradients(net)
+    if wrong:
+        monkeypatch.setattr(streaming, "block_geometry", lambda blocks: tiled.block_geometry(blocks)[:-1] + [(1, 1, 0)])
+    torch.manual_seed(0)
+    streaming_local_step(net, source, LABEL, tile=64, active=range(0, 1), generator=torch.Generator().manual_seed(1))
+    worst = max(relative_errors(take_gradients(net), reference).values())
+    assert (worst > 1e-4) if wrong else (worst <= FLOAT64_RTOL)
+
+
+def test_disk_store_gives_identical_results(tmp_path):
+    net, source = make_net(2, dtype=torch.float32), make_source(200, 150)
+    runs = []
+    for where in ("memory", "disk"):
+        torch.manual_seed(0)
+        result = streaming_local_step(net, source, LABEL, tile=96, store=where, store_dir=tmp_path,
+                                      generator=torch.Generator().manual_seed(2))
+        runs.append((result, take_gradients(net)))
+    (memory, memory_grads), (disk, disk_grads) = runs
+    assert disk.cls_losses == memory.cls_losses and disk.rfr_losses == memory.rfr_losses
+    assert disk_grads.keys() == memory_grads.keys()
+    assert all(torch.equal(disk_grads[name], g) for name, g in memory_grads.items())
+    assert list(tmp_path.iterdir()) == []  # the store's file never had a name to leave behind
+
+
+def test_tile_per_module_must_match_k():
+    net, source = make_net(4, dtype=torch.float32), make_source(64, 64)
+    with pytest.raises(ValueError, match=r"expected one tile or 4 \(one per module\), got \[64, 64\]"):
+        streaming_local_step(net, source, LABEL, tile=(64, 64))
+
+
+# --- the activation store -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_activation_store_round_trip(tmp_path, where):
+    block = torch.randn(1, 5, 7, 11, dtype=torch.float64)
+    with ActivationStore.create((5, 20, 30), torch.float64, where=where, dir=tmp_path) as store:
+        assert store.shape == (5, 20, 30) and isinstance(store.array, np.memmap) == (where == "disk")
+        assert list(tmp_path.iterdir()) == []  # unlinked as soon as mapped
+        store.write(3, 19, block)
+        window = store.read(3, 19, 7, 11)
+        assert window.dtype == torch.float64 and window.is_contiguous() and torch.equal(window, block)
+        window.zero_()  # a copy: the store keeps its values
+        assert torch.equal(store.read(4, 20, 2, 3), block[:, :, 1:3, 1:4])
+        with pytest.raises(ValueError, match=r"window \(top=15, left=0, height=7, width=11\) is not inside "
+                                             r"the 20x30 activation store"):
+            store.write(15, 0, block)
+        with pytest.raises(ValueError, match=r"expected a \(1, 5, h, w\) torch.float64 block, got \(1, 5, 7, 11\) "
+                                             r"torch.float32"):
+            store.write(0, 0, block.float())
+    assert store.height == store.width == 0
+
+
+def test_activation_store_refuses_bad_requests(tmp_path):
+    with pytest.raises(ValueError, match="where must be one of"):
+        ActivationStore.create((1, 2, 2), where="gpu")
+    with pytest.raises(ValueError, match="cannot hold torch.bfloat16"):
+        ActivationStore.create((1, 2, 2), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"shape must be positive, got \(0, 2, 2\)"):
+        ActivationStore.create((0, 2, 2))
+
+
+def test_tensor_source_reads_views():
+    tensor = torch.arange(2 * 4 * 5, dtype=torch.float32).view(1, 2, 4, 5)
+    source = TensorSource(tensor)
+    assert (source.height, source.width) == (4, 5)
+    assert torch.equal(source.read(1, 2, 2, 3), tensor[:, :, 1:3, 2:5])
+    with pytest.raises(ValueError, match=r"expected a \(1, C, H, W\) tensor, got \(2, 4, 5\)"):
+        TensorSource(tensor[0])
+
+
+# --- when to stream ---------------------------------------------------------------------------------------
+
+
+def test_memory_estimate_and_the_choice_to_stream():
+    net = make_net(4, dtype=torch.float32)
+    hw = (5000, 3100)  # not a reference size, not square
+    exact = max(module_saved_bytes(net.trunk, 4, hw, auxiliary_cost(N_CLASSES, rfr_patches=3))) + 12 * hw[0] * hw[1]
+    estimate = step_memory_estimate(net, *hw)
+    assert estimate == pytest.approx(exact, rel=0.005)
+    assert should_stream(net, *hw, estimate - 1) and not should_stream(net, *hw, estimate)
+    # Memory grows with the slide: a slide 4x the area needs about 4x (the RFR decoders are the fixed part).
+    assert 3.5 < step_memory_estimate(net, 2 * hw[0], 2 * hw[1]) / estimate < 4.0
+
+
+# --- the benchmark's streaming rows -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A real run at toy sizes: plain and streamed K=1 and K=4 at 128², streamed only at 256² (tile 128)."""
+    out = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        records = run_memory_benchmark(out, sizes=((128, 128),), streaming_sizes=((256, 256),), ks=(4,),
+                                       variants=("folded", "streaming"), tile=128, repeats=1, rfr=False,
+                                       progress=False)
+    return out, {(r["method"], r["k"], r["height"]): r for r in records}
+
+
+def test_bench_streaming_rows(bench):
+    out, records = bench
+    assert set(records) == {("end-to-end", 1, 128), ("local", 4, 128), ("streaming_e2e", 1, 128),
+                            ("streaming_local", 4, 128), ("streaming_e2e", 1, 256), ("streaming_local", 4, 256)}
+    for (method, k, side), r in records.items():
+        assert r["error"] is None and r["streaming"] == method.startswith("streaming")
+        assert 50 * 2**20 < r["rss_baseline_bytes"] <= r["rss_model_bytes"] <= r["peak_rss_bytes"]
+        if r["streaming"]:
+            assert r["tiles"] == [128] * k and r["step_seconds"] > 0
+            config = StepConfig(side, side, True, False, False, tuple(r["boundaries"]), True, 128)
+            net = config.build()
+            assert measure_streaming_memory(net, config, config.inputs()).saved_bytes == r["saved_bytes"]
+    small, large = records[("streaming_local", 4, 128)], records[("streaming_local", 4, 256)]
+    plain = records[("local", 4, 128)]
+    assert small["ratio_time_nonstreaming"] == small["step_seconds"] / plain["step_seconds"]
+    assert small["ratio_saved_nonstreaming"] == small["saved_bytes"] / plain["saved_bytes"]
+    assert large["ratio_time_nonstreaming"] is None and large["ratio_rss_paper_style"] is None  # no plain step
+    assert large["area_growth"] == 4.0 and large["rss_growth"] == large["peak_rss_bytes"] / small["peak_rss_bytes"]
+    assert large["ratio_rss"] == large["peak_rss_bytes"] / records[("streaming_e2e", 1, 256)]["peak_rss_bytes"]
+    report = (out / "memory.md").read_text()
+    assert "| 256×256 | streaming_local | 4 | 128 |" in report
+    assert "- 256×256, K=4: memory ×" in report and "- 128×128, K=4: step time" in report
