@@ -10,12 +10,21 @@ windows), none a multiple of the tile.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from wsilocal.bench.memory import StepConfig, measure_streaming_memory, run_memory_benchmark
+from wsilocal.bench.memory import (
+    VARIANTS,
+    _records,
+    _run_child,
+    format_streaming,
+    measure_streaming_memory,
+    step_config,
+)
 from wsilocal.infer import tiled
 from wsilocal.infer.source import ArraySource
 from wsilocal.models.local_net import LocalNet, auxiliary_cost
@@ -32,12 +41,19 @@ from wsilocal.train.streaming import (
     streaming_local_step,
 )
 
-torch.set_num_threads(1)  # tiny windows: threads only contend on a shared 2-core machine
-
 MEAN, STD = [0.7, 0.55, 0.7], [0.2, 0.25, 0.2]
 N_CLASSES, LABEL = 3, 2
 FLOAT64_RTOL = 1e-10
 THIN, SQUARE = (1400, 24), (300, 260)  # (height, width)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many tiny windows: on a shared 2-core machine a second thread only adds waiting (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_net(split, *, rfr: bool = True, dtype: torch.dtype = torch.float64) -> LocalNet:
@@ -96,7 +112,9 @@ def test_streaming_cnn_gradients_equal_a_whole_image_backward():
     # Tile 720 px = 15 of the 30 output rows: two windows, [0, 1345) and [48, 1400), each with an interior edge.
     assert [w[:2] for w in tiled.plan_axis(THIN[0], 720, tiled.trunk_geometry(net.trunk))] == [(0, 1345), (48, 1400)]
     torch.manual_seed(7)
-    result = streaming_end_to_end_step(net, source, LABEL, tile=720)
+    done = []
+    result = streaming_end_to_end_step(net, source, LABEL, tile=720, on_module_backward=done.append)
+    assert done == [0]
     assert result.cls_losses == [pytest.approx(float(loss.detach()), rel=1e-12)]
     torch.testing.assert_close(result.logits[0], logits.detach(), rtol=1e-12, atol=0)
     assert {name.split(".")[0] for name in reference} == {"trunk", "head"}
@@ -266,37 +284,43 @@ def test_memory_estimate_and_the_choice_to_stream():
 # --- the benchmark's streaming rows -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    """A real run at toy sizes: plain and streamed K=1 and K=4 at 128², streamed only at 256² (tile 128)."""
-    out = tmp_path_factory.mktemp("bench")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        records = run_memory_benchmark(out, sizes=((128, 128),), streaming_sizes=((256, 256),), ks=(4,),
-                                       variants=("folded", "streaming"), tile=128, repeats=1, rfr=False,
-                                       progress=False)
-    return out, {(r["method"], r["k"], r["height"]): r for r in records}
+def test_bench_child_measures_a_streaming_step(monkeypatch):
+    """One real measurement subprocess: the streamed K=4 step's saved bytes as in-process, anonymous RSS."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = step_config(VARIANTS["streaming"], 4, (128, 160), rfr=False, tile=64)
+    assert config.streaming and config.fold_bn and config.boundaries == (3, 6, 11)
+    measured = _run_child({"mode": "memory", "configs": [asdict(config)]})
+    assert measured["tiles"] == [64] * 4 and measured["device"] == "cpu"
+    assert 50 * 2**20 < measured["rss_baseline_bytes"] <= measured["rss_model_bytes"] <= measured["peak_rss_bytes"]
+    assert measured["peak_rss_bytes"] <= measured["peak_vm_hwm_bytes"]  # anonymous memory is part of the RSS
+    in_process = measure_streaming_memory(config.build(), config, config.inputs())
+    assert (measured["saved_bytes"], measured["per_module_saved_bytes"]) == \
+        (in_process.saved_bytes, in_process.per_module_saved_bytes)
+    assert len(in_process.per_module_saved_bytes) == 4 and in_process.left_over_bytes == 0
 
 
-def test_bench_streaming_rows(bench):
-    out, records = bench
-    assert set(records) == {("end-to-end", 1, 128), ("local", 4, 128), ("streaming_e2e", 1, 128),
-                            ("streaming_local", 4, 128), ("streaming_e2e", 1, 256), ("streaming_local", 4, 256)}
-    for (method, k, side), r in records.items():
-        assert r["error"] is None and r["streaming"] == method.startswith("streaming")
-        assert 50 * 2**20 < r["rss_baseline_bytes"] <= r["rss_model_bytes"] <= r["peak_rss_bytes"]
-        if r["streaming"]:
-            assert r["tiles"] == [128] * k and r["step_seconds"] > 0
-            config = StepConfig(side, side, True, False, False, tuple(r["boundaries"]), True, 128)
-            net = config.build()
-            assert measure_streaming_memory(net, config, config.inputs()).saved_bytes == r["saved_bytes"]
+def test_bench_streaming_records_and_report():
+    """Ratios against the plain step and StreamingCNN, growth with the slide, the report's verdicts."""
+    sizes = [(128, 128), (256, 256)]
+    plan, measured, times = [], {}, {}
+    for hw in sizes:
+        for name, k in [("paper", 1), ("folded", 1), ("folded", 4), ("streaming", 1), ("streaming", 4)]:
+            if hw == sizes[1] and name != "streaming":
+                continue  # the plain steps "do not fit" at the larger size
+            config = step_config(VARIANTS[name], k, hw, rfr=False, tile=64)
+            plan.append((VARIANTS[name], k, hw, config))
+            side = 1 + (hw == sizes[1])
+            rss = 100 * k * side * (2 if name == "paper" else 1)
+            measured[config] = {"saved_bytes": 1000 * k * side, "peak_rss_bytes": rss,
+                                "per_module_saved_bytes": [1000 * k * side] * k, "tiles": [64] * k}
+            times[config] = [float(k * side * (2 if config.streaming else 1))]
+    records = {(r["method"], r["k"], r["height"]): r for r in _records(plan, measured, times)}
     small, large = records[("streaming_local", 4, 128)], records[("streaming_local", 4, 256)]
-    plain = records[("local", 4, 128)]
-    assert small["ratio_time_nonstreaming"] == small["step_seconds"] / plain["step_seconds"]
-    assert small["ratio_saved_nonstreaming"] == small["saved_bytes"] / plain["saved_bytes"]
-    assert large["ratio_time_nonstreaming"] is None and large["ratio_rss_paper_style"] is None  # no plain step
-    assert large["area_growth"] == 4.0 and large["rss_growth"] == large["peak_rss_bytes"] / small["peak_rss_bytes"]
-    assert large["ratio_rss"] == large["peak_rss_bytes"] / records[("streaming_e2e", 1, 256)]["peak_rss_bytes"]
-    report = (out / "memory.md").read_text()
-    assert "| 256×256 | streaming_local | 4 | 128 |" in report
-    assert "- 256×256, K=4: memory ×" in report and "- 128×128, K=4: step time" in report
+    assert (small["ratio_time_nonstreaming"], small["ratio_rss_nonstreaming"]) == (2.0, 1.0)
+    assert small["ratio_rss_paper_style"] == 2.0 and large["ratio_rss_paper_style"] is None
+    assert large["ratio_time_nonstreaming"] is None and (large["area_growth"], large["rss_growth"]) == (4.0, 2.0)
+    assert large["ratio_rss"] == 4.0  # against StreamingCNN at the same size
+    report = format_streaming(list(records.values()))
+    assert "| 256×256 | streaming_local | 4 | 64 | 0 | 0 | — | — | 16.0 | — | 4.0 / 2.00 | 400.0 % | 4.00× |" in report
+    assert "- 256×256, K=4: memory ×2.00 for area ×4.0 (×2.00 per 4× area): NOT met" in report
+    assert "- 128×128, K=4: step time 2.00× the plain step: NOT met" in report

@@ -281,10 +281,7 @@ def run_step(net: LocalNet, config: StepConfig, inputs: torch.Tensor | NoiseSour
         return local_training_step(net, inputs, LABEL, generator=generator, on_module_backward=on_module_backward)
     tiles = tiles or config.tiles(net)
     if len(net.stages) == 1:
-        result = streaming_end_to_end_step(net, inputs, LABEL, tile=tiles[0])
-        if on_module_backward is not None:
-            on_module_backward(0)
-        return result
+        return streaming_end_to_end_step(net, inputs, LABEL, tile=tiles[0], on_module_backward=on_module_backward)
     store = "disk" if next(net.parameters()).device.type == "cpu" else "memory"
     return streaming_local_step(net, inputs, LABEL, tile=tiles, store=store, generator=generator,
                                 on_module_backward=on_module_backward)

@@ -1,8 +1,9 @@
 """Streaming training: exact gradients on a whole slide with compute memory bounded by a tile, not the slide.
 
-Every BatchNorm of the trunk is frozen, so a run of trunk blocks is a local operator and the tile engine of
-:mod:`wsilocal.infer.tiled` computes any part of its output exactly from a window of its input (the part plus
-the receptive-field halo). Streaming uses that engine three times per module:
+Every BatchNorm of the trunk is frozen, so a run of trunk blocks is a local operator: the tile planner of
+:mod:`wsilocal.infer.tiled` (the one inference uses) gives windows whose kept output parts are exact and
+partition the output, each window carrying the receptive-field halo. Streaming runs a module over those windows
+in three passes:
 
 1. **forward, no graph** — window by window, keeping only the exact part of each window's output;
 2. **loss on a small tensor** — the part that needs the whole map (attention pooling over every position)
@@ -123,8 +124,8 @@ def _region(whole: torch.Tensor, rows: AxisWindow, cols: AxisWindow) -> torch.Te
 class StreamedModule:
     """A run of trunk blocks (``stage``) computed window by window over ``source``.
 
-    ``tile`` is the output block per window in the *stage's input* pixels (rounded down to a multiple of the
-    total stride by :func:`~wsilocal.infer.tiled.plan_axis`).
+    ``tile`` is the output block per window in the *stage's input* pixels (shared out equally along each axis
+    by :func:`balanced_tile`, in whole strides).
     """
 
     def __init__(self, stage: nn.Sequential, source: ImageSource, tile: int):
@@ -290,16 +291,20 @@ def _target(net: nn.Module, label: int) -> torch.Tensor:
 
 
 def streaming_end_to_end_step(net: LocalNet, source: ImageSource, label: int, *, tile: int = DEFAULT_TILE,
-                              class_weight: torch.Tensor | None = None, loss_scale: float = 1.0) -> StepResult:
+                              class_weight: torch.Tensor | None = None, loss_scale: float = 1.0,
+                              on_module_backward: Callable[[int], None] | None = None) -> StepResult:
     """StreamingCNN: one end-to-end step of trunk + H on the whole image in ``source``, exact gradients.
 
     The whole trunk is one module (whatever ``net``'s split; its auxiliary models are unused). Gradients
     accumulate in ``.grad`` scaled by ``loss_scale`` and equal those of ``CE(H(trunk(image)))``'s backward
     up to float rounding. ``tile``: output block per window in image pixels (each window adds the trunk's
-    672-px halo on every interior side).
+    672-px halo on every interior side). ``on_module_backward(0)`` is called once the backward is over (for
+    distributed training, as in :func:`~wsilocal.train.local_step.local_training_step`).
     """
     module = StreamedModule(nn.Sequential(*net.trunk.blocks()), source, tile)
     loss, logits = _train_final_module(module, net.head, _target(net, label), class_weight, loss_scale)
+    if on_module_backward is not None:
+        on_module_backward(0)
     return StepResult(cls_losses=[loss], logits=[logits])
 
 
