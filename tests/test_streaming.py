@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from wsilocal.bench.memory import (
     VARIANTS,
+    _measure,
     _records,
-    _run_child,
     format_streaming,
     measure_streaming_memory,
     step_config,
@@ -47,13 +47,7 @@ FLOAT64_RTOL = 1e-10
 THIN, SQUARE = (1400, 24), (300, 260)  # (height, width)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many tiny windows: on a shared 2-core machine a second thread only adds waiting (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_net(split, *, rfr: bool = True, dtype: torch.dtype = torch.float64) -> LocalNet:
@@ -289,7 +283,7 @@ def test_bench_child_measures_a_streaming_step(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     config = step_config(VARIANTS["streaming"], 4, (128, 160), rfr=False, tile=64)
     assert config.streaming and config.fold_bn and config.boundaries == (3, 6, 11)
-    measured = _run_child({"mode": "memory", "configs": [asdict(config)]})
+    measured = _measure({"mode": "memory", "configs": [asdict(config)]})
     assert measured["tiles"] == [64] * 4 and measured["device"] == "cpu"
     assert 50 * 2**20 < measured["rss_baseline_bytes"] <= measured["rss_model_bytes"] <= measured["peak_rss_bytes"]
     assert measured["peak_rss_bytes"] <= measured["peak_vm_hwm_bytes"]  # anonymous memory is part of the RSS

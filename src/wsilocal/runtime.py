@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import resource
 import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
 _M_MMAP_MAX = -4
@@ -33,3 +35,24 @@ def tune_cpu_allocator() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     _tuned = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _tuned
+
+
+def process_memory_bytes(field: str) -> int:
+    """``VmRSS``, ``RssAnon`` (now) or ``VmHWM`` (peak) of this process from /proc; ru_maxrss where there is
+    no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc only; :func:`tune_cpu_allocator` otherwise keeps it)."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -31,9 +31,7 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -47,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wsilocal.bench.child import run_child
 from wsilocal.errors import ConfigError, WsilocalError
 from wsilocal.models.local_net import LocalNet
 from wsilocal.models.memory import SavedTensorMeter
@@ -58,7 +57,7 @@ from wsilocal.models.split import (
     block_boundaries,
     module_saved_bytes,
 )
-from wsilocal.runtime import tune_cpu_allocator
+from wsilocal.runtime import process_memory_bytes, tune_cpu_allocator
 from wsilocal.train.local_step import StepResult, local_training_step
 from wsilocal.train.streaming import (
     DEFAULT_TILE,
@@ -306,19 +305,6 @@ def measure_streaming_memory(net: LocalNet, config: StepConfig, source: NoiseSou
 # --- child processes ----------------------------------------------------------------------------------
 
 
-def _rss_bytes(field: str) -> int:
-    """``VmRSS``, ``RssAnon`` (now) or ``VmHWM`` (peak) of this process, from /proc; ru_maxrss where there is
-    no /proc."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 class AnonPeak:
     """Peak ``RssAnon`` of this process while the context is open, sampled every ``interval`` seconds by a
     thread (convolutions release the GIL, so it samples during them too) and once more on exit."""
@@ -330,7 +316,7 @@ class AnonPeak:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes("RssAnon"))
+            self.peak = max(self.peak, process_memory_bytes("RssAnon"))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> AnonPeak:
@@ -340,7 +326,7 @@ class AnonPeak:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_bytes("RssAnon"))
+        self.peak = max(self.peak, process_memory_bytes("RssAnon"))
 
 
 def _device() -> str:
@@ -365,9 +351,9 @@ def _child_memory(config: StepConfig) -> dict[str, Any]:
     """In a fresh process: build, measure one step three ways (RSS: anonymous memory, see the module doc)."""
     device = _device()
     with AnonPeak() as anon:
-        rss_baseline = _rss_bytes("RssAnon")
+        rss_baseline = process_memory_bytes("RssAnon")
         net, inputs = config.build(device), config.inputs(device)
-        rss_model = _rss_bytes("RssAnon")
+        rss_model = process_memory_bytes("RssAnon")
         cuda_model = torch.cuda.memory_allocated() if device == "cuda" else None
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -384,7 +370,7 @@ def _child_memory(config: StepConfig) -> dict[str, Any]:
         "rss_baseline_bytes": rss_baseline,
         "rss_model_bytes": rss_model,
         "peak_rss_bytes": anon.peak,
-        "peak_vm_hwm_bytes": _rss_bytes("VmHWM"),
+        "peak_vm_hwm_bytes": process_memory_bytes("VmHWM"),
         "cuda_model_bytes": cuda_model,
         "cuda_max_allocated": torch.cuda.max_memory_allocated() if device == "cuda" else None,
         "first_step_seconds": seconds,
@@ -421,20 +407,9 @@ def _child_main(spec: dict[str, Any]) -> Any:
     return _child_time(configs, spec["repeats"])
 
 
-def _run_child(spec: dict[str, Any]) -> Any:
-    """Run one measurement in a fresh interpreter; its result is the last line of its stdout (JSON)."""
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[2])  # the package's root, in case it is not installed
-    env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
-    proc = subprocess.run([sys.executable, "-m", "wsilocal.bench.memory", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        cause = lines[-1] if lines else f"exit status {proc.returncode}"
-        if proc.returncode < 0:
-            cause = f"killed by signal {-proc.returncode} (out of memory?)"
-        raise WsilocalError(cause)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _measure(spec: dict[str, Any]) -> Any:
+    """One measurement of this benchmark in a fresh interpreter (:func:`~wsilocal.bench.child.run_child`)."""
+    return run_child("wsilocal.bench.memory", spec)
 
 
 # --- the benchmark --------------------------------------------------------------------------------------
@@ -502,7 +477,7 @@ def run_memory_benchmark(
     for index, config in enumerate(configs, start=1):
         label = " / ".join(f"{v.name} K={k}" for v, k, _, c in plan if c == config)
         try:
-            measured[config] = _run_child({"mode": "memory", "configs": [asdict(config)]})
+            measured[config] = _measure({"mode": "memory", "configs": [asdict(config)]})
             m = measured[config]
             _log(progress, f"[{index}/{len(configs)}] {config.width}x{config.height} {label}: saved "
                            f"{m['saved_bytes'] / MiB:.0f} MiB, peak RSS {m['peak_rss_bytes'] / MiB:.0f} MiB, "
@@ -519,7 +494,7 @@ def run_memory_benchmark(
             continue
         _log(progress, f"timing {hw[1]}x{hw[0]}: {len(timed)} networks, 1 warm-up + {repeats} rounds")
         try:
-            step_times.update(zip(timed, _run_child({"mode": "time", "configs": [asdict(c) for c in timed],
+            step_times.update(zip(timed, _measure({"mode": "time", "configs": [asdict(c) for c in timed],
                                                      "repeats": repeats}), strict=True))
         except WsilocalError as exc:
             _log(progress, f"timing {hw[1]}x{hw[0]} FAILED: {exc}")
@@ -823,5 +798,5 @@ def memory_main(args: argparse.Namespace) -> int:
     return 1 if any(r.get("error") for r in records) else 0
 
 
-if __name__ == "__main__":  # a measurement child (see _run_child)
+if __name__ == "__main__":  # a measurement child (see bench/child.py)
     print(json.dumps(_child_main(json.loads(sys.argv[1]))))

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -53,9 +52,9 @@ import torch
 from scipy import ndimage
 
 from wsilocal.atomic import atomic_output
-from wsilocal.bench.memory import _rss_bytes
+from wsilocal.bench.child import run_child
 from wsilocal.bench.memory import _size as parse_size
-from wsilocal.errors import ConfigError, SlideError, WsilocalError
+from wsilocal.errors import ConfigError, SlideError
 from wsilocal.features.extract import IMAGENET_MEAN, IMAGENET_STD, MASK_MPP, FeatureExtractor, _tile_batches
 from wsilocal.features.h5 import read_features, write_features
 from wsilocal.features.tiles import tile_grid
@@ -63,7 +62,7 @@ from wsilocal.infer.predict import Predictor, bfloat16_is_native
 from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.mil.abmil import GatedABMIL
 from wsilocal.models.resnet import LAYER_CHANNELS, ResNet34Trunk, calibrate_batchnorm
-from wsilocal.runtime import tune_cpu_allocator
+from wsilocal.runtime import process_memory_bytes, tune_cpu_allocator
 from wsilocal.slide.cache import PrepareSettings
 from wsilocal.slide.reader import open_slide
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
@@ -289,7 +288,7 @@ def measure_memory(predictor: Predictor, slide_path: str | Path, forward: str) -
     """
     predictor.memory_budget = WHOLE if forward == "whole" else TILED
     result = run_ours(predictor, slide_path)
-    return {"mode": result["mode"], "seconds": result["seconds"], "peak_rss_bytes": _rss_bytes("VmHWM"),
+    return {"mode": result["mode"], "seconds": result["seconds"], "peak_rss_bytes": process_memory_bytes("VmHWM"),
             "added_bytes": result["peak_memory_bytes"]}
 
 
@@ -307,20 +306,9 @@ def _child_probe(spec: dict[str, Any]) -> dict[str, Any]:
 CHILDREN = {"time": _child_time, "memory": _child_memory, "probe": _child_probe}
 
 
-def _run_child(spec: dict[str, Any]) -> Any:
-    """Run one measurement in a fresh interpreter; its result is the last line of its stdout (JSON)."""
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[2])  # the package's root, in case it is not installed
-    env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
-    proc = subprocess.run([sys.executable, "-m", "wsilocal.bench.speed", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        cause = lines[-1] if lines else f"exit status {proc.returncode}"
-        if proc.returncode < 0:
-            cause = f"killed by signal {-proc.returncode} (out of memory?)"
-        raise WsilocalError(cause)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _measure(spec: dict[str, Any]) -> Any:
+    """One measurement of this benchmark in a fresh interpreter (:func:`~wsilocal.bench.child.run_child`)."""
+    return run_child("wsilocal.bench.speed", spec)
 
 
 # --- the benchmark --------------------------------------------------------------------------------------
@@ -419,14 +407,14 @@ def run_speed_benchmark(
         slide = bench_slide(out / "slides", height, width, scan_mpp=scan_mpp)
         _log(progress, f"[{index}/{len(sizes)}] {width}x{height} at 5x: {slide.name}, 1 warm-up + {repeats} rounds "
                        f"({time.perf_counter() - started:.0f} s)")
-        timing = _run_child({**base, "child": "time", "slide": str(slide), "scratch": str(out / "scratch"),
+        timing = _measure({**base, "child": "time", "slide": str(slide), "scratch": str(out / "scratch"),
                              "repeats": repeats, "bf16": bf16 and native, "workers": workers,
                              "batch_size": batch_size})
         record = make_record((height, width), slide, timing)
         _log(progress, f"    ours {record['ours_s']:.2f} s ({record['ours_mode']}), pipeline "
                        f"{record['pipeline_s']:.2f} s ({record['n_tiles']} tiles): {record['ratio']:.2f}×")
         for forward in ("whole", "tiled") if rss else ():
-            record["rss"][forward] = _run_child({**base, "child": "memory", "slide": str(slide), "forward": forward})
+            record["rss"][forward] = _measure({**base, "child": "memory", "slide": str(slide), "forward": forward})
             _log(progress, f"    {forward} forward: peak RSS {record['rss'][forward]['peak_rss_bytes'] / MiB:,.0f} MiB")
         records.append(record)
         write_speed_report(_report(records, None, native, settings={}), out)  # partial results survive a crash
@@ -436,7 +424,7 @@ def run_speed_benchmark(
         _log(progress, f"bfloat16 is emulated on this {torch_device.type}: one probe run at "
                        f"{bf16_probe[1]}x{bf16_probe[0]}")
         probe = {"height": bf16_probe[0], "width": bf16_probe[1],
-                 **bf16_summary(_run_child({**base, "child": "probe", "slide": str(slide)}))}
+                 **bf16_summary(_measure({**base, "child": "probe", "slide": str(slide)}))}
     settings = {"sizes": [list(s) for s in sizes], "repeats": repeats, "run": run, "device": str(torch_device),
                 "workers": workers, "batch_size": batch_size, "scan_mpp": scan_mpp, "mpp": MPP, "tile": TILE,
                 "min_tissue": MIN_TISSUE, "threads": records[0]["threads"] if records else None,
@@ -628,5 +616,5 @@ def _child_main(spec: dict[str, Any]) -> Any:
     return CHILDREN[spec["child"]](spec)
 
 
-if __name__ == "__main__":  # a measurement child (see _run_child)
+if __name__ == "__main__":  # a measurement child (see bench/child.py)
     print(json.dumps(_child_main(json.loads(sys.argv[1]))))

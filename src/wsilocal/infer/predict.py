@@ -15,13 +15,9 @@ emulates it, many times slower than float32 (``docs/inference.md`` has the measu
 from __future__ import annotations
 
 import csv
-import ctypes
-import ctypes.util
 import gc
 import json
 import math
-import resource
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +34,7 @@ from wsilocal.infer.source import SlideSource
 from wsilocal.infer.tiled import footprint, trunk_forward, trunk_geometry
 from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.resnet import LAYER_CHANNELS, ResNet34Trunk
+from wsilocal.runtime import process_memory_bytes, trim_heap
 from wsilocal.slide.cache import PrepareSettings
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import open_slide, size_at_mpp
@@ -136,39 +133,19 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
-            _trim_heap()
+            trim_heap()
             try:
                 Path("/proc/self/clear_refs").write_text("5")
             except OSError:
                 pass
-            self._start = _rss_bytes("VmRSS")
+            self._start = process_memory_bytes("VmRSS")
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         if self.device.type == "cuda":
             self.bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
         else:
-            self.bytes = max(0, _rss_bytes("VmHWM") - self._start)
-
-
-def _rss_bytes(field: str) -> int:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from /proc; ru_maxrss where there is no /proc."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _trim_heap() -> None:
-    """Return freed heap memory to the OS (glibc only; the CLI's allocator tuning otherwise keeps it)."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+            self.bytes = max(0, process_memory_bytes("VmHWM") - self._start)
 
 
 def bfloat16_is_native(device: torch.device) -> bool:
