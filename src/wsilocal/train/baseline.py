@@ -61,8 +61,6 @@ from wsilocal.train.trainer import (
     Trainer,
     TrainResult,
     _class_weight,
-    _epoch_line,
-    _printable,
     resolve_device,
     setup_logging,
 )
@@ -317,23 +315,11 @@ class BaselineTrainer(Trainer):
                 if stop or epoch == n_epochs or time.monotonic() - written_at >= METRICS_INTERVAL_S:
                     self._write_metrics(history)
                     written_at = time.monotonic()
-                log.info("stage %s epoch %d: %s", stages[p], epoch - 1, json.dumps(_printable(row)))
-                if self.progress:
-                    tqdm.write(_epoch_line(row))
+                self._report_epoch(row, f"stage {stages[p]}", stop)
                 if stop:
-                    log.info("early stopping stage %s after epoch %d", stages[p], epoch - 1)
                     break
             start_epoch = 0
-        summary = {
-            "best_epoch": best["epoch"],
-            "best_validation": best["val"],
-            "epochs_run": len(history),
-            "skipped": skipped,
-            "warnings": self.warnings,
-            "model": _describe(model, train.in_dim, config),
-        }
-        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
-        return TrainResult(self.run_dir, best["epoch"], best["val"], history, skipped, self.warnings)
+        return self._finish(best, history, skipped, _describe(model, train.in_dim, config))
 
     def _train_epoch(self, model, train: FeatureBags, stage_no: int, stage: str, epoch: int, optimizer,
                      class_weight: torch.Tensor | None, classes: list[str]) -> dict:

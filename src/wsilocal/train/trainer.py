@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from wsilocal.atomic import write_text_atomic
 from wsilocal.config import TrainConfig, save_config
 from wsilocal.errors import ConfigError, SlideError, WsilocalError
 from wsilocal.models.local_net import LocalNet
@@ -377,25 +378,28 @@ class Trainer:
                 })
                 self._write_metrics(history)
                 gc.collect()  # per-epoch figures and logs form reference cycles; free them before the heap grows
-                log.info("phase %d epoch %d: %s", p, epoch - 1, json.dumps(_printable(row)))
-                if self.progress:
-                    tqdm.write(_epoch_line(row))
+                self._report_epoch(row, f"phase {p}", stop)
                 if stop:
-                    log.info("early stopping phase %d after epoch %d", p, epoch - 1)
                     break
             start_epoch = 0
-        summary = {
-            "best_epoch": best["epoch"],
-            "best_validation": best["val"],
-            "epochs_run": len(history),
-            "skipped": skipped,
-            "warnings": self.warnings,
-            "model": net.describe(),
-            "processes": ctx.world_size,
-            "effective_batch": ctx.world_size * config.accumulation,
-        }
-        if ctx.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return self._finish(best, history, skipped, net.describe(), write=ctx.is_main,
+                            processes=ctx.world_size, effective_batch=ctx.world_size * config.accumulation)
+
+    def _report_epoch(self, row: dict, what: str, stop: bool) -> None:
+        """Log an epoch's row (and print it under the progress bars); say when ``what`` stops early."""
+        log.info("%s epoch %d: %s", what, row["epoch"], json.dumps(_printable(row)))
+        if self.progress:
+            tqdm.write(_epoch_line(row))
+        if stop:
+            log.info("early stopping %s after epoch %d", what, row["epoch"])
+
+    def _finish(self, best: dict, history: list[dict], skipped: dict[str, str], model: str, *, write: bool = True,
+                **extra: object) -> TrainResult:
+        """Write ``summary.json`` (best epoch, validation metrics, skipped slides, warnings, ``extra``)."""
+        summary = {"best_epoch": best["epoch"], "best_validation": best["val"], "epochs_run": len(history),
+                   "skipped": skipped, "warnings": self.warnings, "model": model, **extra}
+        if write:
+            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return TrainResult(self.run_dir, best["epoch"], best["val"], history, skipped, self.warnings)
 
     def _train_epoch(self, net, train: CachedSlides, phase: range, phase_no: int, epoch: int, optimizer,
