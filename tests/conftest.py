@@ -17,6 +17,25 @@ EOSIN = (226, 150, 196)  # pink stroma
 HAEMATOXYLIN = (112, 62, 150)  # purple nuclei
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests, restored afterwards. Their tensors are tiny: on a shared 2-core
+    machine two threads waiting on each other made such steps up to 10× slower. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread_everywhere(one_torch_thread):
+    """:func:`one_torch_thread`, and ``OMP_NUM_THREADS=1`` for the subprocesses the tests start."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 @pytest.fixture
 def make_slide(tmp_path: Path) -> Callable[..., Path]:
     """Factory writing a real pyramidal JPEG TIFF slide under ``tmp_path`` and returning its path.

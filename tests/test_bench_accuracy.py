@@ -33,15 +33,7 @@ QUICK_ARGS = {
 }  # scaling is not run below: even its smallest configuration costs ~15 s here
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny steps on a shared 2-core machine run much faster single-threaded (here and in subprocesses)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_everywhere")
 
 
 def bench_accuracy(out: Path) -> int:

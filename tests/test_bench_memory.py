@@ -33,15 +33,7 @@ KEYS = {"method", "k", "height", "width", "saved_bytes", "peak_rss_bytes", "rati
         "per_module_breakdown", "rss_model_bytes"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny steps on a shared 2-core machine run faster single-threaded (here and in the subprocesses)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_everywhere")
 
 
 @pytest.fixture(scope="module")

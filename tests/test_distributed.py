@@ -36,13 +36,7 @@ STEP_GROUPS = [[0, 1], [2, 3, 4], [5]]
 BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """References here use one thread, as each of the two processes does (and 2 cores are all there is)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

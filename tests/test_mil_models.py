@@ -17,13 +17,7 @@ CASES = [(name, n) for name in MIL_MODELS for n in (2, 3) if not (MIL_MODELS[nam
 CASE_IDS = [f"{name}-{n}" for name, n in CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Bags are small: on a shared 2-core machine one thread is many times faster than two fighting for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(name: str, n_classes: int, seed: int = 0) -> MILModel:
