@@ -85,7 +85,8 @@ class MILModel(nn.Module):
         return self.bag_forward(features)
 
     def bag_forward(self, features: torch.Tensor) -> MILOutput:
-        raise NotImplementedError
+        """The model itself, on a checked bag: every family in ``MIL_MODELS`` overrides this."""
+        raise NotImplementedError(f"{type(self).__name__} must define bag_forward")
 
     def bag_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of bag-level ``logits`` (1, n_classes) against ``label``, times the label's class weight.
