@@ -47,7 +47,10 @@ def test_wrong_types_and_unknown_keys(tmp_path, values, message):
 @pytest.mark.parametrize(
     ("values", "message"),
     [({"k": 3}, "k must be 1, 2, 4 or 8"), ({"schedule": "fast"}, "schedule must be one of"),
-     ({"mpp": -1.0}, "mpp must be positive"), ({"out": ""}, "out: a run directory is required")],
+     ({"mpp": -1.0}, "mpp must be positive"), ({"out": ""}, "out: a run directory is required"),
+     ({"method": "streaming", "k": 4}, "method streaming is end-to-end training .* needs k 1 .*--streaming"),
+     ({"stream_store": "cloud"}, "stream_store must be one of auto, memory, disk"),
+     ({"memory_budget_gb": 0.0}, "memory_budget_gb must be positive")],
 )
 def test_out_of_range_values(values, message):
     with pytest.raises(ConfigError, match=message):

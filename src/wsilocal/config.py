@@ -22,7 +22,8 @@ from wsilocal.errors import ConfigError
 
 SCHEDULES = ("simultaneous", "greedy")
 MAX_RFR_PATCHES = 1000  # the paper uses 10; more only costs memory
-METHODS = ("local",)
+METHODS = ("local", "streaming")  # streaming = the StreamingCNN baseline (end-to-end, K=1)
+STREAM_STORES = ("auto", "memory", "disk")
 
 
 @dataclass
@@ -39,7 +40,7 @@ class TrainConfig:
     workers: int = 1  # processes for preparing the cache
     allow_outside_paths: bool = False  # allow cohort paths leading outside the CSV's folder
     # --- model
-    method: str = "local"
+    method: str = "local"  # "local" (the paper's method) or "streaming" (StreamingCNN: K=1, exact, tiled)
     k: int = 4  # number of gradient-isolated modules: 1 (end-to-end), 2, 4 or 8
     boundaries: list[int] | None = None  # explicit module start units (overrides k), e.g. [3, 5, 7]
     balanced: bool = False  # place K boundaries at block level for even memory per module
@@ -71,6 +72,11 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     calibration_slides: int = 8  # slides used to set BatchNorm statistics of a random-init trunk
     max_train_pixels: int = 64_000_000  # a training slide larger than this is refused with advice
+    # --- streaming (memory bounded by a tile instead of the slide; same gradients)
+    streaming: bool = False  # stream every slide; otherwise only slides that would not fit memory_budget_gb
+    stream_tile: int = 4096  # output block per window in image pixels (each window adds its halo)
+    stream_store: str = "auto"  # where x_i waits for module i+1: "memory", "disk" (mmap), auto = memory on GPU
+    memory_budget_gb: float | None = None  # per-step budget for choosing streaming; none = share of free memory
 
     def validate(self) -> TrainConfig:
         """Check values that types alone do not; return self."""
@@ -80,6 +86,13 @@ class TrainConfig:
             (self.mpp > 0, f"mpp must be positive, got {self.mpp}"),
             (self.assume_mpp is None or self.assume_mpp > 0, "assume_mpp must be positive"),
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
+            (self.method != "streaming" or (self.k == 1 and self.boundaries is None),
+             "method streaming is end-to-end training (StreamingCNN): it needs k 1 (use --streaming for "
+             "streamed local learning with K modules)"),
+            (self.stream_store in STREAM_STORES,
+             f"stream_store must be one of {', '.join(STREAM_STORES)}, got {self.stream_store!r}"),
+            (self.stream_tile >= 64, f"stream_tile must be >= 64 px, got {self.stream_tile}"),
+            (self.memory_budget_gb is None or self.memory_budget_gb > 0, "memory_budget_gb must be positive"),
             (self.k in (1, 2, 4, 8) or self.boundaries is not None,
              f"k must be 1, 2, 4 or 8 (or give boundaries), got {self.k}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),

@@ -14,6 +14,10 @@ import ctypes.util
 import resource
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
 _M_MMAP_MAX = -4
@@ -56,3 +60,23 @@ def trim_heap() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+CPU_BUDGET_SHARE = 0.5  # of the RAM available now (the rest: OS, slide reader, other jobs)
+GPU_BUDGET_SHARE = 0.8  # of the free GPU memory
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes a whole-image forward may use: a share of the free GPU memory, or of the available RAM."""
+    if device.type == "cuda":
+        import torch  # the rest of this module runs without torch (benchmark children import it first)
+
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * GPU_BUDGET_SHARE)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(int(line.split()[1]) * 1024 * CPU_BUDGET_SHARE)
+    except OSError:
+        pass
+    return 4 * 2**30  # no /proc: a conservative guess; larger slides run tiled, which is exact anyway

@@ -34,7 +34,7 @@ from wsilocal.infer.source import SlideSource
 from wsilocal.infer.tiled import footprint, trunk_forward, trunk_geometry
 from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.resnet import LAYER_CHANNELS, ResNet34Trunk
-from wsilocal.runtime import process_memory_bytes, trim_heap
+from wsilocal.runtime import default_memory_budget, process_memory_bytes, trim_heap
 from wsilocal.slide.cache import PrepareSettings
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import open_slide, size_at_mpp
@@ -43,8 +43,6 @@ from wsilocal.train.checkpoint import load_checkpoint
 from wsilocal.train.trainer import model_signature, resolve_device
 
 DTYPES = (torch.float32, torch.bfloat16)  # precisions the trunk can run in
-CPU_BUDGET_SHARE = 0.5  # of the RAM available when the predictor is made (the rest: OS, slide reader, other jobs)
-GPU_BUDGET_SHARE = 0.8  # of the free GPU memory
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,20 +176,6 @@ def _clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def default_memory_budget(device: torch.device) -> int:
-    """Bytes a whole-image forward may use: a share of the free GPU memory, or of the available RAM."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * GPU_BUDGET_SHARE)
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(int(line.split()[1]) * 1024 * CPU_BUDGET_SHARE)
-    except OSError:
-        pass
-    return 4 * 2**30  # no /proc: a conservative guess; larger slides run tiled, which is exact anyway
 
 
 def _load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], prefix: str, path: Path) -> None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ from wsilocal.infer.tiled import AxisWindow, Layer, block_geometry, footprint, o
 from wsilocal.models.heads import AuxiliaryClassifier, FinalClassifier, slide_cross_entropy
 from wsilocal.models.local_net import AuxiliaryModel, LocalNet, auxiliary_cost
 from wsilocal.models.rfr import PatchBox, sample_patch_boxes
-from wsilocal.models.split import module_saved_bytes
+from wsilocal.models.split import block_boundaries, module_saved_bytes
 from wsilocal.train.activation_store import ActivationStore, Where
 from wsilocal.train.local_step import StepResult
 
@@ -416,14 +415,23 @@ class StepMemoryModel:
         return int(saved + self.image_bytes_per_pixel * area)
 
 
-_models: weakref.WeakKeyDictionary[LocalNet, StepMemoryModel] = weakref.WeakKeyDictionary()
+_models: dict[tuple, StepMemoryModel] = {}
+
+
+def _architecture(net: LocalNet) -> tuple:
+    """What the memory model depends on: shapes and split, not weights."""
+    rfr = next((aux.rfr for aux in net.aux if aux.rfr is not None), None)
+    weight = next(net.trunk.parameters())
+    return (block_boundaries(net.split), net.trunk.conv1.stride, net.trunk.bn1.fold, weight.dtype,
+            net.head.classifier[-1].out_features, rfr.n_patches if rfr is not None else 0)
 
 
 def memory_model(net: LocalNet) -> StepMemoryModel:
-    """``net``'s :class:`StepMemoryModel`, measured on first use and remembered while ``net`` lives."""
-    if net not in _models:
-        _models[net] = StepMemoryModel.of(net)
-    return _models[net]
+    """``net``'s :class:`StepMemoryModel`, measured on first use of its architecture and remembered."""
+    key = _architecture(net)
+    if key not in _models:
+        _models[key] = StepMemoryModel.of(net)
+    return _models[key]
 
 
 def step_memory_estimate(net: LocalNet, height: int, width: int) -> int:
@@ -452,5 +460,5 @@ def tiles_for_budget(net: LocalNet, window_bytes: int) -> list[int]:
 def should_stream(net: LocalNet, height: int, width: int, budget_bytes: int) -> bool:
     """Whether the plain step on a ``height``×``width`` slide would exceed ``budget_bytes``: the trainer then
     runs :func:`streaming_local_step` (same gradients, memory bounded by the tile) instead of failing.
-    :func:`wsilocal.infer.predict.default_memory_budget` gives a budget from the free RAM or GPU memory."""
+    :func:`wsilocal.runtime.default_memory_budget` gives a budget from the free RAM or GPU memory."""
     return step_memory_estimate(net, height, width) > budget_bytes

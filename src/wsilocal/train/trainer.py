@@ -49,7 +49,7 @@ from wsilocal.errors import ConfigError, SlideError, WsilocalError
 from wsilocal.models.local_net import LocalNet
 from wsilocal.models.resnet import calibrate_batchnorm, load_resnet34_weights
 from wsilocal.models.split import BlockBoundaries, block_boundaries
-from wsilocal.runtime import tune_cpu_allocator
+from wsilocal.runtime import default_memory_budget, tune_cpu_allocator
 from wsilocal.slide.cache import PrepareResult, PrepareSettings, channel_stats, format_summary, prepare_cohort
 from wsilocal.slide.cohort import Cohort, load_cohort
 from wsilocal.train.checkpoint import load_checkpoint, save_checkpoint
@@ -57,6 +57,7 @@ from wsilocal.train.data import Augmentation, CachedSlides, sample_generator
 from wsilocal.train.distributed import DistContext, GradientAllReduce, distributed_session
 from wsilocal.train.local_step import StepResult, forward_all_classifiers, local_training_step
 from wsilocal.train.metrics import classification_metrics, plot_learning_curves
+from wsilocal.train.streaming import TensorSource, should_stream, streaming_end_to_end_step, streaming_local_step
 
 log = logging.getLogger("wsilocal")
 
@@ -176,8 +177,8 @@ def check_trainable_size(image: torch.Tensor, slide_id: str, source: str, config
         raise SlideError(
             source,
             f"slide {slide_id} is {w}×{h} px at {config.mpp} µm/px, more than max_train_pixels "
-            f"({config.max_train_pixels:,}); use more modules (--k 8), a coarser --mpp, --recompute, or raise "
-            f"--max-train-pixels if memory allows",
+            f"({config.max_train_pixels:,}); use --streaming (memory bounded by a tile), more modules (--k 8), "
+            f"a coarser --mpp, or raise --max-train-pixels if memory allows",
         )
 
 
@@ -427,10 +428,10 @@ class Trainer:
                 # The group may be shorter at the end of the epoch: scale by its true size. Gradients are
                 # summed over ranks once, on this rank's last slide of the group.
                 sync = reducer.launch if reducer is not None and n == len(mine) - 1 else None
-                result, label = self._train_slide(net, train, index, phase, stream, class_weight,
-                                                  1.0 / len(group), sync)
+                result, label, streamed = self._train_slide(net, train, index, phase, stream, class_weight,
+                                                            1.0 / len(group), sync)
                 records.append((position, result.cls_losses[-1], int(result.logits[-1].argmax(1).item() == label),
-                                result.rfr_losses))
+                                result.rfr_losses, streamed))
                 bar.update()
                 bar.set_postfix(loss=f"{np.mean([r[1] for r in records]):.3f}")
             if reducer is not None:
@@ -445,34 +446,59 @@ class Trainer:
             "train_loss": float(np.mean([r[1] for r in records])),
             "train_accuracy": sum(r[2] for r in records) / len(order),
             "seconds": time.perf_counter() - start,
+            "streamed_slides": sum(r[4] for r in records),  # trained tile by tile (see _streams)
         }
         if records and records[0][3]:
             row["train_rfr_loss"] = [float(v) for v in np.mean(np.array([r[3] for r in records]), axis=0)]
         return row
 
     def _train_slide(self, net: LocalNet, train: CachedSlides, index: int, phase: range, stream: int,
-                     class_weight, loss_scale: float, on_module_backward) -> tuple[StepResult, int]:
-        """One slide's local training step (gradients accumulate); its result and label."""
+                     class_weight, loss_scale: float, on_module_backward) -> tuple[StepResult, int, bool]:
+        """One slide's training step (gradients accumulate); its result, label and whether it was streamed."""
         config = self.config
         image, label, slide_id = train.get(index, stream)
-        check_trainable_size(image, slide_id, train.entries[index].source, config)
+        streamed = self._streams(net, image)
+        if not streamed:
+            check_trainable_size(image, slide_id, train.entries[index].source, config)
         # Dropout draws from a stream of this slide alone, so it does not matter which rank runs the slide.
         torch.manual_seed(sample_generator(config.seed + 2, stream, index).initial_seed())
+        common = {"class_weight": class_weight, "loss_scale": loss_scale, "on_module_backward": on_module_backward}
         try:
-            result = local_training_step(
-                net, image.to(self.device), label, active=phase, alpha=config.alpha,
-                class_weight=class_weight, loss_scale=loss_scale,
-                generator=sample_generator(config.seed + 1, stream, index),
-                on_module_backward=on_module_backward,
-            )
+            if config.method == "streaming":
+                result = streaming_end_to_end_step(net, TensorSource(image), label, tile=config.stream_tile, **common)
+            elif streamed:
+                result = streaming_local_step(
+                    net, TensorSource(image), label, tile=config.stream_tile, store=self._stream_store(),
+                    active=phase, alpha=config.alpha, generator=sample_generator(config.seed + 1, stream, index),
+                    **common)
+            else:
+                result = local_training_step(
+                    net, image.to(self.device), label, active=phase, alpha=config.alpha,
+                    generator=sample_generator(config.seed + 1, stream, index), **common)
         except (RuntimeError, MemoryError) as exc:
             if "memory" not in str(exc).lower():
                 raise
             raise SlideError(train.entries[index].source,
                              f"out of memory on slide {slide_id} ({image.shape[-1]}×{image.shape[-2]} px); "
-                             "use more modules (--k 8), --recompute, a coarser --mpp, or a smaller "
-                             "--max-train-pixels to refuse such slides up front") from None
-        return result, label
+                             "use --streaming or a smaller --memory-budget-gb, more modules (--k 8), a coarser "
+                             "--mpp, or a smaller --max-train-pixels to refuse such slides up front") from None
+        return result, label, streamed
+
+    def _streams(self, net: LocalNet, image: torch.Tensor) -> bool:
+        """Whether this slide trains streamed: always for ``method: streaming`` and ``--streaming``, otherwise
+        when the plain step's estimated memory would exceed the budget (instead of running out of memory)."""
+        config = self.config
+        if config.method == "streaming" or config.streaming:
+            return True
+        budget = (int(config.memory_budget_gb * 2**30) if config.memory_budget_gb is not None
+                  else default_memory_budget(self.device))
+        return should_stream(net, *image.shape[-2:], budget)
+
+    def _stream_store(self) -> str:
+        """Where streamed x_i wait: host memory next to a GPU; a memory-mapped file on CPU (RAM is the budget)."""
+        if self.config.stream_store != "auto":
+            return self.config.stream_store
+        return "memory" if self.device.type == "cuda" else "disk"
 
     @staticmethod
     def _val_row(evaluation: dict, metrics: dict, classes: list[str]) -> dict:
@@ -513,10 +539,11 @@ def _epoch_line(row: dict) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
     aux = " ".join(f"aux{k[7:-9]}={fmt(v)}" for k, v in row.items() if k.startswith("val_aux"))
+    streamed = f" ({row['streamed_slides']} slides streamed)" if row.get("streamed_slides") else ""
     return (f"phase {row['phase']} epoch {row['epoch']:>3}: train loss {fmt(row['train_loss'])} "
             f"acc {fmt(row['train_accuracy'])} | val loss {fmt(row['val_loss'])} "
             f"bal.acc {fmt(row['val_balanced_accuracy'])} AUROC {fmt(row['val_auroc'])} | {aux} "
-            f"| {row['seconds']:.0f}s")
+            f"| {row['seconds']:.0f}s{streamed}")
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
