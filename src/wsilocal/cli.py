@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from wsilocal.errors import WsilocalError
+from wsilocal.errors import TrainingInterrupted, WsilocalError
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -330,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(exc, "reported_by_rank0", False):  # distributed training: rank 0 prints it for every rank
             return 2
         return _fail(str(exc), 2)
+    except TrainingInterrupted as exc:  # Ctrl-C during training: a checkpoint was saved; say how to go on
+        print(exc, file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -43,3 +43,10 @@ class ConfigError(WsilocalError):
 
 class CheckpointError(WsilocalError):
     """A checkpoint is missing, truncated, unsafe or from another model."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on Ctrl-C (SIGINT) after saving a checkpoint it can resume from exactly.
+
+    Not a :class:`WsilocalError`: nothing went wrong. The CLI prints the message and exits with 130.
+    """

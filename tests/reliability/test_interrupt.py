@@ -88,15 +88,29 @@ def test_features_killed_mid_run_resume_without_redoing_finished_slides(cohort, 
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
+def start_train(cohort, run: Path, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """The command of the ``trained`` fixture, in a child process (same cohort, cache, options and seed)."""
+    args = ["train", "--cohort", str(cohort.mixed_csv), "--out", str(run), "--cache", str(cohort.cache),
+            *TRAIN_OPTIONS]
+    return subprocess.Popen([sys.executable, "-m", "wsilocal", *args], stdout=subprocess.DEVNULL, stderr=stderr,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "WSILOCAL_TRACEBACK": ""})
+
+
+def assert_same_weights(run: Path, reference: Path) -> None:
+    resumed = load_checkpoint(run / "checkpoint_last.pt")
+    expected = load_checkpoint(reference / "checkpoint_last.pt")
+    assert len(resumed["history"]) == len(expected["history"]) == 2
+    assert resumed["model"].keys() == expected["model"].keys()
+    for name, tensor in expected["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+
+
 def test_train_killed_at_random_points_then_resumed_equals_an_uninterrupted_run(cohort, trained, tmp_path):
     """Killed once at a random time after its first checkpoint, once while writing the next one; the resumed
     run's final weights equal the uninterrupted run's (``trained``, the same command and seed)."""
     run = tmp_path / "run"
-    start = ["train", "--cohort", str(cohort.mixed_csv), "--out", str(run), "--cache", str(cohort.cache),
-             *TRAIN_OPTIONS]
     delay = random.Random(8).uniform(0.0, 1.0)
-    process = subprocess.Popen([sys.executable, "-m", "wsilocal", *start], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = start_train(cohort, run)
     try:
         while not (run / "checkpoint_last.pt").exists():
             assert process.poll() is None, "train ended before its first checkpoint"
@@ -115,12 +129,39 @@ def test_train_killed_at_random_points_then_resumed_equals_an_uninterrupted_run(
     result = run_wsilocal(["train", "--resume", str(run)])
     assert result.returncode == trained.code, result.stderr[-2000:]
     assert temporaries(run) == []
-    resumed = load_checkpoint(run / "checkpoint_last.pt")
-    reference = load_checkpoint(trained.run / "checkpoint_last.pt")
-    assert len(resumed["history"]) == len(reference["history"]) == 2
-    assert resumed["model"].keys() == reference["model"].keys()
-    for name, tensor in reference["model"].items():
-        assert torch.equal(resumed["model"][name], tensor), name
+    assert_same_weights(run, trained.run)
+
+
+def test_ctrl_c_saves_a_mid_epoch_checkpoint_exits_130_and_resume_matches(cohort, trained, tmp_path):
+    """SIGINT during the first epoch (no checkpoint yet): the step in progress finishes, a checkpoint is saved
+    mid-epoch, the last line says how to resume, exit code 130; resuming ends with the uninterrupted weights."""
+    run = tmp_path / "run"
+    process = start_train(cohort, run, stderr=subprocess.PIPE)
+    log = run / "train.log"
+    while not (log.exists() and "train " in log.read_text() and "slides, validation" in log.read_text()):
+        assert process.poll() is None, "train ended before training started"
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the first epoch (one slide per optimizer step)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=180)
+
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: saved " + str(run / "checkpoint_last.pt")), last
+    assert f"wsilocal train --resume {run}" in last, last
+    saved = load_checkpoint(run / "checkpoint_last.pt")  # whole and loadable
+    assert saved["next_epoch"] == 0 and saved["history"] == []
+    assert saved["mid_epoch"]["next_group"] >= 1 and len(saved["mid_epoch"]["records"]) == saved["mid_epoch"][
+        "next_group"]
+
+    result = run_wsilocal(["train", "--resume", str(run)])
+    assert result.returncode == trained.code, result.stderr[-2000:]
+    assert_same_weights(run, trained.run)
+    # The resumed epoch reports every slide's loss, the ones before Ctrl-C included.
+    reference = load_checkpoint(trained.run / "checkpoint_last.pt")["history"]
+    resumed = load_checkpoint(run / "checkpoint_last.pt")["history"]
+    assert resumed[0]["train_loss"] == reference[0]["train_loss"]
 
 
 def test_a_damaged_cache_entry_is_rebuilt_not_read(cohort, tmp_path, capsys):

@@ -18,7 +18,10 @@ the final classifier. Both are a list of *phases* over which the same epoch loop
 
 Reproducibility: data order, augmentation, RFR locations and dropout draw from seeds derived from
 (seed, phase, epoch, slide), and resume restores model, optimizer, scheduler and counters at an epoch
-boundary, so ``--resume`` ends with the same weights as an uninterrupted run.
+boundary, so ``--resume`` ends with the same weights as an uninterrupted run. Ctrl-C (SIGINT) finishes the
+optimizer step in progress, saves ``checkpoint_last.pt`` mid-epoch (the position in the epoch's order and the
+slides' losses so far) and stops with exit code 130; ``--resume`` then continues from the next slide and
+still ends with the same weights. A second Ctrl-C stops at once (the last checkpoint stays as it was).
 
 Several processes (``torchrun``, or ``wsilocal train --devices N``; see :mod:`wsilocal.train.distributed`):
 rank r trains on the positions ``r, r+N, r+2N, …`` of each epoch's order, gradients are summed over ranks
@@ -34,18 +37,23 @@ import gc
 import json
 import logging
 import math
+import signal
+import threading
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from wsilocal.atomic import write_text_atomic
 from wsilocal.config import TrainConfig, save_config
-from wsilocal.errors import ConfigError, SlideError, WsilocalError
+from wsilocal.errors import ConfigError, SlideError, TrainingInterrupted, WsilocalError
 from wsilocal.models.local_net import LocalNet
 from wsilocal.models.resnet import calibrate_batchnorm, load_resnet34_weights
 from wsilocal.models.split import BlockBoundaries, block_boundaries
@@ -211,6 +219,36 @@ def evaluate_samples(net: LocalNet, samples: CachedSlides, device: torch.device,
     }
 
 
+class _MidEpochStop(Exception):
+    """Raised out of an epoch after the optimizer step during which a stop was requested."""
+
+    def __init__(self, next_group: int, records: list, seconds: float):
+        super().__init__()
+        self.next_group, self.records, self.seconds = next_group, records, seconds
+
+
+@contextmanager
+def stop_on_interrupt(flag: threading.Event, armed: Callable[[], bool]):
+    """While inside: a SIGINT while ``armed()`` sets ``flag`` (the trainer stops after the current optimizer
+    step); otherwise — before training starts, or a second Ctrl-C — KeyboardInterrupt as usual. Only in the
+    main thread (signals are delivered there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum, frame):
+        if flag.is_set() or not armed():
+            raise KeyboardInterrupt
+        flag.set()
+        tqdm.write("interrupt: stopping after the current step to save a checkpoint (Ctrl-C again to stop now)")
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class Trainer:
     """Trains one run directory from a :class:`TrainConfig`; ``run()`` does everything.
 
@@ -224,6 +262,8 @@ class Trainer:
         self.run_dir = Path(config.out)
         self.warnings: list[str] = []
         self.ctx = DistContext()
+        self.stop_requested = threading.Event()  # set by Ctrl-C (see stop_on_interrupt) or by a caller
+        self.training = False  # Ctrl-C saves a checkpoint only once the epochs have started
 
     # --- set-up (file access on rank 0 only; the results are shared with every rank) -------------
     def _open_run_dir(self) -> dict | None:
@@ -296,7 +336,8 @@ class Trainer:
             self.progress = self.progress and ctx.is_main
             if not ctx.is_main:
                 log.setLevel(logging.ERROR)  # rank 0 logs for everyone
-            return self._run()
+            with stop_on_interrupt(self.stop_requested, armed=lambda: self.training):
+                return self._run()
 
     def _run(self) -> TrainResult:
         config, ctx = self.config, self.ctx
@@ -327,6 +368,7 @@ class Trainer:
                         "block_boundaries": list(block_boundaries(net.split))}
                 (self.run_dir / "model.json").write_text(json.dumps(meta, indent=1))
         ctx.broadcast_module(net)  # every rank starts from rank 0's weights and BatchNorm statistics
+        self.training = True  # from here on Ctrl-C stops after the next optimizer step, with a checkpoint
         log.info("model:\n%s", net.describe())
         log.info("train %d slides, validation %d slides, classes %s", len(train), len(val), classes)
         if ctx.distributed:
@@ -341,6 +383,7 @@ class Trainer:
         restore_optimizer = state is not None
         if state and state["stopped_early"]:  # that phase is over, even if --epochs was raised since
             phase_index, start_epoch, restore_optimizer = phase_index + 1, 0, False
+        mid_epoch = state.get("mid_epoch") if state else None  # saved by Ctrl-C: continue that epoch
         for p in range(phase_index, len(phases)):
             phase = phases[p]
             optimizer = torch.optim.AdamW(_phase_parameters(net, phase, config), weight_decay=config.weight_decay)
@@ -353,7 +396,16 @@ class Trainer:
                 phase_best = state["phase_best"]
             epoch = start_epoch if p == phase_index else 0
             while epoch < config.epochs:
-                row = self._train_epoch(net, train, phase, p, epoch, optimizer, class_weight, k)
+                try:
+                    row = self._train_epoch(net, train, phase, p, epoch, optimizer, class_weight, k, mid_epoch)
+                except _MidEpochStop as halt:
+                    mid = {"next_group": halt.next_group, "records": halt.records, "seconds": halt.seconds}
+                    self._save(net, self.run_dir / "checkpoint_last.pt", signature, classes,
+                               extra=self._resumable(optimizer, scheduler, p, epoch, False, phase_best, history,
+                                                     best, mid))
+                    raise self._interrupted(f"phase {p} epoch {epoch}, {halt.next_group} of {len(train)} "
+                                            "slides done") from None
+                mid_epoch = None
                 is_last_module = phase.stop == k
                 evaluation = evaluate_samples(net, val, self.device, upto=phase.stop, progress=self.progress,
                                               ctx=ctx)
@@ -372,19 +424,41 @@ class Trainer:
                         self._save(net, self.run_dir / "checkpoint_best.pt", signature, classes)
                 epoch += 1
                 stop = bool(config.early_stopping and phase_best["bad_epochs"] >= config.early_stopping)
-                self._save(net, self.run_dir / "checkpoint_last.pt", signature, classes, extra={
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "phase": p, "next_epoch": epoch, "stopped_early": stop, "phase_best": phase_best,
-                    "history": history, "best": best, "warnings": self.warnings,
-                })
+                self._save(net, self.run_dir / "checkpoint_last.pt", signature, classes,
+                           extra=self._resumable(optimizer, scheduler, p, epoch, stop, phase_best, history, best))
                 self._write_metrics(history)
                 gc.collect()  # per-epoch figures and logs form reference cycles; free them before the heap grows
                 self._report_epoch(row, f"phase {p}", stop)
+                more = not stop and (epoch < config.epochs or p + 1 < len(phases))
+                if more and self._stop_agreed():  # Ctrl-C during validation: the epoch's checkpoint is saved
+                    raise self._interrupted(f"the end of phase {p} epoch {epoch - 1}")
                 if stop:
                     break
             start_epoch = 0
         return self._finish(best, history, skipped, net.describe(), write=ctx.is_main,
                             processes=ctx.world_size, effective_batch=ctx.world_size * config.accumulation)
+
+    def _resumable(self, optimizer, scheduler, phase: int, next_epoch: int, stopped_early: bool, phase_best: dict,
+                   history: list[dict], best: dict, mid_epoch: dict | None = None) -> dict:
+        """What ``checkpoint_last.pt`` holds beside the model to resume exactly (``mid_epoch``: Ctrl-C's)."""
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "phase": phase,
+                "next_epoch": next_epoch, "stopped_early": stopped_early, "phase_best": phase_best,
+                "history": history, "best": best, "warnings": self.warnings, "mid_epoch": mid_epoch}
+
+    def _stop_agreed(self) -> bool:
+        """Whether a stop was requested (on any rank: every rank must leave at the same step)."""
+        requested = self.stop_requested.is_set()
+        if not self.ctx.distributed:
+            return requested
+        flag = torch.tensor([float(requested)], device=self.ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _interrupted(self, where: str) -> TrainingInterrupted:
+        checkpoint = self.run_dir / "checkpoint_last.pt"
+        log.info("interrupted at %s; checkpoint saved", where)
+        return TrainingInterrupted(f"interrupted: saved {checkpoint} at {where}; continue with: "
+                                   f"wsilocal train --resume {self.run_dir}")
 
     def _report_epoch(self, row: dict, what: str, stop: bool) -> None:
         """Log an epoch's row (and print it under the progress bars); say when ``what`` stops early."""
@@ -404,7 +478,9 @@ class Trainer:
         return TrainResult(self.run_dir, best["epoch"], best["val"], history, skipped, self.warnings)
 
     def _train_epoch(self, net, train: CachedSlides, phase: range, phase_no: int, epoch: int, optimizer,
-                     class_weight, k: int) -> dict:
+                     class_weight, k: int, mid_epoch: dict | None = None) -> dict:
+        """One epoch (or its rest, from a checkpoint saved ``mid_epoch``); its row of metrics. Raises
+        :class:`_MidEpochStop` after the optimizer step during which a stop was requested."""
         config, ctx = self.config, self.ctx
         net.train()
         for i in range(phase.start):  # frozen earlier modules (greedy) stay in eval
@@ -417,11 +493,15 @@ class Trainer:
         per_step = ctx.world_size * config.accumulation
         reducer = GradientAllReduce(gradient_buckets(net, phase)) if ctx.distributed else None
         optimizer.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        records = []  # (position in the order, final-classifier loss, correct, RFR losses) of this rank's slides
+        start = time.perf_counter() - (mid_epoch["seconds"] if mid_epoch else 0.0)
+        # (position in the order, final-classifier loss, correct, RFR losses, streamed) of this rank's slides;
+        # those of a mid-epoch checkpoint are all of its ranks' (gathered), so rank 0 carries them on.
+        records = [tuple(r) for r in mid_epoch["records"]] if mid_epoch and ctx.is_main else []
+        first_group = mid_epoch["next_group"] if mid_epoch else 0
         desc = f"phase {phase_no} epoch {epoch}" if len(_phases(config, k)) > 1 else f"epoch {epoch}"
-        bar = tqdm(total=len(ctx.shard(order)), desc=desc, unit="slide", leave=False, disable=not self.progress)
-        for first in range(0, len(order), per_step):
+        bar = tqdm(total=len(ctx.shard(order)), initial=len(ctx.shard(order[:first_group])), desc=desc,
+                   unit="slide", leave=False, disable=not self.progress)
+        for first in range(first_group, len(order), per_step):
             group = list(enumerate(order[first : first + per_step], start=first))
             mine = ctx.shard(group)
             for n, (position, index) in enumerate(mine):
@@ -438,6 +518,10 @@ class Trainer:
                 reducer.finish()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if first + per_step < len(order) and self._stop_agreed():
+                bar.close()
+                gathered = sorted(r for part in ctx.gather_objects(records) for r in part)
+                raise _MidEpochStop(first + per_step, gathered, time.perf_counter() - start)
         bar.close()
         ctx.average_running_statistics(net)
         records = sorted((r for part in ctx.gather_objects(records) for r in part), key=lambda r: r[0])
