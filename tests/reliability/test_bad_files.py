@@ -6,6 +6,7 @@ output written — and a checkpoint that would run code when unpickled is refuse
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
@@ -17,6 +18,7 @@ from conftest import TILE
 from rel_inputs import assert_one_line_error, run_view, run_wsilocal, write_malicious_checkpoint
 
 from wsilocal.cli import main
+from wsilocal.train.checkpoint import load_checkpoint
 
 # --- cohort CSVs ---------------------------------------------------------------------------------------------
 
@@ -137,6 +139,13 @@ def bad_checkpoint(case: str, good: Path, other: Path, marker: Path) -> bytes:
     if case == "truncated":
         data = good.read_bytes()
         return data[: len(data) // 2]
+    if case == "mismatched_tensors":  # the right signature, a tensor of the wrong shape (edited by hand)
+        state = load_checkpoint(good)
+        name = next(k for k in state["model"] if k.endswith("weight") and state["model"][k].dim() > 1)
+        state["model"][name] = state["model"][name][:1]
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return buffer.getvalue()
     path = marker.with_name("malicious.pt")
     write_malicious_checkpoint(path, marker)
     return path.read_bytes()
@@ -145,9 +154,11 @@ def bad_checkpoint(case: str, good: Path, other: Path, marker: Path) -> bytes:
 CHECKPOINT_CAUSES = {
     "other_model": "checkpoint is from another model (method: checkpoint ",
     "truncated": "truncated or corrupt checkpoint",
+    "mismatched_tensors": "fit the model",  # "tensors do not fit" (load_model_state), "does not fit" (predict)
     "malicious": "refused to load, it contains objects beyond tensors and plain data",
 }
 WEIGHTS_CAUSES = {"other_model": "not a ResNet34 state dict", "truncated": "cannot load weights",
+                  "mismatched_tensors": "not a ResNet34 state dict",
                   "malicious": "cannot load weights: Weights only load failed"}
 
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
+from wsilocal.atomic import write_text_atomic
 from wsilocal.config import TrainConfig, load_config
 from wsilocal.errors import WsilocalError
 from wsilocal.slide.cache import PrepareSettings, prepare_slides
 from wsilocal.slide.cohort import SPLITS, load_cohort
-from wsilocal.train.checkpoint import load_checkpoint
+from wsilocal.train.checkpoint import load_checkpoint, load_model_state
 from wsilocal.train.data import CachedSlides
 from wsilocal.train.metrics import classification_metrics, plot_roc_curves
 from wsilocal.train.trainer import build_model, evaluate_samples, model_signature, resolve_device
@@ -28,7 +29,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[TrainConfig
     meta = json.loads((run_dir / "model.json").read_text())
     state = load_checkpoint(path, expected_signature=model_signature(config, meta["classes"]))
     net = build_model(config, len(meta["classes"]), meta["block_boundaries"])
-    net.load_state_dict(state["model"])
+    load_model_state(net, state, path)
     net.eval()
     return config, net, state
 
@@ -69,7 +70,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = 
     metrics["split"] = split
     metrics["checkpoint"] = checkpoint
     metrics["skipped"] = prepared.skipped
-    (run_dir / f"metrics_{split}.json").write_text(json.dumps(metrics, indent=1))
+    write_text_atomic(run_dir / f"metrics_{split}.json", json.dumps(metrics, indent=1))
     with open(run_dir / f"predictions_{split}.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["slide_id", "label", "predicted", *[f"p_{c}" for c in classes]])

@@ -60,7 +60,7 @@ from wsilocal.models.split import BlockBoundaries, block_boundaries
 from wsilocal.runtime import default_memory_budget, tune_cpu_allocator
 from wsilocal.slide.cache import PrepareResult, PrepareSettings, channel_stats, format_summary, prepare_cohort
 from wsilocal.slide.cohort import Cohort, load_cohort
-from wsilocal.train.checkpoint import load_checkpoint, save_checkpoint
+from wsilocal.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from wsilocal.train.data import Augmentation, CachedSlides, sample_generator
 from wsilocal.train.distributed import DistContext, GradientAllReduce, distributed_session
 from wsilocal.train.local_step import StepResult, forward_all_classifiers, local_training_step
@@ -358,7 +358,7 @@ class Trainer:
         if self.resume:
             state = ctx.on_main(lambda: load_checkpoint(self.run_dir / "checkpoint_last.pt",
                                                         expected_signature=signature))
-            net.load_state_dict(state["model"])
+            load_model_state(net, state, self.run_dir / "checkpoint_last.pt")
             self.warnings = state.get("warnings", [])
         else:
             self._initialise_trunk(net, train)
@@ -366,7 +366,7 @@ class Trainer:
                 save_config(config, self.run_dir / "config.yaml")
                 meta = {"classes": classes, "mean": self.mean, "std": self.std,
                         "block_boundaries": list(block_boundaries(net.split))}
-                (self.run_dir / "model.json").write_text(json.dumps(meta, indent=1))
+                write_text_atomic(self.run_dir / "model.json", json.dumps(meta, indent=1))
         ctx.broadcast_module(net)  # every rank starts from rank 0's weights and BatchNorm statistics
         self.training = True  # from here on Ctrl-C stops after the next optimizer step, with a checkpoint
         log.info("model:\n%s", net.describe())
@@ -605,7 +605,7 @@ class Trainer:
     def _write_metrics(self, history: list[dict]) -> None:
         if not self.ctx.is_main:
             return
-        (self.run_dir / "metrics.json").write_text(json.dumps(history, indent=1))
+        write_text_atomic(self.run_dir / "metrics.json", json.dumps(history, indent=1))
         keys = sorted({k for row in history for k in row if not isinstance(row[k], list)})
         with open(self.run_dir / "metrics.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
