@@ -71,6 +71,9 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     threads: int = 0  # torch CPU threads; 0 = torch's default
     calibration_slides: int = 8  # slides used to set BatchNorm statistics of a random-init trunk
+    # Random init only: re-measure those statistics after every epoch. Frozen statistics measured once stop
+    # normalising as a random trunk's weights move far, and training then collapses (see docs/method.md).
+    recalibrate_bn: bool = False
     max_train_pixels: int = 64_000_000  # a training slide larger than this is refused with advice
     # --- streaming (memory bounded by a tile instead of the slide; same gradients)
     streaming: bool = False  # stream every slide; otherwise only slides that would not fit memory_budget_gb

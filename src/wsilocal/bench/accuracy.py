@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from wsilocal.atomic import write_text_atomic
-from wsilocal.config import METHODS, TrainConfig
+from wsilocal.config import TrainConfig
 from wsilocal.demo import QUICK as DEMO_QUICK
 from wsilocal.demo import DemoSettings, demo_config
 from wsilocal.errors import ConfigError, WsilocalError
@@ -129,8 +129,6 @@ def row_status(row: Row, n_classes: int) -> str | None:
     """Why a row is not run on a task with ``n_classes`` classes (None: it is run)."""
     if row.kind == "mil" and MIL_MODELS[row.model].binary_only and n_classes != 2:
         return "n/a: binary only"
-    if row.kind == "streaming" and "streaming" not in METHODS:
-        return "pending: StreamingCNN (TrainConfig method 'streaming') is not available yet"
     return None
 
 

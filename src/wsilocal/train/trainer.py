@@ -318,6 +318,10 @@ class Trainer:
         log.warning(RANDOM_INIT_WARNING)
         if self.progress:
             tqdm.write(RANDOM_INIT_WARNING)
+        self._calibrate(net, train)
+
+    def _calibrate(self, net: LocalNet, train: CachedSlides) -> None:
+        """BatchNorm statistics of a random-init trunk from the first training slides (unaugmented)."""
         if self.ctx.is_main:  # the other ranks receive these statistics with the weights (broadcast_module)
             n = min(self.config.calibration_slides, len(train))
             images = (train.get(i)[0].to(self.device) for i in range(n))
@@ -406,6 +410,9 @@ class Trainer:
                     raise self._interrupted(f"phase {p} epoch {epoch}, {halt.next_group} of {len(train)} "
                                             "slides done") from None
                 mid_epoch = None
+                if config.recalibrate_bn and not config.weights:
+                    self._calibrate(net, train)
+                    ctx.broadcast_module(net)
                 is_last_module = phase.stop == k
                 evaluation = evaluate_samples(net, val, self.device, upto=phase.stop, progress=self.progress,
                                               ctx=ctx)
