@@ -109,23 +109,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from wsilocal.train.baseline import is_baseline_run
     from wsilocal.train.evaluate import evaluate_run, format_metrics
 
+    if args.heatmap and not is_baseline_run(args.run):
+        raise WsilocalError(f"{args.run}: --heatmap draws a baseline run's tile attention; for a run of the method "
+                            f"use `wsilocal predict --run {args.run} --cohort CSV --split {args.split} --heatmap`")
     metrics = evaluate_run(args.run, args.split, checkpoint=args.checkpoint)
     print(format_metrics(metrics))
     print(f"wrote {Path(args.run) / f'metrics_{args.split}.json'}, predictions_{args.split}.csv, "
           f"roc_{args.split}.png")
-    return 1 if metrics.get("skipped") else 0
+    failed = {}
+    if args.heatmap:
+        from wsilocal.infer.baseline_predict import evaluation_heatmaps, format_heatmaps
+
+        heatmaps = evaluation_heatmaps(args.run, args.split)
+        print(format_heatmaps(heatmaps))
+        failed = heatmaps.failed
+    return 1 if metrics.get("skipped") or failed else 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
     from wsilocal.infer.predict import (
-        Predictor,
         bfloat16_is_native,
         cohort_slides,
         format_run,
+        load_predictor,
         named_slides,
         predict_slides,
     )
@@ -135,9 +146,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.split and not args.cohort:
         raise WsilocalError("--split selects slides of a --cohort CSV")
     budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
-    predictor = Predictor.from_run(args.run, args.checkpoint, device=args.device, memory_budget=budget,
-                                   tile=args.tile, assume_mpp=args.assume_mpp,
-                                   dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    predictor = load_predictor(args.run, args.checkpoint, device=args.device, memory_budget=budget, tile=args.tile,
+                               assume_mpp=args.assume_mpp, dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                               weights=args.weights)
     if args.bf16 and not bfloat16_is_native(predictor.device):
         print(f"warning: {predictor.device} has no native bfloat16 (CPUs need AVX-512 BF16 or AMX): PyTorch "
               "emulates it, many times slower than float32; drop --bf16 here", file=sys.stderr)
@@ -243,11 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--heatmap", action="store_true",
+                   help="baseline runs: also draw each slide's tile-attention heatmap into RUN/heatmaps_<split>/")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict slide files with a trained run (CSV, optional attention heatmaps)")
     p.add_argument("slides", nargs="*", metavar="SLIDE", help="slide files (id = file name without extension)")
-    p.add_argument("--run", required=True, help="run directory of `wsilocal train`")
+    p.add_argument("--run", required=True, help="run directory of `wsilocal train` or `wsilocal baseline`")
     p.add_argument("--cohort", help="cohort CSV whose slides to predict (instead of SLIDE files)")
     p.add_argument("--split", choices=["train", "val", "test"], help="only this split of --cohort (default: all)")
     p.add_argument("--out", required=True, help="folder for predictions.csv, skipped.csv and heatmaps")
@@ -256,12 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget-gb", type=float,
                    help="GiB a whole-slide forward may use; larger slides run in exact tiles "
                         "(default: half the available RAM / 80%% of free GPU memory)")
-    p.add_argument("--tile", type=int, default=1536, help="tile edge in px at the run's MPP, tiled mode (default 1536)")
+    p.add_argument("--tile", type=int, help="tile edge in px at the run's MPP, tiled mode (default 1536)")
     p.add_argument("--assume-mpp", type=float, help="µm/px of slides without resolution metadata")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--bf16", action="store_true",
                    help="run the trunk in bfloat16 (fast on GPUs and CPUs with AVX-512 BF16/AMX, emulated and "
                         "far slower elsewhere; see docs/inference.md)")
+    p.add_argument("--weights", help="baseline runs: the feature extractor's weights file, if it moved since "
+                                     "`wsilocal features` (checked by SHA-256)")
     p.set_defaults(func=cmd_predict)
 
     from wsilocal.models.mil import MIL_MODELS

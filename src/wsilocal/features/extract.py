@@ -25,7 +25,7 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -52,6 +52,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_INIT_SEED = 0
 MIN_TILE = 32  # ResNet34 shrinks its input 32×: a smaller tile gives a 1-pixel map made mostly of padding
 MASK_MPP = 16.0  # resolution of the tissue mask the tiles are selected on (detect_tissue's default)
+
+#: What a feature file's attributes record about how its tiles and features were made (the rest describes the
+#: slide). A baseline run keeps these, so ``wsilocal predict`` can make the same features from a slide file.
+EXTRACTION_SETTINGS = ("mpp", "tile", "min_tissue", "assume_mpp", "mask_mpp", "extractor", "weights",
+                       "format_version")
 
 RANDOM_INIT_WARNING = (
     "WARNING: no pretrained weights given (--weights): the ResNet34 feature extractor is randomly initialised, "
@@ -192,6 +197,19 @@ def extract_features(
     return result
 
 
+def extraction_settings(attrs: Mapping[str, object]) -> dict | None:
+    """The :data:`EXTRACTION_SETTINGS` of a feature file's attributes; None when the file does not record them
+    (files made by CLAM, or by hand). ``assume_mpp`` is None and ``weights`` "" where they were not given."""
+    required = [key for key in EXTRACTION_SETTINGS if key not in ("assume_mpp", "weights")]
+    if any(key not in attrs for key in required):
+        return None
+    assume_mpp = attrs.get("assume_mpp")
+    return {"mpp": float(attrs["mpp"]), "tile": int(attrs["tile"]), "min_tissue": float(attrs["min_tissue"]),
+            "assume_mpp": None if assume_mpp is None else float(assume_mpp), "mask_mpp": float(attrs["mask_mpp"]),
+            "extractor": str(attrs["extractor"]), "weights": str(attrs.get("weights", "")),
+            "format_version": int(attrs["format_version"])}
+
+
 def format_summary(slides: Sequence[CohortSlide], result: ExtractResult) -> str:
     """A table per split and class (slides, with features, skipped, tiles), totals, then every skipped slide."""
     lines = [f"{'split':<6} {'class':<16} {'slides':>6} {'done':>6} {'skipped':>7} {'tiles':>9}"]
@@ -215,23 +233,43 @@ def _extract_slide(slide: CohortSlide, path: Path, extractor: FeatureExtractor, 
     mpp, tile = attrs["mpp"], attrs["tile"]
     with open_slide(slide.path, assume_mpp=attrs["assume_mpp"]) as handle:
         slide_mpp = handle.mpp  # a clear SlideError when the file has no MPP and none is assumed
-        tissue = detect_tissue(handle, mask_mpp=MASK_MPP)
-        tissue_read_size(handle, tissue.bbox, mpp, DEFAULT_MAX_PIXELS)  # refuses what prepare would refuse
-        coords = tile_grid(handle, tissue, mpp, tile, attrs["min_tissue"])
-        if not coords:
-            raise SlideError(slide.path, f"no {tile}-px tile at {mpp} µm/px has at least "
-                                         f"{attrs['min_tissue']:.0%} tissue")
-        features = np.empty((len(coords), extractor.dim), np.float32)
-        with tqdm(total=len(coords), desc=slide.slide_id, unit="tile", leave=False, disable=not progress) as bar:
-            # closing(): reader threads stop before the slide closes, also when a batch fails
-            with closing(_tile_batches(handle, coords, mpp, tile, batch_size, workers)) as batches:
-                for start, batch in batches:
-                    features[start : start + len(batch)] = extractor(torch.from_numpy(batch)).cpu().numpy()
-                    bar.update(len(batch))
+        coords = tissue_tiles(handle, mpp, tile, attrs["min_tissue"], attrs["mask_mpp"])
+        features = tile_features(handle, coords, extractor, mpp, tile, batch_size=batch_size, workers=workers,
+                                 progress=progress, desc=slide.slide_id)
         tile_level0 = tile_size_level0(handle, mpp, tile)
     write_features(path, features, np.asarray(coords, np.int64),
                    {**attrs, "slide_mpp": slide_mpp, "tile_level0": tile_level0, "n_tiles": len(coords)})
     return len(coords)
+
+
+def tissue_tiles(slide: Slide, mpp: float, tile: int, min_tissue: float,
+                 mask_mpp: float = MASK_MPP) -> list[tuple[int, int]]:
+    """Level-0 (x, y) of the tiles of an open slide that ``wsilocal features`` uses: its tissue, the grid over it.
+
+    ``wsilocal predict`` on a baseline run calls this too, so it tiles a slide exactly as its features were.
+
+    Raises:
+        SlideError: no tissue, a tissue box larger than ``prepare`` accepts, or no tile with ``min_tissue``.
+    """
+    tissue = detect_tissue(slide, mask_mpp=mask_mpp)
+    tissue_read_size(slide, tissue.bbox, mpp, DEFAULT_MAX_PIXELS)  # refuses what prepare would refuse
+    coords = tile_grid(slide, tissue, mpp, tile, min_tissue)
+    if not coords:
+        raise SlideError(slide.path, f"no {tile}-px tile at {mpp} µm/px has at least {min_tissue:.0%} tissue")
+    return coords
+
+
+def tile_features(slide: Slide, coords: Sequence[tuple[int, int]], extractor: nn.Module, mpp: float, tile: int, *,
+                  batch_size: int = 32, workers: int = 0, progress: bool = False, desc: str = "tiles") -> np.ndarray:
+    """float32 (N, extractor.dim) features of the tiles at level-0 ``coords``, read and computed batch by batch."""
+    features = np.empty((len(coords), extractor.dim), np.float32)
+    with tqdm(total=len(coords), desc=desc, unit="tile", leave=False, disable=not progress) as bar:
+        # closing(): reader threads stop before the slide closes, also when a batch fails
+        with closing(_tile_batches(slide, list(coords), mpp, tile, batch_size, workers)) as batches:
+            for start, batch in batches:
+                features[start : start + len(batch)] = extractor(torch.from_numpy(batch)).cpu().numpy()
+                bar.update(len(batch))
+    return features
 
 
 def _tile_batches(slide: Slide, coords: list[tuple[int, int]], mpp: float, tile: int, batch_size: int,

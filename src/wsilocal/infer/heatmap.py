@@ -6,11 +6,15 @@ receptive field. :class:`~wsilocal.infer.predict.Prediction` carries where the c
 (``cell_origin``, ``cell_size``), and :func:`cell_edges` turns that into cell boundaries that tile the tissue
 box exactly; the PNG, the GeoJSON and the JSON sidecar all use that one transform.
 
+A tile-based MIL baseline (``wsilocal predict`` on a ``wsilocal baseline`` run) has one attention weight or score
+per tile instead; :func:`tile_attention_map` lays them on the regular grid of the tiles (one cell = one tile,
+NaN where the grid has no tile), and the same files are drawn from it.
+
 ``save_heatmap`` writes, for slide ``ID``::
 
     ID_heatmap.png          thumbnail + attention (relative to uniform) + high-attention outlines + colour bar
-    ID_attention.npy        float32 (h, w): H's attention, summing to 1 (class-agnostic)
-    ID_evidence.npy         float32 (n_classes, h, w): attention × each cell's own class probabilities
+    ID_attention.npy        float32 (h, w): H's attention, summing to 1 (class-agnostic); NaN = no tile there
+    ID_evidence.npy         float32 (n_classes, h, w): attention × each cell's own class probabilities (method only)
     ID_attention.json       bbox, MPP, map shape, the cell → level-0 transform, classes, prediction
     ID_attention.geojson    FeatureCollection of polygons (level-0 px) around the high-attention cells
 """
@@ -25,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
+from wsilocal.errors import WsilocalError
 from wsilocal.slide.reader import open_slide, read_region_downsampled
 
 if TYPE_CHECKING:
@@ -39,12 +44,40 @@ def high_attention_cells(attention: np.ndarray, mass: float = 0.1) -> np.ndarray
 
     Cells are taken in decreasing order of attention until the running sum reaches ``mass``; every cell tied
     with the last one taken is included too, so the result does not depend on the order of equal values.
+    Empty cells (NaN: no tile there) are never taken.
     """
     if not 0 < mass <= 1:
         raise ValueError(f"mass must be in (0, 1], got {mass}")
-    values = np.sort(attention.ravel())[::-1]
+    values = np.sort(attention[np.isfinite(attention)])[::-1]
     taken = int(np.searchsorted(np.cumsum(values), mass * values.sum() * (1 - 1e-9)))  # float-sum slack
-    return attention >= values[min(taken, values.size - 1)]
+    return attention >= values[min(taken, values.size - 1)]  # NaN >= anything is False
+
+
+def tile_attention_map(coords: np.ndarray, scores: np.ndarray, tile_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Per-tile attention or scores on the regular grid of the tiles: ``(map (h, w) float32, origin (x0, y0))``.
+
+    ``coords`` (N, 2) are the tiles' level-0 top-left corners, all on one grid of ``tile_size`` px (as
+    ``wsilocal features`` lays them). Cell (i, j) is the tile at level-0 ``(x0 + j·tile_size, y0 + i·tile_size)``
+    with ``(x0, y0)`` the smallest x and y of the tiles; the map spans the tiles' extent, and cells without a
+    tile (background, too little tissue) are NaN — empty, not zero attention.
+
+    Raises:
+        WsilocalError: the tiles are not on such a grid, two share a cell, or coords and scores differ in length.
+    """
+    coords = np.asarray(coords, np.int64).reshape(-1, 2)
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    if len(coords) != len(scores) or not len(coords):
+        raise WsilocalError(f"{len(coords)} tile positions but {len(scores)} attention values")
+    origin = coords.min(axis=0)
+    offsets = coords - origin
+    if tile_size < 1 or (offsets % tile_size).any():
+        raise WsilocalError(f"the tiles do not lie on a grid of {tile_size}-px tiles (level-0 px)")
+    cols, rows = (offsets // tile_size).T
+    grid = np.full((rows.max() + 1, cols.max() + 1), np.nan, np.float32)
+    if np.unique(rows * grid.shape[1] + cols).size != len(coords):
+        raise WsilocalError("two tiles share one grid cell")
+    grid[rows, cols] = scores
+    return grid, (int(origin[0]), int(origin[1]))
 
 
 def _trace_rings(component: np.ndarray) -> list[list[Vertex]]:
@@ -122,11 +155,13 @@ def attention_geojson(prediction: Prediction, mass: float = 0.1) -> dict:
 
     One Polygon per 4-connected region of high-attention cells, tracing the cells' boundaries (holes
     included) in level-0 pixel coordinates, with QuPath's annotation properties and the region's
-    ``attention`` (the share of the slide's attention it holds), ``max_attention`` and ``cells`` — repeated
+    ``attention`` (the share of the slide's attention — or of a baseline's summed tile scores — it holds),
+    ``max_attention`` and ``cells`` — repeated
     as QuPath ``measurements`` (the name/value list every QuPath version reads), since QuPath ignores other
     properties. Features are ordered by decreasing ``attention``.
     """
     attention = _attention(prediction)
+    total = float(np.nansum(attention))  # 1 for an attention map; the summed scores of a score map
     xs, ys = cell_edges(prediction)
     labels, _ = ndimage.label(high_attention_cells(attention, mass))
     features = []
@@ -135,7 +170,7 @@ def attention_geojson(prediction: Prediction, mass: float = 0.1) -> dict:
         rings = [[[float(xs[cols.start + c]), float(ys[rows.start + r])] for c, r in ring]
                  for ring in _trace_rings(component)]
         weights = attention[rows, cols][component]
-        values = {"attention": float(weights.sum()), "max_attention": float(weights.max()),
+        values = {"attention": float(weights.sum()) / total, "max_attention": float(weights.max()),
                   "cells": int(component.sum())}
         features.append({
             "type": "Feature",
@@ -160,7 +195,7 @@ def save_heatmap(prediction: Prediction, slide_path: str | Path, out_dir: str | 
     """Write the heatmap PNG, raw maps, JSON sidecar and GeoJSON of one prediction (see the module docs).
 
     Args:
-        prediction: made with ``heatmap=True``.
+        prediction: made with ``heatmap=True`` (of the method, or of a baseline: see :func:`tile_attention_map`).
         slide_path: the slide file, for the thumbnail (read at a downsample making its longer side at most
             ``max_side`` px).
         out_dir: folder for the files (created).
@@ -187,9 +222,10 @@ def save_heatmap(prediction: Prediction, slide_path: str | Path, out_dir: str | 
     with open_slide(slide_path) as slide:
         slide_size = slide.level_dimensions[0]
         thumbnail = read_region_downsampled(slide, max(1.0, max(slide_size) / max_side))
+    what = "attention" if prediction.attention_is_softmax else "summed tile scores"
     _plot(files["png"], thumbnail, slide_size, prediction, geojson, f"{slide_id}: predicted {prediction.predicted} "
           f"(p = {prediction.probabilities[prediction.predicted]:.3f}); white: cells holding {mass:.0%} of the "
-          "attention")
+          f"{what}")
     xs, ys = cell_edges(prediction)
     sidecar = {
         "slide": prediction.slide,
@@ -207,8 +243,10 @@ def save_heatmap(prediction: Prediction, slide_path: str | Path, out_dir: str | 
                      "extended to the edges of bbox (x, y, width, height), so the cells tile it",
         "column_edges": xs.tolist(),
         "row_edges": ys.tolist(),
-        "evidence": "evidence[c, i, j] = attention[i, j] * softmax(H.classifier(feature[i, j]))[c]",
-        "evidence_classes": list(prediction.probabilities),
+        "attention_is_softmax": prediction.attention_is_softmax,
+        "empty_cells": int(np.isnan(attention).sum()),
+        **({"evidence": "evidence[c, i, j] = attention[i, j] * softmax(H.classifier(feature[i, j]))[c]",
+            "evidence_classes": list(prediction.probabilities)} if prediction.evidence is not None else {}),
         "high_attention_mass": mass,
         "high_attention_regions": len(geojson["features"]),
         "files": {kind: path.name for kind, path in files.items()},
@@ -226,13 +264,17 @@ def _plot(path: Path, thumbnail: np.ndarray, slide_size: tuple[int, int], predic
     import matplotlib.pyplot as plt
     from matplotlib.patches import Polygon, Rectangle
 
-    attention = _attention(prediction)
+    attention = np.ma.masked_invalid(_attention(prediction))  # empty cells (no tile) stay transparent
     width, height = slide_size
     bx, by, bw, bh = prediction.bbox
     fig, ax = plt.subplots(figsize=(9, max(3.0, min(12.0, 7.5 * height / width))))
     ax.imshow(thumbnail, extent=(0, width, height, 0))
-    # Attention × number of cells: 1 is what every cell would get from a uniform attention.
-    overlay = ax.pcolormesh(*cell_edges(prediction), attention * attention.size, cmap="jet", alpha=0.45, vmin=0)
+    if prediction.attention_is_softmax:
+        # Attention × number of cells: 1 is what every cell would get from a uniform attention.
+        values, limits, label = attention * attention.count(), {"vmin": 0}, "attention relative to uniform"
+    else:  # a baseline's per-tile scores (probabilities), shown as they are
+        values, limits, label = attention, {"vmin": 0, "vmax": 1}, "tile score (the model's own, not attention)"
+    overlay = ax.pcolormesh(*cell_edges(prediction), values, cmap="jet", alpha=0.45, **limits)
     ax.add_patch(Rectangle((bx, by), bw, bh, fill=False, edgecolor="0.35", linestyle="--", linewidth=0.8))
     for feature in geojson["features"]:
         for ring in feature["geometry"]["coordinates"]:
@@ -241,7 +283,7 @@ def _plot(path: Path, thumbnail: np.ndarray, slide_size: tuple[int, int], predic
     ax.set_ylim(height, 0)
     ax.set_xlabel("level-0 x (px)")
     ax.set_ylabel("level-0 y (px)")
-    fig.colorbar(overlay, ax=ax, shrink=0.8, label="attention relative to uniform")
+    fig.colorbar(overlay, ax=ax, shrink=0.8, label=label)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -7,6 +7,10 @@ resolution through the trunk — the whole image at once when that fits the memo
 overlapping tiles otherwise (:func:`wsilocal.infer.tiled.trunk_forward`). No cache is written, and the
 pixels are those the cache would hold, so a prediction equals what ``wsilocal evaluate`` computes.
 
+A run of a tile-based MIL baseline (``wsilocal baseline``) predicts through the same functions: :func:`load_predictor`
+returns a :class:`Predictor` or a :class:`~wsilocal.infer.baseline_predict.BaselinePredictor` by the run's type,
+and both give a :class:`Prediction`.
+
 The trunk can run in bfloat16 (``dtype=torch.bfloat16``, ``wsilocal predict --bf16``); H always runs in
 float32. It pays only where the hardware computes bfloat16 (:func:`bfloat16_is_native`): elsewhere PyTorch
 emulates it, many times slower than float32 (``docs/inference.md`` has the measured speed-up and accuracy).
@@ -19,9 +23,11 @@ import gc
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -56,9 +62,11 @@ class Prediction:
         seconds: wall time of the whole prediction (open, tissue detection, reading, forward).
         peak_memory_bytes: peak resident memory added by this prediction (CPU), or peak CUDA memory allocated
             beyond what was allocated before it (GPU).
-        mode: ``"whole"`` (one forward over the whole tissue image) or ``"tiled"`` (exact tiles).
-        feature_shape: (h, w) of the trunk's final map, one attention weight per cell.
-        bbox: the tissue box (x, y, width, height) in level-0 pixels.
+        mode: ``"whole"`` (one forward over the whole tissue image) or ``"tiled"`` (exact tiles); ``"tiles"``
+            for a tile-based MIL baseline.
+        feature_shape: (h, w) of the trunk's final map, one attention weight per cell (a baseline: of its tile
+            grid, one cell per tile).
+        bbox: the tissue box (x, y, width, height) in level-0 pixels (a baseline: the box its tile grid covers).
         mpp: the resolution the tissue box was read at (the run's).
         cell_origin: level-0 (x, y) of the top-left corner of map cell (0, 0).
         cell_size: level-0 (width, height) of one map cell. Cell (i, j) covers
@@ -66,13 +74,18 @@ class Prediction:
             receptive field, so cell (0, 0) starts about half a cell before the tissue box. The heatmap files
             cut or extend the outer rows and columns to the box's edges
             (:func:`~wsilocal.infer.heatmap.cell_edges`).
-        attention: H's attention map (h, w), summing to 1 (only with ``heatmap=True``).
+        attention: H's attention map (h, w), summing to 1 (only with ``heatmap=True``). A baseline's map holds
+            its per-tile attention or scores, NaN in cells without a tile
+            (:func:`~wsilocal.infer.heatmap.tile_attention_map`).
         evidence: per-class evidence maps (n_classes, h, w): ``attention × softmax(H's classifier(feature))``
             at each cell (only with ``heatmap=True``; see :func:`class_evidence`).
         stages: seconds of each step, summing to about ``seconds``: ``tissue`` (open the file, find the
             tissue), ``read`` (read and resample the tissue box at the run's MPP, normalise), ``trunk`` (the
             trunk's forward; in tiled mode interleaved with the reads, which are not counted here) and
-            ``head`` (H, and the evidence maps with ``heatmap=True``).
+            ``head`` (H, and the evidence maps with ``heatmap=True``). A baseline: ``features`` (open the file,
+            find the tissue, read the tiles, extract their features) and ``head`` (the MIL model).
+        attention_is_softmax: whether ``attention`` is a distribution over the cells (H, ABMIL, CLAM, DSMIL)
+            rather than per-tile scores in [0, 1] (max-/mean-pooling, MIL-RNN); the heatmap scales it accordingly.
     """
 
     slide: str
@@ -89,6 +102,18 @@ class Prediction:
     attention: np.ndarray | None = None
     evidence: np.ndarray | None = None
     stages: dict[str, float] = field(default_factory=dict)
+    attention_is_softmax: bool = True
+
+
+class SlidePredictor(Protocol):
+    """What :func:`predict_slides` needs of a predictor: :class:`Predictor` or
+    :class:`~wsilocal.infer.baseline_predict.BaselinePredictor`."""
+
+    classes: list[str]
+    device: torch.device
+    no_heatmap: str | None  # why this model can draw no heatmap; None when it can
+
+    def predict(self, slide_path: str | Path, *, heatmap: bool = False, progress: bool = False) -> Prediction: ...
 
 
 @torch.no_grad()
@@ -112,7 +137,7 @@ def _receptive_grid(trunk: ResNet34Trunk) -> tuple[int, float]:
     return stride, (first + last) / 2 + 0.5  # + 0.5: from a pixel's index to its centre
 
 
-class _PeakMemory:
+class PeakMemory:
     """Measures the peak memory a block of code adds: resident set size on CPU, CUDA allocations on GPU.
 
     On CPU, freed heap memory is first handed back to the OS (``malloc_trim``) and the kernel's high-water mark
@@ -124,7 +149,7 @@ class _PeakMemory:
         self.device = device
         self.bytes = 0
 
-    def __enter__(self) -> _PeakMemory:
+    def __enter__(self) -> PeakMemory:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -144,6 +169,36 @@ class _PeakMemory:
             self.bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
         else:
             self.bytes = max(0, process_memory_bytes("VmHWM") - self._start)
+
+
+@contextmanager
+def out_of_memory_as_slide_error(path: Path, what: str) -> Iterator[None]:
+    """Turn running out of memory inside the block into a one-line :class:`SlideError`: ``PATH: out of memory on
+    WHAT`` (``what``: what was being computed, and any advice). Other errors pass through unchanged."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:
+        if "memory" not in str(exc).lower():
+            raise
+        raise SlideError(path, f"out of memory on {what}") from None
+
+
+def check_run_options(run_dir: str | Path, checkpoint: str, assume_mpp: float | None) -> tuple[Path, dict]:
+    """The run directory and its ``model.json``, once the options every predictor takes are checked."""
+    run_dir = Path(run_dir)
+    if checkpoint not in ("best", "last"):
+        raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "model.json").is_file():
+        raise WsilocalError(f"{run_dir}: not a run directory (needs config.yaml and model.json)")
+    if assume_mpp is not None and not (math.isfinite(assume_mpp) and assume_mpp > 0):
+        raise ConfigError(f"--assume-mpp must be a positive number of microns per pixel, got {assume_mpp}")
+    try:
+        meta = json.loads((run_dir / "model.json").read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise WsilocalError(f"{run_dir / 'model.json'}: unreadable run metadata ({exc})") from None
+    return run_dir, meta
 
 
 def bfloat16_is_native(device: torch.device) -> bool:
@@ -200,6 +255,8 @@ class Predictor:
     ``dtype`` is the trunk's precision (float32 or bfloat16); the trunk module is converted in place.
     """
 
+    no_heatmap: str | None = None  # H always has an attention map
+
     def __init__(self, trunk: ResNet34Trunk, head: FinalClassifier, classes: Sequence[str], mean: Sequence[float],
                  std: Sequence[float], settings: PrepareSettings, *, device: torch.device,
                  memory_budget: int | None = None, tile: int = 1536, dtype: torch.dtype = torch.float32):
@@ -232,22 +289,18 @@ class Predictor:
             assume_mpp: µm/px for slides without resolution metadata (default: the run's ``assume_mpp``).
             dtype: precision of the trunk, ``torch.float32`` or ``torch.bfloat16`` (see :func:`bfloat16_is_native`).
         """
-        run_dir = Path(run_dir)
-        if checkpoint not in ("best", "last"):
-            raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-        if not (run_dir / "config.yaml").is_file() or not (run_dir / "model.json").is_file():
-            raise WsilocalError(f"{run_dir}: not a run directory (needs config.yaml and model.json)")
-        if assume_mpp is not None and not (math.isfinite(assume_mpp) and assume_mpp > 0):
-            raise ConfigError(f"--assume-mpp must be a positive number of microns per pixel, got {assume_mpp}")
+        run_dir, meta = check_run_options(run_dir, checkpoint, assume_mpp)
+        if meta.get("method") == "baseline":
+            raise WsilocalError(f"{run_dir}: a tile-based MIL baseline run; load it with load_predictor() or "
+                                "BaselinePredictor.from_run()")
         if memory_budget is not None and memory_budget <= 0:
             raise ConfigError(f"memory budget must be positive, got {memory_budget} bytes")
         if tile < 1:
             raise ConfigError(f"tile must be a positive number of pixels, got {tile}")
         config = load_config(run_dir / "config.yaml")
         try:
-            meta = json.loads((run_dir / "model.json").read_text())
             classes, mean, std = meta["classes"], meta["mean"], meta["std"]
-        except (OSError, ValueError, KeyError) as exc:
+        except KeyError as exc:
             raise WsilocalError(f"{run_dir / 'model.json'}: unreadable run metadata ({exc})") from None
         path = run_dir / f"checkpoint_{checkpoint}.pt"
         if not path.exists() and checkpoint == "best":
@@ -272,7 +325,7 @@ class Predictor:
         path = Path(slide_path)
         settings = self.settings
         start = time.perf_counter()
-        peak = _PeakMemory(self.device)
+        peak = PeakMemory(self.device)
         with peak, open_slide(path, assume_mpp=settings.assume_mpp) as slide:
             slide_mpp = slide.mpp  # a clear SlideError when the file has no MPP and none is assumed
             bbox = detect_tissue(slide, mask_mpp=settings.mask_mpp, margin=settings.margin).bbox
@@ -282,21 +335,16 @@ class Predictor:
                 raise SlideError(path, f"tissue region at {settings.mpp} µm/px is {out_w}×{out_h} px, above the "
                                        f"run's max_pixels ({settings.max_pixels:,})")
             source = _TimedSource(SlideSource(slide, settings.mpp, bbox, self.mean, self.std))
-            try:
-                with torch.no_grad():
-                    features, mode = trunk_forward(self.trunk, source, memory_budget=self.memory_budget,
-                                                   tile=self.tile, progress=progress)
-                    trunk_done = _clock(self.device)
-                    features = features.to(self.device, torch.float32)
-                    logits, attention = self.head(features)
-                    probabilities = torch.softmax(logits, dim=1)[0].cpu().numpy()
-                    evidence = class_evidence(self.head, features, attention).cpu().numpy() if heatmap else None
-                    head_done = time.perf_counter()  # .cpu() waited for the device
-            except (RuntimeError, MemoryError) as exc:
-                if "memory" not in str(exc).lower():
-                    raise
-                raise SlideError(path, f"out of memory on the {out_w}×{out_h} px tissue image; lower "
-                                       "--memory-budget-gb so it runs in tiles") from None
+            with torch.no_grad(), out_of_memory_as_slide_error(
+                    path, f"the {out_w}×{out_h} px tissue image; lower --memory-budget-gb so it runs in tiles"):
+                features, mode = trunk_forward(self.trunk, source, memory_budget=self.memory_budget,
+                                               tile=self.tile, progress=progress)
+                trunk_done = _clock(self.device)
+                features = features.to(self.device, torch.float32)
+                logits, attention = self.head(features)
+                probabilities = torch.softmax(logits, dim=1)[0].cpu().numpy()
+                evidence = class_evidence(self.head, features, attention).cpu().numpy() if heatmap else None
+                head_done = time.perf_counter()  # .cpu() waited for the device
         # The image is out_w × out_h pixels of bbox_w / out_w level-0 px each; a map cell is `stride` of them.
         scale = (bbox[2] / out_w, bbox[3] / out_h)
         origin = tuple(float(b + (self.centre - self.stride / 2) * s) for b, s in zip(bbox[:2], scale, strict=True))
@@ -328,15 +376,17 @@ class PredictionRun:
     paths: dict[str, str]  # slide id → slide file, for every slide asked for
     predictions_csv: Path
     skipped_csv: Path
+    warnings: list[str] = field(default_factory=list)  # e.g. that the model has no attention map to draw
 
 
-def predict_slides(predictor: Predictor, slides: Sequence[tuple[str, str | Path]], out_dir: str | Path, *,
+def predict_slides(predictor: SlidePredictor, slides: Sequence[tuple[str, str | Path]], out_dir: str | Path, *,
                    heatmap: bool = False, progress: bool = True) -> PredictionRun:
     """Predict many slides; a slide that fails is reported and skipped, the others finish.
 
     Writes ``OUT/predictions.csv`` (``slide_id, path, predicted, p_<class>…, seconds, peak_memory_mb, mode``;
     rows are written as slides finish), ``OUT/skipped.csv`` (``slide_id, path, reason``; header only when
-    none failed) and, with ``heatmap=True``, each slide's heatmap files (:func:`~wsilocal.infer.heatmap.save_heatmap`).
+    none failed) and, with ``heatmap=True``, each slide's heatmap files (:func:`~wsilocal.infer.heatmap.save_heatmap`)
+    — or, for a model without an attention map, a warning in ``run.warnings`` saying so.
     """
     ids = [slide_id for slide_id, _ in slides]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
@@ -346,6 +396,9 @@ def predict_slides(predictor: Predictor, slides: Sequence[tuple[str, str | Path]
     out.mkdir(parents=True, exist_ok=True)
     run = PredictionRun({}, {}, {slide_id: str(path) for slide_id, path in slides},
                         out / "predictions.csv", out / "skipped.csv")
+    if heatmap and predictor.no_heatmap:
+        run.warnings.append(f"no heatmaps written: {predictor.no_heatmap}")
+        heatmap = False
     with open(run.predictions_csv, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["slide_id", "path", "predicted", *[f"p_{c}" for c in predictor.classes], "seconds",
@@ -404,4 +457,34 @@ def format_run(run: PredictionRun) -> str:
                      f"{p.seconds:>9.1f}{p.peak_memory_bytes / 2**20:>9.0f}  {p.mode}")
     lines.append(f"{len(run.predictions)} predicted, {len(run.skipped)} skipped → {run.predictions_csv}")
     lines += [f"skipped {slide_id}: {reason}" for slide_id, reason in run.skipped.items()]
+    lines += [f"warning: {warning}" for warning in run.warnings]
     return "\n".join(lines)
+
+
+def load_predictor(run_dir: str | Path, checkpoint: str = "best", *, device: str = "auto",
+                   assume_mpp: float | None = None, memory_budget: int | None = None, tile: int | None = None,
+                   dtype: torch.dtype = torch.float32, weights: str | Path | None = None) -> SlidePredictor:
+    """The predictor of a run directory, whichever kind of run it is.
+
+    A run of the method (``wsilocal train``) gives a :class:`Predictor` (``memory_budget``, ``tile`` and
+    ``dtype`` are its options); a tile-based MIL baseline (``wsilocal baseline``) gives a
+    :class:`~wsilocal.infer.baseline_predict.BaselinePredictor` (``weights``: where the feature extractor's
+    weights file is now, when it moved since the features were extracted). An option of the other kind is refused.
+    """
+    from wsilocal.infer.baseline_predict import BaselinePredictor  # it imports this module
+    from wsilocal.train.baseline import is_baseline_run
+
+    if is_baseline_run(run_dir):
+        given = [option for option, is_set in (("--memory-budget-gb", memory_budget is not None),
+                                               ("--tile", tile is not None), ("--bf16", dtype != torch.float32))
+                 if is_set]
+        if given:
+            raise ConfigError(f"{run_dir} is a tile-based MIL baseline run: {', '.join(given)} apply only to runs "
+                              "of the method (a baseline reads its tiles one batch at a time)")
+        return BaselinePredictor.from_run(run_dir, checkpoint, device=device, assume_mpp=assume_mpp, weights=weights)
+    if weights is not None:
+        raise ConfigError(f"{run_dir} is a run of the method: --weights applies only to baseline runs (the feature "
+                          "extractor of their tiles)")
+    tiling = {} if tile is None else {"tile": tile}
+    return Predictor.from_run(run_dir, checkpoint, device=device, memory_budget=memory_budget, assume_mpp=assume_mpp,
+                              dtype=dtype, **tiling)

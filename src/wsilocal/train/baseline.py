@@ -5,7 +5,8 @@
 the same run directory as the main method's trainer (:mod:`.trainer`)::
 
     RUN/config.yaml          the resolved configuration (optimizer, lr and weight decay filled in)
-    RUN/model.json           method "baseline", model name, class names (index = position), in_dim
+    RUN/model.json           method "baseline", model name, class names (index = position), in_dim and, when
+                             the feature files record them, ``features``: how they were made (for ``predict``)
     RUN/checkpoint_last.pt   everything needed to resume (model, optimizer, scheduler, counters, history)
     RUN/checkpoint_best.pt   the model with the best validation balanced accuracy (ties: lower loss)
     RUN/metrics.csv|json     one row per epoch
@@ -50,6 +51,8 @@ from tqdm import tqdm
 from wsilocal.atomic import write_text_atomic
 from wsilocal.config import load_config, save_config, shared_checks
 from wsilocal.errors import ConfigError, WsilocalError
+from wsilocal.features.extract import extraction_settings
+from wsilocal.features.h5 import read_attrs
 from wsilocal.models.mil import MIL_MODELS, build_mil_model
 from wsilocal.models.mil.base import OPTIMIZERS, MILModel
 from wsilocal.slide.cohort import SPLITS, load_cohort
@@ -255,6 +258,12 @@ class BaselineTrainer(Trainer):
         else:
             save_config(config, self.run_dir / "config.yaml")
             meta = {"method": METHOD, "model": config.model, "classes": classes, "in_dim": train.in_dim}
+            settings, problem = _feature_settings([*train.paths, *val.paths])
+            if settings is not None:
+                meta["features"] = settings  # so `wsilocal predict` makes the same features from slide files
+            elif problem:
+                self.warnings.append(problem)
+                log.warning("%s", problem)
             write_text_atomic(self.run_dir / "model.json", json.dumps(meta, indent=1))
             for slide_id, reason in skipped.items():
                 self.warnings.append(f"skipped {slide_id}: {reason}")
@@ -361,6 +370,27 @@ class BaselineTrainer(Trainer):
             "model": model.state_dict(), "signature": signature, "classes": self.classes, "in_dim": self.in_dim,
             "config": asdict(self.config), **(extra or {}),
         }, path)
+
+
+def _feature_settings(paths: list[Path]) -> tuple[dict | None, str | None]:
+    """(the extraction settings all these feature files share, None) — or (None, why there are none to record).
+
+    Files without settings (made by CLAM or by hand) give (None, None): nothing to warn about, but such a run
+    cannot predict from slide files.
+    """
+    found: dict[str, tuple[dict, Path]] = {}
+    for path in paths:
+        settings = extraction_settings(read_attrs(path))
+        if settings is None:
+            return None, None
+        found.setdefault(json.dumps(settings, sort_keys=True), (settings, path))
+    if len(found) == 1:
+        return next(iter(found.values()))[0], None
+    (first, first_path), (second, second_path) = list(found.values())[:2]
+    differing = ", ".join(key for key in first if first[key] != second[key])
+    return None, (f"the feature files were made with different {differing} (e.g. {first_path.name} and "
+                  f"{second_path.name}): the model learns from them all, but `wsilocal predict` cannot reproduce "
+                  "mixed features for this run")
 
 
 def _first_reason(skipped: dict[str, str]) -> str:
