@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,18 @@ def test_window_fills_out_and_checks_its_bounds(slide_path):
         for bad in [(0, 0, out_h + 1, 1), (0, out_w, 1, 1), (-1, 0, 1, 1), (0, 0, 0, 5)]:
             with pytest.raises(ValueError, match="is not inside the"):
                 read_region_at_mpp(slide, 1.3, window=bad)
+
+
+def test_bands_read_by_threads_equal_a_single_thread_read(slide_path, monkeypatch):
+    import wsilocal.slide.reader as reader
+
+    with open_slide(slide_path) as slide:
+        assert reader.read_threads(slide) == min(2, os.cpu_count() or 1)
+        seen = []
+        threaded = read_region_at_mpp(slide, 0.37, (13, 7, 1203, 1011), tile=64,
+                                      progress=lambda done, total: seen.append((done, total)))
+        monkeypatch.setattr(reader, "MAX_READ_THREADS", 1)
+        single = read_region_at_mpp(slide, 0.37, (13, 7, 1203, 1011), tile=64)
+    assert np.array_equal(threaded, single)
+    assert len(seen) > 2 and seen[-1] == (single.shape[0], single.shape[0])  # many bands, all reported
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
