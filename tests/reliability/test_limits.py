@@ -119,6 +119,19 @@ def test_the_pixel_limit_counts_pixels_decoded_not_only_the_image_made(flat_and_
         "above the limit of 500,000 px" in out
 
 
+def test_predict_counts_pixels_decoded_against_the_runs_limit(flat_and_pyramid, trained, tmp_path, capsys):
+    """The same two files through ``predict`` on a run whose max_pixels is 500,000: the flat one is refused
+    before its 2048² px are decoded, the pyramid is predicted."""
+    flat, pyramid = flat_and_pyramid
+    view = run_view(trained.run, tmp_path / "view", config={"max_pixels": 500_000})
+    assert main(["predict", "--run", str(view), str(flat), str(pyramid), "--out", str(tmp_path / "p")]) == 1
+    out = capsys.readouterr().out
+    assert f"skipped flat: {flat}: reading the tissue region at 2.0 µm/px means decoding " in out
+    assert "px of level 0 of 1 (2048x2048 px, 0.25 µm/px), above the limit of 500,000 px" in out
+    predicted = (tmp_path / "p" / "predictions.csv").read_text().splitlines()
+    assert len(predicted) == 2 and predicted[1].startswith("pyramid,")
+
+
 def test_the_pixel_limit_refuses_a_large_tissue_image(cohort, tmp_path, capsys):
     """At 0.125 µm/px (enlarged 2×) each good slide's tissue image is about 1 Mpx: above a 700,000 px limit."""
     assert main(["prepare", str(cohort.good_csv), "--cache", str(tmp_path / "cache"), "--mpp", "0.125",

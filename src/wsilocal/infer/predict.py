@@ -41,9 +41,9 @@ from wsilocal.infer.tiled import footprint, trunk_forward, trunk_geometry
 from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.resnet import LAYER_CHANNELS, ResNet34Trunk
 from wsilocal.runtime import default_memory_budget, process_memory_bytes, trim_heap
-from wsilocal.slide.cache import PrepareSettings
+from wsilocal.slide.cache import PrepareSettings, tissue_read_size
 from wsilocal.slide.cohort import load_cohort
-from wsilocal.slide.reader import open_slide, size_at_mpp
+from wsilocal.slide.reader import open_slide
 from wsilocal.slide.tissue import detect_tissue
 from wsilocal.train.checkpoint import load_checkpoint
 from wsilocal.train.trainer import model_signature, resolve_device
@@ -327,13 +327,12 @@ class Predictor:
         start = time.perf_counter()
         peak = PeakMemory(self.device)
         with peak, open_slide(path, assume_mpp=settings.assume_mpp) as slide:
-            slide_mpp = slide.mpp  # a clear SlideError when the file has no MPP and none is assumed
+            slide.mpp  # noqa: B018 -- a clear SlideError when the file has no MPP and none is assumed
             bbox = detect_tissue(slide, mask_mpp=settings.mask_mpp, margin=settings.margin).bbox
             tissue_done = time.perf_counter()
-            out_w, out_h = size_at_mpp(bbox[2], bbox[3], slide_mpp, settings.mpp)
-            if out_w * out_h > settings.max_pixels:
-                raise SlideError(path, f"tissue region at {settings.mpp} µm/px is {out_w}×{out_h} px, above the "
-                                       f"run's max_pixels ({settings.max_pixels:,})")
+            # The image and the pixels decoded to make it (a flat TIFF decodes its full-resolution box) both
+            # count against the run's max_pixels, before anything is read.
+            out_w, out_h = tissue_read_size(slide, bbox, settings.mpp, settings.max_pixels)
             source = _TimedSource(SlideSource(slide, settings.mpp, bbox, self.mean, self.std))
             with torch.no_grad(), out_of_memory_as_slide_error(
                     path, f"the {out_w}×{out_h} px tissue image; lower --memory-budget-gb so it runs in tiles"):
