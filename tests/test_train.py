@@ -71,7 +71,7 @@ def test_existing_run_needs_resume_and_too_large_slides_are_refused(tiny_cohort,
     train(config, progress=False)
     with pytest.raises(ConfigError, match="already holds a run; use --resume"):
         train(config, progress=False)
-    with pytest.raises(SlideError, match="more than max_train_pixels .* use more modules"):
+    with pytest.raises(SlideError, match="more than max_train_pixels .* use --streaming"):
         train(config_for(tiny_cohort, tmp_path / "big", max_train_pixels=1000), progress=False)
 
 
