@@ -132,3 +132,26 @@ def test_method_streaming_is_end_to_end_training_with_exact_gradients(tiny_cohor
     _assert_same_step(tmp_path / "k1", tmp_path / "streaming", plain.history, streaming.history)
     # The run directory is an ordinary one: evaluate reads it like any other.
     assert evaluate_run(tmp_path / "streaming", "val", progress=False)["n"] > 0
+
+
+def test_recalibrate_bn_keeps_batchnorm_statistics_those_of_the_current_weights(tiny_cohort, tmp_path):
+    """After an epoch with ``recalibrate_bn`` the saved BatchNorm statistics are what calibrating the trained
+    weights gives; without it they are still those of the initial weights (so they differ)."""
+    from wsilocal.models.resnet import calibrate_batchnorm
+    from wsilocal.train.trainer import Trainer, build_model
+
+    runs = {}
+    for recalibrate in (True, False):
+        config = config_for(tiny_cohort, tmp_path / str(recalibrate), k=2, epochs=1, augment=False,
+                            recalibrate_bn=recalibrate)
+        train(config, progress=False)
+        runs[recalibrate] = load_checkpoint(tmp_path / str(recalibrate) / "checkpoint_last.pt")["model"]
+    _, samples, _, _ = Trainer(config, progress=False)._prepare_data(None)  # the same training slides
+    net = build_model(config, 2)
+    net.load_state_dict(runs[True])
+    calibrate_batchnorm(net.trunk, [samples.get(i)[0] for i in range(config.calibration_slides)])
+    statistics = [name for name in runs[True] if name.endswith(("running_mean", "running_var"))]
+    assert statistics
+    for name in statistics:
+        torch.testing.assert_close(net.state_dict()[name], runs[True][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.allclose(runs[False][name], runs[True][name]) for name in statistics)
