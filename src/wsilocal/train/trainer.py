@@ -264,6 +264,7 @@ class Trainer:
         self.ctx = DistContext()
         self.stop_requested = threading.Event()  # set by Ctrl-C (see stop_on_interrupt) or by a caller
         self.training = False  # Ctrl-C saves a checkpoint only once the epochs have started
+        self.stream_budget: int | None = None  # bytes a plain training step may use (see _streams)
 
     # --- set-up (file access on rank 0 only; the results are shared with every rank) -------------
     def _open_run_dir(self) -> dict | None:
@@ -581,9 +582,10 @@ class Trainer:
         config = self.config
         if config.method == "streaming" or config.streaming:
             return True
-        budget = (int(config.memory_budget_gb * 2**30) if config.memory_budget_gb is not None
-                  else default_memory_budget(self.device))
-        return should_stream(net, *image.shape[-2:], budget)
+        if self.stream_budget is None:  # measured once per run, so the choice depends on the slide alone
+            self.stream_budget = (int(config.memory_budget_gb * 2**30) if config.memory_budget_gb is not None
+                                  else default_memory_budget(self.device))
+        return should_stream(net, *image.shape[-2:], self.stream_budget)
 
     def _stream_store(self) -> str:
         """Where streamed x_i wait: host memory next to a GPU; a memory-mapped file on CPU (RAM is the budget)."""
