@@ -6,6 +6,8 @@ traceback. Library callers can catch the specific subclasses.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -50,3 +52,15 @@ class TrainingInterrupted(Exception):
 
     Not a :class:`WsilocalError`: nothing went wrong. The CLI prints the message and exits with 130.
     """
+
+
+@contextmanager
+def out_of_memory_as_slide_error(path: str | Path, what: str) -> Iterator[None]:
+    """Turn running out of memory inside the block into a one-line :class:`SlideError`: ``PATH: out of memory on
+    WHAT`` (``what``: what was being computed, and any advice). Other errors pass through unchanged."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:
+        if "memory" not in str(exc).lower():
+            raise
+        raise SlideError(path, f"out of memory on {what}") from None

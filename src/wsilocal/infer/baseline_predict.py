@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from wsilocal.config import load_config
-from wsilocal.errors import WsilocalError
+from wsilocal.errors import WsilocalError, out_of_memory_as_slide_error
 from wsilocal.features.extract import (
     FORMAT_VERSION,
     FeatureExtractor,
@@ -41,7 +41,7 @@ from wsilocal.features.extract import (
 from wsilocal.features.h5 import read_attrs
 from wsilocal.features.tiles import tile_size_level0
 from wsilocal.infer.heatmap import save_heatmap, tile_attention_map
-from wsilocal.infer.predict import PeakMemory, Prediction, check_run_options, out_of_memory_as_slide_error
+from wsilocal.infer.predict import PeakMemory, Prediction, check_run_options
 from wsilocal.models.mil import MIL_MODELS, MILModel
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import Slide, open_slide

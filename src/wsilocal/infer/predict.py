@@ -23,8 +23,7 @@ import gc
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -34,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from wsilocal.config import load_config
-from wsilocal.errors import CheckpointError, ConfigError, SlideError, WsilocalError
+from wsilocal.errors import CheckpointError, ConfigError, WsilocalError, out_of_memory_as_slide_error
 from wsilocal.infer.heatmap import save_heatmap
 from wsilocal.infer.source import SlideSource
 from wsilocal.infer.tiled import footprint, trunk_forward, trunk_geometry
@@ -169,18 +168,6 @@ class PeakMemory:
             self.bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
         else:
             self.bytes = max(0, process_memory_bytes("VmHWM") - self._start)
-
-
-@contextmanager
-def out_of_memory_as_slide_error(path: Path, what: str) -> Iterator[None]:
-    """Turn running out of memory inside the block into a one-line :class:`SlideError`: ``PATH: out of memory on
-    WHAT`` (``what``: what was being computed, and any advice). Other errors pass through unchanged."""
-    try:
-        yield
-    except (RuntimeError, MemoryError) as exc:
-        if "memory" not in str(exc).lower():
-            raise
-        raise SlideError(path, f"out of memory on {what}") from None
 
 
 def check_run_options(run_dir: str | Path, checkpoint: str, assume_mpp: float | None) -> tuple[Path, dict]:

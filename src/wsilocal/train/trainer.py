@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from wsilocal.atomic import write_text_atomic
 from wsilocal.config import TrainConfig, save_config
-from wsilocal.errors import ConfigError, SlideError, TrainingInterrupted, WsilocalError
+from wsilocal.errors import ConfigError, SlideError, TrainingInterrupted, WsilocalError, out_of_memory_as_slide_error
 from wsilocal.models.local_net import LocalNet
 from wsilocal.models.resnet import calibrate_batchnorm, load_resnet34_weights
 from wsilocal.models.split import BlockBoundaries, block_boundaries
@@ -528,11 +528,10 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             if first + per_step < len(order) and self._stop_agreed():
                 bar.close()
-                gathered = sorted(r for part in ctx.gather_objects(records) for r in part)
-                raise _MidEpochStop(first + per_step, gathered, time.perf_counter() - start)
+                raise _MidEpochStop(first + per_step, self._all_records(records), time.perf_counter() - start)
         bar.close()
         ctx.average_running_statistics(net)
-        records = sorted((r for part in ctx.gather_objects(records) for r in part), key=lambda r: r[0])
+        records = self._all_records(records)
         row = {
             "phase": phase_no, "epoch": epoch, "modules": [phase.start, phase.stop],
             "train_loss": float(np.mean([r[1] for r in records])),
@@ -543,6 +542,10 @@ class Trainer:
         if records and records[0][3]:
             row["train_rfr_loss"] = [float(v) for v in np.mean(np.array([r[3] for r in records]), axis=0)]
         return row
+
+    def _all_records(self, records: list[tuple]) -> list[tuple]:
+        """Every rank's records of the epoch so far (this rank's are ``records``), in order of position."""
+        return sorted((r for part in self.ctx.gather_objects(records) for r in part), key=lambda r: r[0])
 
     def _train_slide(self, net: LocalNet, train: CachedSlides, index: int, phase: range, stream: int,
                      class_weight, loss_scale: float, on_module_backward) -> tuple[StepResult, int, bool]:
@@ -555,7 +558,11 @@ class Trainer:
         # Dropout draws from a stream of this slide alone, so it does not matter which rank runs the slide.
         torch.manual_seed(sample_generator(config.seed + 2, stream, index).initial_seed())
         common = {"class_weight": class_weight, "loss_scale": loss_scale, "on_module_backward": on_module_backward}
-        try:
+        with out_of_memory_as_slide_error(
+                train.entries[index].source,
+                f"slide {slide_id} ({image.shape[-1]}×{image.shape[-2]} px); use --streaming or a smaller "
+                "--memory-budget-gb, more modules (--k 8), a coarser --mpp, or a smaller --max-train-pixels to "
+                "refuse such slides up front"):
             if config.method == "streaming":
                 result = streaming_end_to_end_step(net, TensorSource(image), label, tile=config.stream_tile, **common)
             elif streamed:
@@ -567,13 +574,6 @@ class Trainer:
                 result = local_training_step(
                     net, image.to(self.device), label, active=phase, alpha=config.alpha,
                     generator=sample_generator(config.seed + 1, stream, index), **common)
-        except (RuntimeError, MemoryError) as exc:
-            if "memory" not in str(exc).lower():
-                raise
-            raise SlideError(train.entries[index].source,
-                             f"out of memory on slide {slide_id} ({image.shape[-1]}×{image.shape[-2]} px); "
-                             "use --streaming or a smaller --memory-budget-gb, more modules (--k 8), a coarser "
-                             "--mpp, or a smaller --max-train-pixels to refuse such slides up front") from None
         return result, label, streamed
 
     def _streams(self, net: LocalNet, image: torch.Tensor) -> bool:
