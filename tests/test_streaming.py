@@ -318,3 +318,19 @@ def test_bench_streaming_records_and_report():
     assert "| 256×256 | streaming_local | 4 | 64 | 0 | 0 | — | — | 16.0 | — | 4.0 / 2.00 | 400.0 % | 4.00× |" in report
     assert "- 256×256, K=4: memory ×2.00 for area ×4.0 (×2.00 per 4× area): NOT met" in report
     assert "- 128×128, K=4: step time 2.00× the plain step: NOT met" in report
+
+
+def test_bench_streaming_only_sizes_take_the_memory_runs_step_time():
+    """Where only streaming runs there are no timing rounds: the memory run's one step is the step time, marked."""
+    hw = (256, 256)
+    config = step_config(VARIANTS["streaming"], 4, hw, rfr=False, tile=64)
+    measured = {config: {"saved_bytes": 4000, "peak_rss_bytes": 400, "per_module_saved_bytes": [1000] * 4,
+                         "tiles": [64] * 4, "first_step_seconds": 7.5}}
+    plan = [(VARIANTS["streaming"], 4, hw, config)]
+    untimed, = _records(plan, measured, {})
+    assert (untimed["step_seconds"], untimed["step_timing"]) == (None, None)
+    record, = _records(plan, measured, {}, first_step_sizes=[hw])
+    assert (record["step_seconds"], record["step_timing"]) == (7.5, "first step")
+    report = format_streaming([record])
+    assert "| 256×256 | streaming_local | 4 | 64 |" in report and "| 7.5¹ |" in report
+    assert "¹ one step, timed in the memory run" in report
