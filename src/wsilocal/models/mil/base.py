@@ -17,6 +17,7 @@ Trainer contract
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -48,7 +49,7 @@ class MILOutput:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class MILModel(nn.Module):
+class MILModel(nn.Module, metaclass=abc.ABCMeta):
     """Base class of the MIL baselines. Subclasses implement ``bag_forward`` and, if needed, ``loss``."""
 
     name: ClassVar[str]
@@ -84,9 +85,9 @@ class MILModel(nn.Module):
                              f"got {tuple(features.shape)}")
         return self.bag_forward(features)
 
+    @abc.abstractmethod
     def bag_forward(self, features: torch.Tensor) -> MILOutput:
-        """The model itself, on a checked bag: every family in ``MIL_MODELS`` overrides this."""
-        raise NotImplementedError(f"{type(self).__name__} must define bag_forward")
+        """The model itself, on a checked bag: every family in ``MIL_MODELS`` defines it."""
 
     def bag_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of bag-level ``logits`` (1, n_classes) against ``label``, times the label's class weight.
