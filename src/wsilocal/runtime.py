@@ -5,12 +5,17 @@ buffers above a threshold with ``mmap`` and hands them back to the OS on ``free`
 faults to get zeroed memory again — on our 2-core machines that made an RFR step 7× and end-to-end steps
 up to 10× slower. Keeping freed memory in the heap (no mmap for large blocks, no trimming) removes that
 cost; the process's peak memory is unchanged, it is only not returned to the OS between steps.
+
+One exception: a streaming step (:mod:`wsilocal.train.streaming`) computes windows of several shapes one after
+another, and the kept heap fragments — its resident memory grew with the slide although its live tensors did
+not. It calls :func:`trim_heap` after every window.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import resource
 import sys
 from pathlib import Path
@@ -24,17 +29,24 @@ _M_MMAP_MAX = -4
 _tuned = False
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library (once: ``find_library`` runs a subprocess), or None where there is none to load."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def tune_cpu_allocator() -> bool:
     """Ask glibc to keep freed memory for reuse; returns whether it applied (glibc Linux only)."""
     global _tuned
     if _tuned:
         return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl or another libc without mallopt
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:  # not Linux, or musl or another libc without mallopt
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     _tuned = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
@@ -56,10 +68,9 @@ def process_memory_bytes(field: str) -> int:
 
 def trim_heap() -> None:
     """Return freed heap memory to the OS (glibc only; :func:`tune_cpu_allocator` otherwise keeps it)."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 CPU_BUDGET_SHARE = 0.5  # of the RAM available now (the rest: OS, slide reader, other jobs)

@@ -52,6 +52,7 @@ from wsilocal.models.heads import AuxiliaryClassifier, FinalClassifier, slide_cr
 from wsilocal.models.local_net import AuxiliaryModel, LocalNet, auxiliary_cost
 from wsilocal.models.rfr import PatchBox, sample_patch_boxes
 from wsilocal.models.split import block_boundaries, module_saved_bytes
+from wsilocal.runtime import trim_heap
 from wsilocal.train.activation_store import ActivationStore, Where
 from wsilocal.train.local_step import StepResult
 
@@ -178,6 +179,8 @@ class StreamedModule:
                     _region(out, row[0], col[0]).copy_(kept)
                 if conv is not None and conv_out is not None:
                     _region(conv_out, row[1], col[1]).copy_(_kept(conv(x), row[1], col[1]))
+                del x, kept
+                trim_heap()
 
     def backward(self, windows: list[tuple[AxisPair, AxisPair]], gradients: Gradients) -> None:
         """For each window: recompute its x_i with a graph, and back-propagate the ``(tensor, gradient)``
@@ -186,6 +189,8 @@ class StreamedModule:
             pairs = [(t, g) for t, g in gradients(self.run(row, col), row, col) if t.requires_grad]
             if pairs:  # a frozen stage (the stem alone) with no auxiliary conv has nothing to learn
                 torch.autograd.backward(*zip(*pairs, strict=True))
+            del pairs
+            trim_heap()
 
 
 def _patch_gradient(boxes: list[PatchBox], gradients: torch.Tensor, rows: AxisWindow,
