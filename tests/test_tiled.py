@@ -22,16 +22,19 @@ from torch import nn
 
 from wsilocal.infer.source import ArraySource, SlideSource
 from wsilocal.infer.tiled import (
+    MIN_TILE,
     TilePlan,
     block_geometry,
     footprint,
     forward_bytes_estimate,
     output_length,
     plan_axis,
+    tile_for_budget,
     tiled_forward,
     tiled_trunk_forward,
     trunk_forward,
     trunk_geometry,
+    window_forward_bytes,
 )
 from wsilocal.models.resnet import BasicBlock, ResNet34Trunk
 from wsilocal.slide.reader import open_slide, read_region_at_mpp
@@ -244,6 +247,54 @@ def test_trunk_forward_picks_whole_or_tiled_by_budget(trunk_with):
     assert torch.equal(unlimited, fits) and not unlimited.requires_grad
     assert relative_error(tiled, unlimited) <= FLOAT32_RELATIVE
     assert trunk.training and trunk.layer1[0].conv1.training
+
+
+def test_window_forward_bytes_is_the_largest_window_plus_the_output_map(trunk_with):
+    trunk = trunk_with(3, True)
+    geometry = trunk_geometry(trunk)
+    stride, first, last = footprint(geometry)
+    span = (2048 // stride - 1) * stride + last - first + 1  # a window with a full halo on both sides
+    for width, window_width in ((8000, span), (500, 500)):  # an axis shorter than a window is read whole
+        out_map = 4 * 512 * output_length(10000, geometry) * output_length(width, geometry)
+        assert window_forward_bytes(trunk, 10000, width, 2048) == \
+            forward_bytes_estimate(trunk, span, window_width) + out_map
+
+
+def test_tile_for_budget_is_the_largest_tile_that_fits(trunk_with):
+    trunk = trunk_with(3, True)
+    stride = footprint(trunk_geometry(trunk))[0]
+    height, width = 30000, 20000
+    for budget_gib in (1.5, 4, 12):
+        budget = int(budget_gib * 2**30)
+        tile = tile_for_budget(trunk, height, width, budget)
+        assert tile % stride == 0 and tile >= MIN_TILE
+        assert window_forward_bytes(trunk, height, width, tile) <= budget < \
+            window_forward_bytes(trunk, height, width, tile + stride)
+    # Larger budgets, larger tiles; a budget below the smallest window still gets the smallest tile.
+    assert tile_for_budget(trunk, height, width, 2**28) == MIN_TILE
+    tiles = [tile_for_budget(trunk, height, width, gib * 2**30) for gib in (4, 12)]
+    assert MIN_TILE < tiles[0] < tiles[1]
+
+
+def test_trunk_forward_tiles_with_the_budgets_tile(trunk_with, monkeypatch):
+    """With no tile given, the tiled mode uses :func:`tile_for_budget`'s (and the map stays exact)."""
+    import wsilocal.infer.tiled as tiled
+
+    trunk = trunk_with(3, True, torch.float32)
+    source = ArraySource(random_image(60, 3100, seed=7), MEAN, STD)
+    budget = forward_bytes_estimate(trunk, 60, 3100) - 1
+    used, real = [], tiled.tiled_trunk_forward
+
+    def spy(trunk, source, *, tile, progress):
+        used.append(tile)
+        return real(trunk, source, tile=tile, progress=progress)
+
+    monkeypatch.setattr(tiled, "tiled_trunk_forward", spy)
+    auto, mode = trunk_forward(trunk, source, memory_budget=budget)
+    assert mode == "tiled" and used == [tile_for_budget(trunk, 60, 3100, budget)] and MIN_TILE < used[0] < 3100
+    assert relative_error(auto, trunk_forward(trunk, source)[0]) <= FLOAT32_RELATIVE
+    trunk_forward(trunk, source, memory_budget=budget, tile=999)
+    assert used[-1] == 999
 
 
 # --- streaming from a slide file ---------------------------------------------------------------

@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget-gb", type=float,
                    help="GiB a whole-slide forward may use; larger slides run in exact tiles "
                         "(default: half the available RAM / 80%% of free GPU memory)")
-    p.add_argument("--tile", type=int, help="tile edge in px at the run's MPP, tiled mode (default 1536)")
+    p.add_argument("--tile", type=int, help="tile edge in px at the run's MPP, tiled mode (default: the largest "
+                        "whose windows fit the memory budget, at least 1536)")
     p.add_argument("--assume-mpp", type=float, help="µm/px of slides without resolution metadata")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--bf16", action="store_true",

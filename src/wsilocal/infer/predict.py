@@ -246,7 +246,7 @@ class Predictor:
 
     def __init__(self, trunk: ResNet34Trunk, head: FinalClassifier, classes: Sequence[str], mean: Sequence[float],
                  std: Sequence[float], settings: PrepareSettings, *, device: torch.device,
-                 memory_budget: int | None = None, tile: int = 1536, dtype: torch.dtype = torch.float32):
+                 memory_budget: int | None = None, tile: int | None = None, dtype: torch.dtype = torch.float32):
         if dtype not in DTYPES:
             raise ConfigError(f"inference dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype}")
         self.device = device
@@ -262,7 +262,7 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str = "best", *, device: str = "auto",
-                 memory_budget: int | None = None, tile: int = 1536, assume_mpp: float | None = None,
+                 memory_budget: int | None = None, tile: int | None = None, assume_mpp: float | None = None,
                  dtype: torch.dtype = torch.float32) -> Predictor:
         """Load a run directory's trunk and classifier H (``checkpoint_best.pt``, else ``_last``).
 
@@ -272,7 +272,8 @@ class Predictor:
             device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...
             memory_budget: bytes a whole-image forward may take; larger slides run tiled. Default: half the
                 available RAM, or 80 % of the free GPU memory.
-            tile: edge of the tiles in tiled mode, in pixels at the run's MPP.
+            tile: edge of the tiles in tiled mode, in pixels at the run's MPP. Default: the largest whose windows
+                fit the memory budget, at least 1536 (:func:`~wsilocal.infer.tiled.tile_for_budget`).
             assume_mpp: µm/px for slides without resolution metadata (default: the run's ``assume_mpp``).
             dtype: precision of the trunk, ``torch.float32`` or ``torch.bfloat16`` (see :func:`bfloat16_is_native`).
         """
@@ -282,7 +283,7 @@ class Predictor:
                                 "BaselinePredictor.from_run()")
         if memory_budget is not None and memory_budget <= 0:
             raise ConfigError(f"memory budget must be positive, got {memory_budget} bytes")
-        if tile < 1:
+        if tile is not None and tile < 1:
             raise ConfigError(f"tile must be a positive number of pixels, got {tile}")
         config = load_config(run_dir / "config.yaml")
         try:
