@@ -12,7 +12,7 @@ from wsilocal.errors import ConfigError, SlideError
 from wsilocal.slide.synth import synthesize_cohort
 from wsilocal.train.checkpoint import load_checkpoint
 from wsilocal.train.evaluate import evaluate_run
-from wsilocal.train.trainer import train
+from wsilocal.train.trainer import balanced_class_weights, train
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +154,11 @@ def test_recalibrate_bn_keeps_batchnorm_statistics_those_of_the_current_weights(
     for name in statistics:
         torch.testing.assert_close(net.state_dict()[name], runs[True][name], rtol=1e-5, atol=1e-6, msg=name)
     assert any(not torch.allclose(runs[False][name], runs[True][name]) for name in statistics)
+
+
+def test_balanced_class_weights_make_every_class_weigh_the_same():
+    weights = balanced_class_weights([0, 0, 0, 1], 2, torch.device("cpu"))
+    assert torch.allclose(weights, torch.tensor([4 / 6, 2.0]))
+    assert float((weights * torch.tensor([3.0, 1.0])).std()) == 0  # class total weights are equal
+    # A class without slides gets the weight of a one-slide class instead of dividing by zero.
+    assert torch.allclose(balanced_class_weights([0, 0], 3, torch.device("cpu")), torch.tensor([1 / 3, 2 / 3, 2 / 3]))

@@ -63,7 +63,7 @@ from wsilocal.train.metrics import classification_metrics, plot_roc_curves
 from wsilocal.train.trainer import (
     Trainer,
     TrainResult,
-    _class_weight,
+    balanced_class_weights,
     resolve_device,
     setup_logging,
 )
@@ -272,7 +272,7 @@ class BaselineTrainer(Trainer):
         log.info("train %d slides, validation %d slides, classes %s", len(train), len(val), classes)
 
         stages = list(model.training_stages)
-        class_weight = _class_weight(train.labels, len(classes), self.device) if config.class_weights else None
+        class_weight = balanced_class_weights(train.labels, len(classes), self.device) if config.class_weights else None
         history: list[dict] = state["history"] if state else []
         stage_index = state["stage"] if state else 0
         start_epoch = state["next_epoch"] if state else 0

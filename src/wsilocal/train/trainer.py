@@ -172,7 +172,9 @@ def _phase_parameters(net: LocalNet, phase: range, config: TrainConfig) -> list[
     return groups
 
 
-def _class_weight(labels: list[int], n_classes: int, device: torch.device) -> torch.Tensor:
+def balanced_class_weights(labels: list[int], n_classes: int, device: torch.device) -> torch.Tensor:
+    """Per-class loss weights ``n / (n_classes · count)``: every class weighs as much as the others in total
+    (``--class-weights``). A class without slides gets the weight of a class with one."""
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     weight = counts.sum() / (n_classes * np.maximum(counts, 1))
     return torch.tensor(weight, dtype=torch.float32, device=device)
@@ -357,7 +359,7 @@ class Trainer:
                           balance_for_hw=(largest.height, largest.width)).to(self.device)
         k = len(net.stages)
         phases = _phases(config, k)
-        class_weight = _class_weight(train.labels, len(classes), self.device) if config.class_weights else None
+        class_weight = balanced_class_weights(train.labels, len(classes), self.device) if config.class_weights else None
 
         state = None
         if self.resume:
