@@ -31,15 +31,17 @@ from wsilocal.models.local_net import LocalNet, auxiliary_cost
 from wsilocal.models.split import module_saved_bytes
 from wsilocal.train import streaming
 from wsilocal.train.activation_store import ActivationStore
-from wsilocal.train.local_step import local_training_step
+from wsilocal.train.local_step import forward_all_classifiers, local_training_step
 from wsilocal.train.streaming import (
     StreamedModule,
     TensorSource,
     should_stream,
     step_memory_estimate,
     streaming_end_to_end_step,
+    streaming_forward_all_classifiers,
     streaming_local_step,
 )
+from wsilocal.train.trainer import evaluate_samples
 
 MEAN, STD = [0.7, 0.55, 0.7], [0.2, 0.25, 0.2]
 N_CLASSES, LABEL = 3, 2
@@ -167,6 +169,48 @@ def test_early_modules_stream_over_a_2d_grid_of_windows():
     assert starts[0] == 0 and stops[-1] == module.out_hw[0] and starts[1:] == stops[:-1]
     pad = streaming.aux_conv_padding(module.out_hw[0], 9)
     assert all((start + pad) % 9 == 0 for start in starts[1:])
+
+
+@pytest.mark.parametrize(("split", "upto", "hw", "tile"), [(4, None, SQUARE, 64), (4, 2, SQUARE, 64),
+                                                           (1, None, THIN, 480), (2, None, THIN, 480)])
+def test_streamed_evaluation_gives_every_classifiers_logits(split, upto, hw, tile, tmp_path):
+    """Evaluating a slide too large to run whole: the same logits as forward_all_classifiers, window by window."""
+    net, source = make_net(split).eval(), make_source(*hw)
+    with torch.no_grad():
+        reference = forward_all_classifiers(net, whole(source), upto=upto)
+    streamed = streaming_forward_all_classifiers(net, source, upto=upto, tile=tile, store="disk", store_dir=tmp_path)
+    assert len(streamed) == len(reference) == (upto or split)
+    for got, expected in zip(streamed, reference, strict=True):
+        assert not got.requires_grad
+        assert torch.allclose(got, expected, rtol=FLOAT64_RTOL, atol=FLOAT64_RTOL * float(expected.abs().max()))
+    assert list(tmp_path.iterdir()) == []  # the stores' files are gone
+
+
+class _Samples:
+    """The part of CachedSlides that evaluate_samples uses."""
+
+    def __init__(self, sources: list[ArraySource], labels: list[int]):
+        self.sources, self.labels = sources, labels
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def get(self, index: int):
+        return whole(self.sources[index], torch.float32), self.labels[index], f"slide{index}"
+
+
+def test_evaluate_samples_streams_slides_over_the_memory_budget():
+    net = make_net(4, dtype=torch.float32)
+    samples = _Samples([make_source(*SQUARE), make_source(150, 200)], [LABEL, 0])
+    plain = evaluate_samples(net, samples, torch.device("cpu"))
+    # A budget between the two slides' whole-forward estimates: only the larger one streams.
+    budget = tiled.forward_bytes_estimate(net.trunk, 150, 200)
+    mixed = evaluate_samples(net, samples, torch.device("cpu"), memory_budget=budget, stream_tile=64)
+    assert (plain["streamed_slides"], mixed["streamed_slides"]) == (0, 1)
+    assert np.allclose(mixed["probabilities"], plain["probabilities"], atol=1e-5)
+    for got, expected in zip(mixed["aux_probabilities"], plain["aux_probabilities"], strict=True):
+        assert np.allclose(got, expected, atol=1e-5)
+    assert mixed["loss"] == pytest.approx(plain["loss"], abs=1e-5)
 
 
 def test_greedy_phase_streams_frozen_modules_forward_only():

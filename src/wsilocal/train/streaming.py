@@ -230,9 +230,7 @@ def _train_final_module(module: StreamedModule, head: FinalClassifier, target: t
                         class_weight: torch.Tensor | None, loss_scale: float) -> tuple[float, torch.Tensor]:
     """Forward to the final map, H's loss and backward (H's gradients, the map's gradient), then push the
     map's gradient through the stage window by window. Returns (loss, detached logits)."""
-    windows = module.windows()
-    x = torch.empty(1, module.stage[-1].out_channels, *module.out_hw, **module.placement)
-    module.forward(windows, x)
+    windows, x = _final_map(module)
     x.requires_grad_()
     loss, logits = _final_loss(head, x, target, class_weight)
     (loss * loss_scale).backward()
@@ -242,14 +240,10 @@ def _train_final_module(module: StreamedModule, head: FinalClassifier, target: t
     return float(loss.detach()), logits.detach()
 
 
-def _train_auxiliary_module(module: StreamedModule, aux: AuxiliaryModel, store: ActivationStore,
-                            target: torch.Tensor, *, alpha: float, class_weight: torch.Tensor | None,
-                            loss_scale: float, generator: torch.Generator | None) -> tuple[float, float, torch.Tensor]:
-    """Module i with its auxiliary model G_i, streamed; x_i ends up in ``store``.
-
-    Returns (classification loss, RFR loss, detached logits), as :func:`local_training_step` records them.
-    """
-    classifier = aux.classifier
+def _forward_with_auxiliary_conv(module: StreamedModule, classifier: AuxiliaryClassifier, store: ActivationStore
+                                 ) -> tuple[list[tuple[AxisPair, AxisPair]], Tail, torch.Tensor]:
+    """Module i's forward without a graph, x_i into ``store`` and the auxiliary classifier's first convolution
+    applied window by window. Returns the windows, that convolution and its whole output map."""
     kernel = classifier.kernel
     pads = [aux_conv_padding(size, kernel) for size in module.out_hw]
 
@@ -260,6 +254,26 @@ def _train_auxiliary_module(module: StreamedModule, aux: AuxiliaryModel, store: 
     conv_hw = [output_length(size, [(kernel, kernel, pad)]) for size, pad in zip(module.out_hw, pads, strict=True)]
     conv_out = torch.empty(1, classifier.conv.out_channels, *conv_hw, **module.placement)
     module.forward(windows, store, conv, conv_out)
+    return windows, conv, conv_out
+
+
+def _final_map(module: StreamedModule) -> tuple[list[tuple[AxisPair, AxisPair]], torch.Tensor]:
+    """The last module's windows and its whole output map (the trunk's final map), computed without a graph."""
+    windows = module.windows()
+    x = torch.empty(1, module.stage[-1].out_channels, *module.out_hw, **module.placement)
+    module.forward(windows, x)
+    return windows, x
+
+
+def _train_auxiliary_module(module: StreamedModule, aux: AuxiliaryModel, store: ActivationStore,
+                            target: torch.Tensor, *, alpha: float, class_weight: torch.Tensor | None,
+                            loss_scale: float, generator: torch.Generator | None) -> tuple[float, float, torch.Tensor]:
+    """Module i with its auxiliary model G_i, streamed; x_i ends up in ``store``.
+
+    Returns (classification loss, RFR loss, detached logits), as :func:`local_training_step` records them.
+    """
+    classifier = aux.classifier
+    windows, conv, conv_out = _forward_with_auxiliary_conv(module, classifier, store)
 
     conv_out.requires_grad_()
     logits = _aux_logits(classifier, conv_out)
@@ -379,6 +393,43 @@ def streaming_local_step(
         for s in stores:
             s.close()
     return result
+
+
+def streaming_forward_all_classifiers(net: LocalNet, source: ImageSource, *, upto: int | None = None,
+                                      tile: int = DEFAULT_TILE, store: Where = "memory",
+                                      store_dir: str | Path | None = None) -> list[torch.Tensor]:
+    """:func:`~wsilocal.train.local_step.forward_all_classifiers`, streamed: the same logits (every auxiliary
+    classifier's and H's; ``upto`` stops after that many modules) with memory bounded by one window, for
+    evaluating slides too large to run whole. Runs without a graph; put ``net`` in eval mode first."""
+    k = len(net.stages)
+    upto = k if upto is None else upto
+    outputs: list[torch.Tensor] = []
+    current: ImageSource = source
+    stores: list[ActivationStore] = []
+    try:
+        with torch.no_grad():
+            for i in range(upto):
+                module = StreamedModule(net.stages[i], current, max(1, tile // net.specs[i].in_stride))
+                if i == k - 1:
+                    outputs.append(net.head(_final_map(module)[1])[0])
+                    break
+                stores.append(ActivationStore.create((net.specs[i].c_out, *module.out_hw), module.placement["dtype"],
+                                                     where=store, dir=store_dir))
+                conv_out = _forward_with_auxiliary_conv(module, net.aux[i].classifier, stores[-1])[2]
+                outputs.append(_aux_logits(net.aux[i].classifier, conv_out))
+                if len(stores) > 1:  # x_{i-1} has served module i
+                    stores.pop(0).close()
+                current = stores[-1]
+    finally:
+        for s in stores:
+            s.close()
+    return outputs
+
+
+def default_store(device: torch.device) -> Where:
+    """Where streamed x_i wait by default: host memory next to a GPU; a memory-mapped file on CPU, where RAM is
+    the very memory streaming saves."""
+    return "memory" if device.type == "cuda" else "disk"
 
 
 # --- when to stream ------------------------------------------------------------------------------

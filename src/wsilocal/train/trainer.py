@@ -54,18 +54,28 @@ from tqdm import tqdm
 from wsilocal.atomic import write_text_atomic
 from wsilocal.config import TrainConfig, save_config
 from wsilocal.errors import ConfigError, SlideError, TrainingInterrupted, WsilocalError, out_of_memory_as_slide_error
+from wsilocal.infer.tiled import forward_bytes_estimate
 from wsilocal.models.local_net import LocalNet
 from wsilocal.models.resnet import calibrate_batchnorm, load_resnet34_weights
 from wsilocal.models.split import BlockBoundaries, block_boundaries
 from wsilocal.runtime import default_memory_budget, tune_cpu_allocator
 from wsilocal.slide.cache import PrepareResult, PrepareSettings, channel_stats, format_summary, prepare_cohort
 from wsilocal.slide.cohort import Cohort, load_cohort
+from wsilocal.train.activation_store import Where
 from wsilocal.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from wsilocal.train.data import Augmentation, CachedSlides, sample_generator
 from wsilocal.train.distributed import DistContext, GradientAllReduce, distributed_session
 from wsilocal.train.local_step import StepResult, forward_all_classifiers, local_training_step
 from wsilocal.train.metrics import classification_metrics, plot_learning_curves
-from wsilocal.train.streaming import TensorSource, should_stream, streaming_end_to_end_step, streaming_local_step
+from wsilocal.train.streaming import (
+    DEFAULT_TILE,
+    TensorSource,
+    default_store,
+    should_stream,
+    streaming_end_to_end_step,
+    streaming_forward_all_classifiers,
+    streaming_local_step,
+)
 
 log = logging.getLogger("wsilocal")
 
@@ -194,30 +204,42 @@ def check_trainable_size(image: torch.Tensor, slide_id: str, source: str, config
 
 @torch.no_grad()
 def evaluate_samples(net: LocalNet, samples: CachedSlides, device: torch.device, upto: int | None = None,
-                     progress: bool = False, desc: str = "validate", ctx: DistContext | None = None) -> dict:
+                     progress: bool = False, desc: str = "validate", ctx: DistContext | None = None, *,
+                     memory_budget: int | None = None, stream_tile: int = DEFAULT_TILE,
+                     stream_store: Where | None = None) -> dict:
     """Probabilities of the final classifier (or of module ``upto``'s) and of each auxiliary classifier.
 
-    With a distributed ``ctx`` each rank evaluates its share of the slides and every rank returns the
-    gathered results in sample order: each slide counted once, as in one process.
+    A slide whose whole-image forward would exceed ``memory_budget`` bytes (None: never) is evaluated streamed
+    (:func:`~wsilocal.train.streaming.streaming_forward_all_classifiers`, windows of ``stream_tile`` px, x_i in
+    ``stream_store``): the same probabilities, memory bounded by a window. With a distributed ``ctx`` each rank
+    evaluates its share of the slides and every rank returns the gathered results in sample order: each slide
+    counted once, as in one process.
     """
     ctx = ctx or DistContext(device=device)
     net.eval()
-    records = []  # (sample index, loss, final probabilities, auxiliary probabilities, slide id)
+    records = []  # (sample index, loss, final probabilities, auxiliary probabilities, slide id, streamed)
     for index in tqdm(ctx.shard(range(len(samples))), desc=desc, unit="slide", leave=False, disable=not progress):
         image, label, slide_id = samples.get(index)
-        outputs = forward_all_classifiers(net, image.to(device), upto=upto)
+        streamed = memory_budget is not None and \
+            forward_bytes_estimate(net.trunk, *image.shape[-2:]) > memory_budget
+        if streamed:
+            outputs = streaming_forward_all_classifiers(net, TensorSource(image), upto=upto, tile=stream_tile,
+                                                        store=stream_store or default_store(device))
+        else:
+            outputs = forward_all_classifiers(net, image.to(device), upto=upto)
         logits = outputs[-1]
         records.append((index, float(F.cross_entropy(logits, torch.tensor([label], device=device))),
                         torch.softmax(logits, 1)[0].cpu().numpy(),
-                        [torch.softmax(o, 1)[0].cpu().numpy() for o in outputs[:-1]], slide_id))
+                        [torch.softmax(o, 1)[0].cpu().numpy() for o in outputs[:-1]], slide_id, streamed))
     records = sorted((r for part in ctx.gather_objects(records) for r in part), key=lambda r: r[0])
-    _, losses, final_probs, aux_probs, ids = zip(*records, strict=True) if records else ([], [], [], [], [])
+    _, losses, final_probs, aux_probs, ids, streamed = zip(*records, strict=True) if records else ([],) * 6
     return {
         "probabilities": np.array(final_probs),
         "aux_probabilities": list(aux_probs),
         "labels": np.array(samples.labels),
         "loss": float(np.mean(losses)) if losses else math.nan,
         "slide_ids": list(ids),
+        "streamed_slides": int(sum(streamed)),
     }
 
 
@@ -418,7 +440,8 @@ class Trainer:
                     ctx.broadcast_module(net)
                 is_last_module = phase.stop == k
                 evaluation = evaluate_samples(net, val, self.device, upto=phase.stop, progress=self.progress,
-                                              ctx=ctx)
+                                              ctx=ctx, memory_budget=self._memory_budget(),
+                                              stream_tile=config.stream_tile, stream_store=self._stream_store())
                 val_metrics = classification_metrics(evaluation["probabilities"], evaluation["labels"], classes)
                 row.update(self._val_row(evaluation, val_metrics, classes))
                 scheduler.step(evaluation["loss"])
@@ -584,21 +607,28 @@ class Trainer:
         config = self.config
         if config.method == "streaming" or config.streaming:
             return True
-        if self.stream_budget is None:  # measured once per run, so the choice depends on the slide alone
+        return should_stream(net, *image.shape[-2:], self._memory_budget())
+
+    def _memory_budget(self) -> int:
+        """Bytes a slide's step (or evaluation) may take: ``--memory-budget-gb``, or by default a share of the
+        memory available when first asked — measured once per run, so the choice depends on the slide alone."""
+        if self.stream_budget is None:
+            config = self.config
             self.stream_budget = (int(config.memory_budget_gb * 2**30) if config.memory_budget_gb is not None
                                   else default_memory_budget(self.device))
-        return should_stream(net, *image.shape[-2:], self.stream_budget)
+        return self.stream_budget
 
-    def _stream_store(self) -> str:
-        """Where streamed x_i wait: host memory next to a GPU; a memory-mapped file on CPU (RAM is the budget)."""
+    def _stream_store(self) -> Where:
+        """Where streamed x_i wait (``--stream-store``; auto: :func:`~wsilocal.train.streaming.default_store`)."""
         if self.config.stream_store != "auto":
             return self.config.stream_store
-        return "memory" if self.device.type == "cuda" else "disk"
+        return default_store(self.device)
 
     @staticmethod
     def _val_row(evaluation: dict, metrics: dict, classes: list[str]) -> dict:
         row = {"val_loss": evaluation["loss"], "val_accuracy": metrics["accuracy"],
-               "val_balanced_accuracy": metrics["balanced_accuracy"], "val_auroc": metrics["auroc"]}
+               "val_balanced_accuracy": metrics["balanced_accuracy"], "val_auroc": metrics["auroc"],
+               "val_streamed_slides": evaluation["streamed_slides"]}  # evaluated window by window
         labels = evaluation["labels"]
         for m, _ in enumerate(evaluation["aux_probabilities"][0] if evaluation["aux_probabilities"] else []):
             probs = np.array([p[m] for p in evaluation["aux_probabilities"]])
