@@ -164,3 +164,11 @@ def test_balanced_class_weights_make_every_class_weigh_the_same():
     assert float((weights * torch.tensor([3.0, 1.0])).std()) == 0  # class total weights are equal
     # A class without slides gets the weight of a one-slide class instead of dividing by zero.
     assert torch.allclose(balanced_class_weights([0, 0], 3, torch.device("cpu")), torch.tensor([1 / 3, 2 / 3, 2 / 3]))
+
+
+def test_calibration_sees_the_central_crop_of_large_slides():
+    from wsilocal.train.trainer import _central_crop
+
+    image = torch.arange(5 * 8, dtype=torch.float32).reshape(1, 1, 5, 8)
+    assert torch.equal(_central_crop(image, 4), image[..., 0:4, 2:6])  # a short axis stays whole
+    assert torch.equal(_central_crop(image, 100), image)

@@ -243,6 +243,17 @@ def evaluate_samples(net: LocalNet, samples: CachedSlides, device: torch.device,
     }
 
 
+#: Side of the central crop of each slide that BatchNorm calibration sees (see ``Trainer._calibrate``).
+CALIBRATION_SIDE = 2048
+
+
+def _central_crop(image: torch.Tensor, side: int) -> torch.Tensor:
+    """The central ``side``×``side`` px of a (..., H, W) image (the whole of a shorter axis)."""
+    h, w = image.shape[-2:]
+    top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    return image[..., top : top + side, left : left + side]
+
+
 class _MidEpochStop(Exception):
     """Raised out of an epoch after the optimizer step during which a stop was requested."""
 
@@ -346,10 +357,12 @@ class Trainer:
         self._calibrate(net, train)
 
     def _calibrate(self, net: LocalNet, train: CachedSlides) -> None:
-        """BatchNorm statistics of a random-init trunk from the first training slides (unaugmented)."""
+        """BatchNorm statistics of a random-init trunk from the first training slides (unaugmented), each cut
+        to its central ``CALIBRATION_SIDE``² px: calibration holds every image's activations at once, and
+        per-channel means and variances need no whole slide."""
         if self.ctx.is_main:  # the other ranks receive these statistics with the weights (broadcast_module)
             n = min(self.config.calibration_slides, len(train))
-            images = (train.get(i)[0].to(self.device) for i in range(n))
+            images = (_central_crop(train.get(i)[0], CALIBRATION_SIDE).to(self.device) for i in range(n))
             calibrate_batchnorm(net.trunk, images)
 
     # --- the loop -----------------------------------------------------------------------------
