@@ -121,6 +121,15 @@ def _region(whole: torch.Tensor, rows: AxisWindow, cols: AxisWindow) -> torch.Te
     return whole[:, :, rows[4] : rows[5], cols[4] : cols[5]]
 
 
+def _between_windows(index: int, windows: list) -> None:
+    """After window ``index`` of a pass: hand the freed heap back to the OS before the next window. Windows of
+    different shapes one after another fragment the heap that :func:`~wsilocal.runtime.tune_cpu_allocator`
+    keeps, and resident memory then grew with the number of windows, i.e. with the slide. After a pass's last
+    window nothing is trimmed: a one-window pass (a slide no larger than the tile) keeps the fast path."""
+    if index < len(windows) - 1:
+        trim_heap()
+
+
 class StreamedModule:
     """A run of trunk blocks (``stage``) computed window by window over ``source``.
 
@@ -170,7 +179,7 @@ class StreamedModule:
         """Without a graph: each window's exact x_i into ``out`` (a store, or the whole map as a tensor) and,
         given the auxiliary ``conv``, its exact conv output into ``conv_out`` (the whole conv-output map)."""
         with torch.no_grad():
-            for row, col in windows:
+            for index, (row, col) in enumerate(windows):
                 x = self.run(row, col)
                 kept = _kept(x, row[0], col[0])
                 if isinstance(out, ActivationStore):
@@ -180,17 +189,17 @@ class StreamedModule:
                 if conv is not None and conv_out is not None:
                     _region(conv_out, row[1], col[1]).copy_(_kept(conv(x), row[1], col[1]))
                 del x, kept
-                trim_heap()
+                _between_windows(index, windows)
 
     def backward(self, windows: list[tuple[AxisPair, AxisPair]], gradients: Gradients) -> None:
         """For each window: recompute its x_i with a graph, and back-propagate the ``(tensor, gradient)``
         pairs ``gradients(x, row, col)`` makes from it (its exact part, its conv output's, ...)."""
-        for row, col in windows:
+        for index, (row, col) in enumerate(windows):
             pairs = [(t, g) for t, g in gradients(self.run(row, col), row, col) if t.requires_grad]
             if pairs:  # a frozen stage (the stem alone) with no auxiliary conv has nothing to learn
                 torch.autograd.backward(*zip(*pairs, strict=True))
             del pairs
-            trim_heap()
+            _between_windows(index, windows)
 
 
 def _patch_gradient(boxes: list[PatchBox], gradients: torch.Tensor, rows: AxisWindow,
