@@ -640,8 +640,9 @@ class Trainer:
     @staticmethod
     def _val_row(evaluation: dict, metrics: dict, classes: list[str]) -> dict:
         row = {"val_loss": evaluation["loss"], "val_accuracy": metrics["accuracy"],
-               "val_balanced_accuracy": metrics["balanced_accuracy"], "val_auroc": metrics["auroc"],
-               "val_streamed_slides": evaluation["streamed_slides"]}  # evaluated window by window
+               "val_balanced_accuracy": metrics["balanced_accuracy"], "val_auroc": metrics["auroc"]}
+        if "streamed_slides" in evaluation:  # evaluate_samples' count (a MIL baseline's bags never stream)
+            row["val_streamed_slides"] = evaluation["streamed_slides"]
         labels = evaluation["labels"]
         for m, _ in enumerate(evaluation["aux_probabilities"][0] if evaluation["aux_probabilities"] else []):
             probs = np.array([p[m] for p in evaluation["aux_probabilities"]])
