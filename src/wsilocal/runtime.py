@@ -8,7 +8,7 @@ cost; the process's peak memory is unchanged, it is only not returned to the OS 
 
 One exception: a streaming step (:mod:`wsilocal.train.streaming`) computes windows of several shapes one after
 another, and the kept heap fragments — its resident memory grew with the slide although its live tensors did
-not. It calls :func:`trim_heap` after every window.
+not. It calls :func:`trim_heap` between the windows of a pass.
 """
 
 from __future__ import annotations
@@ -75,6 +75,11 @@ def trim_heap() -> None:
 
 CPU_BUDGET_SHARE = 0.5  # of the RAM available now (the rest: OS, slide reader, other jobs)
 GPU_BUDGET_SHARE = 0.8  # of the free GPU memory
+
+
+def memory_budget_bytes(gib: float | None, device: torch.device) -> int:
+    """A configured budget of ``gib`` GiB in bytes, or :func:`default_memory_budget` when none is set."""
+    return int(gib * 2**30) if gib is not None else default_memory_budget(device)
 
 
 def default_memory_budget(device: torch.device) -> int:

@@ -11,13 +11,12 @@ import torch
 from wsilocal.atomic import write_text_atomic
 from wsilocal.config import TrainConfig, load_config
 from wsilocal.errors import WsilocalError
-from wsilocal.runtime import default_memory_budget
+from wsilocal.runtime import memory_budget_bytes
 from wsilocal.slide.cache import PrepareSettings, prepare_slides
 from wsilocal.slide.cohort import SPLITS, load_cohort
 from wsilocal.train.checkpoint import load_checkpoint, load_model_state
 from wsilocal.train.data import CachedSlides
 from wsilocal.train.metrics import classification_metrics, plot_roc_curves
-from wsilocal.train.streaming import default_store
 from wsilocal.train.trainer import build_model, evaluate_samples, model_signature, resolve_device
 
 
@@ -67,11 +66,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = 
     samples = CachedSlides([prepared.entries[s.slide_id] for s in kept], [cohort.label_index(s) for s in kept],
                            state["mean"], state["std"])
     # Slides whose whole forward would not fit are evaluated streamed, with the run's streaming settings.
-    budget = int(config.memory_budget_gb * 2**30) if config.memory_budget_gb is not None \
-        else default_memory_budget(device)
-    store = config.stream_store if config.stream_store != "auto" else default_store(device)
     evaluation = evaluate_samples(net.to(device), samples, device, progress=progress, desc=f"evaluate {split}",
-                                  memory_budget=budget, stream_tile=config.stream_tile, stream_store=store)
+                                  memory_budget=memory_budget_bytes(config.memory_budget_gb, device),
+                                  stream_tile=config.stream_tile, stream_store=config.stream_store)
     metrics = classification_metrics(evaluation["probabilities"], evaluation["labels"], classes)
     metrics["loss"] = evaluation["loss"]
     metrics["split"] = split

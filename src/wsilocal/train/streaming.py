@@ -419,7 +419,7 @@ def streaming_forward_all_classifiers(net: LocalNet, source: ImageSource, *, upt
         with torch.no_grad():
             for i in range(upto):
                 module = StreamedModule(net.stages[i], current, max(1, tile // net.specs[i].in_stride))
-                if i == k - 1:
+                if i == k - 1:  # the last module: H on the trunk's final map
                     outputs.append(net.head(_final_map(module)[1])[0])
                     break
                 stores.append(ActivationStore.create((net.specs[i].c_out, *module.out_hw), module.placement["dtype"],
@@ -435,9 +435,11 @@ def streaming_forward_all_classifiers(net: LocalNet, source: ImageSource, *, upt
     return outputs
 
 
-def default_store(device: torch.device) -> Where:
-    """Where streamed x_i wait by default: host memory next to a GPU; a memory-mapped file on CPU, where RAM is
-    the very memory streaming saves."""
+def resolve_store(configured: str, device: torch.device) -> Where:
+    """Where streamed x_i wait: ``configured`` (``stream_store``), or for ``"auto"`` host memory next to a GPU
+    and a memory-mapped file on CPU, where RAM is the very memory streaming saves."""
+    if configured != "auto":
+        return configured  # type: ignore[return-value]  # the config validates it
     return "memory" if device.type == "cuda" else "disk"
 
 

@@ -58,10 +58,9 @@ from wsilocal.infer.tiled import forward_bytes_estimate
 from wsilocal.models.local_net import LocalNet
 from wsilocal.models.resnet import calibrate_batchnorm, load_resnet34_weights
 from wsilocal.models.split import BlockBoundaries, block_boundaries
-from wsilocal.runtime import default_memory_budget, tune_cpu_allocator
+from wsilocal.runtime import memory_budget_bytes, tune_cpu_allocator
 from wsilocal.slide.cache import PrepareResult, PrepareSettings, channel_stats, format_summary, prepare_cohort
 from wsilocal.slide.cohort import Cohort, load_cohort
-from wsilocal.train.activation_store import Where
 from wsilocal.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from wsilocal.train.data import Augmentation, CachedSlides, sample_generator
 from wsilocal.train.distributed import DistContext, GradientAllReduce, distributed_session
@@ -70,7 +69,7 @@ from wsilocal.train.metrics import classification_metrics, plot_learning_curves
 from wsilocal.train.streaming import (
     DEFAULT_TILE,
     TensorSource,
-    default_store,
+    resolve_store,
     should_stream,
     streaming_end_to_end_step,
     streaming_forward_all_classifiers,
@@ -206,14 +205,14 @@ def check_trainable_size(image: torch.Tensor, slide_id: str, source: str, config
 def evaluate_samples(net: LocalNet, samples: CachedSlides, device: torch.device, upto: int | None = None,
                      progress: bool = False, desc: str = "validate", ctx: DistContext | None = None, *,
                      memory_budget: int | None = None, stream_tile: int = DEFAULT_TILE,
-                     stream_store: Where | None = None) -> dict:
+                     stream_store: str = "auto") -> dict:
     """Probabilities of the final classifier (or of module ``upto``'s) and of each auxiliary classifier.
 
     A slide whose whole-image forward would exceed ``memory_budget`` bytes (None: never) is evaluated streamed
-    (:func:`~wsilocal.train.streaming.streaming_forward_all_classifiers`, windows of ``stream_tile`` px, x_i in
-    ``stream_store``): the same probabilities, memory bounded by a window. With a distributed ``ctx`` each rank
-    evaluates its share of the slides and every rank returns the gathered results in sample order: each slide
-    counted once, as in one process.
+    (:func:`~wsilocal.train.streaming.streaming_forward_all_classifiers`, windows of ``stream_tile`` px, x_i
+    where :func:`~wsilocal.train.streaming.resolve_store` puts ``stream_store``): the same probabilities, memory
+    bounded by a window. With a distributed ``ctx`` each rank evaluates its share of the slides and every rank
+    returns the gathered results in sample order: each slide counted once, as in one process.
     """
     ctx = ctx or DistContext(device=device)
     net.eval()
@@ -224,7 +223,7 @@ def evaluate_samples(net: LocalNet, samples: CachedSlides, device: torch.device,
             forward_bytes_estimate(net.trunk, *image.shape[-2:]) > memory_budget
         if streamed:
             outputs = streaming_forward_all_classifiers(net, TensorSource(image), upto=upto, tile=stream_tile,
-                                                        store=stream_store or default_store(device))
+                                                        store=resolve_store(stream_store, device))
         else:
             outputs = forward_all_classifiers(net, image.to(device), upto=upto)
         logits = outputs[-1]
@@ -454,7 +453,7 @@ class Trainer:
                 is_last_module = phase.stop == k
                 evaluation = evaluate_samples(net, val, self.device, upto=phase.stop, progress=self.progress,
                                               ctx=ctx, memory_budget=self._memory_budget(),
-                                              stream_tile=config.stream_tile, stream_store=self._stream_store())
+                                              stream_tile=config.stream_tile, stream_store=config.stream_store)
                 val_metrics = classification_metrics(evaluation["probabilities"], evaluation["labels"], classes)
                 row.update(self._val_row(evaluation, val_metrics, classes))
                 scheduler.step(evaluation["loss"])
@@ -605,8 +604,9 @@ class Trainer:
                 result = streaming_end_to_end_step(net, TensorSource(image), label, tile=config.stream_tile, **common)
             elif streamed:
                 result = streaming_local_step(
-                    net, TensorSource(image), label, tile=config.stream_tile, store=self._stream_store(),
-                    active=phase, alpha=config.alpha, generator=sample_generator(config.seed + 1, stream, index),
+                    net, TensorSource(image), label, tile=config.stream_tile,
+                    store=resolve_store(config.stream_store, self.device), active=phase, alpha=config.alpha,
+                    generator=sample_generator(config.seed + 1, stream, index),
                     **common)
             else:
                 result = local_training_step(
@@ -626,16 +626,8 @@ class Trainer:
         """Bytes a slide's step (or evaluation) may take: ``--memory-budget-gb``, or by default a share of the
         memory available when first asked — measured once per run, so the choice depends on the slide alone."""
         if self.stream_budget is None:
-            config = self.config
-            self.stream_budget = (int(config.memory_budget_gb * 2**30) if config.memory_budget_gb is not None
-                                  else default_memory_budget(self.device))
+            self.stream_budget = memory_budget_bytes(self.config.memory_budget_gb, self.device)
         return self.stream_budget
-
-    def _stream_store(self) -> Where:
-        """Where streamed x_i wait (``--stream-store``; auto: :func:`~wsilocal.train.streaming.default_store`)."""
-        if self.config.stream_store != "auto":
-            return self.config.stream_store
-        return default_store(self.device)
 
     @staticmethod
     def _val_row(evaluation: dict, metrics: dict, classes: list[str]) -> dict:
