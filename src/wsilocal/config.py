@@ -21,6 +21,7 @@ from wsilocal.atomic import write_text_atomic
 from wsilocal.errors import ConfigError
 
 SCHEDULES = ("simultaneous", "greedy")
+LR_SCHEDULES = ("plateau", "cosine")
 MAX_RFR_PATCHES = 1000  # the paper uses 10; more only costs memory
 METHODS = ("local", "streaming")  # streaming = the StreamingCNN baseline (end-to-end, K=1)
 STREAM_STORES = ("auto", "memory", "disk")
@@ -58,6 +59,9 @@ class TrainConfig:
     lr_trunk: float = 1e-5
     lr_aux: float = 2e-5  # auxiliary models and final classifier
     weight_decay: float = 1e-6
+    # "plateau" (the paper): lr ×plateau_factor when the validation loss stalls. "cosine": each phase's rates
+    # fall along a half cosine to zero over its epochs, whatever a small, noisy validation split says.
+    lr_schedule: str = "plateau"
     plateau_patience: int = 3  # epochs without validation-loss improvement before lr ×plateau_factor
     plateau_factor: float = 0.1
     early_stopping: int = 10  # epochs without improvement before stopping; 0 = never
@@ -99,6 +103,8 @@ class TrainConfig:
             (self.k in (1, 2, 4, 8) or self.boundaries is not None,
              f"k must be 1, 2, 4 or 8 (or give boundaries), got {self.k}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.accumulation >= 1, f"accumulation must be >= 1, got {self.accumulation}"),
             (self.lr_trunk >= 0 and self.lr_aux > 0, "learning rates must be positive"),

@@ -253,6 +253,35 @@ def _central_crop(image: torch.Tensor, side: int) -> torch.Tensor:
     return image[..., top : top + side, left : left + side]
 
 
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """The learning-rate schedule of one phase, stepped once per epoch by :func:`step_lr_scheduler`."""
+    if config.lr_schedule == "cosine":
+        # Closed form of the epoch (not CosineAnnealingLR's recursion): a run resumed with more epochs follows
+        # the new curve from where it is.
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: 0.5 * (1 + math.cos(math.pi * min(epoch, config.epochs) / config.epochs)))
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.plateau_factor,
+                                                      patience=config.plateau_patience)
+
+
+def load_lr_scheduler_state(scheduler, saved: dict) -> None:
+    """Resume a schedule. A cosine phase then takes its epoch's rate on the current curve: the run may be
+    resumed with more epochs than it was started with (its saved rate would be the old curve's)."""
+    scheduler.load_state_dict(saved)
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        for group, base, rate in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
+                                     strict=True):
+            group["lr"] = base * rate(scheduler.last_epoch)
+
+
+def step_lr_scheduler(scheduler, val_loss: float) -> None:
+    """End of an epoch: the plateau schedule reads the validation loss, the cosine one only counts epochs."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_loss)
+    else:
+        scheduler.step()
+
+
 class _MidEpochStop(Exception):
     """Raised out of an epoch after the optimizer step during which a stop was requested."""
 
@@ -428,12 +457,11 @@ class Trainer:
         for p in range(phase_index, len(phases)):
             phase = phases[p]
             optimizer = torch.optim.AdamW(_phase_parameters(net, phase, config), weight_decay=config.weight_decay)
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience)
+            scheduler = make_lr_scheduler(optimizer, config)
             phase_best = {"loss": math.inf, "bad_epochs": 0}
             if restore_optimizer and p == phase_index:
                 optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
+                load_lr_scheduler_state(scheduler, state["scheduler"])
                 phase_best = state["phase_best"]
             epoch = start_epoch if p == phase_index else 0
             while epoch < config.epochs:
@@ -456,7 +484,7 @@ class Trainer:
                                               stream_tile=config.stream_tile, stream_store=config.stream_store)
                 val_metrics = classification_metrics(evaluation["probabilities"], evaluation["labels"], classes)
                 row.update(self._val_row(evaluation, val_metrics, classes))
-                scheduler.step(evaluation["loss"])
+                step_lr_scheduler(scheduler, evaluation["loss"])
                 row["lr"] = [g["lr"] for g in optimizer.param_groups]
                 history.append(row)
                 improved_loss = evaluation["loss"] < phase_best["loss"] - 1e-6
