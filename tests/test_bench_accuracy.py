@@ -169,7 +169,9 @@ def test_bench_all_writes_one_report_with_every_section(bench, monkeypatch):
     pending = [c for c in data["claims"] if c["verdict"] == "pending"]
     assert {c["claim"] for c in pending} >= {"`morphology`: RFR improves the accuracy of K=4",
                                              "whole-slide inference is 7–10× faster than the tile pipeline (GABMIL)"}
-    assert all(report.WHY_PLACEHOLDER in line for line in text.splitlines() if "| disagrees |" in line)
+    for claim in data["claims"]:  # every disagreement says why; nothing else does
+        assert bool(claim["why"]) == (claim["verdict"] == "disagrees"), claim
+        assert claim["why"] in text
     machine = data["machine"]
     assert machine["cores"] >= 1 and machine["torch"] == torch.__version__ and machine["ram_gib"] > 0
     assert f"{machine['cores']} cores" in text

@@ -10,7 +10,7 @@ others still run.
 The report is then built from the files the benchmarks wrote (``<name>.md``, ``<name>.json``, ``*.png``), so
 :func:`write_report` can rebuild it at any time. It holds the machine description, every table and plot, the
 paper's numbers beside ours (clearly labelled as measured on real TCGA slides on GPUs) and a table of the
-paper's claims with our verdict and, where we disagree, a place to say why.
+paper's claims with our verdict and, where we disagree, why we think we do.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,7 @@ QUICK_ARGS: dict[str, list[str]] = {
 }
 
 PAPER_LABEL = "paper (TCGA, GPU)"
-WHY_PLACEHOLDER = "_why: to be written after reading this run (candidate reasons below)_"
-CANDIDATE_REASONS = [
+CAVEATS = [
     "No pretrained weights offline: our trunk starts from random weights and the MIL baselines use features of a "
     "random ResNet34; the paper fine-tunes ImageNet weights and its baselines use ImageNet features.",
     "Synthetic cohorts of a few dozen slides (test splits of ~10 slides: one slide moves accuracy by ~0.1) "
@@ -211,26 +211,29 @@ def _speed_ratios(speed: dict[str, Any] | None) -> list[tuple[str, float]]:
 
 
 def paper_claims(data: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
-    """The paper's claims, what we measured and our verdict: ``agrees``, ``disagrees`` or ``pending``."""
+    """The paper's claims, what we measured, our verdict (``agrees``, ``disagrees`` or ``pending``) and, where
+    we disagree, why we think we do (from the measurements themselves where they say it)."""
     claims = []
     accuracy = data.get("accuracy") or {}
-    means = {(a["task"], a["row"]): a["accuracy"]["mean"] for a in accuracy.get("aggregates", [])}
+    aggregates = {(a["task"], a["row"]): a for a in accuracy.get("aggregates", []) if a.get("accuracy")}
     mil_rows = [name for name, row in ROWS.items() if row.kind == "mil"]
-    for task in accuracy.get("tasks", {}):
+    for task, about in accuracy.get("tasks", {}).items():
         dataset = PAPER_DATASET_OF_TASK[task]
+        context = _AccuracyContext(task, accuracy.get("settings", {}), about)
         best_paper = max(PAPER_TABLE1[r][dataset][0] for r in mil_rows if dataset in PAPER_TABLE1.get(r, {}))
-        mil = {row: means[(task, row)] for row in mil_rows if means.get((task, row)) is not None}
-        best = max(mil, key=mil.get) if mil else None
-        claims.append(_claim(
+        mil = {row: aggregates[(task, row)] for row in mil_rows if (task, row) in aggregates}
+        best = max(mil, key=lambda row: mil[row]["accuracy"]["mean"]) if mil else None
+        claims.append(_accuracy_claim(
             f"`{task}`: ours K=4 is more accurate than every tile-based MIL baseline",
             f"{dataset}: {PAPER_TABLE1['ours_k4'][dataset][0]:.4f} vs best MIL {best_paper:.4f}",
-            means.get((task, "ours_k4")), mil[best] if best else None, f"best MIL ({best})"))
+            aggregates.get((task, "ours_k4")), mil.get(best), f"best MIL ({best})", context, "mil"))
         for k in (4, 8):
-            claims.append(_claim(
+            claims.append(_accuracy_claim(
                 f"`{task}`: RFR improves the accuracy of K={k}",
                 f"{dataset}: {PAPER_TABLE1[f'ours_k{k}'][dataset][0]:.4f} with vs "
                 f"{PAPER_TABLE4[f'ours_k{k}_norfr'][dataset]:.4f} without",
-                means.get((task, f"ours_k{k}")), means.get((task, f"ours_k{k}_norfr")), "without RFR"))
+                aggregates.get((task, f"ours_k{k}")), aggregates.get((task, f"ours_k{k}_norfr")), "without RFR",
+                context, "rfr"))
     shares = memory_shares(data.get("memory"))
     for k in (4, 8):
         low, high = min(paper_memory_shares(k)), max(paper_memory_shares(k))
@@ -241,31 +244,100 @@ def paper_claims(data: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]
                        "paper": f"{low:.1%}–{high:.1%} of E2E GPU memory",
                        "ours": "not measured" if value is None else f"{value:.1%} of paper-style K=1 saved bytes "
                                                                      f"at {shares['size']}",
-                       "verdict": verdict})
+                       "verdict": verdict, "why": WHY_MEMORY if verdict == "disagrees" else ""})
     ratios = _speed_ratios(data.get("speed"))
     slowest = min((r for _, r in ratios), default=None)
+    verdict = "pending" if slowest is None else ("agrees" if slowest >= 7 else "disagrees")
     claims.append({"claim": "whole-slide inference is 7–10× faster than the tile pipeline (GABMIL)",
                    "paper": f"{min(PAPER_TABLE3['ratio'])}×–{max(PAPER_TABLE3['ratio'])}× (GPU)",
                    "ours": ", ".join(f"{size}: {r:.1f}×" for size, r in ratios) if ratios else "not measured",
-                   "verdict": "pending" if slowest is None else ("agrees" if slowest >= 7 else "disagrees")})
+                   "verdict": verdict,
+                   "why": "" if verdict != "disagrees" else WHY_SPEED_GPU if _on_gpu(data) else WHY_SPEED})
     return claims
 
 
-def _claim(text: str, paper: str, ours: float | None, other: float | None, other_name: str) -> dict[str, Any]:
-    """A claim "ours > other" on mean test accuracy."""
+@dataclass(frozen=True)
+class _AccuracyContext:
+    """What an accuracy verdict needs to explain itself: the task's classes, split sizes and training budget."""
+
+    task: str
+    settings: dict[str, Any]
+    about: dict[str, Any]
+
+    @property
+    def chance(self) -> float:
+        return 1 / len(self.about.get("classes") or [0, 0])
+
+    def slides(self, split: str) -> int | str:
+        return (self.about.get("slides") or {}).get(split, "?")
+
+
+def _learnt_nothing(aggregate: dict[str, Any], chance: float) -> bool:
+    """Whether a row stayed at chance: mean balanced accuracy within 0.05 of 1/classes."""
+    return abs(aggregate["balanced_accuracy"]["mean"] - chance) <= 0.05
+
+
+def _accuracy_claim(text: str, paper: str, ours: dict[str, Any] | None, other: dict[str, Any] | None,
+                    other_name: str, context: _AccuracyContext, kind: str) -> dict[str, Any]:
+    """A claim "ours is more accurate than other" on mean test accuracy over seeds, with its why."""
     if ours is None or other is None:
-        return {"claim": text, "paper": paper, "ours": "not measured", "verdict": "pending"}
-    return {"claim": text, "paper": paper, "ours": f"{ours:.3f} vs {other_name} {other:.3f} ({ours - other:+.3f})",
-            "verdict": "agrees" if ours > other else "disagrees"}
+        return {"claim": text, "paper": paper, "ours": "not measured", "verdict": "pending", "why": ""}
+    a, b = ours["accuracy"], other["accuracy"]
+    verdict = "agrees" if a["mean"] > b["mean"] else "disagrees"
+    return {"claim": text, "paper": paper, "verdict": verdict,
+            "ours": f"{a['mean']:.3f} ± {a['std'] or 0:.3f} vs {other_name} {b['mean']:.3f} ± {b['std'] or 0:.3f} "
+                    f"({a['mean'] - b['mean']:+.3f})",
+            "why": _why_accuracy(ours, other, context, kind) if verdict == "disagrees" else ""}
+
+
+def _why_accuracy(ours: dict[str, Any], other: dict[str, Any], context: _AccuracyContext, kind: str) -> str:
+    """Why ours is not ahead here: first what the numbers say (no learning, or a gap within the seed spread),
+    then the reason that fits the claim."""
+    settings, reasons = context.settings, []
+    budget = (f"{settings.get('epochs', '?')} epochs from random weights on {context.slides('train')} training "
+              "slides")
+    if _learnt_nothing(ours, context.chance) and _learnt_nothing(other, context.chance):
+        reasons.append(f"neither learnt the task: both at chance balanced accuracy (1/{round(1 / context.chance)}) "
+                       f"after {budget}, so this comparison says nothing about the methods")
+    else:
+        gap = ours["accuracy"]["mean"] - other["accuracy"]["mean"]
+        spread = max(ours["accuracy"]["std"] or 0.0, other["accuracy"]["std"] or 0.0)
+        if abs(gap) <= spread:
+            reasons.append(f"the gap ({gap:+.3f}) is within the seed-to-seed spread (std up to {spread:.3f}) of a "
+                           f"{context.slides('test')}-slide test split")
+        if kind == "mil":
+            reasons.append(f"our trunk learns its features end to end in {budget}, while the MIL heads get "
+                           f"{settings.get('mil_epochs') or 'their published'} epochs on fixed tile features; the "
+                           "paper fine-tunes ImageNet weights, whose features already separate the classes")
+        else:
+            reasons.append(f"RFR regularises towards keeping each module's input; in {budget} the classification "
+                           "loss alone learns faster, and RFR's benefit in the paper is measured after convergence "
+                           "from ImageNet weights")
+    return "; ".join(reasons) + "."
+
+
+def _on_gpu(data: dict[str, dict[str, Any] | None]) -> bool:
+    machine = (data.get("speed") or {}).get("machine") or {}
+    return bool(machine.get("cuda"))
+
+
+WHY_SPEED = ("On a CPU compute sets the ceiling: per pixel the stride-3 trunk costs 1/2.25 of the pipeline's "
+             "stride-2 ResNet34, but we compute the whole tissue box while the pipeline computes only tiles with "
+             "tissue (~70 % of the box), so about 1.6× at equal precision. The paper's 7–10× are GPU times, where "
+             "reading and handling thousands of tiles dominates the pipeline.")
+WHY_SPEED_GPU = ("On a GPU both forwards take seconds and the tile pipeline's time is mostly reading and resampling "
+                 "tiles on the CPU, so the ratio depends on the host's cores and storage as much as on the GPU; "
+                 "see the per-stage times in the speed section.")
+WHY_MEMORY = ("Ours are bytes saved for backward on a CPU; the paper's are GPU memory, which adds the CUDA context, "
+              "allocator caches and cuDNN workspaces to both sides.")
 
 
 def format_claims(claims: Sequence[dict[str, Any]]) -> str:
-    """Markdown: one row per claim, with a place to say why where we disagree."""
+    """Markdown: one row per claim, with why we differ where we do."""
     lines = [f"| the paper claims | {PAPER_LABEL} | ours (this machine) | verdict | why we differ |",
              "|---|---|---|---|---|"]
     for c in claims:
-        why = WHY_PLACEHOLDER if c["verdict"] == "disagrees" else ""
-        lines.append(f"| {c['claim']} | {c['paper']} | {c['ours']} | {c['verdict']} | {why} |")
+        lines.append(f"| {c['claim']} | {c['paper']} | {c['ours']} | {c['verdict']} | {c.get('why', '')} |")
     return "\n".join(lines)
 
 
@@ -295,7 +367,7 @@ def write_report(out: str | Path, runs: dict[str, dict[str, Any]] | None = None,
         "TCGA-RCC slides (and LKS) at 5x, ImageNet-pretrained ResNet34, measured on GPUs. Ours are measured here, "
         "on synthetic cohorts and on this machine's CPU.", "",
         "## The paper's claims against our results", "", format_claims(claims), "",
-        "Candidate reasons where we differ:", "", *[f"- {reason}" for reason in CANDIDATE_REASONS],
+        "What separates every number here from the paper's:", "", *[f"- {caveat}" for caveat in CAVEATS],
     ]
     for name in SECTIONS:
         section = sections[name]

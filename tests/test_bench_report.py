@@ -1,0 +1,52 @@
+"""The report's verdicts on the paper's claims and the reasons it gives where we differ."""
+
+from wsilocal.bench import report
+
+
+def aggregate(row, accuracy, std, balanced):
+    return {"task": "morphology", "row": row, "accuracy": {"n": 3, "mean": accuracy, "std": std},
+            "balanced_accuracy": {"n": 3, "mean": balanced, "std": 0.0}, "auroc": {"n": 3, "mean": 0.5, "std": 0.0}}
+
+
+def accuracy_data(ours_k4, best_mil, *others):
+    tasks = {"morphology": {"classes": ["a", "b", "c"], "slides": {"train": 18, "val": 6, "test": 12}}}
+    return {"accuracy": {"tasks": tasks, "settings": {"epochs": 6, "mil_epochs": 50},
+                         "aggregates": [ours_k4, best_mil, *others]}}
+
+
+def claim(claims, start):
+    (found,) = [c for c in claims if c["claim"].startswith(start)]
+    return found
+
+
+def test_both_at_chance_says_nothing_was_learnt():
+    claims = report.paper_claims(accuracy_data(aggregate("ours_k4", 0.30, 0.05, 0.34),
+                                               aggregate("abmil", 0.33, 0.0, 0.333)))
+    c = claim(claims, "`morphology`: ours K=4 is more accurate")
+    assert c["verdict"] == "disagrees" and c["ours"] == "0.300 ± 0.050 vs best MIL (abmil) 0.330 ± 0.000 (-0.030)"
+    assert c["why"].startswith("neither learnt the task: both at chance balanced accuracy (1/3) after 6 epochs "
+                               "from random weights on 18 training slides")
+
+
+def test_a_gap_within_the_seed_spread_is_called_noise_and_the_claims_reason_follows():
+    claims = report.paper_claims(accuracy_data(aggregate("ours_k4", 0.60, 0.10, 0.6),
+                                               aggregate("abmil", 0.65, 0.02, 0.65),
+                                               aggregate("ours_k4_norfr", 0.80, 0.01, 0.8)))
+    c = claim(claims, "`morphology`: ours K=4 is more accurate")
+    assert c["why"].startswith("the gap (-0.050) is within the seed-to-seed spread (std up to 0.100) of a "
+                               "12-slide test split; our trunk learns its features end to end")
+    rfr = claim(claims, "`morphology`: RFR improves the accuracy of K=4")
+    assert rfr["verdict"] == "disagrees" and rfr["why"].startswith("RFR regularises towards keeping")
+    assert claim(claims, "`morphology`: RFR improves the accuracy of K=8")["verdict"] == "pending"
+
+
+def test_agreement_needs_no_why_and_speed_on_a_cpu_explains_the_ceiling():
+    data = accuracy_data(aggregate("ours_k4", 0.9, 0.0, 0.9), aggregate("abmil", 0.7, 0.0, 0.7))
+    data["speed"] = {"machine": {"cuda": None}, "records": [{"width": 2048, "height": 2048, "ratio": 1.3}]}
+    claims = report.paper_claims(data)
+    c = claim(claims, "`morphology`: ours K=4 is more accurate")
+    assert (c["verdict"], c["why"]) == ("agrees", "")
+    speed = claim(claims, "whole-slide inference")
+    assert speed["verdict"] == "disagrees" and speed["why"] == report.WHY_SPEED
+    data["speed"]["machine"]["cuda"] = "NVIDIA H100"  # on a GPU the CPU's compute ceiling does not apply
+    assert claim(report.paper_claims(data), "whole-slide inference")["why"] == report.WHY_SPEED_GPU
