@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,10 @@ from PIL import Image
 from wsilocal.bench import accuracy, report
 from wsilocal.bench.accuracy import AccuracyBenchSettings, CohortSettings, run_accuracy_benchmark
 from wsilocal.cli import main
+from wsilocal.config import TrainConfig
 from wsilocal.demo import QUICK as DEMO_QUICK
 from wsilocal.errors import ConfigError
+from wsilocal.models.resnet import ResNet34Trunk
 
 # 3 classes × 3 slides of ~190² px at 5x (one slide per class in each split), 64-px tiles, 1 epoch, 2 seeds.
 TINY = AccuracyBenchSettings(
@@ -175,3 +178,25 @@ def test_bench_all_writes_one_report_with_every_section(bench, monkeypatch):
     machine = data["machine"]
     assert machine["cores"] >= 1 and machine["torch"] == torch.__version__ and machine["ram_gib"] > 0
     assert f"{machine['cores']} cores" in text
+
+
+def test_weights_give_every_method_those_weights_and_their_own_features(tmp_path, capsys):
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet34.pth"
+    torch.save(ResNet34Trunk(conv1_stride=2).state_dict(), weights)  # torchvision names, as an ImageNet file
+    settings = replace(TINY, seeds=1, weights=str(weights))
+    report_data = run_accuracy_benchmark(tmp_path / "out", settings, rows=["abmil"], progress=False)
+    assert [a["status"] for a in report_data["aggregates"]] == ["done"]
+    folder = tmp_path / "out" / "cohorts" / "morphology"
+    features = accuracy.features_folder(folder, str(weights))
+    assert features.name.startswith("features-") and any(features.glob("*.h5"))
+    assert not (folder / "features").exists()  # random-weight features are neither made nor reused
+    assert f"features of a ResNet34 with the weights in {weights}" in (tmp_path / "out" / "accuracy.md").read_text()
+    # Our network fine-tunes the same weights, at the paper's trunk rate.
+    cohort = accuracy.prepare_benchmark_cohort(settings.cohorts[0], folder, workers=1, weights=str(weights),
+                                               progress=False)
+    config = accuracy.run_config(accuracy.ROWS["ours_k4"], cohort, 0, tmp_path / "run", settings)
+    assert (config.weights, config.lr_trunk, config.k) == (str(weights), TrainConfig.lr_trunk, 4)
+    assert main(["bench", "accuracy", "--out", str(tmp_path / "o2"), "--weights", str(tmp_path / "none.pth")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'none.pth'}: no such file"
+    assert not (tmp_path / "o2").exists()  # refused before any cohort was generated

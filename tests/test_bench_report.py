@@ -50,3 +50,16 @@ def test_agreement_needs_no_why_and_speed_on_a_cpu_explains_the_ceiling():
     assert speed["verdict"] == "disagrees" and speed["why"] == report.WHY_SPEED
     data["speed"]["machine"]["cuda"] = "NVIDIA H100"  # on a GPU the CPU's compute ceiling does not apply
     assert claim(report.paper_claims(data), "whole-slide inference")["why"] == report.WHY_SPEED_GPU
+
+
+def test_bench_all_passes_weights_to_the_accuracy_benchmark_only(tmp_path, monkeypatch):
+    calls = {}
+
+    def run_section(name, folder, argv):
+        calls[name] = list(argv)
+        return {"status": "done", "argv": list(argv)}
+
+    monkeypatch.setattr(report, "run_section", run_section)
+    report.run_all_benchmarks(tmp_path, sections=["accuracy", "memory"], weights="/w/resnet34.pth", progress=False)
+    assert calls == {"accuracy": ["--weights", "/w/resnet34.pth"], "memory": []}
+    assert report.FULL_ARGS["accuracy"] == []  # the module's defaults are left as they were

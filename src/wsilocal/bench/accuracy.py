@@ -15,15 +15,16 @@ its last checkpoint. Cohorts and runs made with other settings are refused, not 
 ``OUT/accuracy.json`` holds one record per task/row/seed and the mean ± sample standard deviation (n − 1) over
 seeds; ``accuracy.md`` the tables beside the paper's numbers; ``accuracy.png`` bars with error bars.
 
-Caveat for both sides: no pretrained weights can be downloaded here, so our trunk starts from random weights
-(trained with the demo's learning rates, :class:`wsilocal.demo.DemoSettings`) and the MIL baselines run on
-features of a randomly initialised ResNet34. The paper fine-tunes ImageNet weights and its baselines use
-ImageNet features.
+Caveat for both sides: no pretrained weights can be downloaded here, so by default our trunk starts from random
+weights (trained with the demo's learning rates, :class:`wsilocal.demo.DemoSettings`) and the MIL baselines run
+on features of a randomly initialised ResNet34. The paper fine-tunes ImageNet weights and its baselines use
+ImageNet features: ``--weights FILE`` (a torchvision ResNet34 state dict) gives every method those weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -207,6 +208,10 @@ class AccuracyBenchSettings:
         keep_last_checkpoint: keep ``checkpoint_last.pt`` of finished runs. It holds the optimizer state, only
             needed to continue training (~260 MB per run of ours, ~9 GB for the full benchmark); ``evaluate`` and
             ``predict`` load ``checkpoint_best.pt``, which is always kept.
+        weights: a torchvision ResNet34 state dict (ImageNet weights: the paper's setting) for our trunk,
+            StreamingCNN's and the MIL baselines' tile features; None: random weights for all (the default, as
+            nothing can be downloaded here). With weights our trunk fine-tunes at the paper's rate
+            (``TrainConfig.lr_trunk``) instead of the demo's from-scratch one.
     """
 
     cohorts: tuple[CohortSettings, ...]
@@ -216,6 +221,7 @@ class AccuracyBenchSettings:
     demo: DemoSettings = field(default_factory=DemoSettings)
     workers: int = 2
     keep_last_checkpoint: bool = False
+    weights: str | None = None
 
     def cohort(self, task: str) -> CohortSettings:
         for settings in self.cohorts:
@@ -261,9 +267,22 @@ class PreparedCohort:
     seconds: dict[str, float]
 
 
+def features_folder(folder: Path, weights: str | None) -> Path:
+    """Where a cohort's tile features lie: ``features`` (random ResNet34), or ``features-<digest>`` per weights
+    file, so that features of other weights are never reused."""
+    if weights is None:
+        return folder / "features"
+    try:
+        digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
+    except OSError as exc:
+        raise ConfigError(f"{weights}: cannot read the weights file ({exc.strerror or exc})") from None
+    return folder / f"features-{digest}"
+
+
 def prepare_benchmark_cohort(cohort_settings: CohortSettings, folder: Path, *, workers: int = 2,
-                             progress: bool = True) -> PreparedCohort:
-    """Generate (or reuse) the cohort in ``folder``, cache its slides and extract tile features, all reusable.
+                             weights: str | None = None, progress: bool = True) -> PreparedCohort:
+    """Generate (or reuse) the cohort in ``folder``, cache its slides and extract tile features (with
+    ``weights``, else a random ResNet34), all reusable.
 
     Raises ConfigError when ``folder`` holds a cohort generated with other parameters.
     """
@@ -298,9 +317,9 @@ def prepare_benchmark_cohort(cohort_settings: CohortSettings, folder: Path, *, w
     seconds["prepare"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    features = folder / "features"
+    features = features_folder(folder, weights)
     extracted = extract_features(cohort, features, mpp=cohort_settings.mpp, tile=cohort_settings.tile,
-                                 progress=progress)
+                                 weights=weights, progress=progress)
     seconds["features"] = time.perf_counter() - start
     return PreparedCohort(cohort_settings, csv_path, cache, features,
                           {split: len(cohort.split(split)) for split in SPLITS}, dict(extracted.skipped), seconds)
@@ -328,6 +347,8 @@ def run_config(row: Row, cohort: PreparedCohort, seed: int, run_dir: Path, setti
         return BaselineConfig(cohort=str(cohort.csv), features=str(cohort.features), out=str(run_dir),
                               model=row.model, epochs=settings.mil_epochs, seed=seed)
     base: TrainConfig = demo_config(run_dir, settings.demo)  # the demo's optimiser settings: bench and demo agree
+    if settings.weights is not None:  # fine-tuning pretrained weights: the paper's trunk rate
+        base = replace(base, weights=settings.weights, lr_trunk=TrainConfig.lr_trunk)
     return replace(base, cohort=str(cohort.csv), out=str(run_dir), cache=str(cohort.cache),
                    mpp=cohort.settings.mpp, method="streaming" if row.kind == "streaming" else "local",
                    k=row.k, rfr=row.rfr, schedule=row.schedule, epochs=settings.epochs, seed=seed, workers=1)
@@ -418,13 +439,17 @@ def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FU
         raise ConfigError(f"bench accuracy: seeds must be >= 1, got {n_seeds}")
     for cohort_settings in cohorts:
         cohort_settings.synth_params()  # every setting is checked before hours of work start
+    if settings.weights is not None:  # a wrong weights file too
+        from wsilocal.models.resnet import ResNet34Trunk, load_resnet34_weights
+
+        load_resnet34_weights(ResNet34Trunk(), settings.weights)
     started = time.perf_counter()
     report: dict[str, Any] = {"settings": asdict(settings), "seeds": list(range(n_seeds)), "rows": rows,
                               "tasks": {}, "records": [], "aggregates": []}
     for cohort_settings in cohorts:
         task = cohort_settings.task
         cohort = prepare_benchmark_cohort(cohort_settings, out / "cohorts" / task, workers=settings.workers,
-                                          progress=progress)
+                                          weights=settings.weights, progress=progress)
         report["tasks"][task] = {"classes": class_names(cohort_settings.classes, task), "slides": cohort.n_slides,
                                  "feature_skipped": cohort.feature_skipped, "seconds": cohort.seconds,
                                  "synth_params": asdict(cohort_settings.synth_params()),
@@ -523,13 +548,16 @@ def describe_settings(report: dict[str, Any]) -> str:
         lines.append(f"- `{task}`: {c['slides_per_class']} slides per class, level 0 {p['size'][0]}×{p['size'][1]} "
                      f"px at 0.25 µm/px (±25 % size jitter){extra}; splits {c['splits']} per class; read at "
                      f"{c['mpp']:g} µm/px by every method; MIL tiles {c['tile']} px ({c['tile'] * c['mpp']:g} µm).")
-    d = s["demo"]
+    d, weights = s["demo"], s.get("weights")
     mil_epochs = s["mil_epochs"] or "the model's published count"
-    lines += [f"- ours: epochs {s['epochs']} (greedy: per module), lr trunk {d['lr_trunk']:g}, lr auxiliary "
+    lr_trunk = TrainConfig.lr_trunk if weights else d["lr_trunk"]
+    start = f"the weights in {weights}" if weights else "random initial weights"
+    features = f"ResNet34 with the weights in {weights}" if weights else \
+        "randomly initialised ResNet34 (no ImageNet weights offline)"
+    lines += [f"- ours: epochs {s['epochs']} (greedy: per module), lr trunk {lr_trunk:g}, lr auxiliary "
               f"{d['lr_aux']:g}, accumulation {d['accumulation']}, {d['rfr_patches']} RFR patches (the demo's "
-              "settings), random initial weights.",
-              f"- MIL baselines: epochs {mil_epochs}, each model's published optimiser, features of a randomly "
-              "initialised ResNet34 (no ImageNet weights offline).",
+              f"settings), {start}.",
+              f"- MIL baselines: epochs {mil_epochs}, each model's published optimiser, features of a {features}.",
               f"- seeds {report['seeds']}: the seed sets initial weights and data order; the splits stay fixed. "
               "± is the sample standard deviation over seeds."]
     return "\n".join(lines)
@@ -600,6 +628,8 @@ def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for cohorts, runs and accuracy.json/.md/.png")
     parser.add_argument("--quick", action="store_true", help="small cohorts, 1 epoch, 2 seeds (≤ 15 min)")
     parser.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick 2)")
+    parser.add_argument("--weights", help="torchvision ResNet34 state dict (.pth/.safetensors), e.g. ImageNet "
+                                          "weights as in the paper; default: random weights for every method")
     parser.add_argument("--tasks", nargs="+", choices=[c.task for c in FULL.cohorts],
                         help="tasks to run (default: all)")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), metavar="ROW",
@@ -609,8 +639,10 @@ def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
 
 def accuracy_main(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed arguments; print the tables and where the files are."""
-    report = run_accuracy_benchmark(args.out, QUICK if args.quick else FULL, tasks=args.tasks, rows=args.rows,
-                                    seeds=args.seeds)
+    settings = QUICK if args.quick else FULL
+    if args.weights is not None:
+        settings = replace(settings, weights=str(Path(args.weights).resolve()))
+    report = run_accuracy_benchmark(args.out, settings, tasks=args.tasks, rows=args.rows, seeds=args.seeds)
     print(format_accuracy_tables(report))
     print(f"wrote {Path(args.out) / 'accuracy.json'}, accuracy.md, accuracy.png ({report['seconds'] / 60:.1f} min)")
     return 1 if any(a["status"].startswith("failed") for a in report["aggregates"]) else 0

@@ -95,12 +95,15 @@ def run_section(name: str, folder: Path, argv: Sequence[str]) -> dict[str, Any]:
 
 
 def run_all_benchmarks(out: str | Path, *, quick: bool = False, sections: Sequence[str] = SECTIONS,
-                       progress: bool = True) -> dict[str, Any]:
-    """Run each benchmark into ``out/<name>/`` (options: :data:`QUICK_ARGS` or :data:`FULL_ARGS`), then write
-    ``out/report.md`` and ``out/report.json``; returns the report's content."""
+                       weights: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run each benchmark into ``out/<name>/`` (options: :data:`QUICK_ARGS` or :data:`FULL_ARGS`; ``weights``, a
+    ResNet34 state dict, goes to the accuracy benchmark), then write ``out/report.md`` and ``out/report.json``;
+    returns the report's content."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    options = QUICK_ARGS if quick else FULL_ARGS
+    options = dict(QUICK_ARGS if quick else FULL_ARGS)
+    if weights is not None:
+        options["accuracy"] = [*options["accuracy"], "--weights", str(weights)]
     runs = {}
     for name in sections:
         if progress:
@@ -395,11 +398,13 @@ def add_all_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="every benchmark's quick variant")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="benchmarks to run (default: all); the report includes every section found in --out")
+    parser.add_argument("--weights", help="ResNet34 state dict for the accuracy benchmark (ImageNet weights, as in "
+                                          "the paper); default: random weights")
 
 
 def all_main(args: argparse.Namespace) -> int:
     """Run the benchmarks from parsed arguments; print where the report is."""
-    report = run_all_benchmarks(args.out, quick=args.quick, sections=args.sections)
+    report = run_all_benchmarks(args.out, quick=args.quick, sections=args.sections, weights=args.weights)
     for name, section in report["sections"].items():
         print(f"{name:<9} {section['status']}")
     print(f"wrote {Path(args.out) / 'report.md'}, report.json")
