@@ -48,6 +48,7 @@ def test_wrong_types_and_unknown_keys(tmp_path, values, message):
     ("values", "message"),
     [({"k": 3}, "k must be 1, 2, 4 or 8"), ({"schedule": "fast"}, "schedule must be one of"),
      ({"lr_schedule": "step"}, "lr_schedule must be one of plateau, cosine, got 'step'"),
+     ({"best_by": "f1"}, "best_by must be one of balanced_accuracy, loss, auroc, got 'f1'"),
      ({"mpp": -1.0}, "mpp must be positive"), ({"out": ""}, "out: a run directory is required"),
      ({"method": "streaming", "k": 4}, "method streaming is end-to-end training .* needs k 1 .*--streaming"),
      ({"stream_store": "cloud"}, "stream_store must be one of auto, memory, disk"),

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from wsilocal.train.metrics import binary_auroc, classification_metrics, plot_roc_curves, roc_curve
+from wsilocal.train.metrics import binary_auroc, classification_metrics, plot_roc_curves, roc_curve, selection_score
 
 
 def pairwise_auroc(scores, positive):
@@ -45,3 +45,16 @@ def test_binary_auroc_uses_positive_class_score():
     labels = np.array([0, 1, 1, 0])
     m = classification_metrics(probs, labels, ["neg", "pos"])
     assert m["auroc"] == pytest.approx(pairwise_auroc(probs[:, 1], labels == 1))
+
+
+def test_selection_score_ranks_epochs_by_the_chosen_figure_then_breaks_ties():
+    lucky = ({"balanced_accuracy": 0.9, "auroc": 0.8}, 0.9)  # (validation metrics, validation loss) of an epoch
+    steady = ({"balanced_accuracy": 0.8, "auroc": 0.95}, 0.5)
+    tie = ({"balanced_accuracy": 0.9, "auroc": 0.8}, 0.7)
+    def best(best_by, *epochs):
+        return max(epochs, key=lambda e: selection_score(*e, best_by))
+    assert best("balanced_accuracy", lucky, steady) is lucky
+    assert best("balanced_accuracy", lucky, tie) is tie  # same balanced accuracy: the lower loss
+    assert best("loss", lucky, steady, tie) is steady
+    assert best("auroc", lucky, steady) is steady
+    assert selection_score({"balanced_accuracy": 0.5, "auroc": None}, 1.0, "auroc") == (0.0, -1.0)

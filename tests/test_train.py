@@ -51,11 +51,16 @@ def test_tiny_cohort_is_learned_to_full_training_accuracy(tiny_cohort, tmp_path)
 
 @pytest.mark.parametrize("lr_schedule", ["plateau", "cosine"])
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny_cohort, tmp_path, lr_schedule):
-    full = train(config_for(tiny_cohort, tmp_path / "full", epochs=2, lr_schedule=lr_schedule), progress=False)
-    train(config_for(tiny_cohort, tmp_path / "part", epochs=1, lr_schedule=lr_schedule), progress=False)
+    best_by = "loss" if lr_schedule == "cosine" else "balanced_accuracy"  # both choices of checkpoint_best
+    full = train(config_for(tiny_cohort, tmp_path / "full", epochs=2, lr_schedule=lr_schedule, best_by=best_by),
+                 progress=False)
+    train(config_for(tiny_cohort, tmp_path / "part", epochs=1, lr_schedule=lr_schedule, best_by=best_by),
+          progress=False)
     assert main(["train", "--resume", str(tmp_path / "part"), "--epochs", "2"]) == 0
+    losses = [row["val_loss"] for row in full.history]
     if lr_schedule == "cosine":  # rates for the next epoch: half a cosine from (1e-4, 1e-3) to zero in 2 epochs
         assert [row["lr"] for row in full.history] == [pytest.approx([5e-5, 5e-4]), pytest.approx([0.0, 0.0])]
+        assert full.best_epoch == losses.index(min(losses))
     a = load_checkpoint(tmp_path / "full" / "checkpoint_last.pt")
     b = load_checkpoint(tmp_path / "part" / "checkpoint_last.pt")
     for name, tensor in a["model"].items():

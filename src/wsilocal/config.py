@@ -22,6 +22,7 @@ from wsilocal.errors import ConfigError
 
 SCHEDULES = ("simultaneous", "greedy")
 LR_SCHEDULES = ("plateau", "cosine")
+BEST_BY = ("balanced_accuracy", "loss", "auroc")  # the validation figure that picks checkpoint_best among epochs
 MAX_RFR_PATCHES = 1000  # the paper uses 10; more only costs memory
 METHODS = ("local", "streaming")  # streaming = the StreamingCNN baseline (end-to-end, K=1)
 STREAM_STORES = ("auto", "memory", "disk")
@@ -65,6 +66,10 @@ class TrainConfig:
     plateau_patience: int = 3  # epochs without validation-loss improvement before lr ×plateau_factor
     plateau_factor: float = 0.1
     early_stopping: int = 10  # epochs without improvement before stopping; 0 = never
+    # Which epoch checkpoint_best.pt keeps: the best validation balanced accuracy (ties: lower loss), the lowest
+    # validation loss, or the best AUROC. On a split of ~10 slides balanced accuracy moves in steps of ~0.1, so
+    # "loss", which moves smoothly, picks less by luck.
+    best_by: str = "balanced_accuracy"
     class_weights: bool = False  # inverse-frequency class weights in the cross-entropy
     # --- augmentation
     augment: bool = True
@@ -103,6 +108,7 @@ class TrainConfig:
             (self.k in (1, 2, 4, 8) or self.boundaries is not None,
              f"k must be 1, 2, 4 or 8 (or give boundaries), got {self.k}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (self.best_by in BEST_BY, f"best_by must be one of {', '.join(BEST_BY)}, got {self.best_by!r}"),
             (self.lr_schedule in LR_SCHEDULES,
              f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),

@@ -8,7 +8,7 @@ the same run directory as the main method's trainer (:mod:`.trainer`)::
     RUN/model.json           method "baseline", model name, class names (index = position), in_dim and, when
                              the feature files record them, ``features``: how they were made (for ``predict``)
     RUN/checkpoint_last.pt   everything needed to resume (model, optimizer, scheduler, counters, history)
-    RUN/checkpoint_best.pt   the model with the best validation balanced accuracy (ties: lower loss)
+    RUN/checkpoint_best.pt   the model with the best validation result (``best_by``; default balanced accuracy)
     RUN/metrics.csv|json     one row per epoch
     RUN/curves.png           learning curves
     RUN/train.log            the log
@@ -49,7 +49,7 @@ import yaml
 from tqdm import tqdm
 
 from wsilocal.atomic import write_text_atomic
-from wsilocal.config import load_config, save_config, shared_checks
+from wsilocal.config import BEST_BY, load_config, save_config, shared_checks
 from wsilocal.errors import ConfigError, WsilocalError
 from wsilocal.features.extract import extraction_settings
 from wsilocal.features.h5 import read_attrs
@@ -59,7 +59,7 @@ from wsilocal.slide.cohort import SPLITS, load_cohort
 from wsilocal.train.bags import FeatureBags, epoch_order, load_bags
 from wsilocal.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from wsilocal.train.data import sample_generator
-from wsilocal.train.metrics import classification_metrics, plot_roc_curves
+from wsilocal.train.metrics import classification_metrics, plot_roc_curves, selection_score
 from wsilocal.train.trainer import (
     Trainer,
     TrainResult,
@@ -99,6 +99,7 @@ class BaselineConfig:
     plateau_patience: int = 0  # >0: lr ×plateau_factor after this many epochs without val-loss improvement
     plateau_factor: float = 0.1
     class_weights: bool = False  # scale each bag's loss by the inverse frequency of its class
+    best_by: str = "balanced_accuracy"  # what picks checkpoint_best.pt: balanced_accuracy, loss or auroc
     max_instances: int = 0  # >0: train on a random subset of this many tiles of larger bags (memory, speed)
     # --- misc
     seed: int = 0
@@ -124,6 +125,7 @@ class BaselineConfig:
              f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.plateau_patience >= 0, f"plateau_patience must be >= 0, got {self.plateau_patience}"),
             (0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1), got {self.plateau_factor}"),
+            (self.best_by in BEST_BY, f"best_by must be one of {', '.join(BEST_BY)}, got {self.best_by!r}"),
             (self.max_instances >= 0, f"max_instances must be >= 0, got {self.max_instances}"),
             (self.threads >= 0, f"threads must be >= 0 (0 = torch's default), got {self.threads}"),
             *shared_checks(self),
@@ -308,7 +310,7 @@ class BaselineTrainer(Trainer):
                 stage_best = {"loss": min(stage_best["loss"], evaluation["loss"]),
                               "bad_epochs": 0 if improved else stage_best["bad_epochs"] + 1}
                 if p == len(stages) - 1:
-                    score = (val_metrics["balanced_accuracy"] or 0.0, -evaluation["loss"])
+                    score = selection_score(val_metrics, evaluation["loss"], config.best_by)
                     if best["score"] is None or score > tuple(best["score"]):
                         best = {"score": list(score), "epoch": len(history) - 1, "val": val_metrics}
                         self._save(model, self.run_dir / "checkpoint_best.pt", signature, extra={"stage": p})

@@ -12,6 +12,14 @@ from pathlib import Path
 import numpy as np
 
 
+def selection_score(metrics: dict, loss: float, best_by: str) -> tuple[float, float]:
+    """How good an epoch is on the validation split (higher is better): ``best_by``'s figure, then, for ties,
+    the lower loss (or, for ``best_by="loss"``, the higher balanced accuracy)."""
+    if best_by == "loss":
+        return (-loss, metrics["balanced_accuracy"] or 0.0)
+    return (metrics[best_by] or 0.0, -loss)  # AUROC is None on a one-class split
+
+
 def binary_auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     """Area under the ROC curve of ``scores`` for the boolean ``positive``; None if one class is absent."""
     positive = np.asarray(positive, bool)

@@ -65,7 +65,7 @@ from wsilocal.train.checkpoint import load_checkpoint, load_model_state, save_ch
 from wsilocal.train.data import Augmentation, CachedSlides, sample_generator
 from wsilocal.train.distributed import DistContext, GradientAllReduce, distributed_session
 from wsilocal.train.local_step import StepResult, forward_all_classifiers, local_training_step
-from wsilocal.train.metrics import classification_metrics, plot_learning_curves
+from wsilocal.train.metrics import classification_metrics, plot_learning_curves, selection_score
 from wsilocal.train.streaming import (
     DEFAULT_TILE,
     TensorSource,
@@ -491,7 +491,7 @@ class Trainer:
                 phase_best = {"loss": min(phase_best["loss"], evaluation["loss"]),
                               "bad_epochs": 0 if improved_loss else phase_best["bad_epochs"] + 1}
                 if is_last_module:
-                    score = (val_metrics["balanced_accuracy"] or 0.0, -evaluation["loss"])
+                    score = selection_score(val_metrics, evaluation["loss"], config.best_by)
                     if best["score"] is None or score > tuple(best["score"]):
                         best = {"score": list(score), "epoch": len(history) - 1, "val": val_metrics}
                         self._save(net, self.run_dir / "checkpoint_best.pt", signature, classes)
