@@ -98,7 +98,7 @@ def test_bands_read_by_threads_equal_a_single_thread_read(slide_path, monkeypatc
     import wsilocal.slide.reader as reader
 
     with open_slide(slide_path) as slide:
-        assert reader.read_threads(slide) == min(2, os.cpu_count() or 1)
+        assert reader.read_threads(slide) == min(8, len(os.sched_getaffinity(0)))
         seen = []
         threaded = read_region_at_mpp(slide, 0.37, (13, 7, 1203, 1011), tile=64,
                                       progress=lambda done, total: seen.append((done, total)))
@@ -107,3 +107,14 @@ def test_bands_read_by_threads_equal_a_single_thread_read(slide_path, monkeypatc
     assert np.array_equal(threaded, single)
     assert len(seen) > 2 and seen[-1] == (single.shape[0], single.shape[0])  # many bands, all reported
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+
+
+def test_worker_processes_share_the_cores_for_reading(monkeypatch):
+    import wsilocal.slide.reader as reader
+
+    monkeypatch.setattr(reader, "usable_cores", lambda: 16)
+    monkeypatch.setattr(reader, "MAX_READ_THREADS", 8)
+    reader.share_cores_between(4)  # 4 processes on 16 cores: 4 threads each
+    assert reader.MAX_READ_THREADS == 4
+    reader.share_cores_between(32)  # more processes than cores: still one thread each
+    assert reader.MAX_READ_THREADS == 1

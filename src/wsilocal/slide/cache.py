@@ -34,6 +34,7 @@ from wsilocal.slide.reader import (
     describe_level,
     open_slide,
     read_region_at_mpp,
+    share_cores_between,
     size_at_mpp,
     source_pixels,
 )
@@ -230,7 +231,7 @@ def prepare_slides(
     jobs = [(s, cache_dir, settings) for s in todo]
     bar = tqdm(total=len(jobs), desc="prepare", unit="slide", disable=not progress or not jobs)
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=share_cores_between, initargs=(workers,)) as pool:
             outcomes = pool.map(_prepare_one, jobs)
             for outcome in outcomes:
                 _record(result, outcome)

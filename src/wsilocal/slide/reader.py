@@ -33,9 +33,10 @@ from wsilocal.errors import ConfigError, SlideError
 LEVEL_TOLERANCE = 0.01
 #: Source bytes per band when resizing: bounds memory for very wide slides (plus the output itself).
 BAND_BYTES = 32 * 2**20
-#: Threads reading the bands of one read at once (OpenSlide only): on 2 cores, 2 threads read a 4096² box at
-#: 5x in 2.6 s instead of 4.6–5.7 s, bit-identically (docs/benchmarks.md, speed).
-MAX_READ_THREADS = 2
+#: Most threads reading the bands of one read at once (OpenSlide only; one per usable core): on 2 cores, 2 threads
+#: read a 4096² box at 5x in 2.6 s instead of 4.6–5.7 s, bit-identically (docs/benchmarks.md, speed). On a GPU
+#: host the read is most of a prediction, so its cores all help; each thread holds one band (≤ BAND_BYTES).
+MAX_READ_THREADS = 8
 #: Decompression-bomb guard: a TIFF strip or tile larger than this when decoded is refused at open.
 MAX_CHUNK_BYTES = 256 * 2**20
 #: Default pixel limit of a read (output, or pixels decoded to make it): larger reads are refused, not attempted.
@@ -349,10 +350,22 @@ def _resample(
     return out
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a SLURM job's share, not the whole node)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def share_cores_between(processes: int) -> None:
+    """In one of ``processes`` worker processes reading slides side by side: read each slide with this process's
+    share of the cores, not all of them (the workers would otherwise oversubscribe the machine)."""
+    global MAX_READ_THREADS
+    MAX_READ_THREADS = max(1, min(MAX_READ_THREADS, usable_cores() // max(1, processes)))
+
+
 def read_threads(slide: Slide) -> int:
-    """Threads that read bands of one slide at once: up to 2 (or the cores there are) with OpenSlide, whose
-    handles are thread-safe; 1 with tiffslide."""
-    return min(MAX_READ_THREADS, os.cpu_count() or 1) if slide.backend == "openslide" else 1
+    """Threads that read bands of one slide at once: one per usable core, at most :data:`MAX_READ_THREADS`, with
+    OpenSlide, whose handles are thread-safe; 1 with tiffslide."""
+    return min(MAX_READ_THREADS, usable_cores()) if slide.backend == "openslide" else 1
 
 
 def _filter_taps(
