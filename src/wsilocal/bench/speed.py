@@ -64,7 +64,7 @@ from wsilocal.models.mil.abmil import GatedABMIL
 from wsilocal.models.resnet import LAYER_CHANNELS, ResNet34Trunk, calibrate_batchnorm
 from wsilocal.runtime import process_memory_bytes, tune_cpu_allocator
 from wsilocal.slide.cache import PrepareSettings
-from wsilocal.slide.reader import open_slide
+from wsilocal.slide.reader import MAX_READ_THREADS, open_slide, usable_cores
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 from wsilocal.slide.tissue import detect_tissue
 from wsilocal.train.data import to_tensor
@@ -74,7 +74,8 @@ MPP = 2.0  # 5x, the paper's resolution
 TILE = 256  # the pipeline's tiles, px at MPP
 MIN_TISSUE = 0.25  # the pipeline's tile selection (``wsilocal features``' default)
 BATCH_SIZE = 64
-WORKERS = 2  # reader threads of the pipeline
+# Reader threads of the pipeline: as many as our reader decodes bands with, so both read with the same cores.
+WORKERS = min(MAX_READ_THREADS, usable_cores())
 SCAN_MPP = 1.0
 N_CLASSES = 2
 SEED = 0
@@ -590,7 +591,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", help="take our trunk and H from this training run (default: random weights)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--workers", type=int, default=WORKERS,
-                        help=f"tile reader threads of the pipeline (default {WORKERS}; 0: none)")
+                        help=f"tile reader threads of the pipeline (default {WORKERS}: the threads our reader "
+                             "uses here; 0: none)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help=f"tiles per ResNet34 forward in the pipeline (default {BATCH_SIZE})")
     parser.add_argument("--scan-mpp", type=float, default=SCAN_MPP,
