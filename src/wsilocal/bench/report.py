@@ -214,8 +214,8 @@ def _speed_ratios(speed: dict[str, Any] | None) -> list[tuple[str, float]]:
 
 
 def paper_claims(data: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
-    """The paper's claims, what we measured, our verdict (``agrees``, ``disagrees`` or ``pending``) and, where
-    we disagree, why we think we do (from the measurements themselves where they say it)."""
+    """The paper's claims, what we measured, our verdict (``agrees``, ``disagrees``, ``inconclusive`` or
+    ``pending``) and, where we disagree or cannot tell, why (from the measurements themselves where they say it)."""
     claims = []
     accuracy = data.get("accuracy") or {}
     aggregates = {(a["task"], a["row"]): a for a in accuracy.get("aggregates", []) if a.get("accuracy")}
@@ -282,41 +282,36 @@ def _learnt_nothing(aggregate: dict[str, Any], chance: float) -> bool:
 
 def _accuracy_claim(text: str, paper: str, ours: dict[str, Any] | None, other: dict[str, Any] | None,
                     other_name: str, context: _AccuracyContext, kind: str) -> dict[str, Any]:
-    """A claim "ours is more accurate than other" on mean test accuracy over seeds, with its why."""
+    """A claim "ours is more accurate than other" on mean test accuracy over seeds, with its verdict and why.
+
+    ``inconclusive`` where the numbers cannot tell: both rows at chance, or a gap within the seed-to-seed spread.
+    """
     if ours is None or other is None:
         return {"claim": text, "paper": paper, "ours": "not measured", "verdict": "pending", "why": ""}
     a, b = ours["accuracy"], other["accuracy"]
-    verdict = "agrees" if a["mean"] > b["mean"] else "disagrees"
-    return {"claim": text, "paper": paper, "verdict": verdict,
-            "ours": f"{a['mean']:.3f} ± {a['std'] or 0:.3f} vs {other_name} {b['mean']:.3f} ± {b['std'] or 0:.3f} "
-                    f"({a['mean'] - b['mean']:+.3f})",
-            "why": _why_accuracy(ours, other, context, kind) if verdict == "disagrees" else ""}
-
-
-def _why_accuracy(ours: dict[str, Any], other: dict[str, Any], context: _AccuracyContext, kind: str) -> str:
-    """Why ours is not ahead here: first what the numbers say (no learning, or a gap within the seed spread),
-    then the reason that fits the claim."""
-    settings, reasons = context.settings, []
-    budget = (f"{settings.get('epochs', '?')} epochs from random weights on {context.slides('train')} training "
-              "slides")
+    gap, spread = a["mean"] - b["mean"], max(a["std"] or 0.0, b["std"] or 0.0)
+    budget = (f"{context.settings.get('epochs', '?')} epochs from random weights on {context.slides('train')} "
+              "training slides")
     if _learnt_nothing(ours, context.chance) and _learnt_nothing(other, context.chance):
-        reasons.append(f"neither learnt the task: both at chance balanced accuracy (1/{round(1 / context.chance)}) "
-                       f"after {budget}, so this comparison says nothing about the methods")
+        verdict = "inconclusive"
+        why = (f"neither learnt the task: both at chance balanced accuracy (1/{round(1 / context.chance)}) after "
+               f"{budget}, so this comparison says nothing about the methods.")
+    elif abs(gap) <= spread:
+        verdict = "inconclusive"
+        why = (f"the gap ({gap:+.3f}) is within the seed-to-seed spread (std up to {spread:.3f}) of a "
+               f"{context.slides('test')}-slide test split.")
+    elif gap > 0:
+        verdict, why = "agrees", ""
     else:
-        gap = ours["accuracy"]["mean"] - other["accuracy"]["mean"]
-        spread = max(ours["accuracy"]["std"] or 0.0, other["accuracy"]["std"] or 0.0)
-        if abs(gap) <= spread:
-            reasons.append(f"the gap ({gap:+.3f}) is within the seed-to-seed spread (std up to {spread:.3f}) of a "
-                           f"{context.slides('test')}-slide test split")
-        if kind == "mil":
-            reasons.append(f"our trunk learns its features end to end in {budget}, while the MIL heads get "
-                           f"{settings.get('mil_epochs') or 'their published'} epochs on fixed tile features; the "
-                           "paper fine-tunes ImageNet weights, whose features already separate the classes")
-        else:
-            reasons.append(f"RFR regularises towards keeping each module's input; in {budget} the classification "
-                           "loss alone learns faster, and RFR's benefit in the paper is measured after convergence "
-                           "from ImageNet weights")
-    return "; ".join(reasons) + "."
+        verdict = "disagrees"
+        why = (f"our trunk learns its features end to end in {budget}, while the MIL heads get "
+               f"{context.settings.get('mil_epochs') or 'their published'} epochs on fixed tile features; the paper "
+               "fine-tunes ImageNet weights, whose features already separate the classes." if kind == "mil" else
+               f"RFR regularises towards keeping each module's input; in {budget} the classification loss alone "
+               "learns faster, and RFR's benefit in the paper is measured after convergence from ImageNet weights.")
+    return {"claim": text, "paper": paper, "verdict": verdict, "why": why,
+            "ours": f"{a['mean']:.3f} ± {a['std'] or 0:.3f} vs {other_name} {b['mean']:.3f} ± {b['std'] or 0:.3f} "
+                    f"({gap:+.3f})"}
 
 
 def _on_gpu(data: dict[str, dict[str, Any] | None]) -> bool:
@@ -336,8 +331,8 @@ WHY_MEMORY = ("Ours are bytes saved for backward on a CPU; the paper's are GPU m
 
 
 def format_claims(claims: Sequence[dict[str, Any]]) -> str:
-    """Markdown: one row per claim, with why we differ where we do."""
-    lines = [f"| the paper claims | {PAPER_LABEL} | ours (this machine) | verdict | why we differ |",
+    """Markdown: one row per claim, with why where we differ or cannot tell."""
+    lines = [f"| the paper claims | {PAPER_LABEL} | ours (this machine) | verdict | why we differ (or cannot tell) |",
              "|---|---|---|---|---|"]
     for c in claims:
         lines.append(f"| {c['claim']} | {c['paper']} | {c['ours']} | {c['verdict']} | {c.get('why', '')} |")
