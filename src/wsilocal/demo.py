@@ -48,6 +48,11 @@ class DemoSettings:
     # them after every epoch keeps it learning: with it, accumulation 1 and 20 epochs the demo reached test balanced
     # accuracy 0.78 (AUROC 0.89), against 0.56 (0.65) without it at accumulation 2 and 15 epochs.
     recalibrate_bn: bool = True
+    # Batch 1 at a constant rate leaves the final classifier's decision noisy from epoch to epoch, and a 10-slide
+    # validation split picked a lucky early epoch by balanced accuracy. Rates falling along a cosine and the epoch
+    # of lowest validation loss: test balanced accuracy 0.83 (AUROC 0.91) against 0.78 (0.89), same 20 epochs.
+    lr_schedule: str = "cosine"
+    best_by: str = "loss"
 
 
 QUICK = DemoSettings(slides_per_class=4, size=(2048, 2048), epochs=1, accumulation=2)
@@ -67,6 +72,8 @@ def demo_config(out: Path, settings: DemoSettings) -> TrainConfig:
         rfr_patches=settings.rfr_patches,
         plateau_patience=settings.plateau_patience,
         recalibrate_bn=settings.recalibrate_bn,
+        lr_schedule=settings.lr_schedule,
+        best_by=settings.best_by,
         early_stopping=0,
         seed=settings.seed,
         workers=settings.workers,
