@@ -108,7 +108,6 @@ class TrainConfig:
             (self.k in (1, 2, 4, 8) or self.boundaries is not None,
              f"k must be 1, 2, 4 or 8 (or give boundaries), got {self.k}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (self.best_by in BEST_BY, f"best_by must be one of {', '.join(BEST_BY)}, got {self.best_by!r}"),
             (self.lr_schedule in LR_SCHEDULES,
              f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
@@ -145,12 +144,14 @@ class TrainConfig:
 
 
 def shared_checks(config) -> list[tuple[bool, str]]:
-    """Checks every config class shares: finite numbers, a seed the random generators accept."""
+    """Checks every config class shares: finite numbers, a seed the random generators accept, a known
+    ``best_by``."""
     infinite = [f.name for f in fields(config) if isinstance(getattr(config, f.name), float)
                 and not math.isfinite(getattr(config, f.name))]
     return [
         (not infinite, f"{', '.join(infinite)} must be finite numbers"),
         (0 <= config.seed < 2**31, f"seed must be in 0..2147483647, got {config.seed}"),
+        (config.best_by in BEST_BY, f"best_by must be one of {', '.join(BEST_BY)}, got {config.best_by!r}"),
     ]
 
 

@@ -223,7 +223,7 @@ def paper_claims(data: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]
     mil_rows = [name for name, row in ROWS.items() if row.kind == "mil"]
     for task, about in accuracy.get("tasks", {}).items():
         dataset = PAPER_DATASET_OF_TASK[task]
-        context = _AccuracyContext(task, accuracy.get("settings", {}), about)
+        context = _AccuracyContext(accuracy.get("settings", {}), about)
         best_paper = max(PAPER_TABLE1[r][dataset][0] for r in mil_rows if dataset in PAPER_TABLE1.get(r, {}))
         mil = {row: aggregates[(task, row)] for row in mil_rows if (task, row) in aggregates}
         best = max(mil, key=lambda row: mil[row]["accuracy"]["mean"]) if mil else None
@@ -264,7 +264,6 @@ def paper_claims(data: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]
 class _AccuracyContext:
     """What an accuracy verdict needs to explain itself: the task's classes, split sizes and training budget."""
 
-    task: str
     settings: dict[str, Any]
     about: dict[str, Any]
 

@@ -49,7 +49,7 @@ import yaml
 from tqdm import tqdm
 
 from wsilocal.atomic import write_text_atomic
-from wsilocal.config import BEST_BY, load_config, save_config, shared_checks
+from wsilocal.config import load_config, save_config, shared_checks
 from wsilocal.errors import ConfigError, WsilocalError
 from wsilocal.features.extract import extraction_settings
 from wsilocal.features.h5 import read_attrs
@@ -125,7 +125,6 @@ class BaselineConfig:
              f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.plateau_patience >= 0, f"plateau_patience must be >= 0, got {self.plateau_patience}"),
             (0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1), got {self.plateau_factor}"),
-            (self.best_by in BEST_BY, f"best_by must be one of {', '.join(BEST_BY)}, got {self.best_by!r}"),
             (self.max_instances >= 0, f"max_instances must be >= 0, got {self.max_instances}"),
             (self.threads >= 0, f"threads must be >= 0 (0 = torch's default), got {self.threads}"),
             *shared_checks(self),
