@@ -180,6 +180,24 @@ def test_bench_all_writes_one_report_with_every_section(bench, monkeypatch):
     assert f"{machine['cores']} cores" in text
 
 
+def test_budget_options_set_epochs_and_cohort_sizes_and_refuse_bad_values(bench, tmp_path, capsys):
+    settings = accuracy.FULL.with_budget(epochs=9, mil_epochs=7, slides_per_class=5)
+    assert (settings.epochs, settings.mil_epochs, settings.seeds) == (9, 7, accuracy.FULL.seeds)
+    assert settings.cohorts == tuple(replace(c, slides_per_class=5) for c in accuracy.FULL.cohorts)
+    assert accuracy.FULL.with_budget() == accuracy.FULL
+    # The option reaches the runs: the finished 1-epoch runs are not reused for 2 epochs.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(accuracy, "QUICK", TINY)
+        assert main(["bench", "accuracy", "--out", str(bench / "accuracy"), "--quick", "--rows", "ours_k2",
+                     "--seeds", "1", "--epochs", "2"]) == 2
+    assert "ours_k2/seed0: finished with other settings (epochs)" in capsys.readouterr().err
+    for option, value, least in (("--epochs", "0", 1), ("--mil-epochs", "-1", 1), ("--slides-per-class", "2", 3)):
+        assert main(["bench", "accuracy", "--out", str(tmp_path / "o"), option, value]) == 2
+        assert capsys.readouterr().err.strip() == f"error: bench accuracy: {option} must be at least {least}, " \
+                                                  f"got {value}"
+    assert not (tmp_path / "o").exists()
+
+
 def test_weights_give_every_method_those_weights_and_their_own_features(tmp_path, capsys):
     torch.manual_seed(0)
     weights = tmp_path / "resnet34.pth"

@@ -223,6 +223,22 @@ class AccuracyBenchSettings:
     keep_last_checkpoint: bool = False
     weights: str | None = None
 
+    def with_budget(self, *, epochs: int | None = None, mil_epochs: int | None = None,
+                    slides_per_class: int | None = None) -> AccuracyBenchSettings:
+        """These settings with more (or less) training and data: ``epochs`` of ours, ``mil_epochs`` of the MIL
+        baselines, ``slides_per_class`` of every cohort; None keeps a value.
+
+        Raises ConfigError for a value below 1 (below 3 slides per class: one per split).
+        """
+        for name, value, least in (("epochs", epochs, 1), ("mil-epochs", mil_epochs, 1),
+                                   ("slides-per-class", slides_per_class, 3)):
+            if value is not None and value < least:
+                raise ConfigError(f"bench accuracy: --{name} must be at least {least}, got {value}")
+        cohorts = self.cohorts if slides_per_class is None else tuple(
+            replace(c, slides_per_class=slides_per_class) for c in self.cohorts)
+        return replace(self, cohorts=cohorts, epochs=self.epochs if epochs is None else epochs,
+                       mil_epochs=self.mil_epochs if mil_epochs is None else mil_epochs)
+
     def cohort(self, task: str) -> CohortSettings:
         for settings in self.cohorts:
             if settings.task == task:
@@ -630,6 +646,12 @@ def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick 2)")
     parser.add_argument("--weights", help="torchvision ResNet34 state dict (.pth/.safetensors), e.g. ImageNet "
                                           "weights as in the paper; default: random weights for every method")
+    parser.add_argument("--epochs", type=int, help=f"epochs of our network (default {FULL.epochs}; --quick "
+                                                   f"{QUICK.epochs}); from random weights it needs far more")
+    parser.add_argument("--mil-epochs", type=int, help=f"epochs of the MIL baselines (default {FULL.mil_epochs})")
+    parser.add_argument("--slides-per-class", type=int,
+                        help="slides per class of every cohort (default "
+                             f"{FULL.cohorts[0].slides_per_class}); another count is another cohort")
     parser.add_argument("--tasks", nargs="+", choices=[c.task for c in FULL.cohorts],
                         help="tasks to run (default: all)")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), metavar="ROW",
@@ -639,7 +661,8 @@ def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
 
 def accuracy_main(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed arguments; print the tables and where the files are."""
-    settings = QUICK if args.quick else FULL
+    settings = (QUICK if args.quick else FULL).with_budget(
+        epochs=args.epochs, mil_epochs=args.mil_epochs, slides_per_class=args.slides_per_class)
     if args.weights is not None:
         settings = replace(settings, weights=str(Path(args.weights).resolve()))
     report = run_accuracy_benchmark(args.out, settings, tasks=args.tasks, rows=args.rows, seeds=args.seeds)
