@@ -8,11 +8,23 @@ traceback is shown with ``WSILOCAL_TRACEBACK=1``).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
 
 from wsilocal.errors import TrainingInterrupted, WsilocalError
+
+# `wsilocal bench NAME`: (NAME, module of wsilocal.bench with add_NAME_arguments and NAME_main, help).
+BENCHMARKS = (
+    ("accuracy", "accuracy", "the paper's Tables 1 and 4 on synthetic cohorts: all methods, several seeds"),
+    ("memory", "memory", "the paper's Table 2: saved-for-backward bytes, peak RSS and step time per K and size"),
+    ("speed", "speed", "the paper's Table 3: whole-slide inference vs the tile pipeline (tiling, ResNet34 "
+                       "features, gated ABMIL) per slide size; peak RSS; bfloat16"),
+    ("scaling", "scaling", "training throughput with 1 and 2 processes, with/without all-reduce overlap"),
+    ("soak", "soak", "train a synthetic cohort for many epochs; fail if process memory grows"),
+    ("all", "report", "accuracy, memory, speed and scaling benchmarks and one report.md"),
+)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -292,39 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=list(MIL_MODELS), help="the MIL model")
     p.set_defaults(func=cmd_baseline)
 
-    p = sub.add_parser("bench", help="benchmarks: memory (the paper's Table 2)")
+    p = sub.add_parser("bench", help="benchmarks: the paper's tables (accuracy, memory, speed), scaling, soak, all")
     bench = p.add_subparsers(dest="bench", required=True)
-    from wsilocal.bench.memory import add_memory_arguments, memory_main
-
-    q = bench.add_parser("memory", help="peak saved-for-backward bytes, peak RSS and step time per K and size")
-    add_memory_arguments(q)
-    q.set_defaults(func=memory_main)
-    from wsilocal.bench.scaling import add_scaling_arguments, scaling_main
-
-    q = bench.add_parser("scaling", help="training throughput with 1 and 2 processes, with/without all-reduce overlap")
-    add_scaling_arguments(q)
-    q.set_defaults(func=scaling_main)
-    from wsilocal.bench.speed import add_speed_arguments, speed_main
-
-    q = bench.add_parser("speed", help="whole-slide inference vs the tile pipeline (tiling, ResNet34 features, "
-                                       "gated ABMIL) per slide size; peak RSS; bfloat16")
-    add_speed_arguments(q)
-    q.set_defaults(func=speed_main)
-    from wsilocal.bench.accuracy import accuracy_main, add_accuracy_arguments
-
-    q = bench.add_parser("accuracy", help="the paper's Tables 1 and 4 on synthetic cohorts: all methods, several seeds")
-    add_accuracy_arguments(q)
-    q.set_defaults(func=accuracy_main)
-    from wsilocal.bench.soak import add_soak_arguments, soak_main
-
-    q = bench.add_parser("soak", help="train a synthetic cohort for many epochs; fail if process memory grows")
-    add_soak_arguments(q)
-    q.set_defaults(func=soak_main)
-    from wsilocal.bench.report import add_all_arguments, all_main
-
-    q = bench.add_parser("all", help="accuracy, memory, speed and scaling benchmarks and one report.md")
-    add_all_arguments(q)
-    q.set_defaults(func=all_main)
+    for name, module_name, help_text in BENCHMARKS:  # each benchmark's module owns its options
+        module = importlib.import_module(f"wsilocal.bench.{module_name}")
+        q = bench.add_parser(name, help=help_text)
+        getattr(module, f"add_{name}_arguments")(q)
+        q.set_defaults(func=getattr(module, f"{name}_main"))
 
     p = sub.add_parser("demo", help="synthetic cohort → prepare → train K=4 → evaluate, in one command")
     p.add_argument("--out", default="demo_out", help="folder for the cohort, cache and run")
