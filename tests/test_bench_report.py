@@ -3,9 +3,10 @@
 from wsilocal.bench import report
 
 
-def aggregate(row, accuracy, std, balanced):
+def aggregate(row, accuracy, std, balanced, auroc=(0.5, 0.0)):
     return {"task": "morphology", "row": row, "accuracy": {"n": 3, "mean": accuracy, "std": std},
-            "balanced_accuracy": {"n": 3, "mean": balanced, "std": 0.0}, "auroc": {"n": 3, "mean": 0.5, "std": 0.0}}
+            "balanced_accuracy": {"n": 3, "mean": balanced, "std": 0.0},
+            "auroc": {"n": 3, "mean": auroc[0], "std": auroc[1]}}
 
 
 def accuracy_data(ours_k4, best_mil, *others):
@@ -29,6 +30,23 @@ def test_both_at_chance_says_nothing_was_learnt():
     assert c["ours"] == "0.300 ± 0.050 vs best MIL (abmil) 0.330 ± 0.000 (-0.030)"
     assert c["why"].startswith("neither learnt the task: both at or below chance balanced accuracy (1/3) after "
                                "6 epochs from random weights on 18 training slides")
+
+
+def test_auroc_claim_tells_a_ranking_learnt_from_a_threshold_that_has_not_moved():
+    # As measured on the context task: ours ranks the test slides well but still calls every slide one class.
+    ranks = report.paper_claims(accuracy_data(aggregate("ours_k4", 0.48, 0.06, 0.5, (0.92, 0.06)),
+                                              aggregate("abmil", 0.44, 0.0, 0.5, (0.63, 0.03)),
+                                              aggregate("maxpool", 0.52, 0.1, 0.55, (0.65, 0.15))))
+    assert claim(ranks, "`morphology`: ours K=4 is more accurate")["verdict"] == "inconclusive"
+    c = claim(ranks, "`morphology`: ours K=4 ranks slides (AUROC) better than every tile-based MIL baseline")
+    assert (c["verdict"], c["why"]) == ("agrees", "")
+    assert c["paper"] == "TCGA-RCC: 0.9740 vs best MIL 0.9716"  # the paper's AUROC column, CLAM-MB the best MIL
+    assert c["ours"] == "0.920 ± 0.060 vs best MIL (maxpool) 0.650 ± 0.150 (+0.270)"
+    chance = report.paper_claims(accuracy_data(aggregate("ours_k4", 0.3, 0.0, 0.3, (0.55, 0.1)),
+                                               aggregate("abmil", 0.3, 0.0, 0.3, (0.41, 0.1))))
+    c = claim(chance, "`morphology`: ours K=4 ranks slides")
+    assert c["verdict"] == "inconclusive" and c["why"].startswith("neither learnt the task: both at or below chance "
+                                                                  "AUROC (0.5) after 6 epochs")
 
 
 def test_a_gap_within_the_seed_spread_is_inconclusive_and_a_real_gap_gets_the_claims_reason():
