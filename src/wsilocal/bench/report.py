@@ -283,15 +283,16 @@ class _AccuracyContext:
         return (self.about.get("slides") or {}).get(split, "?")
 
 
-def _chance(metric: str, context: _AccuracyContext) -> tuple[float, str]:
-    """What a row that learnt nothing scores on the metric that decides whether it learnt: balanced accuracy
-    1/classes for accuracy claims, AUROC 0.5 (whatever the number of classes) for AUROC claims."""
+def _chance(metric: str, context: _AccuracyContext) -> tuple[str, float, str]:
+    """The metric that decides whether a row learnt anything for a claim on ``metric``, what a row that learnt
+    nothing scores on it, and how to say so: balanced accuracy at 1/classes for accuracy claims, AUROC at 0.5
+    (whatever the number of classes) for AUROC claims."""
     if metric == "auroc":
-        return 0.5, "chance AUROC (0.5)"
-    return context.chance, f"chance balanced accuracy (1/{round(1 / context.chance)})"
+        return "auroc", 0.5, "chance AUROC (0.5)"
+    return "balanced_accuracy", context.chance, f"chance balanced accuracy (1/{round(1 / context.chance)})"
 
 
-def _learnt_nothing(aggregate: dict[str, Any], chance: float, metric: str = "balanced_accuracy") -> bool:
+def _learnt_nothing(aggregate: dict[str, Any], chance: float, metric: str) -> bool:
     """Whether a row learnt nothing: its mean ``metric`` less one seed-to-seed std at most 0.05 above chance.
 
     Below chance is no better (a small test split can anti-correlate with what a few training slides taught), and
@@ -314,8 +315,7 @@ def _accuracy_claim(text: str, paper: str, ours: dict[str, Any] | None, other: d
     gap, spread = a["mean"] - b["mean"], max(a["std"] or 0.0, b["std"] or 0.0)
     budget = (f"{context.settings.get('epochs', '?')} epochs from random weights on {context.slides('train')} "
               "training slides")
-    chance, chance_text = _chance(metric, context)
-    learnt_by = "auroc" if metric == "auroc" else "balanced_accuracy"
+    learnt_by, chance, chance_text = _chance(metric, context)
     if _learnt_nothing(ours, chance, learnt_by) and _learnt_nothing(other, chance, learnt_by):
         verdict = "inconclusive"
         why = (f"neither learnt the task: both at or below {chance_text}, within the seed-to-seed spread, after "
