@@ -218,3 +218,28 @@ def test_weights_give_every_method_those_weights_and_their_own_features(tmp_path
     assert main(["bench", "accuracy", "--out", str(tmp_path / "o2"), "--weights", str(tmp_path / "none.pth")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'none.pth'}: no such file"
     assert not (tmp_path / "o2").exists()  # refused before any cohort was generated
+
+
+def test_shortcut_check_of_the_matched_cohort_and_of_a_cohort_with_one(bench, tmp_path):
+    shortcuts = load(bench)["tasks"]["morphology"]["shortcuts"]
+    # Generator 1.2 gives every class the same slide sizes in every split: size alone ranks nothing.
+    assert [shortcuts[k] for k in ("slide width (mm)", "slide height (mm)", "slide area (mm²)")] == [0.5] * 3
+    assert set(shortcuts) == {"slide width (mm)", "slide height (mm)", "slide area (mm²)", "tissue area (mm²)",
+                              "lesion fraction"}
+    assert "Shortcut check:" in (bench / "accuracy" / "accuracy.md").read_text()
+    # A cohort where tissue area grows with the class on the training split: a one-number rule learnt there
+    # ranks the test split perfectly when it grows there too, and worse than chance when it shrinks.
+    (tmp_path / "masks").mkdir()
+    slides = {}
+    for i, (split, label, tissue_rows) in enumerate([("train", "a", 2), ("train", "b", 4), ("train", "c", 6),
+                                                     ("test", "a", 1), ("test", "b", 3), ("test", "c", 5)]):
+        mask = np.zeros((8, 8), np.uint8)
+        mask[:tissue_rows] = 128
+        Image.fromarray(mask).save(tmp_path / "masks" / f"{i}.png")
+        slides[str(i)] = {"split": split, "label": label, "size": [256, 256], "mask": f"masks/{i}.png",
+                          "mask_downsample": 32, "lesion_fraction": 0.1}
+    (tmp_path / "synth.json").write_text(json.dumps({"slides": slides}))
+    # a: smallest on train, so "smaller" ranks it first on test (1.0); c: largest (1.0); b: in the middle (0.5).
+    got = accuracy.shortcut_aurocs(tmp_path, ["a", "b", "c"])["tissue area (mm²)"]
+    assert got == pytest.approx(np.mean([1.0, 0.5, 1.0]))
+    assert accuracy.shortcut_aurocs(tmp_path, ["a", "b", "c"])["slide area (mm²)"] == 0.5

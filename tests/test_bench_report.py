@@ -96,3 +96,16 @@ def test_bench_all_passes_weights_to_the_accuracy_benchmark_only(tmp_path, monke
     report.run_all_benchmarks(tmp_path, sections=["accuracy", "memory"], weights="/w/resnet34.pth", progress=False)
     assert calls == {"accuracy": ["--weights", "/w/resnet34.pth"], "memory": []}
     assert report.FULL_ARGS["accuracy"] == []  # the module's defaults are left as they were
+
+
+def test_a_shortcut_in_the_cohort_makes_agreement_inconclusive():
+    # The context cohorts before generator 1.2: far slides came out larger, so slide area alone ranked the test split.
+    data = accuracy_data(aggregate("ours_k4", 0.9, 0.0, 0.9, (0.92, 0.06)), aggregate("abmil", 0.7, 0.0, 0.7))
+    shortcuts = {"slide area (mm²)": 1.0, "tissue area (mm²)": 0.6, "lesion fraction": None}
+    data["accuracy"]["tasks"]["morphology"]["shortcuts"] = shortcuts
+    for start in ("`morphology`: ours K=4 is more accurate", "`morphology`: ours K=4 ranks slides"):
+        c = claim(report.paper_claims(data), start)
+        assert c["verdict"] == "inconclusive"
+        assert c["why"].startswith("slide area (mm²) alone ranks the test slides at AUROC 1.00 (shortcut check")
+    shortcuts["slide area (mm²)"] = 0.5  # matched sizes: no number besides the tissue ranks the slides
+    assert claim(report.paper_claims(data), "`morphology`: ours K=4 ranks slides")["verdict"] == "agrees"

@@ -63,8 +63,15 @@ def test_cohort_csv_cases_and_splits(cohort: Path) -> None:
     assert all(len({r["split"] for r in case}) == 1 for case in by_case.values())  # no case in two splits
     assert all(len({r["label"] for r in case}) == 1 for case in by_case.values())
     assert sorted(len(case) for case in by_case.values()).count(2) == 3  # one two-slide case per class
-    sizes = {tuple(json.loads((cohort / "synth.json").read_text())["slides"][r["slide_id"]]["size"]) for r in rows}
-    assert len(sizes) == 12 and all(2160 <= w <= 2640 and 1080 <= h <= 1320 for w, h in sizes)  # jittered
+    meta = json.loads((cohort / "synth.json").read_text())["slides"]
+    sizes = {tuple(meta[r["slide_id"]]["size"]) for r in rows}
+    assert len(sizes) == 4 and all(2160 <= w <= 2640 and 1080 <= h <= 1320 for w, h in sizes)  # jittered
+    # Matched classes: within each split every class holds the same slide sizes and staining runs, so neither
+    # tells the classes apart.
+    for split in ("train", "val", "test"):
+        per_class = [sorted((tuple(meta[r["slide_id"]]["size"]), meta[r["slide_id"]]["stain_seed"])
+                            for r in rows if r["split"] == split and r["label"] == label) for label in CLASSES]
+        assert per_class[0] and all(other == per_class[0] for other in per_class[1:])
 
 
 def test_synth_json_masks_and_lesion_fraction(cohort: Path) -> None:
@@ -92,21 +99,24 @@ def test_synth_json_masks_and_lesion_fraction(cohort: Path) -> None:
 
 
 def test_masks_match_the_slide_image(cohort: Path) -> None:
-    """The lesion lies on tissue in the written slide (read by OpenSlide), glass on empty glass."""
+    """The lesion lies on tissue in the written slide (read by OpenSlide), glass on empty glass. (A gland's
+    lumen is pale but belongs to the lesion: tissue is what stains, holes enclosed by it included.)"""
     meta = json.loads((cohort / "synth.json").read_text())
     ds = meta["mask_downsample"]
     for row in _rows(cohort):
         mask = np.asarray(Image.open(cohort / meta["slides"][row["slide_id"]]["mask"]))
         with openslide.OpenSlide(cohort / row["path"]) as slide:
-            factor = round(slide.level_downsamples[1])
-            image = np.asarray(slide.read_region((0, 0), 1, slide.level_dimensions[1]).convert("RGB"))
-        cell = ds // factor  # level-1 px per mask pixel
+            level = min(1, slide.level_count - 1)  # a small slide may have no level 1
+            factor = round(slide.level_downsamples[level])
+            image = np.asarray(slide.read_region((0, 0), level, slide.level_dimensions[level]).convert("RGB"))
+        cell = ds // factor  # px of that level per mask pixel
         h, w = mask.shape
         padded = np.pad(image, ((0, h * cell - image.shape[0]), (0, w * cell - image.shape[1]), (0, 0)), mode="edge")
         od = -np.log(np.maximum(padded, 1) / 255.0).sum(axis=2)
         cell_od = od.reshape(h, cell, w, cell).mean(axis=(1, 3))
         glass = np.median(cell_od[mask == 0])  # this slide's empty glass
-        assert (cell_od[mask == 255] > glass + 0.08).mean() > 0.99
+        tissue = ndimage.binary_fill_holes(cell_od > glass + 0.08)
+        assert tissue[mask == 255].mean() > 0.99
         away_from_tissue = ndimage.binary_erosion(mask == 0, border_value=1)  # cells wholly on glass
         assert (cell_od[away_from_tissue] < glass + 0.08).mean() > 0.99
 
@@ -266,3 +276,19 @@ def test_bad_parameters_raise_config_errors(tmp_path: Path) -> None:
         synth.make_slide(synth.SynthParams(lesion_fraction=(0.4, 0.2)), "solid")
     with pytest.raises(ValueError, match="not inside the 1000x800 slide"):
         synth.render_region(synth.make_slide(synth.SynthParams(size=(1000, 800)), "solid"), 900, 0, 200, 10)
+
+
+def test_slide_measurements_are_the_slides_own_sizes_and_mask_areas(cohort: Path) -> None:
+    meta = json.loads((cohort / "synth.json").read_text())
+    measured = synth.slide_measurements(cohort)
+    assert measured.keys() == meta["slides"].keys()
+    for slide_id, info in meta["slides"].items():
+        with openslide.OpenSlide(cohort / "slides" / f"{slide_id}.svs") as slide:
+            width, height = slide.dimensions
+        mask = np.asarray(Image.open(cohort / info["mask"]))
+        tissue_px = np.count_nonzero(mask) * info["mask_downsample"] ** 2  # every non-glass mask value is tissue
+        got = measured[slide_id]
+        assert got["slide area (mm²)"] == pytest.approx(width * height * 0.25**2 / 1e6, rel=1e-12)
+        assert (got["slide width (mm)"], got["slide height (mm)"]) == pytest.approx((width / 4000, height / 4000))
+        assert got["tissue area (mm²)"] == pytest.approx(tissue_px * 0.25**2 / 1e6, rel=1e-12)
+        assert got["lesion fraction"] == info["lesion_fraction"]

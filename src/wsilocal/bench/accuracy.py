@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from wsilocal.atomic import write_text_atomic
@@ -45,7 +46,7 @@ from wsilocal.demo import QUICK as DEMO_QUICK
 from wsilocal.demo import DemoSettings, demo_config
 from wsilocal.errors import ConfigError, WsilocalError
 from wsilocal.models.mil import MIL_MODELS
-from wsilocal.slide.synth import DEFAULT_SIZE, SynthParams, class_names
+from wsilocal.slide.synth import DEFAULT_SIZE, GENERATOR_VERSION, SynthParams, class_names
 
 RUN_MARKER = "bench_run.json"  # written last into a run directory: the run is finished, with these results
 METRICS = ("accuracy", "balanced_accuracy", "auroc")
@@ -341,11 +342,48 @@ def prepare_benchmark_cohort(cohort_settings: CohortSettings, folder: Path, *, w
                           {split: len(cohort.split(split)) for split in SPLITS}, dict(extracted.skipped), seconds)
 
 
+SHORTCUT_AUROC = 0.75  # a number besides the tissue's pattern that ranks the test slides this well is a shortcut
+
+
+def shortcut_aurocs(folder: Path, classes: Sequence[str]) -> dict[str, float | None]:
+    """How well each of :func:`~wsilocal.slide.synth.slide_measurements` alone ranks the test slides of the
+    cohort in ``folder``: the AUROC of the positive class (macro one-vs-rest for more than two classes), each
+    class's direction (larger or smaller) taken from the training split, as a one-number classifier would learn it.
+
+    About 0.5 when the classes differ only in their tissue's pattern; from :data:`SHORTCUT_AUROC` up, a model's
+    AUROC may reflect that number rather than the task.
+    """
+    from wsilocal.slide.synth import slide_measurements
+    from wsilocal.train.metrics import binary_auroc
+
+    slides = json.loads((folder / "synth.json").read_text())["slides"]
+    measured = slide_measurements(folder)
+
+    def split_values(split: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+        ids = [slide_id for slide_id, info in slides.items() if info["split"] == split]
+        return (np.array([measured[i][name] for i in ids]),
+                np.array([classes.index(slides[i]["label"]) for i in ids]))
+
+    scored = [1] if len(classes) == 2 else range(len(classes))  # binary: the positive class, as our AUROC
+    result = {}
+    for name in next(iter(measured.values())):
+        (train, train_labels), (test, test_labels) = split_values("train", name), split_values("test", name)
+        aurocs = []
+        for c in scored:
+            on_train = binary_auroc(train, train_labels == c)
+            larger = on_train is None or on_train >= 0.5
+            auroc = binary_auroc(test if larger else -test, test_labels == c)
+            if auroc is not None:
+                aurocs.append(auroc)
+        result[name] = float(np.mean(aurocs)) if aurocs else None
+    return result
+
+
 def _check_cohort(meta_file: Path, params: SynthParams, settings: CohortSettings) -> None:
     """Refuse to reuse a cohort made with other parameters (its results would not be this benchmark's)."""
     meta = json.loads(meta_file.read_text())
-    wanted = {"params": json.loads(json.dumps(asdict(params))), "slides_per_class": settings.slides_per_class,
-              "splits": list(settings.splits)}
+    wanted = {"version": GENERATOR_VERSION, "params": json.loads(json.dumps(asdict(params))),
+              "slides_per_class": settings.slides_per_class, "splits": list(settings.splits)}
     differs = sorted(key for key, value in wanted.items() if meta.get(key) != value)
     if differs:
         raise ConfigError(f"{meta_file.parent}: holds a {settings.task} cohort generated with other "
@@ -466,10 +504,12 @@ def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FU
         task = cohort_settings.task
         cohort = prepare_benchmark_cohort(cohort_settings, out / "cohorts" / task, workers=settings.workers,
                                           weights=settings.weights, progress=progress)
-        report["tasks"][task] = {"classes": class_names(cohort_settings.classes, task), "slides": cohort.n_slides,
+        classes = class_names(cohort_settings.classes, task)
+        report["tasks"][task] = {"classes": classes, "slides": cohort.n_slides,
                                  "feature_skipped": cohort.feature_skipped, "seconds": cohort.seconds,
                                  "synth_params": asdict(cohort_settings.synth_params()),
-                                 "paper_dataset": PAPER_DATASET_OF_TASK[task]}
+                                 "paper_dataset": PAPER_DATASET_OF_TASK[task],
+                                 "shortcuts": shortcut_aurocs(cohort.csv.parent, classes)}
         for name in rows:
             row = ROWS[name]
             status = row_status(row, cohort_settings.n_classes)
@@ -540,6 +580,12 @@ def format_accuracy_tables(report: dict[str, Any]) -> str:
             note = "" if agg["status"] == "done" else f" ({agg['status']})"
             lines.append(f"| {agg['label']}{note} | " + " | ".join(_mean_std(agg[m]) for m in METRICS)
                          + f" | {agg['accuracy']['n']} | {seconds} {paper}")
+        if info.get("shortcuts"):  # reports written before the check have none
+            lines += ["", "Shortcut check: how well one number per slide alone ranks the test slides (AUROC, its "
+                      "direction learnt on the training split; ~0.5: no shortcut, bold from "
+                      f"{SHORTCUT_AUROC:g}): " + ", ".join(
+                          f"{name} " + (f"**{_num(v, 2)}**" if v is not None and v >= SHORTCUT_AUROC else _num(v, 2))
+                          for name, v in info["shortcuts"].items())]
         if info["feature_skipped"]:
             lines += ["", f"Tile features skipped {len(info['feature_skipped'])} slide(s) (MIL rows do without them): "
                       + "; ".join(f"{k}: {v}" for k, v in info["feature_skipped"].items())]

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from wsilocal.errors import ConfigError
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 
-GENERATOR_VERSION = "1.1"  # 1.1: the context task; morphology slides are unchanged
+GENERATOR_VERSION = "1.2"  # 1.1: the context task; 1.2: cases matched between classes (sizes, splits, stain)
 MPP = 0.25  # µm per level-0 pixel (40x); every size below is given in µm and converted with UM
 APP_MAG = 40
 UM = 1.0 / MPP  # level-0 pixels per µm
@@ -1328,6 +1328,28 @@ def context_layout(spec: SlideSpec) -> dict:
             "gap_um": round(gap_um(a, b), 3)}
 
 
+def slide_measurements(folder: str | Path) -> dict[str, dict[str, float]]:
+    """Per slide of a cohort written by :func:`synthesize_cohort`, the numbers a model could learn instead of the
+    tissue's pattern: slide width, height and area, tissue area (from its mask), lesion fraction and, on the
+    context task, the areas of the tumour focus A and the follicle B. Keys are slide ids."""
+    folder = Path(folder)
+    meta = json.loads((folder / "synth.json").read_text())
+    mm_per_px = MPP / 1000
+    measured = {}
+    for slide_id, info in meta["slides"].items():
+        width, height = info["size"]
+        mask = np.asarray(Image.open(folder / info["mask"]))
+        values = {"slide width (mm)": width * mm_per_px, "slide height (mm)": height * mm_per_px,
+                  "slide area (mm²)": width * height * mm_per_px**2,
+                  "tissue area (mm²)": float((mask >= MASK_TISSUE).sum()) * (info["mask_downsample"] * mm_per_px)**2,
+                  "lesion fraction": info["lesion_fraction"]}
+        if "tumour_area_um2" in info:
+            values |= {"tumour area (mm²)": info["tumour_area_um2"] / 1e6,
+                       "follicle area (mm²)": info["follicle_area_um2"] / 1e6}
+        measured[slide_id] = values
+    return measured
+
+
 def write_slide(spec: SlideSpec, path: str | Path, *, quality: int = 90,
                 on_row: Callable[[], None] | None = None) -> list[tuple[int, int]]:
     """Write ``spec`` as an Aperio-style pyramidal SVS (MPP 0.25, AppMag 40); returns the level sizes."""
@@ -1344,7 +1366,8 @@ def _write_one(job: dict) -> dict:
     Image.fromarray(label_mask(spec)).save(out / job["mask"])
     info = {
         "slide_id": job["slide_id"], "case_id": job["case_id"], "label": job["label"], "split": job["split"],
-        "seed": params.seed, "size": list(spec.size), "lesion_fraction": round(spec.lesion_fraction, 5),
+        "seed": params.seed, "stain_seed": job["stain_seed"], "size": list(spec.size),
+        "lesion_fraction": round(spec.lesion_fraction, 5),
         "lesion_bboxes": lesion_boxes(spec), "mask": job["mask"], "mask_downsample": spec.mask_downsample,
     }
     return {**info, **context_layout(spec)} if params.task == "context" else info
@@ -1382,9 +1405,11 @@ def synthesize_cohort(
     Layout: ``slides/<slide_id>.svs``, ``masks/<slide_id>.png`` (255 lesion, 192 follicle (context task),
     128 other tissue, 0 glass; one pixel per ``mask_downsample`` level-0 px), ``cohort.csv``
     (``slide_id,path,label,split,case_id``, paths relative to it) and ``synth.json`` (parameters, generator
-    version, per-slide label, size, lesion fraction and lesion boxes; context task: also A's and B's boxes
+    version, per-slide label, staining run, size, lesion fraction and lesion boxes; context task: also A's and B's boxes
     and areas and their gap, see :func:`context_layout`). About a quarter of the cases hold two slides of the
-    same label (and staining run); splits (train/val/test) are drawn per case and stratified by class.
+    same label (and staining run); splits (train/val/test) are drawn per case and stratified by class. The classes
+    are matched case by case: each split holds, for every class, cases with the same slide counts, slide sizes
+    and staining runs, so only the tissue tells the classes apart.
 
     Args:
         classes: number of classes of the morphology task (default ``params.classes``); the context task
@@ -1413,31 +1438,31 @@ def synthesize_cohort(
     rng = np.random.default_rng([seed, 0xC0])
     split_names = ("train", "val", "test")
 
+    # Every class gets the same cases, rank by rank: case r of each class has the same number of slides, the
+    # same split, the same staining run and the same slide sizes. So no split can tell the classes apart by
+    # slide size, stain or case structure; only the tissue can (generator 1.2).
     names = class_names(base.classes, base.task)
-    cases: list[tuple[str, int]] = []  # (label, slides in the case)
-    for label in names:
-        pairs = min(slides_per_class // 4, max(0, slides_per_class - 3))
-        sizes = [2] * pairs + [1] * (slides_per_class - 2 * pairs)
-        cases += [(label, k) for k in sizes]
-    split_of_case = np.zeros(len(cases), np.int64)
-    for label in names:
-        idx = [i for i, (lab, _) in enumerate(cases) if lab == label]
-        split_of_case[idx] = _assign_splits(rng, len(idx), splits)
-
-    slides = [(case, label, k) for case, (label, n) in enumerate(cases) for k in range(n)]
+    pairs = min(slides_per_class // 4, max(0, slides_per_class - 3))
+    slides_of_rank = [2] * pairs + [1] * (slides_per_class - 2 * pairs)
+    split_of_rank = _assign_splits(rng, len(slides_of_rank), splits)
+    stain_of_rank = rng.integers(0, 2**31, len(slides_of_rank))
+    low = 1.0 if base.task == "context" else 1 - size_jitter
+    size_of_slide = {(rank, k): tuple(max(256, round(side * rng.uniform(low, 1 + size_jitter))) for side in base.size)
+                     for rank, n in enumerate(slides_of_rank) for k in range(n)}
+    cases = [(label, rank) for label in names for rank in range(len(slides_of_rank))]
+    slides = [(case, k) for case, (_, rank) in enumerate(cases) for k in range(slides_of_rank[rank])]
     order = rng.permutation(len(slides))  # slide ids say nothing about the class
     slide_seeds = rng.integers(0, 2**31, len(slides))
-    case_stain = rng.integers(0, 2**31, len(cases))
-    low = 1.0 if base.task == "context" else 1 - size_jitter
     jobs = []
     for number, s in enumerate(order):
-        case, label, _ = slides[s]
-        w, h = (max(256, round(side * rng.uniform(low, 1 + size_jitter))) for side in base.size)
+        case, k = slides[s]
+        label, rank = cases[case]
+        w, h = size_of_slide[rank, k]
         slide_id = f"synth-{number:04d}"
         jobs.append({
             "params": {**asdict(base), "size": (w, h), "seed": int(slide_seeds[s])}, "label": label,
-            "stain_seed": int(case_stain[case]), "out_dir": str(out), "slide_id": slide_id,
-            "case_id": f"case-{case:03d}", "split": split_names[split_of_case[case]],
+            "stain_seed": int(stain_of_rank[rank]), "out_dir": str(out), "slide_id": slide_id,
+            "case_id": f"case-{case:03d}", "split": split_names[split_of_rank[rank]],
             "path": f"slides/{slide_id}.svs", "mask": f"masks/{slide_id}.png",
         })
 
