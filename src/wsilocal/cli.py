@@ -8,11 +8,11 @@ traceback is shown with ``WSILOCAL_TRACEBACK=1``).
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from pathlib import Path
 
+from wsilocal.bench import benchmark_command
 from wsilocal.errors import TrainingInterrupted, WsilocalError
 
 # `wsilocal bench NAME`: (NAME, module of wsilocal.bench with add_NAME_arguments and NAME_main, help).
@@ -307,10 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: the paper's tables (accuracy, memory, speed), scaling, soak, all")
     bench = p.add_subparsers(dest="bench", required=True)
     for name, module_name, help_text in BENCHMARKS:  # each benchmark's module owns its options
-        module = importlib.import_module(f"wsilocal.bench.{module_name}")
+        add_arguments, run_benchmark = benchmark_command(name, module_name)
         q = bench.add_parser(name, help=help_text)
-        getattr(module, f"add_{name}_arguments")(q)
-        q.set_defaults(func=getattr(module, f"{name}_main"))
+        add_arguments(q)
+        q.set_defaults(func=run_benchmark)
 
     p = sub.add_parser("demo", help="synthetic cohort → prepare → train K=4 → evaluate, in one command")
     p.add_argument("--out", default="demo_out", help="folder for the cohort, cache and run")

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from wsilocal.atomic import write_text_atomic
+from wsilocal.bench import benchmark_command
 from wsilocal.bench.accuracy import PAPER_DATASET_OF_TASK, PAPER_TABLE1, PAPER_TABLE4, ROWS, SHORTCUT_AUROC
 from wsilocal.bench.memory import PAPER_TABLE2
 from wsilocal.bench.speed import PAPER_TABLE3
@@ -71,13 +72,12 @@ CAVEATS = [
 def run_section(name: str, folder: Path, argv: Sequence[str]) -> dict[str, Any]:
     """Run one benchmark as ``wsilocal bench <name> --out folder ARGV``; returns its status, options, seconds."""
     try:
-        module = importlib.import_module(f"wsilocal.bench.{name}")
+        add_arguments, main = benchmark_command(name)
     except ImportError as exc:
         if exc.name == f"wsilocal.bench.{name}":
             return {"status": f"pending: wsilocal.bench.{name} is not there yet", "argv": list(argv)}
         return {"status": f"failed: cannot import wsilocal.bench.{name} ({exc})", "argv": list(argv)}
-    add_arguments, main = getattr(module, f"add_{name}_arguments", None), getattr(module, f"{name}_main", None)
-    if add_arguments is None or main is None:
+    except AttributeError:
         return {"status": f"pending: wsilocal.bench.{name} has no add_{name}_arguments/{name}_main yet",
                 "argv": list(argv)}
     parser = argparse.ArgumentParser(prog=f"wsilocal bench {name}", exit_on_error=False)
