@@ -98,14 +98,16 @@ def test_bench_all_passes_weights_to_the_accuracy_benchmark_only(tmp_path, monke
     assert report.FULL_ARGS["accuracy"] == []  # the module's defaults are left as they were
 
 
-def test_a_shortcut_in_the_cohort_makes_agreement_inconclusive():
+def test_a_shortcut_that_ranks_as_well_as_ours_makes_agreement_inconclusive():
     # The context cohorts before generator 1.2: far slides came out larger, so slide area alone ranked the test split.
     data = accuracy_data(aggregate("ours_k4", 0.9, 0.0, 0.9, (0.92, 0.06)), aggregate("abmil", 0.7, 0.0, 0.7))
-    shortcuts = {"slide area (mm²)": 1.0, "tissue area (mm²)": 0.6, "lesion fraction": None}
+    shortcuts = {"slide area (mm²)": 0.875, "tissue area (mm²)": 0.6, "lesion fraction": None}
     data["accuracy"]["tasks"]["morphology"]["shortcuts"] = shortcuts
     for start in ("`morphology`: ours K=4 is more accurate", "`morphology`: ours K=4 ranks slides"):
         c = claim(report.paper_claims(data), start)
         assert c["verdict"] == "inconclusive"
-        assert c["why"].startswith("slide area (mm²) alone ranks the test slides at AUROC 1.00 (shortcut check")
-    shortcuts["slide area (mm²)"] = 0.5  # matched sizes: no number besides the tissue ranks the slides
+        assert c["why"] == ("slide area (mm²) alone ranks the test slides at AUROC 0.88 (shortcut check in the "
+                            "accuracy section), about as well as ours (0.920 ± 0.060): ours may have learnt that "
+                            "number rather than the task.")
+    shortcuts["slide area (mm²)"] = 0.75  # below ours by more than its seed spread: ours ranks better than any
     assert claim(report.paper_claims(data), "`morphology`: ours K=4 ranks slides")["verdict"] == "agrees"
