@@ -603,8 +603,9 @@ def describe_settings(report: dict[str, Any]) -> str:
                  f"{p['context_far_um'][1]:g} µm)" if task == "context" else
                  f", lesion {p['lesion_fraction'][0]:.0%}–{p['lesion_fraction'][1]:.0%} of the tissue, "
                  f"stain variation {p['stain_variation']:g}")
+        jitter = "+0–25" if task == "context" else "±25"  # the generator only enlarges a context slide
         lines.append(f"- `{task}`: {c['slides_per_class']} slides per class, level 0 {p['size'][0]}×{p['size'][1]} "
-                     f"px at 0.25 µm/px (±25 % size jitter){extra}; splits {c['splits']} per class; read at "
+                     f"px at 0.25 µm/px ({jitter} % size jitter){extra}; splits {c['splits']} per class; read at "
                      f"{c['mpp']:g} µm/px by every method; MIL tiles {c['tile']} px ({c['tile'] * c['mpp']:g} µm).")
     d, weights = s["demo"], s.get("weights")
     mil_epochs = s["mil_epochs"] or "the model's published count"
