@@ -16,12 +16,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/wsilocal demo
 
+# The tests' folders live in the clone, not in the machine's shared /tmp/pytest-of-USER: pytest clears this one
+# at the start of each run, and a green run deletes it (a red one keeps it to look at).
+TEST_TMP := $(CURDIR)/.pytest-tmp
+
 test: $(STAMP)
 	$(BIN)/ruff check src tests
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q --durations=10 --basetemp=$(TEST_TMP)
+	rm -rf $(TEST_TMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out .pytest-tmp

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,24 @@ from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 BACKGROUND = (242, 240, 243)  # glass: near white, a faint tint as on real scans
 EOSIN = (226, 150, 196)  # pink stroma
 HAEMATOXYLIN = (112, 62, 150)  # purple nuclei
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    """``module_tmp(name)`` makes a new folder for a module's fixtures; all are deleted when the module is done.
+
+    Training runs hold checkpoints of 90-300 MB (ResNet34 weights and AdamW state): kept to the end of the
+    session, as ``tmp_path_factory.mktemp`` keeps them, the suite filled 3 GB of a CI disk.
+    """
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -41,9 +41,9 @@ def write_cohort(folder, rows, name="cohort.csv"):
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
+def cohort(module_tmp):
     """8 training, 4 validation and 4 test slides (normal/tumor), plus two training slides without usable features."""
-    root = tmp_path_factory.mktemp("baseline")
+    root = module_tmp("baseline")
     features = root / "features"
     features.mkdir()
     rows = []

@@ -60,9 +60,9 @@ def call(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> SimpleNamespace:
+def run(module_tmp) -> SimpleNamespace:
     """Six slides, `wsilocal features` (random extractor, 32-px tiles), an ABMIL baseline (2 epochs), evaluated."""
-    root = tmp_path_factory.mktemp("baseline_predict")
+    root = module_tmp("baseline_predict")
     slides = {}
     for i, (slide_id, label, _) in enumerate(SPLITS):
         slides[slide_id] = root / f"{slide_id}.svs"
@@ -187,9 +187,9 @@ def test_runs_without_recorded_settings_read_a_feature_file_or_say_why_not(run, 
 
 
 @pytest.fixture(scope="module")
-def weights_files(tmp_path_factory) -> SimpleNamespace:
+def weights_files(module_tmp) -> SimpleNamespace:
     """Two torchvision-named ResNet34 state dicts that differ in one tensor."""
-    folder = tmp_path_factory.mktemp("weights")
+    folder = module_tmp("weights")
     state = FeatureExtractor().trunk.state_dict()
     torch.save(state, folder / "one.pth")
     torch.save({**state, "conv1.weight": state["conv1.weight"] * 1.01}, folder / "two.pth")
@@ -256,8 +256,8 @@ SETTINGS = {"mpp": 2.0, "tile": 32, "min_tissue": 0.25, "mask_mpp": 16.0, "assum
 
 
 @pytest.fixture(scope="module")
-def lesion_slide(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("lesion") / "lesion.svs"
+def lesion_slide(module_tmp) -> Path:
+    path = module_tmp("lesion") / "lesion.svs"
     write_pyramidal_tiff(path, tissue_image(7, lesion=True), mpp=SLIDE_MPP)
     return path
 

@@ -47,9 +47,9 @@ def bench_accuracy(out: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> Path:
+def bench(module_tmp) -> Path:
     """One real benchmark run; returns OUT of `bench all` (the accuracy benchmark is in OUT/accuracy)."""
-    out = tmp_path_factory.mktemp("bench")
+    out = module_tmp("bench")
     assert bench_accuracy(out / "accuracy") == 0
     return out
 

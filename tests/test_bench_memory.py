@@ -37,12 +37,12 @@ pytestmark = pytest.mark.usefixtures("one_thread_everywhere")
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
+def bench(module_tmp):
     """One real run: paper-style K=1, folded K=1 and K=4 at 128², each in its own subprocess, timed once.
 
     Without RFR: at 128² the RFR decoders' fixed cost (10 patches of 128 px) would dwarf the trunk and
     K=4 would save *more* than K=1 (see test_rfr_decoders_cost_the_same_at_any_input_size)."""
-    out = tmp_path_factory.mktemp("bench")
+    out = module_tmp("bench")
     records = run_memory_benchmark(out, sizes=((128, 128),), ks=(4,), variants=("folded",), repeats=1,
                                    rfr=False, progress=False)
     return out, {(r["variant"], r["k"]): r for r in records}

@@ -22,9 +22,9 @@ SMALL = (96, 128)  # for bfloat16, emulated (slow) on CPUs without it, and the m
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
+def bench(module_tmp):
     """One size, one round, in a child process as the command runs it (bfloat16 and RSS are tested below)."""
-    out = tmp_path_factory.mktemp("speed")
+    out = module_tmp("speed")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # the child: one thread on the shared test machine
         report = speed.run_speed_benchmark(out, sizes=[SIZE], repeats=1, workers=1, batch_size=4, bf16=False,

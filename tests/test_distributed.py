@@ -40,9 +40,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
+def cohort(module_tmp):
     """Eight ~128² px slides at 2 µm/px: 3 training slides (an odd number: the last group is short), 5 validation."""
-    folder = tmp_path_factory.mktemp("cohort")
+    folder = module_tmp("cohort")
     csv_path = synthesize_cohort(folder, classes=2, slides_per_class=4, size=(1024, 1024), seed=7, progress=False,
                                  size_jitter=0.1)
     with open(csv_path) as handle:
@@ -122,9 +122,9 @@ def two_rank_worker(ctx: DistContext, cohort_csv, out) -> None:
 
 
 @pytest.fixture(scope="module")
-def cli_run(cohort, tmp_path_factory):
+def cli_run(cohort, module_tmp):
     """``wsilocal train CONFIG --devices 2`` for one epoch: (its run directory, the finished process)."""
-    run = tmp_path_factory.mktemp("cli") / "run"
+    run = module_tmp("cli") / "run"
     config = run.parent / "run.yaml"
     save_config(run_config(cohort, run, epochs=1), config)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -135,8 +135,8 @@ def cli_run(cohort, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(cohort, cli_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("two_ranks")
+def two_ranks(cohort, cli_run, module_tmp):
+    out = module_tmp("two_ranks")
     shutil.copytree(cli_run[0], out / "resumed")  # the 2-process epoch 0, resumed below on 2 processes
     spawn_processes(two_rank_worker, 2, (cohort, out), threads=1)
     return out

@@ -44,13 +44,13 @@ def slides(make_slide, he_image) -> list[CohortSlide]:
 
 
 @pytest.fixture(scope="module")
-def weights_file(tmp_path_factory) -> Path:
+def weights_file(module_tmp) -> Path:
     """A torchvision-named ResNet34 state dict (with ``fc``) whose BatchNorms keep activations near 1."""
     torch.manual_seed(1)
     trunk = ResNet34Trunk(conv1_stride=2)
     calibrate_batchnorm(trunk, [(torch.rand(4, 3, 64, 64) - MEAN) / STD])
     state = dict(trunk.state_dict(), **{"fc.weight": torch.randn(1000, 512), "fc.bias": torch.zeros(1000)})
-    path = tmp_path_factory.mktemp("weights") / "resnet34.pth"
+    path = module_tmp("weights") / "resnet34.pth"
     torch.save(state, path)
     return path
 

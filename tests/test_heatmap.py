@@ -138,10 +138,10 @@ def lesion_detector() -> tuple[ResNet34Trunk, FinalClassifier]:
 
 
 @pytest.fixture(scope="module")
-def lesion_slide(tmp_path_factory) -> SimpleNamespace:
+def lesion_slide(module_tmp) -> SimpleNamespace:
     """A 3072² px synthetic slide (0.25 µm/px) with one lesion, its prediction at 1 µm/px and heatmap files
     whose GeoJSON outlines the cells holding 30 % of the attention."""
-    root = tmp_path_factory.mktemp("heatmap")
+    root = module_tmp("heatmap")
     params = synth.SynthParams(classes=2, size=(3072, 3072), seed=5, distractors=0.0, stain_variation=0.0,
                                lesion_regions=(1, 1), lesion_fraction=(0.15, 0.2), tissue_pieces=(1, 1),
                                tissue_cover=(0.3, 0.35))

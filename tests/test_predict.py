@@ -40,12 +40,12 @@ def synth_pixels(size: tuple[int, int], seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> SimpleNamespace:
+def run(module_tmp) -> SimpleNamespace:
     """A run directory in the trainer's format (random K=4 model, BatchNorm calibrated) and a slide for it.
 
     The slide is 2048×1792 px at 0.25 µm/px: about 200 px a side of tissue box at the run's 2 µm/px.
     """
-    root = tmp_path_factory.mktemp("predict")
+    root = module_tmp("predict")
     pixels = synth_pixels((2048, 1792), seed=1)
     slide = root / "good.svs"
     write_pyramidal_tiff(slide, pixels, mpp=0.25)

@@ -83,8 +83,8 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("weights")
+def weights_dir(module_tmp):
+    return module_tmp("weights")
 
 
 @functools.cache

@@ -108,11 +108,11 @@ def test_tiffslide_fallback_opens_a_tiff_openslide_refuses(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def three_level_slide(tmp_path_factory):
+def three_level_slide(module_tmp):
     """8192 x 640 px at 0.25 µm/px: levels at 0.25, 1.0 and 4.0 µm/px."""
     from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 
-    path = tmp_path_factory.mktemp("levels") / "levels.svs"
+    path = module_tmp("levels") / "levels.svs"
     write_pyramidal_tiff(path, smooth_texture(8192, 640, seed=6), mpp=0.25)
     return path
 
@@ -277,14 +277,14 @@ def test_text_file_named_svs(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def slide_bytes(tmp_path_factory):
+def slide_bytes(module_tmp):
     """The bytes of one two-level slide per layout, written once for the truncation tests."""
     from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 
     image = smooth_texture(700, 2100, seed=11)
     result = {}
     for layout in ("aperio", "generic"):
-        path = tmp_path_factory.mktemp("whole") / f"slide.{layout}"
+        path = module_tmp("whole") / f"slide.{layout}"
         write_pyramidal_tiff(path, image, layout=layout)
         result[layout] = path.read_bytes()
     return result

@@ -22,8 +22,8 @@ CLASSES = ["glandular", "solid", "papillary"]
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cohort")
+def cohort(module_tmp) -> Path:
+    out = module_tmp("cohort")
     # Long sides >= 2160 px after ±10 % jitter, so every slide has a reduced level.
     csv_path = synth.synthesize_cohort(out, classes=3, slides_per_class=4, size=(2400, 1200), seed=3,
                                        size_jitter=0.1, progress=False)

@@ -44,9 +44,9 @@ TILE = round(SmallContext().context_tile_um / PIXEL_UM)  # a tile's edge in mask
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def cohort(module_tmp) -> Path:
     """A 2 × 3-slide context cohort written by the command line, with the small layout."""
-    out = tmp_path_factory.mktemp("context")
+    out = module_tmp("context")
     with pytest.MonkeyPatch.context() as patch:  # the CLI builds its params from synth.SynthParams
         patch.setattr(synth, "SynthParams", SmallContext)
         assert main(["synth", "--out", str(out), "--task", "context", "--slides-per-class", "3",

@@ -16,9 +16,9 @@ from wsilocal.train.trainer import balanced_class_weights, train
 
 
 @pytest.fixture(scope="module")
-def tiny_cohort(tmp_path_factory):
+def tiny_cohort(module_tmp):
     """Two classes, four slides each, ~1536² px at level 0 (≈190² px at 2 µm/px)."""
-    out = tmp_path_factory.mktemp("cohort")
+    out = module_tmp("cohort")
     return synthesize_cohort(out, classes=2, slides_per_class=4, size=(1536, 1536), seed=3, progress=False,
                              size_jitter=0.1)
 

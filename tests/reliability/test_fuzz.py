@@ -24,9 +24,9 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
+def folder(module_tmp) -> Path:
     """A cohort folder with two real (empty) slide files the CSVs may name, and one outside it."""
-    root = tmp_path_factory.mktemp("fuzz")
+    root = module_tmp("fuzz")
     (root / "c").mkdir()
     for name in ("a.svs", "b.svs"):
         (root / "c" / name).write_bytes(b"x")

@@ -31,12 +31,12 @@ from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 
 
 @pytest.fixture(scope="module")
-def claims(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+def claims(module_tmp) -> dict[str, tuple[Path, str]]:
     """Small flat TIFFs claiming huge sizes (all tiles share one stored tile): name → (path, cause).
 
     They have no MPP; the tests give ``--assume-mpp 0.25`` (else the cohort commands refuse them for that).
     """
-    folder = tmp_path_factory.mktemp("claims")
+    folder = module_tmp("claims")
     return {
         "flat_1e10_px": (write_tiled_claim_tiff(folder / "flat.tif", 100_000, 100_000),
                          "finding the tissue on a 16 µm/px overview means decoding 10,000,000,000 px of level 0 of 1 "
@@ -88,9 +88,9 @@ def test_a_bomb_is_refused_without_allocating_its_pixels(cohort, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def flat_and_pyramid(tmp_path_factory) -> tuple[Path, Path]:
+def flat_and_pyramid(module_tmp) -> tuple[Path, Path]:
     """The same 2048² px as a flat tiled TIFF (one level, with MPP) and as a pyramid (levels 1 and 4×)."""
-    folder = tmp_path_factory.mktemp("flat")
+    folder = module_tmp("flat")
     pixels = tissue_pixels("b", 5, 2048, 2048)
     flat = folder / "flat.tif"
     tifffile.imwrite(flat, pixels, tile=(256, 256), compression="jpeg", photometric="rgb",
