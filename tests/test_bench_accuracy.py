@@ -227,6 +227,15 @@ def test_shortcut_check_of_the_matched_cohort_and_of_a_cohort_with_one(bench, tm
     assert set(shortcuts) == {"slide width (mm)", "slide height (mm)", "slide area (mm²)", "tissue area (mm²)",
                               "lesion fraction"}
     assert "Shortcut check:" in (bench / "accuracy" / "accuracy.md").read_text()
+    # The chance levels are those of this test split's labels, and the tables say them.
+    from wsilocal.slide.cohort import load_cohort
+
+    info = load(bench)["tasks"]["morphology"]
+    cohort = load_cohort(bench / "accuracy" / "cohorts" / "morphology" / "cohort.csv")
+    test_labels = [info["classes"].index(s.label) for s in cohort.split("test")]
+    assert info["chance_95"] == accuracy.chance_levels(test_labels, 3)
+    assert (f"random scores reach balanced accuracy {info['chance_95']['balanced_accuracy']:.2f} and AUROC "
+            f"{info['chance_95']['auroc']:.2f} one time in 20") in (bench / "accuracy" / "accuracy.md").read_text()
     # A cohort where tissue area grows with the class on both splits: a one-number rule learnt on the training
     # split (per class: larger or smaller than the rest) ranks the test split as far as the order allows.
     (tmp_path / "masks").mkdir()
@@ -243,3 +252,67 @@ def test_shortcut_check_of_the_matched_cohort_and_of_a_cohort_with_one(bench, tm
     got = accuracy.shortcut_aurocs(tmp_path, ["a", "b", "c"])["tissue area (mm²)"]
     assert got == pytest.approx(np.mean([1.0, 0.5, 1.0]))
     assert accuracy.shortcut_aurocs(tmp_path, ["a", "b", "c"])["slide area (mm²)"] == 0.5
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 1, 0, 1, 0, 0, 1, 1], [2, 0, 1, 1, 2, 0, 0, 2, 1, 1]])
+def test_random_score_metrics_are_classification_metrics_draw_by_draw(labels):
+    from wsilocal.train.metrics import classification_metrics
+
+    n_classes = max(labels) + 1
+    draws = np.random.default_rng(3).dirichlet(np.ones(n_classes), (25, len(labels)))
+    got = accuracy.random_score_metrics(draws, np.array(labels))
+    classes = [str(c) for c in range(n_classes)]
+    for name in ("balanced_accuracy", "auroc"):
+        expected = [classification_metrics(p, np.array(labels), classes)[name] for p in draws]
+        np.testing.assert_allclose(got[name], expected, rtol=0, atol=1e-12)
+
+
+def _exact_95th(distribution: dict[float, float]) -> float:
+    """The smallest value v with P(X <= v) >= 0.95 of a {value: probability} distribution."""
+    total = 0.0
+    for value in sorted(distribution):
+        total += distribution[value]
+        if total >= 0.95 - 1e-12:
+            return value
+    raise AssertionError("probabilities do not sum to 1")
+
+
+def _exact_chance(counts: list[int]) -> dict[str, float]:
+    """Exact 95th percentiles of random scores on a split with ``counts`` slides per class: each slide's argmax
+    is a uniform class, so the per-class recalls are independent binomials; with two classes the AUROC is
+    Mann-Whitney U over all equally likely rank orders of the slides."""
+    from itertools import combinations
+    from math import comb
+
+    n_classes = len(counts)
+    balanced = {0.0: 1.0}
+    for n in counts:  # add each class's recall / n_classes
+        merged: dict[float, float] = {}
+        for total, p_total in balanced.items():
+            for k in range(n + 1):
+                value = round(total + k / n / n_classes, 12)
+                p_k = comb(n, k) * (1 / n_classes) ** k * (1 - 1 / n_classes) ** (n - k)
+                merged[value] = merged.get(value, 0.0) + p_total * p_k
+        balanced = merged
+    result = {"balanced_accuracy": _exact_95th(balanced)}
+    if n_classes == 2:
+        n_neg, n_pos = counts
+        orders = list(combinations(range(1, n_neg + n_pos + 1), n_pos))  # the positives' ranks
+        auroc: dict[float, float] = {}
+        for ranks in orders:
+            value = round((sum(ranks) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), 12)
+            auroc[value] = auroc.get(value, 0.0) + 1 / len(orders)
+        result["auroc"] = _exact_95th(auroc)
+    return result
+
+
+@pytest.mark.parametrize("counts", [[4, 4], [5, 3], [6, 2], [4, 4, 4], [3, 5, 2]])
+def test_chance_levels_are_the_exact_95th_percentiles_of_random_scores(counts):
+    labels = [c for c, n in enumerate(counts) for _ in range(n)]
+    got = accuracy.chance_levels(labels, len(counts))
+    expected = _exact_chance(counts)
+    assert got["balanced_accuracy"] == pytest.approx(expected["balanced_accuracy"], abs=1e-9)
+    if len(counts) == 2:  # 4 + 4: AUROC 0.875, as on the context task's test split
+        assert got["auroc"] == pytest.approx(expected["auroc"], abs=1e-9)
+    else:  # macro one-vs-rest AUROC has no closed form: random scores, but above 0.5 and below a perfect ranking
+        assert 0.5 < got["auroc"] < 1.0

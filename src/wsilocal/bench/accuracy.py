@@ -377,6 +377,47 @@ def shortcut_aurocs(folder: Path, classes: Sequence[str]) -> dict[str, float | N
     return result
 
 
+def random_score_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Balanced accuracy and AUROC of many (N, C) probability arrays at once, shape (D, N, C) → (D,): what
+    :func:`~wsilocal.train.metrics.classification_metrics` gives for each, vectorised for :func:`chance_levels`.
+    Assumes no tied scores within a class's column (true of continuous random draws)."""
+    labels = np.asarray(labels, int)
+    n_classes = probabilities.shape[2]
+    present = [c for c in range(n_classes) if (labels == c).any()]
+    predicted = probabilities.argmax(axis=2)
+    balanced = np.mean([(predicted[:, labels == c] == c).mean(axis=1) for c in present], axis=0)
+    ranks = probabilities.argsort(axis=1).argsort(axis=1) + 1  # each slide's 1-based rank in its class's column
+    aurocs = []
+    for c in [1] if n_classes == 2 else range(n_classes):  # binary: the positive class, as our AUROC
+        positive = labels == c
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        if n_pos and n_neg:
+            aurocs.append((ranks[:, positive, c].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return {"balanced_accuracy": balanced, "auroc": np.mean(aurocs, axis=0)}
+
+
+def chance_levels(labels: Sequence[int], n_classes: int, *, draws: int = 100_000,
+                  seed: int = 0) -> dict[str, float]:
+    """What a classifier that learnt nothing reaches on this test split one time in 20: the 95th percentile of
+    balanced accuracy and AUROC over ``draws`` random probability vectors (uniform on the simplex) per slide.
+
+    On a test split of a dozen slides chance spreads wide (4 + 4 slides: AUROC 0.875 or more one time in 17), and
+    seeds do not average it out, since every seed is scored on the same slides. A row must beat these levels
+    before the report reads anything into its rank. With 10⁵ draws the percentile is the exact one wherever the
+    exact distribution's CDF passes 0.95 at least 0.003 away from a step.
+    """
+    labels = np.asarray(labels, int)
+    rng = np.random.default_rng(seed)
+    chunks: dict[str, list[np.ndarray]] = {"balanced_accuracy": [], "auroc": []}
+    for start in range(0, draws, 10_000):  # chunks bound memory on large test splits
+        shape = (min(10_000, draws - start), len(labels))
+        for name, values in random_score_metrics(rng.dirichlet(np.ones(n_classes), shape), labels).items():
+            chunks[name].append(values)
+    # the smallest level that random scores exceed at most one time in 20
+    return {name: float(np.quantile(np.concatenate(values), 0.95, method="inverted_cdf"))
+            for name, values in chunks.items()}
+
+
 def _check_cohort(meta_file: Path, params: SynthParams, settings: CohortSettings) -> None:
     """Refuse to reuse a cohort made with other parameters (its results would not be this benchmark's)."""
     meta = json.loads(meta_file.read_text())
@@ -491,6 +532,8 @@ def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FU
         raise ConfigError(f"bench accuracy: seeds must be >= 1, got {n_seeds}")
     for cohort_settings in cohorts:
         cohort_settings.synth_params()  # every setting is checked before hours of work start
+    from wsilocal.slide.cohort import load_cohort
+
     if settings.weights is not None:  # a wrong weights file too
         from wsilocal.models.resnet import ResNet34Trunk, load_resnet34_weights
 
@@ -503,11 +546,13 @@ def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FU
         cohort = prepare_benchmark_cohort(cohort_settings, out / "cohorts" / task, workers=settings.workers,
                                           weights=settings.weights, progress=progress)
         classes = class_names(cohort_settings.classes, task)
+        test_labels = [classes.index(s.label) for s in load_cohort(cohort.csv).split("test")]
         report["tasks"][task] = {"classes": classes, "slides": cohort.n_slides,
                                  "feature_skipped": cohort.feature_skipped, "seconds": cohort.seconds,
                                  "synth_params": asdict(cohort_settings.synth_params()),
                                  "paper_dataset": PAPER_DATASET_OF_TASK[task],
-                                 "shortcuts": shortcut_aurocs(cohort.csv.parent, classes)}
+                                 "shortcuts": shortcut_aurocs(cohort.csv.parent, classes),
+                                 "chance_95": chance_levels(test_labels, len(classes))}
         for name in rows:
             row = ROWS[name]
             status = row_status(row, cohort_settings.n_classes)
@@ -582,6 +627,11 @@ def format_accuracy_tables(report: dict[str, Any]) -> str:
             lines += ["", "Shortcut check: how well one number per slide alone ranks the test slides (AUROC, its "
                       "direction learnt on the training split; ~0.5 when the classes differ only in their tissue): "
                       + ", ".join(f"{name} {_num(v, 2)}" for name, v in info["shortcuts"].items()) + "."]
+        if info.get("chance_95"):  # likewise
+            levels = info["chance_95"]
+            lines += ["", f"Chance on this test split: random scores reach balanced accuracy "
+                      f"{_num(levels['balanced_accuracy'], 2)} and AUROC {_num(levels['auroc'], 2)} one time in 20 "
+                      "(the report's claims need a row to beat that)."]
         if info["feature_skipped"]:
             lines += ["", f"Tile features skipped {len(info['feature_skipped'])} slide(s) (MIL rows do without them): "
                       + "; ".join(f"{k}: {v}" for k, v in info["feature_skipped"].items())]
@@ -647,6 +697,11 @@ def plot_accuracy(report: dict[str, Any], path: str | Path) -> None:
         ax.set_xticks(range(len(rows)), [a["label"] for a in rows], rotation=30, ha="right", fontsize=8)
         chance = 1 / len(report["tasks"][task]["classes"])
         ax.axhline(chance, color="gray", linestyle=":", label=f"chance accuracy ({chance:.2f})")
+        for metric, style in (("balanced_accuracy", "--"), ("auroc", "-.")):
+            level = (report["tasks"][task].get("chance_95") or {}).get(metric)
+            if level is not None:
+                ax.axhline(level, color="gray", linestyle=style, linewidth=0.8,
+                           label=f"{METRIC_LABELS[metric]} of random scores, 1 time in 20 ({level:.2f})")
         ax.set_ylim(0, 1.12)
         ax.set_title(f"task {task}: mean ± std over seeds (test split)")
         ax.legend(fontsize=7, ncol=5, loc="upper left")

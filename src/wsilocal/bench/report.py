@@ -290,16 +290,21 @@ def _chance(metric: str, context: _AccuracyContext) -> tuple[str, float, str]:
     """The metric that decides whether a row learnt anything for a claim on ``metric``, the level a row that learnt
     something must beat on it, and how to say so.
 
-    Accuracy claims: balanced accuracy, 0.05 above 1/classes. AUROC claims: AUROC, 0.05 above 0.5 (whatever the
-    number of classes) or, where higher, what the best number unrelated to the tissue reaches alone on this test
-    split (shortcut check): on a few test slides such a number shows how far chance alone goes.
+    Accuracy claims decide on balanced accuracy, AUROC claims on AUROC. The level is what random scores reach on
+    this test split one time in 20 (``chance_95``, :func:`~wsilocal.bench.accuracy.chance_levels`) or, for AUROC
+    where higher, what the best number unrelated to the tissue reaches alone (shortcut check). Reports written
+    before ``chance_95`` existed fall back to 0.05 above chance (1/classes; AUROC 0.5).
     """
-    if metric == "auroc":
-        shortcut = context.shortcut
-        if shortcut and shortcut[1] > 0.55:
-            return "auroc", shortcut[1], f"chance AUROC (0.5; {shortcut[0]} alone reaches {shortcut[1]:.2f} here)"
-        return "auroc", 0.55, "chance AUROC (0.5)"
-    return "balanced_accuracy", context.chance + 0.05, f"chance balanced accuracy (1/{round(1 / context.chance)})"
+    learnt_by = "auroc" if metric == "auroc" else "balanced_accuracy"
+    at_random = (context.about.get("chance_95") or {}).get(learnt_by)
+    if at_random is None:
+        at_random = (0.5 if learnt_by == "auroc" else context.chance) + 0.05
+    name = "AUROC" if learnt_by == "auroc" else "balanced accuracy"
+    text = f"what random scores reach on this test split one time in 20 ({name} {at_random:.2f})"
+    shortcut = context.shortcut
+    if learnt_by == "auroc" and shortcut and shortcut[1] > at_random:
+        return learnt_by, shortcut[1], f"what {shortcut[0]} alone reaches here (AUROC {shortcut[1]:.2f})"
+    return learnt_by, at_random, text
 
 
 def _learnt_nothing(aggregate: dict[str, Any], level: float, metric: str) -> bool:
