@@ -178,6 +178,17 @@ def test_bench_all_writes_one_report_with_every_section(bench, monkeypatch):
     machine = data["machine"]
     assert machine["cores"] >= 1 and machine["torch"] == torch.__version__ and machine["ram_gib"] > 0
     assert f"{machine['cores']} cores" in text
+    # --report-only runs nothing and writes the same claims from the files the sections left.
+    (bench / "report.md").unlink()
+    assert report.all_main(parser.parse_args(["--out", str(bench), "--report-only"])) == 0
+    assert run_files(bench) == before and (bench / "report.md").is_file()
+    again = json.loads((bench / "report.json").read_text())
+    assert again["claims"] == data["claims"]
+    assert {name: s["status"] for name, s in again["sections"].items()} == {
+        "accuracy": "done", "memory": "done", "speed": "not run", "scaling": "not run"}
+    with pytest.raises(ConfigError, match=f"^{bench / 'none'}: no such folder"):
+        report.all_main(parser.parse_args(["--out", str(bench / "none"), "--report-only"]))
+    assert not (bench / "none").exists()
 
 
 def test_budget_options_set_epochs_and_cohort_sizes_and_refuse_bad_values(bench, tmp_path, capsys):

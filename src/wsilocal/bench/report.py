@@ -35,7 +35,7 @@ from wsilocal.bench import benchmark_command
 from wsilocal.bench.accuracy import PAPER_DATASET_OF_TASK, PAPER_TABLE1, PAPER_TABLE4, ROWS
 from wsilocal.bench.memory import PAPER_TABLE2
 from wsilocal.bench.speed import PAPER_TABLE3
-from wsilocal.errors import WsilocalError
+from wsilocal.errors import ConfigError, WsilocalError
 
 SECTIONS = ("accuracy", "memory", "speed", "scaling")
 TITLES = {
@@ -450,11 +450,19 @@ def add_all_arguments(parser: argparse.ArgumentParser) -> None:
                         help="benchmarks to run (default: all); the report includes every section found in --out")
     parser.add_argument("--weights", help="ResNet34 state dict for the accuracy benchmark (ImageNet weights, as in "
                                           "the paper); default: random weights")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write report.md and report.json from the sections already in --out "
+                             "(e.g. after `wsilocal bench accuracy --out OUT/accuracy --tasks ...`)")
 
 
 def all_main(args: argparse.Namespace) -> int:
-    """Run the benchmarks from parsed arguments; print where the report is."""
-    report = run_all_benchmarks(args.out, quick=args.quick, sections=args.sections, weights=args.weights)
+    """Run the benchmarks from parsed arguments (or none, with ``--report-only``); print where the report is."""
+    if args.report_only:
+        if not Path(args.out).is_dir():
+            raise ConfigError(f"{args.out}: no such folder (--report-only writes the report of an earlier run)")
+        report = write_report(args.out)
+    else:
+        report = run_all_benchmarks(args.out, quick=args.quick, sections=args.sections, weights=args.weights)
     for name, section in report["sections"].items():
         print(f"{name:<9} {section['status']}")
     print(f"wrote {Path(args.out) / 'report.md'}, report.json")
