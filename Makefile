@@ -19,10 +19,14 @@ demo: $(STAMP)
 # The tests' folders live in the clone, not in the machine's shared /tmp/pytest-of-USER: pytest clears this one
 # at the start of each run, and a green run deletes it (a red one keeps it to look at).
 TEST_TMP := $(CURDIR)/.pytest-tmp
+# Most tests run torch on one thread, so a serial run keeps one of two cores idle: two workers took the suite from
+# 11.4 to 7.8 minutes on 2 cores. Whole files go to one worker (--dist loadfile), so a module's fixtures are built
+# once. `make test TEST_WORKERS=1` runs it serially.
+TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests
-	$(BIN)/python -m pytest -q --durations=10 --basetemp=$(TEST_TMP)
+	$(BIN)/python -m pytest -q --durations=10 --basetemp=$(TEST_TMP) -n $(TEST_WORKERS) --dist loadfile
 	rm -rf $(TEST_TMP)
 
 lint: $(STAMP)
