@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +95,19 @@ def test_patch_sizes_of_the_presets(trunk):
     assert sizes(4) == [128, 64, 32]
     assert sizes(8) == [128, 128, 128, 64, 64, 32, 32]
     assert sizes(2) == [64]
+
+
+def test_method_doc_states_the_patch_size_rule_the_code_follows(trunk):
+    """docs/method.md: the patch size follows the module's *output* stride. Read by the input stride, module 2 of
+    K=4 (input at stride 6, output at 12) would get 128 instead of the 64 the code gives it."""
+    doc = " ".join((Path(__file__).parents[1] / "docs" / "method.md").read_text().split())
+    specs = module_specs(trunk, 4)[:-1]
+    assert [(s.in_stride, s.out_stride) for s in specs] == [(1, 6), (6, 12), (12, 24)]
+    assert [rfr_patch_size(s.out_stride) for s in specs] == [128, 64, 32]
+    assert "follows the stride of the module's *output* relative to the image" in doc
+    assert "128 where the output is at stride ≤ 6, 64 at stride ≤ 12, 32 beyond (K=4: 128, 64, 32; K=8: 128, " \
+           "128, 128, 64, 64, 32, 32)" in doc
+    assert "input is at stride" not in doc
 
 
 IMAGE_HW = (200, 168)
