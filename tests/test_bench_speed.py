@@ -13,6 +13,7 @@ from wsilocal.cli import build_parser
 from wsilocal.errors import ConfigError
 from wsilocal.features.extract import extract_features
 from wsilocal.features.h5 import read_features
+from wsilocal.infer import predict as predict_module
 from wsilocal.infer.predict import Predictor
 from wsilocal.slide.cohort import CohortSlide
 from wsilocal.slide.reader import open_slide
@@ -117,6 +118,36 @@ def test_whole_and_tiled_memory_measurements(predictor, small_slide):
     assert (whole["mode"], tiled["mode"]) == ("whole", "tiled")
     for m in (whole, tiled):
         assert 0 < m["added_bytes"] < m["peak_rss_bytes"] and m["seconds"] > 0
+
+
+def test_timed_rounds_of_ours_do_not_reset_the_memory_meter(predictor, slide, tmp_path, monkeypatch):
+    """The meter's reset (garbage collection, malloc_trim, clear_refs) hands the freed heap back to the OS, so the
+    next prediction page-faults its activations in again. The pipeline's rounds never reset: ours' timed rounds
+    must not either. The memory measurement still resets, once per prediction, and measures."""
+    calls = {"trim": 0, "reset": 0}
+    trim_heap, reset = predict_module.trim_heap, predict_module.PeakMemory.reset
+
+    def counted_trim():
+        calls["trim"] += 1
+        trim_heap()
+
+    def counted_reset(meter):
+        calls["reset"] += 1
+        reset(meter)
+
+    monkeypatch.setattr(predict_module, "trim_heap", counted_trim)
+    monkeypatch.setattr(predict_module.PeakMemory, "reset", counted_reset)
+    timing = speed._child_time({"device": "cpu", "run": None, "slide": str(slide), "scratch": str(tmp_path),
+                                "repeats": 1, "bf16": False, "workers": 1, "batch_size": 4})
+    assert len(timing["runs"]["ours"]) == len(timing["runs"]["pipeline"]) == 1
+    assert calls == {"trim": 0, "reset": 0}  # warm-up and timed round alike
+    assert timing["runs"]["ours"][0]["peak_memory_bytes"] is None  # not measured there
+    budget = predictor.memory_budget
+    try:
+        memory = speed.measure_memory(predictor, slide, "whole")
+    finally:
+        predictor.memory_budget = budget  # measure_memory sets it
+    assert calls == {"trim": 1, "reset": 1} and memory["added_bytes"] > 0
 
 
 def test_tables_show_rss_and_the_bf16_verdict(bench):

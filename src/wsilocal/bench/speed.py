@@ -12,11 +12,14 @@ For each slide size (the tissue image at 5x, height × width) one synthetic slid
     CLAM's DataLoader workers do), the features written to and read back from an HDF5 file, gated ABMIL.
 
 Both run in float32 with the same torch threads, in one child process per size, in interleaved rounds after
-a warm-up round (medians; the order rotates each round). Then, per size, two fresh child processes predict the
-slide once each, one with the whole-image and one with the tiled forward: their peak RSS shows the tiled one
-staying flat as the slide grows. bfloat16 inference (trunk in bfloat16, H in float32) is timed in the same
-rounds where the hardware computes bfloat16 natively; elsewhere PyTorch emulates it (20× slower than float32 on
-an AVX2 CPU), so it is measured once on a small probe slide only, for its accuracy and the size of the slow-down.
+a warm-up round (medians; the order rotates each round). The timed rounds of ours run without the memory meter
+(:class:`~wsilocal.infer.predict.PeakMemory`): its reset hands the freed heap back to the OS, and every round
+would then page-fault its activations in again while the pipeline's rounds reuse the heap. Memory is measured
+apart instead: per size, two fresh child processes predict the slide once each, with the meter, one with the
+whole-image and one with the tiled forward: their peak RSS shows the tiled one staying flat as the slide grows.
+bfloat16 inference (trunk in bfloat16, H in float32) is timed in the same rounds where the hardware computes
+bfloat16 natively; elsewhere PyTorch emulates it (20× slower than float32 on an AVX2 CPU), so it is measured
+once on a small probe slide only, for its accuracy and the size of the slow-down.
 
 Weights are random (seeded; the trunk's BatchNorm calibrated on a synthetic crop so activations have a sane
 scale) unless ``--run`` gives a trained run: the time does not depend on them.
@@ -205,9 +208,13 @@ def run_tile_pipeline(slide_path: str | Path, extractor: FeatureExtractor, mil: 
             "probabilities": probabilities.tolist(), "n_tiles": len(coords)}
 
 
-def run_ours(predictor: Predictor, slide_path: str | Path) -> dict[str, Any]:
-    """Classify one slide with :meth:`Predictor.predict`; returns its seconds, stages, probabilities, mode, size."""
-    p = predictor.predict(slide_path)
+def run_ours(predictor: Predictor, slide_path: str | Path, *, measure_memory: bool = False) -> dict[str, Any]:
+    """Classify one slide with :meth:`Predictor.predict`; returns its seconds, stages, probabilities, mode, size.
+
+    Without ``measure_memory`` (timing) the prediction runs without the memory meter, whose reset (heap trim,
+    high-water mark) the pipeline does not pay either; ``peak_memory_bytes`` is then None.
+    """
+    p = predictor.predict(slide_path, measure_memory=measure_memory)
     # a map cell is `stride` px of the tissue image: level-0 px per image px = cell_size / stride
     width, height = (round(side * predictor.stride / cell) for side, cell in zip(p.bbox[2:], p.cell_size, strict=True))
     return {"seconds": p.seconds, "stages": p.stages, "probabilities": list(p.probabilities.values()),
@@ -288,7 +295,7 @@ def measure_memory(predictor: Predictor, slide_path: str | Path, forward: str) -
     mark cannot be reset).
     """
     predictor.memory_budget = WHOLE if forward == "whole" else TILED
-    result = run_ours(predictor, slide_path)
+    result = run_ours(predictor, slide_path, measure_memory=True)
     return {"mode": result["mode"], "seconds": result["seconds"], "peak_rss_bytes": process_memory_bytes("VmHWM"),
             "added_bytes": result["peak_memory_bytes"]}
 

@@ -24,6 +24,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -60,7 +61,8 @@ class Prediction:
         probabilities: class name → probability (the run's class order).
         seconds: wall time of the whole prediction (open, tissue detection, reading, forward).
         peak_memory_bytes: peak resident memory added by this prediction (CPU), or peak CUDA memory allocated
-            beyond what was allocated before it (GPU).
+            beyond what was allocated before it (GPU); None where it was not measured
+            (``Predictor.predict(..., measure_memory=False)``).
         mode: ``"whole"`` (one forward over the whole tissue image) or ``"tiled"`` (exact tiles); ``"tiles"``
             for a tile-based MIL baseline.
         feature_shape: (h, w) of the trunk's final map, one attention weight per cell (a baseline: of its tile
@@ -91,7 +93,7 @@ class Prediction:
     predicted: str
     probabilities: dict[str, float]
     seconds: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int | None
     mode: str
     feature_shape: tuple[int, int]
     bbox: tuple[int, int, int, int]
@@ -139,27 +141,39 @@ def _receptive_grid(trunk: ResNet34Trunk) -> tuple[int, float]:
 class PeakMemory:
     """Measures the peak memory a block of code adds: resident set size on CPU, CUDA allocations on GPU.
 
-    On CPU, freed heap memory is first handed back to the OS (``malloc_trim``) and the kernel's high-water mark
-    reset (``/proc/self/clear_refs``), so the figure is this block's own peak even when an earlier slide was
-    larger. Where the mark cannot be reset, it is the process peak minus the RSS at the start (an upper bound).
+    Entering it first resets (:meth:`reset`): on CPU, freed heap memory is handed back to the OS (``malloc_trim``)
+    and the kernel's high-water mark reset (``/proc/self/clear_refs``), so the figure is this block's own peak
+    even when an earlier slide was larger. Where the mark cannot be reset, it is the process peak minus the RSS at
+    the start (an upper bound).
+
+    The reset costs time inside and after it: the heap handed back must be page-faulted in again by the next large
+    allocation. Code that is timed against code without the meter must run without it (see
+    ``Predictor.predict(..., measure_memory=False)``).
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.bytes = 0
 
-    def __enter__(self) -> PeakMemory:
+    def reset(self) -> None:
+        """Collect garbage and reset the peak: CUDA's peak statistics, or (CPU) trim the heap and reset the
+        kernel's high-water mark."""
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
         else:
             trim_heap()
             try:
                 Path("/proc/self/clear_refs").write_text("5")
             except OSError:
                 pass
+
+    def __enter__(self) -> PeakMemory:
+        self.reset()
+        if self.device.type == "cuda":
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
             self._start = process_memory_bytes("VmRSS")
         return self
 
@@ -303,8 +317,14 @@ class Predictor:
         return cls(trunk, head, classes, mean, std, settings, device=resolve_device(device),
                    memory_budget=memory_budget, tile=tile, dtype=dtype)
 
-    def predict(self, slide_path: str | Path, *, heatmap: bool = False, progress: bool = False) -> Prediction:
+    def predict(self, slide_path: str | Path, *, heatmap: bool = False, progress: bool = False,
+                measure_memory: bool = True) -> Prediction:
         """Predict one slide; with ``heatmap=True`` also keep its attention and per-class evidence maps.
+
+        With ``measure_memory`` (the default) the prediction's peak memory is measured (:class:`PeakMemory`); the
+        meter's reset runs before the clock starts, so ``seconds`` does not include it. ``measure_memory=False``
+        skips the meter altogether (``peak_memory_bytes`` is None): nothing is trimmed or collected, as when the
+        prediction is timed against code that does not trim either (``wsilocal bench speed``).
 
         Raises:
             SlideError: the file is missing or unreadable, has no MPP (and none is assumed), shows no tissue,
@@ -312,26 +332,27 @@ class Predictor:
         """
         path = Path(slide_path)
         settings = self.settings
-        start = time.perf_counter()
-        peak = PeakMemory(self.device)
-        with peak, open_slide(path, assume_mpp=settings.assume_mpp) as slide:
-            slide.mpp  # noqa: B018 -- a clear SlideError when the file has no MPP and none is assumed
-            bbox = detect_tissue(slide, mask_mpp=settings.mask_mpp, margin=settings.margin).bbox
-            tissue_done = time.perf_counter()
-            # The image and the pixels decoded to make it (a flat TIFF decodes its full-resolution box) both
-            # count against the run's max_pixels, before anything is read.
-            out_w, out_h = tissue_read_size(slide, bbox, settings.mpp, settings.max_pixels)
-            source = _TimedSource(SlideSource(slide, settings.mpp, bbox, self.mean, self.std))
-            with torch.no_grad(), out_of_memory_as_slide_error(
-                    path, f"the {out_w}×{out_h} px tissue image; lower --memory-budget-gb so it runs in tiles"):
-                features, mode = trunk_forward(self.trunk, source, memory_budget=self.memory_budget,
-                                               tile=self.tile, progress=progress)
-                trunk_done = _clock(self.device)
-                features = features.to(self.device, torch.float32)
-                logits, attention = self.head(features)
-                probabilities = torch.softmax(logits, dim=1)[0].cpu().numpy()
-                evidence = class_evidence(self.head, features, attention).cpu().numpy() if heatmap else None
-                head_done = time.perf_counter()  # .cpu() waited for the device
+        peak = PeakMemory(self.device) if measure_memory else None
+        with peak if peak is not None else nullcontext():  # the meter's reset, before the clock starts
+            start = time.perf_counter()
+            with open_slide(path, assume_mpp=settings.assume_mpp) as slide:
+                slide.mpp  # noqa: B018 -- a clear SlideError when the file has no MPP and none is assumed
+                bbox = detect_tissue(slide, mask_mpp=settings.mask_mpp, margin=settings.margin).bbox
+                tissue_done = time.perf_counter()
+                # The image and the pixels decoded to make it (a flat TIFF decodes its full-resolution box) both
+                # count against the run's max_pixels, before anything is read.
+                out_w, out_h = tissue_read_size(slide, bbox, settings.mpp, settings.max_pixels)
+                source = _TimedSource(SlideSource(slide, settings.mpp, bbox, self.mean, self.std))
+                with torch.no_grad(), out_of_memory_as_slide_error(
+                        path, f"the {out_w}×{out_h} px tissue image; lower --memory-budget-gb so it runs in tiles"):
+                    features, mode = trunk_forward(self.trunk, source, memory_budget=self.memory_budget,
+                                                   tile=self.tile, progress=progress)
+                    trunk_done = _clock(self.device)
+                    features = features.to(self.device, torch.float32)
+                    logits, attention = self.head(features)
+                    probabilities = torch.softmax(logits, dim=1)[0].cpu().numpy()
+                    evidence = class_evidence(self.head, features, attention).cpu().numpy() if heatmap else None
+                    head_done = time.perf_counter()  # .cpu() waited for the device
         # The image is out_w × out_h pixels of bbox_w / out_w level-0 px each; a map cell is `stride` of them.
         scale = (bbox[2] / out_w, bbox[3] / out_h)
         origin = tuple(float(b + (self.centre - self.stride / 2) * s) for b, s in zip(bbox[:2], scale, strict=True))
@@ -340,7 +361,7 @@ class Predictor:
             predicted=self.classes[int(probabilities.argmax())],
             probabilities={name: float(p) for name, p in zip(self.classes, probabilities, strict=True)},
             seconds=time.perf_counter() - start,
-            peak_memory_bytes=peak.bytes,
+            peak_memory_bytes=peak.bytes if peak is not None else None,
             mode=mode,
             feature_shape=(int(features.shape[2]), int(features.shape[3])),
             bbox=tuple(int(v) for v in bbox),
