@@ -21,6 +21,7 @@ BENCHMARKS = (
     ("memory", "memory", "the paper's Table 2: saved-for-backward bytes, peak RSS and step time per K and size"),
     ("speed", "speed", "the paper's Table 3: whole-slide inference vs the tile pipeline (tiling, ResNet34 "
                        "features, gated ABMIL) per slide size; peak RSS; bfloat16"),
+    ("pretrain", "pretrain", "linear and k-NN probes of tile class: random vs `wsilocal pretrain` weights, same run"),
     ("scaling", "scaling", "training throughput with 1 and 2 processes, with/without all-reduce overlap"),
     ("soak", "soak", "train a synthetic cohort for many epochs; fail if process memory grows"),
     ("all", "report", "accuracy, memory, speed and scaling benchmarks and one report.md"),
@@ -118,6 +119,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     for warning in result.warnings:
         print(warning)
     return 1 if result.skipped else 0  # like prepare: the run finished, but not on every slide
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from wsilocal.config import PretrainConfig, config_from_dict, load_config, overrides_from_args
+    from wsilocal.pretrain.trainer import load_pretrain_config, pretrain
+    from wsilocal.train.distributed import relaunch_under_torchrun, torchrun_environment
+    from wsilocal.train.trainer import resolve_device
+
+    overrides = overrides_from_args(args, PretrainConfig)
+    if args.resume:
+        config = load_pretrain_config(args.resume, overrides)
+    elif args.config:
+        config = load_config(args.config, overrides, PretrainConfig)
+    else:
+        config = config_from_dict(overrides, PretrainConfig).validate()
+    launched = torchrun_environment()
+    if args.devices > 1 and launched is None:  # not yet started by torchrun: start N copies of this command
+        return relaunch_under_torchrun(args.devices, args.argv, resolve_device(config.device))
+    result = pretrain(config, resume=bool(args.resume))
+    if launched is not None and launched[0] != 0:
+        return 0  # rank 0 reports for every rank
+    s = result.summary
+    print(f"pretrained {s['steps']} steps on {s['tiles_seen']} tiles of {s['slides']} slides in "
+          f"{s['train_seconds'] / 60:.1f} min, loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}")
+    for path, reason in s["skipped"].items():
+        print(f"skipped {path}: {reason}")
+    print(f"weights: {result.weights} (use with --weights); settings and curve: {result.out / 'pretrain.json'}, "
+          f"{result.out / 'loss_curve.png'}")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -261,6 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train with N processes on this machine (one per GPU; CPU: gloo), via torchrun")
     add_config_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    from wsilocal.config import PretrainConfig
+
+    p = sub.add_parser("pretrain", help="self-supervised pretraining of the ResNet34 trunk on unlabeled slides")
+    p.add_argument("config", nargs="?", help="YAML config; every key can be overridden with --key value")
+    p.add_argument("--resume", metavar="OUT", help="continue the pretraining in OUT from its checkpoint")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="N processes on this machine (one per GPU; CPU: gloo), via torchrun")
+    add_config_arguments(p, PretrainConfig)
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("evaluate", help="evaluate a run on a split: metrics JSON, predictions CSV, ROC PNG")
     p.add_argument("run", help="run directory")

@@ -143,16 +143,101 @@ class TrainConfig:
         return Path(self.cache) if self.cache else Path(self.cohort).parent / "cache"
 
 
-def shared_checks(config) -> list[tuple[bool, str]]:
-    """Checks every config class shares: finite numbers, a seed the random generators accept, a known
-    ``best_by``."""
+def number_checks(config) -> list[tuple[bool, str]]:
+    """Checks every config class shares: finite numbers and a seed the random generators accept."""
     infinite = [f.name for f in fields(config) if isinstance(getattr(config, f.name), float)
                 and not math.isfinite(getattr(config, f.name))]
     return [
         (not infinite, f"{', '.join(infinite)} must be finite numbers"),
         (0 <= config.seed < 2**31, f"seed must be in 0..2147483647, got {config.seed}"),
+    ]
+
+
+def shared_checks(config) -> list[tuple[bool, str]]:
+    """Checks the training configs share: :func:`number_checks` and a known ``best_by``."""
+    return [
+        *number_checks(config),
         (config.best_by in BEST_BY, f"best_by must be one of {', '.join(BEST_BY)}, got {config.best_by!r}"),
     ]
+
+
+PRETRAIN_OBJECTIVES = ("simclr", "vicreg")  # see wsilocal.pretrain.objectives
+
+
+@dataclass
+class PretrainConfig:
+    """Self-supervised pretraining of the trunk on unlabeled slides (``wsilocal pretrain``; docs/pretraining.md).
+
+    The slides are a cohort CSV's (labels never read; the test split only with ``include_test``) or those that
+    ``slides`` names (a folder, searched recursively, or a glob pattern); both may be given.
+    """
+
+    # --- data
+    cohort: str = ""  # cohort CSV; its train and val slides (and test with include_test)
+    slides: str = ""  # a folder of slide files or a glob pattern ("/data/**/*.svs")
+    include_test: bool = False  # also pretrain on the cohort's test split (off: no test slide is seen)
+    out: str = ""  # output folder: resnet34.safetensors, pretrain.json, loss_curve.png, checkpoint.pt
+    mpp: float = 2.0  # resolution of the tiles in µm/px (2.0 ≈ 5x, the whole-slide training's)
+    assume_mpp: float | None = None  # MPP for slides without resolution metadata
+    tile: int = 128  # edge of a read tile in px at mpp; views are random crops of it
+    min_tissue: float = 0.5  # least tissue share of a tile (on the overview mask)
+    # --- objective and augmentation
+    objective: str = "vicreg"  # vicreg or simclr (docs/pretraining.md: chosen by measurement)
+    projector_dims: list[int] = dataclasses.field(default_factory=lambda: [1024, 1024])
+    temperature: float = 0.2  # simclr's τ
+    crop: int = 96  # edge of a view in px
+    crop_scale_min: float = 0.35  # least share of the tile's area a view's crop covers
+    stain_jitter: float = 0.05  # σ of the H&E stain jitter (scale U(1±σ), shift U(±σ) per stain)
+    colour_jitter: float = 0.2  # brightness, contrast, saturation U(1±x)
+    blur: float = 0.5  # probability of a Gaussian blur
+    # --- optimisation
+    steps: int = 3000  # optimizer steps
+    batch_size: int = 64  # tiles per step and process (two views each)
+    lr: float = 1e-3  # AdamW peak rate, reached after warmup_steps, then a half cosine to 0
+    warmup_steps: int = 100
+    weight_decay: float = 1e-5
+    seed: int = 0
+    # --- execution
+    device: str = "auto"  # auto = cuda when available
+    threads: int = 0  # torch threads (0 = torch's default)
+    workers: int = 2  # threads reading tiles
+    checkpoint_every: int = 100  # steps between checkpoints (Ctrl-C also saves one)
+    bn_tiles: int = 1024  # un-augmented tiles that re-estimate the BatchNorm statistics at the end
+
+    def validate(self) -> PretrainConfig:
+        """Check values that types alone do not; return self."""
+        checks = [
+            (bool(self.cohort or self.slides), "pretrain needs --cohort CSV or --slides FOLDER_OR_GLOB"),
+            (bool(self.out), "out: an output folder is required"),
+            (self.mpp > 0, f"mpp must be positive, got {self.mpp}"),
+            (self.assume_mpp is None or self.assume_mpp > 0, "assume_mpp must be positive"),
+            (self.tile >= 32, f"tile must be >= 32 px, got {self.tile}"),
+            (32 <= self.crop <= self.tile, f"crop must be in 32..tile ({self.tile}), got {self.crop}"),
+            (0 < self.crop_scale_min <= 1, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}"),
+            (0 <= self.min_tissue <= 1, f"min_tissue must be in [0, 1], got {self.min_tissue}"),
+            (self.objective in PRETRAIN_OBJECTIVES,
+             f"objective must be one of {', '.join(PRETRAIN_OBJECTIVES)}, got {self.objective!r}"),
+            (len(self.projector_dims) >= 1 and min(self.projector_dims) >= 1,
+             f"projector_dims must be positive sizes, got {self.projector_dims}"),
+            (self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
+            (0 <= self.stain_jitter < 1, f"stain_jitter must be in [0, 1), got {self.stain_jitter}"),
+            (0 <= self.colour_jitter < 1, f"colour_jitter must be in [0, 1), got {self.colour_jitter}"),
+            (0 <= self.blur <= 1, f"blur must be in [0, 1], got {self.blur}"),
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 2, f"batch_size must be >= 2 (the objectives compare tiles), got {self.batch_size}"),
+            (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.threads >= 0, f"threads must be >= 0 (0 = torch's default), got {self.threads}"),
+            (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
+            (self.bn_tiles >= 0, f"bn_tiles must be >= 0, got {self.bn_tiles}"),
+            *number_checks(self),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"config: {message}")
+        return self
 
 
 def _field_types(cls: type) -> dict[str, typing.Any]:

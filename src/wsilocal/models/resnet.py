@@ -57,9 +57,9 @@ class FrozenBatchNorm2d(nn.BatchNorm2d):
                             training=False, momentum=0.0, eps=self.eps)
 
 
-def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> torch.Tensor:
-    """``bn(conv(x))``; with ``bn.fold`` set, the BatchNorm's affine map is folded into the convolution."""
-    if not bn.fold:
+def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``bn(conv(x))``; with a frozen ``bn`` whose ``fold`` is set, its affine map is folded into the convolution."""
+    if not getattr(bn, "fold", False):  # a trainable BatchNorm (pretraining) always runs as itself
         return bn(conv(x))
     scale, shift = bn.scale_shift()
     if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
@@ -73,19 +73,21 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> torch.Te
 
 
 class BasicBlock(nn.Module):
-    """torchvision's ResNet BasicBlock (two 3×3 convs and a residual), with frozen BatchNorm."""
+    """torchvision's ResNet BasicBlock (two 3×3 convs and a residual), with frozen BatchNorm (``norm_layer``:
+    ``nn.BatchNorm2d`` for the trainable BatchNorm of pretraining)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
+                 norm_layer: type[nn.BatchNorm2d] = FrozenBatchNorm2d):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
-        self.bn1 = FrozenBatchNorm2d(out_channels)
+        self.bn1 = norm_layer(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, padding=1, bias=False)
-        self.bn2 = FrozenBatchNorm2d(out_channels)
+        self.bn2 = norm_layer(out_channels)
         self.downsample: nn.Sequential | None = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), FrozenBatchNorm2d(out_channels)
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), norm_layer(out_channels)
             )
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
 
@@ -99,7 +101,7 @@ class BasicBlock(nn.Module):
 class Stem(nn.Module):
     """Unit U0: conv1 → bn1 → relu → maxpool. Holds the trunk's own layers (a view, not a copy)."""
 
-    def __init__(self, conv1: nn.Conv2d, bn1: FrozenBatchNorm2d, relu: nn.ReLU, maxpool: nn.MaxPool2d):
+    def __init__(self, conv1: nn.Conv2d, bn1: nn.BatchNorm2d, relu: nn.ReLU, maxpool: nn.MaxPool2d):
         super().__init__()
         self.conv1, self.bn1, self.relu, self.maxpool = conv1, bn1, relu, maxpool
         self.in_channels, self.out_channels = conv1.in_channels, conv1.out_channels
@@ -115,24 +117,30 @@ class ResNet34Trunk(nn.Module):
     ``conv1_stride`` is 3 in the method (2 is torchvision's). The stem and every BatchNorm are frozen.
     ``fold_bn`` chooses folded (memory-lean) or conv-then-BatchNorm execution; it can be switched at
     any time through the ``fold_bn`` property and gives the same results either way.
+
+    ``trainable=True`` is the plain torchvision network instead, for self-supervised pretraining
+    (:mod:`wsilocal.pretrain`): ordinary ``nn.BatchNorm2d`` layers that learn and track statistics, and a
+    trainable stem. Same parameter and buffer names, so its state dict loads into the frozen trunk.
     """
 
-    def __init__(self, conv1_stride: int = 3, fold_bn: bool = True):
+    def __init__(self, conv1_stride: int = 3, fold_bn: bool = True, trainable: bool = False):
         super().__init__()
+        norm_layer = nn.BatchNorm2d if trainable else FrozenBatchNorm2d
         self.conv1 = nn.Conv2d(3, 64, 7, conv1_stride, padding=3, bias=False)
-        self.bn1 = FrozenBatchNorm2d(64)
+        self.bn1 = norm_layer(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, padding=1)
         in_channels = 64
         for index, (n_blocks, channels) in enumerate(zip(LAYER_BLOCKS, LAYER_CHANNELS, strict=True)):
             first_stride = 1 if index == 0 else 2
-            blocks = [BasicBlock(in_channels, channels, first_stride)]
-            blocks += [BasicBlock(channels, channels) for _ in range(n_blocks - 1)]
+            blocks = [BasicBlock(in_channels, channels, first_stride, norm_layer)]
+            blocks += [BasicBlock(channels, channels, norm_layer=norm_layer) for _ in range(n_blocks - 1)]
             setattr(self, f"layer{index + 1}", nn.Sequential(*blocks))
             in_channels = channels
         self._init_torchvision()
-        self.conv1.weight.requires_grad_(False)  # the stem is frozen (its BatchNorm already is)
-        self.fold_bn = fold_bn
+        if not trainable:
+            self.conv1.weight.requires_grad_(False)  # the stem is frozen (its BatchNorm already is)
+            self.fold_bn = fold_bn
 
     def _init_torchvision(self) -> None:
         for module in self.modules():
@@ -144,7 +152,7 @@ class ResNet34Trunk(nn.Module):
 
     @property
     def fold_bn(self) -> bool:
-        return self.bn1.fold
+        return getattr(self.bn1, "fold", False)
 
     @fold_bn.setter
     def fold_bn(self, value: bool) -> None:
