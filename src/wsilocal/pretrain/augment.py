@@ -44,10 +44,11 @@ class Augmentation:
     blur: float = 0.5
 
 
-def _crop_grids(n: int, crop: int, scale: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
+def _crop_grids(n: int, crop: int, scale: tuple[float, float], gen: torch.Generator,
+                ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
     """Sampling grids (n, crop, crop, 2) of random resized crops, each also flipped and rotated by a multiple of 90°."""
     area = torch.empty(n, dtype=torch.float64).uniform_(*scale, generator=gen)
-    log_ratio = torch.empty(n, dtype=torch.float64).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
+    log_ratio = torch.empty(n, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
     ratio = log_ratio.exp()
     half_w = (area * ratio).sqrt().clamp(max=1.0)  # in units of the tile's half-width (grid coordinates are ±1)
     half_h = (area / ratio).sqrt().clamp(max=1.0)
