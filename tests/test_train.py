@@ -181,3 +181,56 @@ def test_calibration_sees_the_central_crop_of_large_slides():
     image = torch.arange(5 * 8, dtype=torch.float32).reshape(1, 1, 5, 8)
     assert torch.equal(_central_crop(image, 4), image[..., 0:4, 2:6])  # a short axis stays whole
     assert torch.equal(_central_crop(image, 100), image)
+
+
+def test_random_streams_differ_for_every_seed_purpose_and_key():
+    from wsilocal.train.data import Purpose, sample_generator, stream_seed
+
+    # Seed s's RFR stream was seed s+1's augmentation stream (purposes were told apart by seed + 1, seed + 2).
+    for seed in range(5):
+        for epoch, index in ((0, 0), (1, 3), (1000, 2)):
+            rfr = torch.rand(8, generator=sample_generator(seed, Purpose.RFR, epoch, index))
+            augment = torch.rand(8, generator=sample_generator(seed + 1, Purpose.AUGMENT, epoch, index))
+            assert not torch.equal(rfr, augment)
+    # Every (seed, purpose, keys) has a stream of its own, in the low 32 bits that torch's CPU generator keeps too.
+    names = [(s, p, e, i) for s in range(8) for p in Purpose for e in (0, 1, 1000) for i in range(8)]
+    assert len({stream_seed(*name) % 2**32 for name in names}) == len(names)
+    assert stream_seed(0, Purpose.DROPOUT, 3) != stream_seed(0, Purpose.DROPOUT, 3, 0)  # a shorter key list
+    with pytest.raises(ValueError, match="0..2\\*\\*32-1"):
+        stream_seed(0, Purpose.ORDER, 2**32)
+
+
+def _draws(generator: torch.Generator | None = None) -> tuple[float, ...]:
+    """The next draws of a generator (None: torch's global one), without using it up."""
+    copy = torch.Generator()
+    copy.set_state(generator.get_state() if generator is not None else torch.get_rng_state())
+    return tuple(torch.rand(8, generator=copy).tolist())
+
+
+def test_a_runs_rfr_and_dropout_streams_are_not_the_next_seeds_augmentation(tiny_cohort, tmp_path, monkeypatch):
+    from wsilocal.train import data, trainer
+
+    rfr, dropout, augment = [], [], []
+    step, augment_image = trainer.local_training_step, data.augment_image
+
+    def spy_step(*args, generator, **kwargs):
+        rfr.append(_draws(generator))
+        dropout.append(_draws())  # seeded for this slide just before the step
+        return step(*args, generator=generator, **kwargs)
+
+    def spy_augment(image, aug, generator):
+        augment.append(_draws(generator))
+        return augment_image(image, aug, generator)
+
+    monkeypatch.setattr(trainer, "local_training_step", spy_step)
+    monkeypatch.setattr(data, "augment_image", spy_augment)
+    config = config_for(tiny_cohort, tmp_path / "run", k=2, epochs=1, seed=1)
+    train(config, progress=False)
+    _, samples, _, _ = trainer.Trainer(config, progress=False)._prepare_data(None)
+    assert len(rfr) == len(dropout) == len(samples) == len(set(rfr)) and not set(rfr) & set(dropout)
+    for seed, used in ((1, rfr), (1, dropout), (2, rfr), (2, dropout), (3, dropout)):
+        augment.clear()
+        samples.seed = seed  # the augmentation of the slides of epoch 0 under that seed
+        for index in range(len(samples)):
+            samples.get(index, 0)
+        assert not set(used) & set(augment), seed

@@ -36,12 +36,6 @@ def features_path(features_dir: str | Path, slide_id: str) -> Path:
     return Path(features_dir) / f"{slide_id}.h5"
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """A shuffled order of ``n`` bags, fixed by (seed, epoch) alone so a resumed run replays it exactly."""
-    generator = torch.Generator().manual_seed(int(seed) * 7919 + int(epoch))
-    return torch.randperm(n, generator=generator).tolist()
-
-
 class FeatureBags:
     """The usable bags of one split. ``skipped`` maps slide id → reason for every slide left out."""
 

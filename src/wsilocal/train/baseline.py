@@ -56,9 +56,9 @@ from wsilocal.features.h5 import read_attrs
 from wsilocal.models.mil import MIL_MODELS, build_mil_model
 from wsilocal.models.mil.base import OPTIMIZERS, MILModel
 from wsilocal.slide.cohort import SPLITS, load_cohort
-from wsilocal.train.bags import FeatureBags, epoch_order, load_bags
+from wsilocal.train.bags import FeatureBags, load_bags
 from wsilocal.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from wsilocal.train.data import sample_generator
+from wsilocal.train.data import Purpose, epoch_order, sample_generator, stream_seed
 from wsilocal.train.metrics import classification_metrics, plot_roc_curves, selection_score
 from wsilocal.train.trainer import (
     Trainer,
@@ -336,7 +336,7 @@ class BaselineTrainer(Trainer):
         """One pass over the training bags, one optimizer step per bag (as CLAM)."""
         config = self.config
         stream = epoch + 1000 * stage_no  # the (stage, epoch) pair every random draw of this epoch derives from
-        torch.manual_seed(config.seed * 1_000_003 + stage_no * 10_007 + epoch)  # dropout, models' own sampling
+        torch.manual_seed(stream_seed(config.seed, Purpose.DROPOUT, stream))  # dropout, models' own sampling
         model.train()
         order = epoch_order(len(train), config.seed, stream)
         start = time.perf_counter()
@@ -345,7 +345,7 @@ class BaselineTrainer(Trainer):
         for index in bar:
             bag = train.get(index)
             features = _subsample(bag.features, config.max_instances,
-                                  sample_generator(config.seed + 1, stream, index)).to(self.device)
+                                  sample_generator(config.seed, Purpose.SUBSAMPLE, stream, index)).to(self.device)
             label = torch.tensor([bag.label], device=self.device)
             output = model(features)
             loss = model.loss(output, label, features)

@@ -2,13 +2,23 @@
 
 One sample is one whole tissue image (batch size 1). Augmentations — a random crop of up to
 ``edge_crop`` from each edge, flips, 90° rotations and colour jitter — draw from a ``torch.Generator``
-seeded by (run seed, epoch, slide position), so a resumed run sees exactly the samples an uninterrupted
-run would.
+seeded by (run seed, augmentation, epoch, slide position), so a resumed run sees exactly the samples an
+uninterrupted run would.
+
+Random streams. Every random draw of a run after its initial weights (``torch.manual_seed(seed)``) comes from
+a stream named by the run's seed, a *purpose*
+(:class:`Purpose`: data order, augmentation, RFR locations, dropout, instance sub-sampling) and that
+purpose's keys (epoch, slide position): :func:`stream_seed` hashes the whole tuple with numpy's
+``SeedSequence``, so no two tuples share a stream by construction — seed s's RFR stream is not seed s+1's
+augmentation stream, as it was when purposes were told apart by adding 1 or 2 to the seed. (torch's CPU
+generator, mt19937, keeps only the low 32 bits of a seed: two given tuples still meet by chance with
+probability 2⁻³², with no pattern to it.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
 import torch
@@ -25,9 +35,34 @@ class Augmentation:
     color_jitter: float = 0.05
 
 
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The random stream of one (epoch, slide) pair, independent of what ran before it."""
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) * 10_007 + int(index))
+class Purpose(IntEnum):
+    """What a random stream is for; part of every stream's name (:func:`stream_seed`). Never renumber: the
+    numbers are part of every run's results."""
+
+    ORDER = 1  # the order of the samples in an epoch (keys: epoch)
+    AUGMENT = 2  # a slide's augmentation (keys: epoch, slide)
+    RFR = 3  # a slide's RFR patch locations (keys: epoch, slide)
+    DROPOUT = 4  # dropout and models' own draws, through torch's global generator (keys: epoch[, slide])
+    SUBSAMPLE = 5  # a MIL bag's instance sub-sampling (keys: epoch, slide)
+
+
+def stream_seed(seed: int, purpose: Purpose, *keys: int) -> int:
+    """The 64-bit seed of the stream of (``seed``, ``purpose``, ``keys``): numpy's ``SeedSequence`` of the
+    whole tuple, so streams of different tuples are independent — whatever the seeds, purposes and keys.
+
+    The number of keys is one of the words (``SeedSequence`` pads short entropy with zeros: ``[s, p, e]`` and
+    ``[s, p, e, 0]`` would be one stream), and every value must be in 0..2³²−1 (one word each: a larger one
+    would read as two words).
+    """
+    words = [int(seed), int(purpose), len(keys), *(int(k) for k in keys)]
+    if any(not 0 <= w < 2**32 for w in words):
+        raise ValueError(f"random stream keys must be in 0..2**32-1, got {words}")
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
+
+
+def sample_generator(seed: int, purpose: Purpose, epoch: int, index: int) -> torch.Generator:
+    """The random stream of one (purpose, epoch, slide), independent of what ran before it."""
+    return torch.Generator().manual_seed(stream_seed(seed, purpose, epoch, index))
 
 
 def to_tensor(image: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -88,10 +123,17 @@ class CachedSlides:
         entry = self.entries[index]
         image = entry.image()
         if self.augmentation.enabled:
-            image = augment_image(image, self.augmentation, sample_generator(self.seed, epoch, index))
+            image = augment_image(image, self.augmentation,
+                                  sample_generator(self.seed, Purpose.AUGMENT, epoch, index))
         return to_tensor(image, self.mean, self.std), self.labels[index], entry.slide_id
 
     def epoch_order(self, epoch: int) -> list[int]:
         """A shuffled order of the samples for one epoch (deterministic given seed and epoch)."""
-        generator = torch.Generator().manual_seed(int(self.seed) * 7919 + int(epoch))
-        return torch.randperm(len(self), generator=generator).tolist()
+        return epoch_order(len(self), self.seed, epoch)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A shuffled order of ``n`` samples (slides or bags), fixed by (seed, epoch) alone so that a resumed run
+    replays it exactly."""
+    generator = torch.Generator().manual_seed(stream_seed(seed, Purpose.ORDER, epoch))
+    return torch.randperm(n, generator=generator).tolist()

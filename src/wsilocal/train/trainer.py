@@ -16,8 +16,9 @@ Schedules. ``simultaneous`` (the authors' code): every step trains all modules, 
 (or ``epochs`` pass), then module 2 on the frozen module 1, and so on; the last phase trains module K with
 the final classifier. Both are a list of *phases* over which the same epoch loop runs.
 
-Reproducibility: data order, augmentation, RFR locations and dropout draw from seeds derived from
-(seed, phase, epoch, slide), and resume restores model, optimizer, scheduler and counters at an epoch
+Reproducibility: data order, augmentation, RFR locations and dropout draw from streams named by (seed,
+purpose, phase and epoch, slide) (:func:`~wsilocal.train.data.stream_seed`: no two names share a stream, across
+seeds too), and resume restores model, optimizer, scheduler and counters at an epoch
 boundary, so ``--resume`` ends with the same weights as an uninterrupted run. Ctrl-C (SIGINT) finishes the
 optimizer step in progress, saves ``checkpoint_last.pt`` mid-epoch (the position in the epoch's order and the
 slides' losses so far) and stops with exit code 130; ``--resume`` then continues from the next slide and
@@ -62,7 +63,7 @@ from wsilocal.runtime import memory_budget_bytes, tune_cpu_allocator
 from wsilocal.slide.cache import PrepareResult, PrepareSettings, channel_stats, format_summary, prepare_cohort
 from wsilocal.slide.cohort import Cohort, load_cohort
 from wsilocal.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from wsilocal.train.data import Augmentation, CachedSlides, sample_generator
+from wsilocal.train.data import Augmentation, CachedSlides, Purpose, sample_generator, stream_seed
 from wsilocal.train.distributed import DistContext, GradientAllReduce, distributed_session
 from wsilocal.train.local_step import StepResult, forward_all_classifiers, local_training_step
 from wsilocal.train.metrics import classification_metrics, plot_learning_curves, selection_score
@@ -621,7 +622,7 @@ class Trainer:
         if not streamed:
             check_trainable_size(image, slide_id, train.entries[index].source, config)
         # Dropout draws from a stream of this slide alone, so it does not matter which rank runs the slide.
-        torch.manual_seed(sample_generator(config.seed + 2, stream, index).initial_seed())
+        torch.manual_seed(stream_seed(config.seed, Purpose.DROPOUT, stream, index))
         common = {"class_weight": class_weight, "loss_scale": loss_scale, "on_module_backward": on_module_backward}
         with out_of_memory_as_slide_error(
                 train.entries[index].source,
@@ -634,12 +635,12 @@ class Trainer:
                 result = streaming_local_step(
                     net, TensorSource(image), label, tile=config.stream_tile,
                     store=resolve_store(config.stream_store, self.device), active=phase, alpha=config.alpha,
-                    generator=sample_generator(config.seed + 1, stream, index),
+                    generator=sample_generator(config.seed, Purpose.RFR, stream, index),
                     **common)
             else:
                 result = local_training_step(
                     net, image.to(self.device), label, active=phase, alpha=config.alpha,
-                    generator=sample_generator(config.seed + 1, stream, index), **common)
+                    generator=sample_generator(config.seed, Purpose.RFR, stream, index), **common)
         return result, label, streamed
 
     def _streams(self, net: LocalNet, image: torch.Tensor) -> bool:
