@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from wsilocal.bench import accuracy, report
+from wsilocal.bench import accuracy, report, stats
 from wsilocal.bench.accuracy import AccuracyBenchSettings, CohortSettings, run_accuracy_benchmark
 from wsilocal.cli import main
 from wsilocal.config import TrainConfig
@@ -65,7 +65,12 @@ def run_files(out: Path) -> dict[Path, int]:
 
 
 def test_records_are_the_run_directories_own_test_evaluations(bench):
+    from wsilocal.slide.cohort import load_cohort
+    from wsilocal.train.metrics import classification_metrics
+
     data = load(bench)
+    test_ids = [s.slide_id for s in load_cohort(bench / "accuracy" / "cohorts" / "morphology" / "cohort.csv")
+                .split("test")]
     assert [(r["row"], r["seed"]) for r in data["records"]] == [(row, s) for row in RUN_ROWS for s in (0, 1)]
     for record in data["records"]:
         run_dir = Path(record["run_dir"])
@@ -74,6 +79,16 @@ def test_records_are_the_run_directories_own_test_evaluations(bench):
         for metric in accuracy.METRICS:
             assert record[metric] == evaluated[metric]
         assert record["n_test"] == evaluated["n"] == 3 and record["reused"] is False
+        # The per-slide test predictions are the run's own predictions_test.csv, and give its metrics.
+        predictions = record["test_predictions"]
+        assert predictions == accuracy.read_test_predictions(run_dir)
+        assert sorted(predictions["classes"]) == sorted(data["tasks"]["morphology"]["classes"])  # the run's order
+        assert sorted(predictions["slide_ids"]) == sorted(test_ids)
+        again = classification_metrics(np.array(predictions["probabilities"]), np.array(predictions["labels"]),
+                                       predictions["classes"])
+        for metric in accuracy.METRICS:  # 6 decimals tie saturated probabilities, which can move AUROC only
+            assert again[metric] == pytest.approx(record[metric], abs=1e-6) or (
+                metric == "auroc" and accuracy.has_tied_scores(predictions)), metric
         assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoint_best.pt").is_file()
         assert not (run_dir / "checkpoint_last.pt").exists()  # optimizer state, dropped once the run is finished
     seeds = {r["seed"]: r for r in data["records"] if r["row"] == "ours_k2"}
@@ -86,6 +101,8 @@ def test_records_are_the_run_directories_own_test_evaluations(bench):
 
 
 def test_aggregates_are_mean_and_sample_std_over_seeds(bench):
+    from wsilocal.train.metrics import classification_metrics
+
     data = load(bench)
     table = (bench / "accuracy" / "accuracy.md").read_text()
     for row in RUN_ROWS:
@@ -96,8 +113,22 @@ def test_aggregates_are_mean_and_sample_std_over_seeds(bench):
             assert agg[metric]["n"] == 2
             assert agg[metric]["mean"] == pytest.approx(values.mean(), abs=1e-12)
             assert agg[metric]["std"] == pytest.approx(values.std(ddof=1), abs=1e-12)
+        # One test slide per class: every stratified resample is the split itself, so the interval is the point.
+        # the estimate is the seed mean of the recorded per-slide predictions (6 decimals: see the † note).
+        boot = agg["bootstrap"]
+        assert (boot["n_slides"], boot["seeds"], boot["resamples"]) == (3, 2, stats.RESAMPLES)
+        records = [r for r in data["records"] if r["row"] == row]
+        for metric in accuracy.METRICS:
+            again = [classification_metrics(np.array(r["test_predictions"]["probabilities"]),
+                                            np.array(r["test_predictions"]["labels"]),
+                                            r["test_predictions"]["classes"])[metric] for r in records]
+            assert boot[metric]["estimate"] == pytest.approx(np.mean(again), abs=1e-12)
+            assert boot[metric]["low"] == pytest.approx(boot[metric]["estimate"], abs=1e-12)
+            assert boot[metric]["high"] == pytest.approx(boot[metric]["estimate"], abs=1e-12)
         label = accuracy.ROWS[row].label
-        cells = " | ".join(f"{agg[m]['mean']:.3f} ± {agg[m]['std']:.3f}" for m in accuracy.METRICS)
+        cells = " | ".join(f"{agg[m]['mean']:.3f} ± {agg[m]['std']:.3f} [{boot[m]['low']:.3f}, {boot[m]['high']:.3f}]"
+                           + ("†" if abs(boot[m]["estimate"] - agg[m]["mean"]) >= 5e-4 else "")
+                           for m in accuracy.METRICS)
         assert f"| {label} | {cells} | 2 |" in table
     assert "paper accuracy (TCGA-RCC, GPU)" in table and "| 0.8495 | 0.9423 |" in table  # ABMIL, Table 1
     with Image.open(bench / "accuracy" / "accuracy.png") as png:

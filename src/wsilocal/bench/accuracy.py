@@ -12,8 +12,13 @@ and test metrics) and its ``checkpoint_last.pt`` (optimizer state) is dropped un
 benchmark into the same ``OUT`` reuses the run instead of training again, and resumes an interrupted run from
 its last checkpoint. Cohorts and runs made with other settings are refused, not mixed in.
 
-``OUT/accuracy.json`` holds one record per task/row/seed and the mean ± sample standard deviation (n − 1) over
-seeds; ``accuracy.md`` the tables beside the paper's numbers; ``accuracy.png`` bars with error bars.
+``OUT/accuracy.json`` holds one record per task/row/seed (its test metrics and per-slide test predictions,
+``test_predictions``), the mean ± sample standard deviation (n − 1) over seeds, the 95 % bootstrap interval over
+test slides of each row's seed mean, and the paired differences behind the report's claims
+(:data:`ACCURACY_CLAIMS`, :func:`paired_comparisons`; the statistics are :mod:`wsilocal.bench.stats`'s);
+``accuracy.md`` the tables beside the paper's numbers and the paired differences; ``accuracy.png`` bars with the
+intervals as error bars. Runs finished before per-slide predictions were recorded read them back from their own
+``predictions_test.csv`` where it gives the run's saved metrics; rows without them keep the seed spread alone.
 
 Caveat for both sides: no pretrained weights can be downloaded here, so by default our trunk starts from random
 weights (trained with the demo's learning rates, :class:`wsilocal.demo.DemoSettings`) and the MIL baselines run
@@ -24,6 +29,7 @@ ImageNet features: ``--weights FILE`` (a torchvision ResNet34 state dict) gives 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import math
@@ -41,6 +47,7 @@ import numpy as np
 import torch
 
 from wsilocal.atomic import write_text_atomic
+from wsilocal.bench.stats import RESAMPLES, bootstrap_row, paired_difference, reading
 from wsilocal.config import TrainConfig
 from wsilocal.demo import QUICK as DEMO_QUICK
 from wsilocal.demo import DemoSettings, demo_config
@@ -49,6 +56,7 @@ from wsilocal.models.mil import MIL_MODELS
 from wsilocal.slide.synth import DEFAULT_SIZE, GENERATOR_VERSION, SynthParams, class_names
 
 RUN_MARKER = "bench_run.json"  # written last into a run directory: the run is finished, with these results
+PREDICTIONS_FILE = "predictions_test.csv"  # what `wsilocal evaluate` writes into a run: per-slide probabilities
 METRICS = ("accuracy", "balanced_accuracy", "auroc")
 METRIC_LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auroc": "AUROC"}
 PATH_FIELDS = ("cohort", "out", "cache", "features")  # config fields left out when comparing a run's settings
@@ -464,7 +472,57 @@ def finished_run(run_dir: Path, config) -> dict[str, Any] | None:
                          if wanted.get(k) != saved["settings"].get(k))
         raise ConfigError(f"{run_dir}: finished with other settings ({', '.join(differs)}); use another --out "
                           "or delete that run")
-    return {**saved["result"], "reused": True}
+    result = saved["result"]
+    if "test_predictions" not in result:  # finished before bench_run.json held them: the run's own file, if it agrees
+        predictions = read_test_predictions(run_dir)
+        if predictions is not None and _predictions_agree(predictions, result):
+            result = {**result, "test_predictions": predictions}
+    return {**result, "reused": True}
+
+
+def read_test_predictions(run_dir: Path) -> dict[str, Any] | None:
+    """The per-slide test predictions ``wsilocal evaluate`` wrote into a run (:data:`PREDICTIONS_FILE`): classes,
+    slide ids, label indices and probabilities (at the file's 6 decimals), as :mod:`wsilocal.bench.stats` takes
+    them; None where the file is missing or not such a file."""
+    try:
+        with open(Path(run_dir) / PREDICTIONS_FILE, newline="") as handle:
+            rows = list(csv.reader(handle))
+        header = rows[0]
+        if header[:3] != ["slide_id", "label", "predicted"] or not all(h.startswith("p_") for h in header[3:]):
+            return None
+        classes = [h[2:] for h in header[3:]]
+        return {"classes": classes, "slide_ids": [r[0] for r in rows[1:]],
+                "labels": [classes.index(r[1]) for r in rows[1:]],
+                "probabilities": [[float(v) for v in r[3:]] for r in rows[1:]]}
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _predictions_agree(predictions: dict[str, Any], result: dict[str, Any]) -> bool:
+    """Whether predictions read back from a run give the metrics its marker saved (not a later evaluation's file).
+
+    The file holds 6 decimals: saturated probabilities (below 1e-6, or equal to 6 decimals) come back tied, which
+    moves AUROC, so an AUROC that differs is taken where the file has tied scores.
+    """
+    from wsilocal.train.metrics import classification_metrics
+
+    if not predictions["slide_ids"] or len(predictions["slide_ids"]) != result.get("n_test"):
+        return False
+    metrics = classification_metrics(np.array(predictions["probabilities"]), np.array(predictions["labels"]),
+                                     predictions["classes"])
+    for m in METRICS:
+        if (metrics[m] is None) != (result.get(m) is None):
+            return False
+        if metrics[m] is not None and abs(metrics[m] - result[m]) > 1e-6 and not (m == "auroc"
+                                                                                  and has_tied_scores(predictions)):
+            return False
+    return True
+
+
+def has_tied_scores(predictions: dict[str, Any]) -> bool:
+    """Whether two slides have the same probability of some class (as 6 decimals make of saturated outputs)."""
+    probabilities = np.asarray(predictions["probabilities"])
+    return any(len(np.unique(column)) < len(column) for column in probabilities.T)
 
 
 def train_and_evaluate(row: Row, config, run_dir: Path, *, keep_last_checkpoint: bool = True,
@@ -472,7 +530,8 @@ def train_and_evaluate(row: Row, config, run_dir: Path, *, keep_last_checkpoint:
     """Train one run (resuming an interrupted one), evaluate it on the test split, mark it finished (and drop
     its ``checkpoint_last.pt`` unless ``keep_last_checkpoint``).
 
-    Returns the test metrics, the run's seconds and ``reused`` false.
+    Returns the test metrics, the per-slide test predictions (``test_predictions``, see
+    :func:`read_test_predictions`), the run's seconds and ``reused`` false.
     """
     from wsilocal.train.baseline import train_baseline
     from wsilocal.train.evaluate import evaluate_run
@@ -483,7 +542,7 @@ def train_and_evaluate(row: Row, config, run_dir: Path, *, keep_last_checkpoint:
     (train_baseline if row.kind == "mil" else train)(config, resume=resume, progress=progress)
     metrics = evaluate_run(run_dir, "test", progress=progress)
     result = {**{m: metrics[m] for m in METRICS}, "n_test": metrics["n"],
-              "seconds": round(time.perf_counter() - start, 1)}
+              "seconds": round(time.perf_counter() - start, 1), "test_predictions": read_test_predictions(run_dir)}
     write_text_atomic(run_dir / RUN_MARKER, json.dumps({"settings": _settings_of(config), "result": result},
                                                        indent=1))
     if not keep_last_checkpoint:  # only now: until the marker exists, it is what resumes the run
@@ -491,11 +550,18 @@ def train_and_evaluate(row: Row, config, run_dir: Path, *, keep_last_checkpoint:
     return {**result, "reused": False}
 
 
+# --- statistics ----------------------------------------------------------------------------------------------
+
+
 def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and sample standard deviation (n − 1; None for one value) of each metric over a row's seeds.
+    """Mean and sample standard deviation (n − 1; None for one value) of each metric over a row's seeds, and the
+    95 % bootstrap interval over test slides of each metric's seed mean (``bootstrap``, see
+    :func:`wsilocal.bench.stats.bootstrap_row`).
 
     Runs that failed, and metrics a run could not compute (AUROC without both classes), are left out; ``n``
-    counts the values used.
+    counts the values used. ``bootstrap`` is None, with ``bootstrap_note`` saying why, where a finished run has
+    no per-slide predictions (runs finished before the benchmark recorded them and whose own
+    ``predictions_test.csv`` is gone or differs).
     """
     result: dict[str, Any] = {}
     for metric in METRICS:
@@ -504,6 +570,92 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
                           "std": statistics.stdev(values) if len(values) > 1 else None}
     done = [r for r in records if not r.get("error")]
     result["seconds_per_run"] = statistics.fmean(r["seconds"] for r in done) if done else None
+    result["bootstrap"], note = _row_bootstrap(done)
+    if note:
+        result["bootstrap_note"] = note
+    return result
+
+
+NO_PREDICTIONS = "no per-slide test predictions (runs finished before the benchmark recorded them)"
+
+
+def _row_bootstrap(done: Sequence[dict[str, Any]]) -> tuple[dict[str, Any] | None, str | None]:
+    if not done:
+        return None, None
+    predictions = [r.get("test_predictions") for r in done]
+    if not all(predictions):
+        return None, NO_PREDICTIONS
+    try:
+        return bootstrap_row(predictions), None
+    except ValueError as exc:  # seeds scored on other slides or classes: not one test split
+        return None, f"no interval: {exc}"
+
+
+@dataclass(frozen=True)
+class AccuracyClaim:
+    """One of the paper's accuracy claims on a task: ``row`` scores higher than every one of ``others`` (those that
+    ran) on ``metric`` (``accuracy``: decided on balanced accuracy; ``auroc``). ``kind`` (``mil``, ``streaming``,
+    ``rfr``) picks the report's reason where we disagree."""
+
+    text: str
+    row: str
+    others: tuple[str, ...]
+    metric: str
+    kind: str
+
+    @property
+    def decided_by(self) -> str:
+        """The metric whose paired interval decides the claim (balanced accuracy for accuracy: the test splits are
+        stratified, and calling every slide one class does not pass for accuracy)."""
+        return "balanced_accuracy" if self.metric == "accuracy" else self.metric
+
+
+MIL_ROWS = tuple(name for name, row in ROWS.items() if row.kind == "mil")
+_BETTER = {"accuracy": "is more accurate than", "auroc": "ranks slides (AUROC) better than"}
+# Table 1 (ours above every MIL baseline and StreamingCNN, K=4 and K=8) and Table 4 (RFR), per task.
+ACCURACY_CLAIMS: tuple[AccuracyClaim, ...] = (
+    *(AccuracyClaim(f"ours K={k} {_BETTER[m]} every tile-based MIL baseline", f"ours_k{k}", MIL_ROWS, m, "mil")
+      for k in (4, 8) for m in ("accuracy", "auroc")),
+    *(AccuracyClaim(f"ours K={k} {_BETTER[m]} StreamingCNN", f"ours_k{k}", ("streaming",), m, "streaming")
+      for k in (4, 8) for m in ("accuracy", "auroc")),
+    *(AccuracyClaim(f"RFR improves the accuracy of K={k}", f"ours_k{k}", (f"ours_k{k}_norfr",), "accuracy", "rfr")
+      for k in (4, 8)),
+)
+
+
+def paired_comparisons(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The paired differences behind :data:`ACCURACY_CLAIMS`: for each task, claim and other row that ran, the
+    difference claim row − other row in the claim's ``decided_by`` metric with its 95 % bootstrap interval over
+    the test slides both scored, the same resamples for both (:func:`wsilocal.bench.stats.paired_difference`).
+
+    Each entry: ``task``, ``claim`` (its text), ``row``, ``other``, ``metric``, ``difference`` (None, with
+    ``note``, where a run has no per-slide predictions or the metric is undefined).
+    """
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in report.get("records", []):
+        if not r.get("error"):
+            runs.setdefault((r["task"], r["row"]), []).append(r)
+    result = []
+    for task in report.get("tasks", {}):
+        for claim in ACCURACY_CLAIMS:
+            for other in claim.others:
+                a, b = runs.get((task, claim.row)), runs.get((task, other))
+                if not a or not b:
+                    continue
+                entry: dict[str, Any] = {"task": task, "claim": claim.text, "row": claim.row, "other": other,
+                                         "metric": claim.decided_by, "difference": None}
+                predictions_a = [r.get("test_predictions") for r in a]
+                predictions_b = [r.get("test_predictions") for r in b]
+                if not all(predictions_a) or not all(predictions_b):
+                    entry["note"] = NO_PREDICTIONS
+                else:
+                    try:
+                        entry["difference"] = paired_difference(predictions_a, predictions_b, claim.decided_by)
+                    except ValueError as exc:
+                        entry["note"] = f"no interval: {exc}"
+                    if entry["difference"] is None and "note" not in entry:
+                        entry["note"] = f"{METRIC_LABELS[claim.decided_by]} undefined on these test slides"
+                result.append(entry)
     return result
 
 
@@ -602,9 +754,56 @@ def _mean_std(summary: dict[str, Any]) -> str:
     return _num(summary["mean"]) + ("" if summary["std"] is None else f" ± {_num(summary['std'])}")
 
 
+def _cell(agg: dict[str, Any], metric: str) -> str:
+    """``mean ± std [low, high]``: the seed mean, its std over seeds and its 95 % bootstrap interval over slides;
+    ``†`` where the per-slide predictions' own seed mean differs (:func:`_rounded_away`)."""
+    interval = (agg.get("bootstrap") or {}).get(metric)
+    text = _mean_std(agg[metric])
+    if interval is None or text == "—":
+        return text
+    return f"{text} [{_num(interval['low'])}, {_num(interval['high'])}]" + ("†" if _rounded_away(agg, metric) else "")
+
+
+def _rounded_away(agg: dict[str, Any], metric: str) -> bool:
+    """Whether the per-slide predictions (6 decimals, as ``predictions_test.csv`` holds them) give another seed mean
+    than the runs' own evaluations: scores they told apart come back tied."""
+    interval = (agg.get("bootstrap") or {}).get(metric)
+    return interval is not None and abs(interval["estimate"] - agg[metric]["mean"]) >= 5e-4
+
+
+def format_difference(difference: dict[str, Any]) -> str:
+    """``+0.120 [+0.040, +0.210]``: a paired difference and its 95 % interval."""
+    return f"{difference['estimate']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}]"
+
+
+def format_paired_table(report: dict[str, Any], task: str) -> str:
+    """Markdown: the paired differences behind the report's claims on ``task`` (:func:`paired_comparisons`), or
+    "" where none of the claims' rows ran."""
+    entries = [p for p in report.get("paired") or paired_comparisons(report) if p["task"] == task]
+    if not entries:
+        return ""
+    lines = ["Paired differences behind the report's claims: the claim's row less the other row, on the test slides "
+             "both scored, with the 95 % bootstrap interval over those slides (stratified by class, the same "
+             "resampled slides for both, the metric averaged over seeds on each resample). The claim holds against "
+             "a row where the interval lies above 0.", "",
+             "| claim | other row | metric | slides | difference [95 % interval] | reading |",
+             "|---|---|---|---:|---:|---|"]
+    for p in entries:
+        d, other = p["difference"], ROWS[p["other"]].label
+        if d is None:
+            lines.append(f"| {p['claim']} | {other} | {METRIC_LABELS[p['metric']]} | | — | {p['note']} |")
+            continue
+        read = {"higher": f"{ROWS[p['row']].label} higher", "lower": f"{other} higher",
+                "unclear": "cannot tell (holds 0)"}[reading(d)]
+        lines.append(f"| {p['claim']} | {other} | {METRIC_LABELS[p['metric']]} | {d['n_slides']} | "
+                     f"{format_difference(d)} | {read} |")
+    return "\n".join(lines)
+
+
 def format_accuracy_tables(report: dict[str, Any]) -> str:
-    """Markdown: per task, every row's mean ± std over seeds beside the paper's numbers on the dataset with the
-    same number of classes (Table 1; the ablation rows without RFR from Table 4)."""
+    """Markdown: per task, every row's mean ± std over seeds and 95 % bootstrap interval over test slides beside
+    the paper's numbers on the dataset with the same number of classes (Table 1; the ablation rows without RFR
+    from Table 4), then the paired differences behind the report's claims."""
     parts = []
     for task, info in report["tasks"].items():
         dataset = info["paper_dataset"]
@@ -621,8 +820,20 @@ def format_accuracy_tables(report: dict[str, Any]) -> str:
                 continue
             seconds = "—" if agg["seconds_per_run"] is None else f"{agg['seconds_per_run']:.0f}"
             note = "" if agg["status"] == "done" else f" ({agg['status']})"
-            lines.append(f"| {agg['label']}{note} | " + " | ".join(_mean_std(agg[m]) for m in METRICS)
+            lines.append(f"| {agg['label']}{note} | " + " | ".join(_cell(agg, m) for m in METRICS)
                          + f" | {agg['accuracy']['n']} | {seconds} {paper}")
+        rounded = [f"{a['label']} {METRIC_LABELS[m]} {a['bootstrap'][m]['estimate']:.3f}"
+                   for a in report["aggregates"] if a["task"] == task and a.get("bootstrap")
+                   for m in METRICS if a[m]["mean"] is not None and _rounded_away(a, m)]
+        if rounded:
+            lines += ["", f"† The interval is of the per-slide probabilities as `{PREDICTIONS_FILE}` holds them, to 6 "
+                          "decimals, which ties scores the run's own evaluation told apart (saturated outputs); "
+                          "their seed mean, which the report's paired differences use: " + "; ".join(rounded) + "."]
+        without = [a for a in report["aggregates"] if a["task"] == task and a.get("bootstrap_note")]
+        if without:
+            notes = "; ".join(sorted({a["bootstrap_note"] for a in without}))
+            lines += ["", f"No interval for {', '.join(a['label'] for a in without)} ({notes}): ± is the seed spread "
+                          "alone, and the report decides their claims on it."]
         if info.get("shortcuts"):  # reports written before the check have none
             lines += ["", "Shortcut check: how well one number per slide alone ranks the test slides (AUROC, its "
                       "direction learnt on the training split; ~0.5 when the classes differ only in their tissue): "
@@ -632,6 +843,9 @@ def format_accuracy_tables(report: dict[str, Any]) -> str:
             lines += ["", f"Chance on this test split: random scores reach balanced accuracy "
                       f"{_num(levels['balanced_accuracy'], 2)} and AUROC {_num(levels['auroc'], 2)} one time in 20 "
                       "(the report's claims need a row to beat that)."]
+        paired = format_paired_table(report, task)
+        if paired:
+            lines += ["", paired]
         if info["feature_skipped"]:
             lines += ["", f"Tile features skipped {len(info['feature_skipped'])} slide(s) (MIL rows do without them): "
                       + "; ".join(f"{k}: {v}" for k, v in info["feature_skipped"].items())]
@@ -668,12 +882,25 @@ def describe_settings(report: dict[str, Any]) -> str:
               f"settings), {start}.",
               f"- MIL baselines: epochs {mil_epochs}, each model's published optimiser, features of a {features}.",
               f"- seeds {report['seeds']}: the seed sets initial weights and data order; the splits stay fixed. "
-              "± is the sample standard deviation over seeds."]
+              "± is the sample standard deviation over seeds; [low, high] the 95 % percentile bootstrap interval "
+              f"over test slides ({RESAMPLES} resamples stratified by class, the metric averaged over seeds on "
+              "each resample), which the report's claims are decided on."]
     return "\n".join(lines)
 
 
+def _error_bar(agg: dict[str, Any], metric: str) -> tuple[float, float]:
+    """Below and above the bar: to the 95 % bootstrap interval's ends, else (no per-slide predictions) one std."""
+    summary, interval = agg[metric], (agg.get("bootstrap") or {}).get(metric)
+    if summary["mean"] is None:
+        return 0.0, 0.0
+    if interval is None:
+        return summary["std"] or 0.0, summary["std"] or 0.0
+    return max(summary["mean"] - interval["low"], 0.0), max(interval["high"] - summary["mean"], 0.0)
+
+
 def plot_accuracy(report: dict[str, Any], path: str | Path) -> None:
-    """One panel per task: bars of mean accuracy, balanced accuracy and AUROC per method, std as error bars."""
+    """One panel per task: bars of mean accuracy, balanced accuracy and AUROC per method, the 95 % bootstrap
+    interval over test slides as error bars (one std over seeds for runs without per-slide predictions)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -686,8 +913,8 @@ def plot_accuracy(report: dict[str, Any], path: str | Path) -> None:
         rows = [a for a in report["aggregates"] if a["task"] == task and a["accuracy"]["n"] > 0]
         for j, metric in enumerate(METRICS):
             means = [a[metric]["mean"] if a[metric]["mean"] is not None else math.nan for a in rows]
-            stds = [a[metric]["std"] or 0.0 for a in rows]
-            ax.bar([i + (j - 1) * width for i in range(len(rows))], means, width, yerr=stds, capsize=2,
+            errors = np.array([_error_bar(a, metric) for a in rows]).reshape(-1, 2).T
+            ax.bar([i + (j - 1) * width for i in range(len(rows))], means, width, yerr=errors, capsize=2,
                    label=METRIC_LABELS[metric])
         dataset = report["tasks"][task]["paper_dataset"]
         paper = [(i - width, paper_numbers(a["row"], dataset)[0]) for i, a in enumerate(rows)]
@@ -703,7 +930,9 @@ def plot_accuracy(report: dict[str, Any], path: str | Path) -> None:
                 ax.axhline(level, color="gray", linestyle=style, linewidth=0.8,
                            label=f"{METRIC_LABELS[metric]} of random scores, 1 time in 20 ({level:.2f})")
         ax.set_ylim(0, 1.12)
-        ax.set_title(f"task {task}: mean ± std over seeds (test split)")
+        seed_spread = any(a.get("bootstrap") is None for a in rows)
+        ax.set_title(f"task {task}: seed mean, 95 % bootstrap interval over test slides"
+                     + (" (± std over seeds where no per-slide predictions)" if seed_spread else ""))
         ax.legend(fontsize=7, ncol=5, loc="upper left")
         ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
@@ -722,6 +951,7 @@ def write_accuracy_report(report: dict[str, Any], out: str | Path) -> None:
     report["paper"] = {"table1": PAPER_TABLE1, "table4": PAPER_TABLE4, "datasets": PAPER_DATASETS,
                        "note": "Zhang et al., MICCAI 2022: real slides (TCGA-NSCLC, TCGA-RCC, LKS) at 5x, "
                                "ImageNet-pretrained ResNet34, GPUs"}
+    report["paired"] = paired_comparisons(report)
     write_text_atomic(out / "accuracy.json", json.dumps(report, indent=1))
     text = (f"# Accuracy benchmark ({report['date']}, {report['seconds'] / 60:.1f} min, torch {torch.__version__}, "
             f"{os.cpu_count()} CPUs)\n\n{describe_settings(report)}\n\n{format_accuracy_tables(report)}\n")
