@@ -265,7 +265,7 @@ class AccuracyBenchSettings:
 # evaluation forward 0.3/0.4): 30-40 min per task for the 6 rows of ours × 3 seeds, ~7 min writing the 24 context
 # slides (~35 CPU-s each), ~6 min for the MIL rows: ~1.5 h in all on an idle machine with 2 threads.
 FULL = AccuracyBenchSettings(cohorts=(
-    CohortSettings("morphology", slides_per_class=12, mpp=2.0, tile=128, size=(4096, 4096)),
+    CohortSettings("morphology", slides_per_class=70, mpp=2.0, tile=128, size=(4096, 4096)),
     CohortSettings("context", slides_per_class=12, mpp=8.0, tile=64),
 ))
 # QUICK: the demo's quick sizes; the context layout shrunk 4× and read at 4 µm/px (~450 × 200 px). Estimated
@@ -304,6 +304,24 @@ def features_folder(folder: Path, weights: str | None) -> Path:
     return folder / f"features-{digest}"
 
 
+def prepare_synthetic_cohort(cohort_settings: CohortSettings, folder: Path, *, workers: int = 2,
+                             progress: bool = True) -> Path:
+    """Generate the cohort in ``folder`` unless it is there already (checked: same generator and parameters);
+    returns its ``cohort.csv``."""
+    from wsilocal.slide.synth import synthesize_cohort
+
+    params = cohort_settings.synth_params()
+    meta_file = folder / "synth.json"  # written last by the generator: its presence means a complete cohort
+    if meta_file.is_file():
+        _check_cohort(meta_file, params, cohort_settings)
+    else:
+        _log(progress, f"[{cohort_settings.task}] generating {cohort_settings.slides_per_class} slides per class, "
+                       f"{params.size[0]}×{params.size[1]} px → {folder}")
+        synthesize_cohort(folder, slides_per_class=cohort_settings.slides_per_class, seed=cohort_settings.seed,
+                          workers=workers, splits=cohort_settings.splits, progress=progress, params=params)
+    return folder / "cohort.csv"
+
+
 def prepare_benchmark_cohort(cohort_settings: CohortSettings, folder: Path, *, workers: int = 2,
                              weights: str | None = None, progress: bool = True) -> PreparedCohort:
     """Generate (or reuse) the cohort in ``folder``, cache its slides and extract tile features (with
@@ -315,21 +333,11 @@ def prepare_benchmark_cohort(cohort_settings: CohortSettings, folder: Path, *, w
     from wsilocal.features.extract import extract_features
     from wsilocal.slide.cache import PrepareSettings, prepare_cohort
     from wsilocal.slide.cohort import SPLITS, load_cohort
-    from wsilocal.slide.synth import synthesize_cohort
 
-    params = cohort_settings.synth_params()
     seconds = {}
     start = time.perf_counter()
-    meta_file = folder / "synth.json"  # written last by the generator: its presence means a complete cohort
-    if meta_file.is_file():
-        _check_cohort(meta_file, params, cohort_settings)
-    else:
-        _log(progress, f"[{cohort_settings.task}] generating {cohort_settings.slides_per_class} slides per class, "
-                       f"{params.size[0]}×{params.size[1]} px → {folder}")
-        synthesize_cohort(folder, slides_per_class=cohort_settings.slides_per_class, seed=cohort_settings.seed,
-                          workers=workers, splits=cohort_settings.splits, progress=progress, params=params)
+    csv_path = prepare_synthetic_cohort(cohort_settings, folder, workers=workers, progress=progress)
     seconds["synth"] = time.perf_counter() - start
-    csv_path = folder / "cohort.csv"
     cohort = load_cohort(csv_path)
 
     start = time.perf_counter()
