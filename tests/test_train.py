@@ -234,3 +234,58 @@ def test_a_runs_rfr_and_dropout_streams_are_not_the_next_seeds_augmentation(tiny
         for index in range(len(samples)):
             samples.get(index, 0)
         assert not set(used) & set(augment), seed
+
+
+def _module_copy(net, i):
+    """Module i's part of the trunk and its auxiliary model, copied."""
+    return {f"{part}.{name}": tensor.clone() for part, module in (("stage", net.stages[i]), ("aux", net.aux[i]))
+            for name, tensor in module.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_greedy_hands_the_next_module_its_best_epoch_and_resume_keeps_it(tiny_cohort, tmp_path, monkeypatch):
+    """Greedy: module 1 goes back to its best validation epoch (the trainer's selection score, scripted here so
+    that the best is not the last epoch) before module 2 learns on it. A run stopped right after that best epoch
+    and resumed keeps the same epoch and ends with the uninterrupted run's weights."""
+    from wsilocal.errors import TrainingInterrupted
+    from wsilocal.train import trainer
+
+    scripted = {(0, 0): (0.9, 0.0), (0, 1): (0.1, 0.0)}  # (phase, epoch) → score: module 1's best is its first
+    now, seen = {}, {}  # seen[(run, phase, epoch)]: module 1's weights when that epoch was validated
+    train_epoch, evaluate, score = trainer.Trainer._train_epoch, trainer.evaluate_samples, trainer.selection_score
+
+    def spy_train_epoch(self, net, samples, phase, phase_no, epoch, *args, **kwargs):
+        now.update(trainer=self, at=(phase_no, epoch))
+        return train_epoch(self, net, samples, phase, phase_no, epoch, *args, **kwargs)
+
+    def spy_evaluate(net, *args, **kwargs):
+        seen[(now["run"], *now["at"])] = _module_copy(net, 0)
+        if now["run"] == "part" and now["at"] == (0, 0):
+            now["trainer"].stop_requested.set()  # as Ctrl-C during validation: stops once the epoch is saved
+        return evaluate(net, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.Trainer, "_train_epoch", spy_train_epoch)
+    monkeypatch.setattr(trainer, "evaluate_samples", spy_evaluate)
+    monkeypatch.setattr(trainer, "selection_score", lambda m, loss, by: scripted.get(now["at"], score(m, loss, by)))
+    configs = {run: config_for(tiny_cohort, tmp_path / run, schedule="greedy", k=2, epochs=2)
+               for run in ("full", "part")}
+    now["run"] = "full"
+    full = trainer.Trainer(configs["full"], progress=False).run()
+    assert [row["modules"] for row in full.history] == [[0, 1], [0, 1], [1, 2], [1, 2]]
+    assert not _same(seen["full", 0, 0], seen["full", 0, 1])  # module 1 learnt in its second epoch
+    assert _same(seen["full", 1, 0], seen["full", 0, 0])  # module 2 learnt on module 1's best epoch
+    assert _same(seen["full", 1, 1], seen["full", 0, 0])
+    assert [row.get("kept", False) for row in full.history] == [True, False, False, False]
+    now["run"] = "part"
+    with pytest.raises(TrainingInterrupted):
+        trainer.Trainer(configs["part"], progress=False).run()
+    now["run"] = "resumed"
+    resumed = trainer.Trainer(configs["part"], progress=False, resume=True).run()
+    assert _same(seen["resumed", 1, 0], seen["full", 0, 0])
+    assert [row.get("kept", False) for row in resumed.history] == [True, False, False, False]
+    a = load_checkpoint(tmp_path / "full" / "checkpoint_last.pt")["model"]
+    b = load_checkpoint(tmp_path / "part" / "checkpoint_last.pt")["model"]
+    assert _same(a, b)

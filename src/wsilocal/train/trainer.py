@@ -14,7 +14,9 @@ Run directory layout::
 Schedules. ``simultaneous`` (the authors' code): every step trains all modules, each on its own loss.
 ``greedy`` (the paper's text): module 1 with its auxiliary model until its validation loss stops improving
 (or ``epochs`` pass), then module 2 on the frozen module 1, and so on; the last phase trains module K with
-the final classifier. Both are a list of *phases* over which the same epoch loop runs.
+the final classifier. Before the next phase starts, a module and its auxiliary model go back to the weights of
+their best validation epoch (``best_by``, scored on the module's auxiliary classifier), and the next module
+learns on those. Both are a list of *phases* over which the same epoch loop runs.
 
 Reproducibility: data order, augmentation, RFR locations and dropout draw from streams named by (seed,
 purpose, phase and epoch, slide) (:func:`~wsilocal.train.data.stream_seed`: no two names share a stream, across
@@ -159,6 +161,19 @@ class TrainResult:
 def _phases(config: TrainConfig, k: int) -> list[range]:
     """Which modules learn in each phase: all at once, or one after another."""
     return [range(0, k)] if config.schedule == "simultaneous" else [range(i, i + 1) for i in range(k)]
+
+
+def _keeps_best_module(config: TrainConfig, phase: range, k: int) -> bool:
+    """Whether this phase's module goes back to its best validation epoch when the phase ends: greedy, before K."""
+    return config.schedule == "greedy" and phase.stop < k
+
+
+def _module_weights(net: LocalNet, i: int) -> dict[str, dict[str, torch.Tensor]]:
+    """A copy (on the CPU) of module i's part of the trunk and of its auxiliary model."""
+    def copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()}
+
+    return {"stage": copy(net.stages[i]), "aux": copy(net.aux[i])}
 
 
 def module_parameters(net: LocalNet, i: int) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -453,6 +468,8 @@ class Trainer:
         best = state["best"] if state else {"score": None, "epoch": -1, "val": {}}
         restore_optimizer = state is not None
         if state and state["stopped_early"]:  # that phase is over, even if --epochs was raised since
+            if _keeps_best_module(config, phases[phase_index], k):  # as the uninterrupted run does after it
+                self._keep_best_module(net, phases[phase_index], state.get("module_best"), history, train)
             phase_index, start_epoch, restore_optimizer = phase_index + 1, 0, False
         mid_epoch = state.get("mid_epoch") if state else None  # saved by Ctrl-C: continue that epoch
         for p in range(phase_index, len(phases)):
@@ -460,10 +477,14 @@ class Trainer:
             optimizer = torch.optim.AdamW(_phase_parameters(net, phase, config), weight_decay=config.weight_decay)
             scheduler = make_lr_scheduler(optimizer, config)
             phase_best = {"loss": math.inf, "bad_epochs": 0}
+            # greedy, before module K: the weights of this phase's module at its best validation epoch so far
+            keeps_best = _keeps_best_module(config, phase, k)
+            module_best = None
             if restore_optimizer and p == phase_index:
                 optimizer.load_state_dict(state["optimizer"])
                 load_lr_scheduler_state(scheduler, state["scheduler"])
                 phase_best = state["phase_best"]
+                module_best = state.get("module_best")
             epoch = start_epoch if p == phase_index else 0
             while epoch < config.epochs:
                 try:
@@ -472,7 +493,7 @@ class Trainer:
                     mid = {"next_group": halt.next_group, "records": halt.records, "seconds": halt.seconds}
                     self._save(net, self.run_dir / "checkpoint_last.pt", signature, classes,
                                extra=self._resumable(optimizer, scheduler, p, epoch, False, phase_best, history,
-                                                     best, mid))
+                                                     best, mid, module_best))
                     raise self._interrupted(f"phase {p} epoch {epoch}, {halt.next_group} of {len(train)} "
                                             "slides done") from None
                 mid_epoch = None
@@ -491,15 +512,18 @@ class Trainer:
                 improved_loss = evaluation["loss"] < phase_best["loss"] - 1e-6
                 phase_best = {"loss": min(phase_best["loss"], evaluation["loss"]),
                               "bad_epochs": 0 if improved_loss else phase_best["bad_epochs"] + 1}
-                if is_last_module:
-                    score = selection_score(val_metrics, evaluation["loss"], config.best_by)
-                    if best["score"] is None or score > tuple(best["score"]):
-                        best = {"score": list(score), "epoch": len(history) - 1, "val": val_metrics}
-                        self._save(net, self.run_dir / "checkpoint_best.pt", signature, classes)
+                score = selection_score(val_metrics, evaluation["loss"], config.best_by)
+                if is_last_module and (best["score"] is None or score > tuple(best["score"])):
+                    best = {"score": list(score), "epoch": len(history) - 1, "val": val_metrics}
+                    self._save(net, self.run_dir / "checkpoint_best.pt", signature, classes)
+                if keeps_best and (module_best is None or score > tuple(module_best["score"])):
+                    module_best = {"score": list(score), "epoch": len(history) - 1,
+                                   "weights": _module_weights(net, phase.start)}
                 epoch += 1
                 stop = bool(config.early_stopping and phase_best["bad_epochs"] >= config.early_stopping)
                 self._save(net, self.run_dir / "checkpoint_last.pt", signature, classes,
-                           extra=self._resumable(optimizer, scheduler, p, epoch, stop, phase_best, history, best))
+                           extra=self._resumable(optimizer, scheduler, p, epoch, stop, phase_best, history, best,
+                                                 module_best=module_best))
                 self._write_metrics(history)
                 gc.collect()  # per-epoch figures and logs form reference cycles; free them before the heap grows
                 self._report_epoch(row, f"phase {p}", stop)
@@ -508,16 +532,37 @@ class Trainer:
                     raise self._interrupted(f"the end of phase {p} epoch {epoch - 1}")
                 if stop:
                     break
+            if keeps_best:
+                self._keep_best_module(net, phase, module_best, history, train)
             start_epoch = 0
         return self._finish(best, history, skipped, net.describe(), write=ctx.is_main,
                             processes=ctx.world_size, effective_batch=ctx.world_size * config.accumulation)
 
     def _resumable(self, optimizer, scheduler, phase: int, next_epoch: int, stopped_early: bool, phase_best: dict,
-                   history: list[dict], best: dict, mid_epoch: dict | None = None) -> dict:
-        """What ``checkpoint_last.pt`` holds beside the model to resume exactly (``mid_epoch``: Ctrl-C's)."""
+                   history: list[dict], best: dict, mid_epoch: dict | None = None,
+                   module_best: dict | None = None) -> dict:
+        """What ``checkpoint_last.pt`` holds beside the model to resume exactly (``mid_epoch``: Ctrl-C's;
+        ``module_best``: greedy, the phase's module at its best epoch so far)."""
         return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "phase": phase,
                 "next_epoch": next_epoch, "stopped_early": stopped_early, "phase_best": phase_best,
-                "history": history, "best": best, "warnings": self.warnings, "mid_epoch": mid_epoch}
+                "history": history, "best": best, "warnings": self.warnings, "mid_epoch": mid_epoch,
+                "module_best": module_best}
+
+    def _keep_best_module(self, net: LocalNet, phase: range, module_best: dict | None, history: list[dict],
+                          train: CachedSlides) -> None:
+        """End of a greedy phase before module K: its module and auxiliary model take the weights of their best
+        validation epoch (marked ``kept`` in the history), which the next modules then learn on."""
+        if module_best is None:  # a checkpoint written before modules kept their best epoch
+            return
+        i = phase.start
+        net.stages[i].load_state_dict(module_best["weights"]["stage"])
+        net.aux[i].load_state_dict(module_best["weights"]["aux"])
+        history[module_best["epoch"]]["kept"] = True
+        log.info("module %d keeps its weights of epoch %d of the run (best validation %s of its phase)", i + 1,
+                 module_best["epoch"], self.config.best_by)
+        if self.config.recalibrate_bn and not self.config.weights:  # the next modules' statistics follow it
+            self._calibrate(net, train)
+            self.ctx.broadcast_module(net)
 
     def _stop_agreed(self) -> bool:
         """Whether a stop was requested (on any rank: every rank must leave at the same step)."""
