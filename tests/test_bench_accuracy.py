@@ -185,8 +185,8 @@ def test_bench_all_writes_one_report_with_every_section(bench, monkeypatch):
     text = (bench / "report.md").read_text()
     data = json.loads((bench / "report.json").read_text())
     status = {name: section["status"] for name, section in data["sections"].items()}
-    assert status == {"accuracy": "done", "memory": "done", "speed": "pending: wsilocal.bench.speed is not there yet",
-                      "scaling": "not run"}
+    assert status == {"accuracy": "done", "pretrain": "not run", "memory": "done",
+                      "speed": "pending: wsilocal.bench.speed is not there yet", "scaling": "not run"}
     for name in report.SECTIONS:
         assert f"## {report.TITLES[name]}\n\nStatus: **{status[name]}**" in text
     for png in ("accuracy/accuracy.png", "memory/memory.png"):
@@ -216,7 +216,7 @@ def test_bench_all_writes_one_report_with_every_section(bench, monkeypatch):
     again = json.loads((bench / "report.json").read_text())
     assert again["claims"] == data["claims"]
     assert {name: s["status"] for name, s in again["sections"].items()} == {
-        "accuracy": "done", "memory": "done", "speed": "not run", "scaling": "not run"}
+        "accuracy": "done", "pretrain": "not run", "memory": "done", "speed": "not run", "scaling": "not run"}
     with pytest.raises(ConfigError, match=f"^{bench / 'none'}: no such folder"):
         report.all_main(parser.parse_args(["--out", str(bench / "none"), "--report-only"]))
     assert not (bench / "none").exists()
@@ -251,7 +251,7 @@ def test_weights_give_every_method_those_weights_and_their_own_features(tmp_path
     features = accuracy.features_folder(folder, str(weights))
     assert features.name.startswith("features-") and any(features.glob("*.h5"))
     assert not (folder / "features").exists()  # random-weight features are neither made nor reused
-    assert f"features of a ResNet34 with the weights in {weights}" in (tmp_path / "out" / "accuracy.md").read_text()
+    assert f"ResNet34 features from the weights in {weights}" in (tmp_path / "out" / "accuracy.md").read_text()
     # Our network fine-tunes the same weights, at the paper's trunk rate.
     cohort = accuracy.prepare_benchmark_cohort(settings.cohorts[0], folder, workers=1, weights=str(weights),
                                                progress=False)
@@ -358,3 +358,35 @@ def test_chance_levels_are_the_exact_95th_percentiles_of_random_scores(counts):
         assert got["auroc"] == pytest.approx(expected["auroc"], abs=1e-9)
     else:  # macro one-vs-rest AUROC has no closed form: random scores, but above 0.5 and below a perfect ranking
         assert 0.5 < got["auroc"] < 1.0
+
+
+def test_pretrained_init_gives_every_method_the_weights_of_a_pretraining_on_train_and_val(tmp_path):
+    from safetensors.torch import load_file
+
+    pretraining = {"steps": 2, "batch_size": 4, "warmup_steps": 1, "bn_tiles": 8, "tile": 48, "crop": 32,
+                   "projector_dims": [32, 16], "workers": 1, "min_tissue": 0.3}
+    settings = replace(TINY, seeds=1, init="pretrained", pretrain=pretraining)
+    report_data = run_accuracy_benchmark(tmp_path / "out", settings, rows=["abmil", "ours_k2"], progress=False)
+    assert [a["status"] for a in report_data["aggregates"]] == ["done", "done"]
+    info = report_data["tasks"]["morphology"]
+    weights = Path(info["weights"])
+    assert info["init"] == "pretrained" and weights.name == "resnet34.safetensors"
+    assert weights.parent.parent == tmp_path / "out" / "pretrain"
+    summary = json.loads((weights.parent / "pretrain.json").read_text())
+    assert summary["slides"] == 6 and summary["steps"] == 2  # 9 slides: the 3 test slides were never seen
+    for record in report_data["records"]:
+        run_dir = Path(record["run_dir"])
+        assert run_dir.parts[-4] == f"runs-{accuracy.weights_digest(weights)}"
+    import yaml
+
+    config = yaml.safe_load((tmp_path / "out" / f"runs-{accuracy.weights_digest(weights)}" / "morphology" / "ours_k2"
+                             / "seed0" / "config.yaml").read_text())
+    assert (config["weights"], config["lr_trunk"]) == (str(weights), TrainConfig.lr_trunk)
+    features = accuracy.features_folder(tmp_path / "out" / "cohorts" / "morphology", str(weights))
+    assert any(features.glob("*.h5"))  # the MIL rows read features of the same weights
+    assert "wsilocal pretrain" in (tmp_path / "out" / "accuracy.md").read_text()
+    # a second run reuses the pretraining (its weights file is not rewritten)
+    before = weights.stat().st_mtime_ns
+    run_accuracy_benchmark(tmp_path / "out", settings, rows=["abmil"], progress=False)
+    assert weights.stat().st_mtime_ns == before
+    assert load_file(str(weights))["conv1.weight"].shape == (64, 3, 7, 7)

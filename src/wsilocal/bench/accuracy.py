@@ -37,7 +37,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -221,6 +221,10 @@ class AccuracyBenchSettings:
             StreamingCNN's and the MIL baselines' tile features; None: random weights for all (the default, as
             nothing can be downloaded here). With weights our trunk fine-tunes at the paper's rate
             (``TrainConfig.lr_trunk``) instead of the demo's from-scratch one.
+        init: without ``weights``, where every method starts: ``pretrained`` — ``wsilocal pretrain`` on each
+            task's own train and val slides (never its test split), the same weights for our trunk, StreamingCNN
+            and the MIL features — or ``random`` (random weights for all). FULL and QUICK pretrain.
+        pretrain: :class:`~wsilocal.config.PretrainConfig` fields of that pretraining (steps, batch size, ...).
     """
 
     cohorts: tuple[CohortSettings, ...]
@@ -231,6 +235,8 @@ class AccuracyBenchSettings:
     workers: int = 2
     keep_last_checkpoint: bool = False
     weights: str | None = None
+    init: str = "random"
+    pretrain: dict[str, Any] = field(default_factory=dict)
 
     def with_budget(self, *, epochs: int | None = None, mil_epochs: int | None = None,
                     slides_per_class: int | None = None) -> AccuracyBenchSettings:
@@ -264,16 +270,21 @@ class AccuracyBenchSettings:
 # morphology ~430² px / context ~420×900 px: K=4 1.5/1.9, K=8 2.1/2.2, without RFR 0.7/1.1, K=1 0.6/1.1; an
 # evaluation forward 0.3/0.4): 30-40 min per task for the 6 rows of ours × 3 seeds, ~7 min writing the 24 context
 # slides (~35 CPU-s each), ~6 min for the MIL rows: ~1.5 h in all on an idle machine with 2 threads.
+INITS = ("pretrained", "random")
+# The pretraining of FULL (docs/pretraining.md: VICReg chosen by measurement): 96-px tiles at the task's MPP, views
+# of 64 px, batch 64.
+PRETRAIN_FULL: dict[str, Any] = {"steps": 1000, "batch_size": 64, "tile": 96, "crop": 64}
 FULL = AccuracyBenchSettings(cohorts=(
     CohortSettings("morphology", slides_per_class=70, mpp=2.0, tile=128, size=(4096, 4096)),
     CohortSettings("context", slides_per_class=12, mpp=8.0, tile=64),
-))
+), init="pretrained", pretrain=PRETRAIN_FULL)
 # QUICK: the demo's quick sizes; the context layout shrunk 4× and read at 4 µm/px (~450 × 200 px). Estimated
 # ~8 min (a 1-seed, 1-epoch run of every row on 6 such context slides took 61 CPU-seconds here).
 QUICK = AccuracyBenchSettings(cohorts=(
     CohortSettings("morphology", slides_per_class=4, mpp=2.0, tile=128, size=(2048, 2048)),
     CohortSettings("context", slides_per_class=4, mpp=4.0, tile=32, layout_scale=0.25),
-), seeds=2, epochs=1, mil_epochs=5, demo=DEMO_QUICK)
+), seeds=2, epochs=1, mil_epochs=5, demo=DEMO_QUICK, init="pretrained",
+    pretrain={"steps": 10, "batch_size": 8, "warmup_steps": 2, "bn_tiles": 32, "tile": 64, "crop": 48})
 
 
 # --- cohorts: generate, cache, extract features (each once) ------------------------------------------------
@@ -290,18 +301,55 @@ class PreparedCohort:
     n_slides: dict[str, int]  # per split
     feature_skipped: dict[str, str]
     seconds: dict[str, float]
+    weights: str | None = None  # every method's initial weights (None: random)
+
+
+def weights_digest(weights: str | Path) -> str:
+    """The first 12 hex digits of a weights file's SHA-256: names the folders of what was made with it."""
+    try:
+        return hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
+    except OSError as exc:
+        raise ConfigError(f"{weights}: cannot read the weights file ({exc.strerror or exc})") from None
 
 
 def features_folder(folder: Path, weights: str | None) -> Path:
     """Where a cohort's tile features lie: ``features`` (random ResNet34), or ``features-<digest>`` per weights
     file, so that features of other weights are never reused."""
-    if weights is None:
-        return folder / "features"
-    try:
-        digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
-    except OSError as exc:
-        raise ConfigError(f"{weights}: cannot read the weights file ({exc.strerror or exc})") from None
-    return folder / f"features-{digest}"
+    return folder / ("features" if weights is None else f"features-{weights_digest(weights)}")
+
+
+def runs_folder(out: Path, weights: str | None) -> Path:
+    """Where the runs lie: ``OUT/runs`` from random weights, ``OUT/runs-<digest>`` from a weights file."""
+    return out / ("runs" if weights is None else f"runs-{weights_digest(weights)}")
+
+
+def pretraining_config(cohort_settings: CohortSettings, cohort_csv: Path, out: Path, overrides: dict[str, Any]):
+    """The PretrainConfig of a task's pretraining on its cohort's train and val slides, at the task's MPP, in its
+    own folder ``OUT/pretrain/<task>-<objective>-<digest of the settings>``: pretrainings with other settings sit
+    side by side, and each finished one is reused."""
+    from wsilocal.config import PretrainConfig, config_from_dict
+
+    config = config_from_dict({"cohort": str(cohort_csv), "mpp": cohort_settings.mpp, **overrides, "out": "-"},
+                              PretrainConfig)
+    settings_json = json.dumps({k: v for k, v in asdict(config).items() if k not in ("out", "cohort")},
+                               sort_keys=True)
+    digest = hashlib.sha256(settings_json.encode()).hexdigest()[:8]
+    folder = out / "pretrain" / f"{cohort_settings.task}-{config.objective}-{digest}"
+    return replace(config, out=str(folder)).validate()
+
+
+def task_weights(settings: AccuracyBenchSettings, cohort_settings: CohortSettings, cohort_csv: Path, out: Path,
+                 progress: bool = True) -> str | None:
+    """The initial weights of every method on a task: the user's file, this task's pretraining, or None (random)."""
+    if settings.weights is not None:
+        return settings.weights
+    if settings.init == "random":
+        return None
+    from wsilocal.pretrain.trainer import pretrain
+
+    config = pretraining_config(cohort_settings, cohort_csv, out, settings.pretrain)
+    _log(progress, f"[{cohort_settings.task}] pretraining on the train and val slides → {config.out}")
+    return str(pretrain(config, progress=progress).weights)
 
 
 def prepare_synthetic_cohort(cohort_settings: CohortSettings, folder: Path, *, workers: int = 2,
@@ -323,9 +371,11 @@ def prepare_synthetic_cohort(cohort_settings: CohortSettings, folder: Path, *, w
 
 
 def prepare_benchmark_cohort(cohort_settings: CohortSettings, folder: Path, *, workers: int = 2,
-                             weights: str | None = None, progress: bool = True) -> PreparedCohort:
+                             weights: str | None = None, progress: bool = True,
+                             initial_weights: Callable[[Path], str | None] | None = None) -> PreparedCohort:
     """Generate (or reuse) the cohort in ``folder``, cache its slides and extract tile features (with
-    ``weights``, else a random ResNet34), all reusable.
+    ``weights``, else a random ResNet34), all reusable. ``initial_weights(cohort_csv)``, when given, picks the
+    weights once the cohort exists (a pretraining on it) and replaces ``weights``.
 
     Raises ConfigError when ``folder`` holds a cohort generated with other parameters.
     """
@@ -338,6 +388,10 @@ def prepare_benchmark_cohort(cohort_settings: CohortSettings, folder: Path, *, w
     start = time.perf_counter()
     csv_path = prepare_synthetic_cohort(cohort_settings, folder, workers=workers, progress=progress)
     seconds["synth"] = time.perf_counter() - start
+    if initial_weights is not None:
+        start = time.perf_counter()
+        weights = initial_weights(csv_path)
+        seconds["pretrain"] = time.perf_counter() - start
     cohort = load_cohort(csv_path)
 
     start = time.perf_counter()
@@ -355,7 +409,8 @@ def prepare_benchmark_cohort(cohort_settings: CohortSettings, folder: Path, *, w
                                  weights=weights, progress=progress)
     seconds["features"] = time.perf_counter() - start
     return PreparedCohort(cohort_settings, csv_path, cache, features,
-                          {split: len(cohort.split(split)) for split in SPLITS}, dict(extracted.skipped), seconds)
+                          {split: len(cohort.split(split)) for split in SPLITS}, dict(extracted.skipped), seconds,
+                          weights)
 
 
 def shortcut_aurocs(folder: Path, classes: Sequence[str]) -> dict[str, float | None]:
@@ -456,8 +511,8 @@ def run_config(row: Row, cohort: PreparedCohort, seed: int, run_dir: Path, setti
         return BaselineConfig(cohort=str(cohort.csv), features=str(cohort.features), out=str(run_dir),
                               model=row.model, epochs=settings.mil_epochs, seed=seed)
     base: TrainConfig = demo_config(run_dir, settings.demo)  # the demo's optimiser settings: bench and demo agree
-    if settings.weights is not None:  # fine-tuning pretrained weights: the paper's trunk rate
-        base = replace(base, weights=settings.weights, lr_trunk=TrainConfig.lr_trunk)
+    if cohort.weights is not None:  # fine-tuning pretrained weights: the paper's trunk rate
+        base = replace(base, weights=cohort.weights, lr_trunk=TrainConfig.lr_trunk)
     return replace(base, cohort=str(cohort.csv), out=str(run_dir), cache=str(cohort.cache),
                    mpp=cohort.settings.mpp, method="streaming" if row.kind == "streaming" else "local",
                    k=row.k, rfr=row.rfr, schedule=row.schedule, epochs=settings.epochs, seed=seed, workers=1)
@@ -694,6 +749,10 @@ def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FU
         cohort_settings.synth_params()  # every setting is checked before hours of work start
     from wsilocal.slide.cohort import load_cohort
 
+    if settings.init not in INITS:
+        raise ConfigError(f"bench accuracy: init must be one of {', '.join(INITS)}, got {settings.init!r}")
+    if settings.init == "pretrained" and settings.weights is None:  # a bad pretraining setting, before hours of work
+        pretraining_config(cohorts[0], out / "cohort.csv", out, settings.pretrain)
     if settings.weights is not None:  # a wrong weights file too
         from wsilocal.models.resnet import ResNet34Trunk, load_resnet34_weights
 
@@ -703,14 +762,16 @@ def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FU
                               "tasks": {}, "records": [], "aggregates": []}
     for cohort_settings in cohorts:
         task = cohort_settings.task
-        cohort = prepare_benchmark_cohort(cohort_settings, out / "cohorts" / task, workers=settings.workers,
-                                          weights=settings.weights, progress=progress)
+        cohort = prepare_benchmark_cohort(
+            cohort_settings, out / "cohorts" / task, workers=settings.workers, progress=progress,
+            initial_weights=lambda csv, c=cohort_settings: task_weights(settings, c, csv, out, progress))
         classes = class_names(cohort_settings.classes, task)
         test_labels = [classes.index(s.label) for s in load_cohort(cohort.csv).split("test")]
         report["tasks"][task] = {"classes": classes, "slides": cohort.n_slides,
                                  "feature_skipped": cohort.feature_skipped, "seconds": cohort.seconds,
                                  "synth_params": asdict(cohort_settings.synth_params()),
-                                 "paper_dataset": PAPER_DATASET_OF_TASK[task],
+                                 "paper_dataset": PAPER_DATASET_OF_TASK[task], "weights": cohort.weights,
+                                 "init": "file" if settings.weights else settings.init,
                                  "shortcuts": shortcut_aurocs(cohort.csv.parent, classes),
                                  "chance_95": chance_levels(test_labels, len(classes))}
         for name in rows:
@@ -733,7 +794,7 @@ def _record(row: Row, cohort: PreparedCohort, seed: int, out: Path, settings: Ac
             progress: bool) -> dict[str, Any]:
     """One run's record; a failing run gives a record with its error instead of stopping the benchmark."""
     task = cohort.settings.task
-    run_dir = out / "runs" / task / row.name / f"seed{seed}"
+    run_dir = runs_folder(out, cohort.weights) / task / row.name / f"seed{seed}"
     record: dict[str, Any] = {"task": task, "row": row.name, "seed": seed, "run_dir": str(run_dir)}
     config = run_config(row, cohort, seed, run_dir, settings)
     saved = finished_run(run_dir, config)  # a settings conflict concerns every run: it stops the benchmark
@@ -881,14 +942,21 @@ def describe_settings(report: dict[str, Any]) -> str:
                      f"{c['mpp']:g} µm/px by every method; MIL tiles {c['tile']} px ({c['tile'] * c['mpp']:g} µm).")
     d, weights = s["demo"], s.get("weights")
     mil_epochs = s["mil_epochs"] or "the model's published count"
-    lr_trunk = TrainConfig.lr_trunk if weights else d["lr_trunk"]
-    start = f"the weights in {weights}" if weights else "random initial weights"
-    features = f"ResNet34 with the weights in {weights}" if weights else \
-        "randomly initialised ResNet34 (no ImageNet weights offline)"
+    pretrained = any(info.get("init") == "pretrained" for info in report["tasks"].values())
+    lr_trunk = TrainConfig.lr_trunk if weights or pretrained else d["lr_trunk"]
+    if weights:
+        start = features = f"the weights in {weights}"
+    elif pretrained:
+        p = s.get("pretrain") or {}
+        start = features = ("the weights of `wsilocal pretrain` on the task's own train and val slides (never its "
+                            f"test split; {', '.join(f'{k} {v}' for k, v in p.items()) or 'default settings'})")
+    else:
+        start, features = "random initial weights", "a randomly initialised ResNet34 (no ImageNet weights offline)"
     lines += [f"- ours: epochs {s['epochs']} (greedy: per module), lr trunk {lr_trunk:g}, lr auxiliary "
               f"{d['lr_aux']:g}, accumulation {d['accumulation']}, {d['rfr_patches']} RFR patches (the demo's "
               f"settings), {start}.",
-              f"- MIL baselines: epochs {mil_epochs}, each model's published optimiser, features of a {features}.",
+              f"- MIL baselines: epochs {mil_epochs}, each model's published optimiser, ResNet34 features from "
+              f"{features}.",
               f"- seeds {report['seeds']}: the seed sets initial weights and data order; the splits stay fixed. "
               "± is the sample standard deviation over seeds; [low, high] the 95 % percentile bootstrap interval "
               f"over test slides ({RESAMPLES} resamples stratified by class, the metric averaged over seeds on "
@@ -982,6 +1050,12 @@ def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick 2)")
     parser.add_argument("--weights", help="torchvision ResNet34 state dict (.pth/.safetensors), e.g. ImageNet "
                                           "weights as in the paper; default: random weights for every method")
+    parser.add_argument("--init", choices=INITS, help="without --weights: every method starts from `wsilocal "
+                        "pretrain` on each task's own train and val slides (pretrained, the default) or from random "
+                        "weights")
+    parser.add_argument("--pretrain-steps", type=int,
+                        help=f"steps of that pretraining (default {PRETRAIN_FULL['steps']}; --quick "
+                             f"{QUICK.pretrain.get('steps')})")
     parser.add_argument("--epochs", type=int, help=f"epochs of our network (default {FULL.epochs}; --quick "
                                                    f"{QUICK.epochs}); from random weights it needs far more")
     parser.add_argument("--mil-epochs", type=int, help=f"epochs of the MIL baselines (default {FULL.mil_epochs})")
@@ -1001,6 +1075,12 @@ def accuracy_main(args: argparse.Namespace) -> int:
         epochs=args.epochs, mil_epochs=args.mil_epochs, slides_per_class=args.slides_per_class)
     if args.weights is not None:
         settings = replace(settings, weights=str(Path(args.weights).resolve()))
+    if args.init is not None:
+        settings = replace(settings, init=args.init)
+    if args.pretrain_steps is not None:
+        if args.pretrain_steps < 1:
+            raise ConfigError(f"bench accuracy: --pretrain-steps must be at least 1, got {args.pretrain_steps}")
+        settings = replace(settings, pretrain={**settings.pretrain, "steps": args.pretrain_steps})
     report = run_accuracy_benchmark(args.out, settings, tasks=args.tasks, rows=args.rows, seeds=args.seeds)
     print(format_accuracy_tables(report))
     print(f"wrote {Path(args.out) / 'accuracy.json'}, accuracy.md, accuracy.png ({report['seconds'] / 60:.1f} min)")

@@ -22,7 +22,6 @@ Finished steps are reused when the command runs again (the cohort, the pretraini
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -65,11 +64,9 @@ class PretrainBenchSettings:
     workers: int = 2
 
 
-FULL = PretrainBenchSettings(ACCURACY_FULL.cohort("morphology"),
-                             pretrain={"steps": 1500, "batch_size": 64, "tile": 96, "crop": 64})
-QUICK = PretrainBenchSettings(ACCURACY_QUICK.cohort("morphology"), probe_tile=32,
-                              pretrain={"steps": 20, "batch_size": 16, "warmup_steps": 5, "bn_tiles": 64, "tile": 64,
-                                        "crop": 48})
+# The accuracy benchmark's cohort and pretraining: an OUT holding both benchmarks pretrains once.
+FULL = PretrainBenchSettings(ACCURACY_FULL.cohort("morphology"), pretrain=ACCURACY_FULL.pretrain)
+QUICK = PretrainBenchSettings(ACCURACY_QUICK.cohort("morphology"), probe_tile=32, pretrain=ACCURACY_QUICK.pretrain)
 
 
 # --- labelled tiles ------------------------------------------------------------------------------------------
@@ -237,31 +234,20 @@ def probe_scores(tiles: LabelledTiles, features: list[np.ndarray]) -> dict[str, 
 # --- the benchmark -------------------------------------------------------------------------------------------
 
 
-def pretrain_config_for(settings: PretrainBenchSettings, cohort_csv: Path, out: Path):
-    """The PretrainConfig of the benchmark's pretraining on the cohort's train and val slides, in its own folder
-    under ``OUT/pretrain`` named by the task, the objective and a digest of the settings (so pretrainings with
-    other settings sit side by side and each is reused)."""
-    from wsilocal.config import PretrainConfig, config_from_dict
-
-    values = {"cohort": str(cohort_csv), "mpp": settings.cohort.mpp, **settings.pretrain}
-    config = config_from_dict({**values, "out": "-"}, PretrainConfig)
-    settings_json = json.dumps({k: v for k, v in asdict(config).items() if k not in ("out", "cohort")}, sort_keys=True)
-    digest = hashlib.sha256(settings_json.encode()).hexdigest()[:8]
-    folder = out / "pretrain" / f"{settings.cohort.task}-{config.objective}-{digest}"
-    return replace(config, out=str(folder)).validate()
-
-
 def run_pretrain_benchmark(out: str | Path, settings: PretrainBenchSettings = FULL, *,
-                           progress: bool = True) -> dict[str, Any]:
-    """Generate (or reuse) the cohort, pretrain (or reuse), probe random and pretrained features; write the report."""
-    from wsilocal.bench.accuracy import prepare_synthetic_cohort
+                           accuracy_out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Generate (or reuse) the cohort, pretrain (or reuse), probe random and pretrained features; write the report
+    into ``out``. The cohort and the pretraining live in ``accuracy_out`` (default ``out``): give the accuracy
+    benchmark's OUT to share them with it."""
+    from wsilocal.bench.accuracy import prepare_synthetic_cohort, pretraining_config
     from wsilocal.pretrain.trainer import pretrain
 
     out = Path(out)
+    shared = Path(accuracy_out) if accuracy_out is not None else out
     started = time.perf_counter()
-    cohort_csv = prepare_synthetic_cohort(settings.cohort, out / "cohorts" / settings.cohort.task,
+    cohort_csv = prepare_synthetic_cohort(settings.cohort, shared / "cohorts" / settings.cohort.task,
                                           workers=settings.workers, progress=progress)
-    config = pretrain_config_for(settings, cohort_csv, out)
+    config = pretraining_config(settings.cohort, cohort_csv, shared, settings.pretrain)
     result = pretrain(config, progress=progress)
     tiles = labelled_tiles(cohort_csv.parent, mpp=settings.cohort.mpp, tile=settings.probe_tile,
                            lesion_share=settings.lesion_share, max_other_per_slide=settings.max_other_per_slide)
@@ -333,10 +319,10 @@ def plot_pretrain_report(report: dict[str, Any], path: Path) -> None:
 
 def write_pretrain_report(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "pretrain_bench.json", json.dumps(report, indent=1))
+    write_text_atomic(out / "pretrain.json", json.dumps(report, indent=1))
     title = f"# Pretraining benchmark ({report['date']}, {report['seconds'] / 60:.1f} min)"
-    write_text_atomic(out / "pretrain_bench.md", f"{title}\n\n{format_pretrain_report(report)}\n")
-    plot_pretrain_report(report, out / "pretrain_bench.png")
+    write_text_atomic(out / "pretrain.md", f"{title}\n\n{format_pretrain_report(report)}\n")
+    plot_pretrain_report(report, out / "pretrain.png")
 
 
 # --- command line --------------------------------------------------------------------------------------------
@@ -344,9 +330,11 @@ def write_pretrain_report(report: dict[str, Any], out: Path) -> None:
 
 def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``wsilocal bench pretrain``."""
-    parser.add_argument("--out", required=True, help="folder for the cohort, the pretraining and the report "
-                                                     "(the accuracy benchmark's OUT reuses both)")
-    parser.add_argument("--quick", action="store_true", help="a small cohort and 20 steps (a plumbing check)")
+    parser.add_argument("--out", required=True, help="folder for pretrain.json/.md/.png (and, without "
+                                                     "--accuracy-out, the cohort and the pretraining)")
+    parser.add_argument("--accuracy-out", help="the accuracy benchmark's OUT: use (or make) its cohort and "
+                                               "pretraining there, so both benchmarks share them")
+    parser.add_argument("--quick", action="store_true", help="a small cohort and a few steps (a plumbing check)")
     parser.add_argument("--steps", type=int, help=f"pretraining steps (default {FULL.pretrain['steps']})")
     parser.add_argument("--objective", choices=("vicreg", "simclr"), help="self-supervised objective")
     parser.add_argument("--batch-size", type=int, help="tiles per step")
@@ -360,8 +348,8 @@ def pretrain_main(args: argparse.Namespace) -> int:
              if (v := getattr(args, k)) is not None}
     if extra:
         settings = replace(settings, pretrain={**settings.pretrain, **extra})
-    report = run_pretrain_benchmark(args.out, settings)
+    report = run_pretrain_benchmark(args.out, settings, accuracy_out=args.accuracy_out)
     print(format_pretrain_report(report))
-    print(f"wrote {Path(args.out) / 'pretrain_bench.json'}, pretrain_bench.md, pretrain_bench.png "
+    print(f"wrote {Path(args.out) / 'pretrain.json'}, pretrain.md, pretrain.png "
           f"({report['seconds'] / 60:.1f} min)", file=sys.stderr)
     return 0
