@@ -1,4 +1,5 @@
 import argparse
+from dataclasses import replace
 
 import pytest
 
@@ -64,3 +65,18 @@ def test_invalid_yaml_names_the_line(tmp_path):
     path.write_text("cohort: a\nout: [unclosed\n")
     with pytest.raises(ConfigError, match="invalid YAML at line"):
         load_config(path)
+
+
+def test_input_normalisation_is_imagenets_for_weights_files_and_the_slides_own_otherwise():
+    from wsilocal.config import IMAGENET_MEAN, IMAGENET_STD
+    from wsilocal.train.trainer import input_normalisation
+
+    slides = ([0.8, 0.6, 0.75], [0.1, 0.15, 0.12])
+    base = TrainConfig(cohort="c.csv", out="o")
+    assert input_normalisation(base, *slides) == slides
+    with_weights = replace(base, weights="resnet34.safetensors")
+    assert input_normalisation(with_weights, *slides) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
+    assert input_normalisation(replace(with_weights, normalisation="dataset"), *slides) == slides
+    assert input_normalisation(replace(base, normalisation="imagenet"), *slides)[0] == list(IMAGENET_MEAN)
+    with pytest.raises(ConfigError, match="normalisation must be one of auto, imagenet, dataset"):
+        replace(base, normalisation="stain").validate()

@@ -26,6 +26,9 @@ BEST_BY = ("balanced_accuracy", "loss", "auroc")  # the validation figure that p
 MAX_RFR_PATCHES = 1000  # the paper uses 10; more only costs memory
 METHODS = ("local", "streaming")  # streaming = the StreamingCNN baseline (end-to-end, K=1)
 STREAM_STORES = ("auto", "memory", "disk")
+NORMALISATIONS = ("auto", "imagenet", "dataset")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what torchvision-layout weights expect their input normalised with
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -47,6 +50,10 @@ class TrainConfig:
     boundaries: list[int] | None = None  # explicit module start units (overrides k), e.g. [3, 5, 7]
     balanced: bool = False  # place K boundaries at block level for even memory per module
     weights: str | None = None  # torchvision ResNet34 state dict (.pth/.safetensors); none = random init
+    # input normalisation: "auto" = ImageNet's mean/std with weights (torchvision-layout weights, ImageNet's and
+    # `wsilocal pretrain`'s alike, were trained on it, and their stem and BatchNorm stay frozen), else the training
+    # slides' own; or "imagenet" / "dataset" explicitly
+    normalisation: str = "auto"
     conv1_stride: int = 3
     fold_bn: bool = True  # fold frozen BatchNorm into convolutions (exact; less memory)
     recompute: bool = False  # activation recomputation inside each module
@@ -98,6 +105,8 @@ class TrainConfig:
             (self.mpp > 0, f"mpp must be positive, got {self.mpp}"),
             (self.assume_mpp is None or self.assume_mpp > 0, "assume_mpp must be positive"),
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
+            (self.normalisation in NORMALISATIONS,
+             f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {self.normalisation!r}"),
             (self.method != "streaming" or (self.k == 1 and self.boundaries is None),
              "method streaming is end-to-end training (StreamingCNN): it needs k 1 (use --streaming for "
              "streamed local learning with K modules)"),

@@ -37,6 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from wsilocal.atomic import check_writable_folder, remove_stale_temporaries
+from wsilocal.config import IMAGENET_MEAN, IMAGENET_STD
 from wsilocal.errors import ConfigError, SlideError, WsilocalError
 from wsilocal.features.h5 import read_attrs, write_features
 from wsilocal.features.tiles import read_tile, tile_grid, tile_size_level0
@@ -47,8 +48,6 @@ from wsilocal.slide.reader import Slide, open_slide
 from wsilocal.slide.tissue import detect_tissue
 
 FORMAT_VERSION = 1
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_INIT_SEED = 0
 MIN_TILE = 32  # ResNet34 shrinks its input 32×: a smaller tile gives a 1-pixel map made mostly of padding
 MASK_MPP = 16.0  # resolution of the tissue mask the tiles are selected on (detect_tissue's default)

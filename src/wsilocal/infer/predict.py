@@ -424,7 +424,7 @@ def predict_slides(predictor: SlidePredictor, slides: Sequence[tuple[str, str | 
                 continue
             run.predictions[slide_id] = prediction
             writer.writerow([slide_id, str(path), prediction.predicted,
-                             *[f"{p:.6f}" for p in prediction.probabilities.values()],
+                             *[repr(float(p)) for p in prediction.probabilities.values()],
                              f"{prediction.seconds:.2f}", f"{prediction.peak_memory_bytes / 2**20:.1f}",
                              prediction.mode])
             handle.flush()

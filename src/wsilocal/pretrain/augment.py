@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from wsilocal.features.extract import IMAGENET_MEAN, IMAGENET_STD
+from wsilocal.config import IMAGENET_MEAN, IMAGENET_STD
 
 # Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, residual/DAB) in optical density, as scikit-image's
 # ``rgb_from_hed``; its inverse unmixes an RGB pixel's optical densities into the three stain concentrations.

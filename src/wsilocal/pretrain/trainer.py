@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from wsilocal.atomic import atomic_output, check_writable_folder, write_text_atomic
-from wsilocal.config import PretrainConfig, config_from_dict, save_config
+from wsilocal.config import IMAGENET_MEAN, IMAGENET_STD, PretrainConfig, config_from_dict, save_config
 from wsilocal.errors import CheckpointError, ConfigError, TrainingInterrupted, WsilocalError
 from wsilocal.pretrain.augment import Augmentation, normalise, two_views
 from wsilocal.pretrain.objectives import PretrainNet, objective_loss
@@ -350,7 +350,7 @@ class _Run:
             "config": asdict(config), "signature": _signature(config),
             "weights": WEIGHTS_FILE,
             "weights_sha256": hashlib.sha256((self.out / WEIGHTS_FILE).read_bytes()).hexdigest(),
-            "normalisation": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+            "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                               "note": "ImageNet's, as torchvision-layout weights expect"},
             "steps": self.step, "tiles_seen": self.step * config.batch_size * self.ctx.world_size,
             "processes": self.ctx.world_size, "device": str(self.ctx.device),

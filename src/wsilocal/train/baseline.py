@@ -454,7 +454,7 @@ def evaluate_baseline_run(run_dir: str | Path, split: str = "test", *, checkpoin
         writer = csv.writer(handle)
         writer.writerow(["slide_id", "label", "predicted", *[f"p_{c}" for c in classes]])
         for slide_id, label, probs in zip(bags.slide_ids, bags.labels, evaluation["probabilities"], strict=True):
-            writer.writerow([slide_id, classes[label], classes[int(probs.argmax())], *[f"{p:.6f}" for p in probs]])
+            writer.writerow([slide_id, classes[label], classes[int(probs.argmax())], *[repr(float(p)) for p in probs]])
     plot_roc_curves(evaluation["probabilities"], evaluation["labels"], classes, run_dir / f"roc_{split}.png",
                     title=f"ROC on the {split} split ({len(bags)} slides)")
     if evaluation["attention"]:

@@ -80,7 +80,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = 
         writer.writerow(["slide_id", "label", "predicted", *[f"p_{c}" for c in classes]])
         for slide, probs in zip(kept, evaluation["probabilities"], strict=True):
             writer.writerow([slide.slide_id, slide.label, classes[int(probs.argmax())],
-                             *[f"{p:.6f}" for p in probs]])
+                             *[repr(float(p)) for p in probs]])
     plot_roc_curves(evaluation["probabilities"], evaluation["labels"], classes, run_dir / f"roc_{split}.png",
                     title=f"ROC on the {split} split ({len(kept)} slides)")
     return metrics

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from wsilocal.atomic import write_text_atomic
-from wsilocal.config import TrainConfig, save_config
+from wsilocal.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, save_config
 from wsilocal.errors import ConfigError, SlideError, TrainingInterrupted, WsilocalError, out_of_memory_as_slide_error
 from wsilocal.infer.tiled import forward_bytes_estimate
 from wsilocal.models.local_net import LocalNet
@@ -97,6 +97,16 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config: device {name!r} requested but no CUDA GPU is available")
     return device
+
+
+def input_normalisation(config: TrainConfig, slides_mean: list[float],
+                        slides_std: list[float]) -> tuple[list[float], list[float]]:
+    """The per-channel (mean, std) the network's input is normalised with (``config.normalisation``): ImageNet's
+    when the trunk starts from a weights file (its frozen stem and BatchNorm statistics were made for that input),
+    else the training slides' own (``slides_mean``, ``slides_std``)."""
+    if config.normalisation == "imagenet" or (config.normalisation == "auto" and config.weights):
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return list(slides_mean), list(slides_std)
 
 
 def build_model(config: TrainConfig, n_classes: int, block_boundaries: list[int] | None = None,
@@ -377,7 +387,7 @@ class Trainer:
             raise WsilocalError(f"{config.cohort}: no training slide could be prepared")
         if not val_slides:
             raise WsilocalError(f"{config.cohort}: no validation slide (split 'val') could be prepared")
-        mean, std = channel_stats(result.entries[s.slide_id] for s in train_slides)
+        mean, std = input_normalisation(config, *channel_stats(result.entries[s.slide_id] for s in train_slides))
         if saved_meta:  # a resumed run keeps the normalisation it started with
             mean, std = saved_meta["mean"], saved_meta["std"]
         aug = Augmentation(config.augment, config.edge_crop, config.color_jitter)
