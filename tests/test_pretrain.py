@@ -304,3 +304,45 @@ def test_labelled_tiles_follow_the_generator_masks(cohort):
                 assert not (window == 255).any()
             else:
                 assert tiles.classes[label] == info["label"] and (window == 255).mean() >= 0.5
+
+
+def test_slide_bootstrap_pairs_the_predictors_on_the_same_slides():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 400)
+    slides = np.repeat(np.arange(40), 10)
+    perfect, noise = labels.copy(), rng.integers(0, 3, 400)
+    ci = bench_pretrain.slide_bootstrap({"a": noise, "b": perfect}, labels, slides, 3, resamples=300)
+    assert ci["b"] == [1.0, 1.0]
+    assert ci["a"][0] < 1 / 3 < ci["a"][1]
+    assert ci["b - a"][0] > 0.5
+    same = bench_pretrain.slide_bootstrap({"a": noise, "b": noise.copy()}, labels, slides, 3, resamples=100)
+    assert same["b - a"] == [0.0, 0.0]
+
+
+def test_bench_pretrain_end_to_end_writes_its_report_and_reuses_the_pretraining(tmp_path, capsys):
+    from wsilocal.bench.accuracy import CohortSettings
+
+    settings = bench_pretrain.PretrainBenchSettings(
+        CohortSettings("morphology", slides_per_class=3, mpp=2.0, tile=64, classes=2, size=(2048, 2048)),
+        pretrain={"steps": 3, "batch_size": 4, "warmup_steps": 1, "bn_tiles": 8, "tile": 48, "crop": 32,
+                  "projector_dims": [32, 16], "workers": 1, "min_tissue": 0.3},
+        probe_tile=32, workers=1)
+    report = bench_pretrain.run_pretrain_benchmark(tmp_path / "p", settings, accuracy_out=tmp_path / "acc",
+                                                   progress=False)
+    assert (tmp_path / "acc" / "cohorts" / "morphology" / "cohort.csv").is_file()  # shared with bench accuracy
+    weights = Path(report["pretrain_folder"]) / "resnet34.safetensors"
+    assert weights.parent.parent == tmp_path / "acc" / "pretrain" and weights.is_file()
+    assert report["classes"] == ["glandular", "solid", "other tissue"] and report["pretrain"]["steps"] == 3
+    for name in ("random", "pretrained"):
+        s = report["scores"][name]
+        assert 0 <= s["linear_balanced_accuracy"] <= 1 and 0 <= s["knn_balanced_accuracy"] <= 1
+        low, high = report["intervals_95"][f"linear {name}"]
+        assert low <= high
+    assert report["gain"]["knn_balanced_accuracy"] == pytest.approx(
+        report["scores"]["pretrained"]["knn_balanced_accuracy"] - report["scores"]["random"]["knn_balanced_accuracy"])
+    for name in ("pretrain.json", "pretrain.md", "pretrain.png"):
+        assert (tmp_path / "p" / name).stat().st_size > 0
+    assert "Gain of pretraining" in (tmp_path / "p" / "pretrain.md").read_text()
+    before = weights.stat().st_mtime_ns
+    bench_pretrain.run_pretrain_benchmark(tmp_path / "p", settings, accuracy_out=tmp_path / "acc", progress=False)
+    assert weights.stat().st_mtime_ns == before

@@ -273,7 +273,7 @@ class AccuracyBenchSettings:
 INITS = ("pretrained", "random")
 # The pretraining of FULL (docs/pretraining.md: VICReg chosen by measurement): 96-px tiles at the task's MPP, views
 # of 64 px, batch 64.
-PRETRAIN_FULL: dict[str, Any] = {"steps": 1000, "batch_size": 64, "tile": 96, "crop": 64}
+PRETRAIN_FULL: dict[str, Any] = {"steps": 600, "batch_size": 64, "tile": 96, "crop": 64}
 FULL = AccuracyBenchSettings(cohorts=(
     CohortSettings("morphology", slides_per_class=70, mpp=2.0, tile=128, size=(4096, 4096)),
     CohortSettings("context", slides_per_class=12, mpp=8.0, tile=64),

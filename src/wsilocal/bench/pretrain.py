@@ -167,6 +167,36 @@ def _split_arrays(tiles: LabelledTiles, features: list[np.ndarray], split: str) 
     return x.astype(np.float64), y
 
 
+def tile_slides(tiles: LabelledTiles, split: str) -> np.ndarray:
+    """For each tile of ``split`` (in :func:`_split_arrays`' order), the number of its slide within the split."""
+    chosen = [i for i, (_, _, s) in enumerate(tiles.slides) if s == split]
+    return np.concatenate([np.full(len(tiles.labels[i]), k) for k, i in enumerate(chosen)] or [np.zeros(0, int)])
+
+
+def slide_bootstrap(predicted: dict[str, np.ndarray], labels: np.ndarray, slide_of_tile: np.ndarray, n_classes: int,
+                    *, resamples: int = 2000, seed: int = 0) -> dict[str, list[float]]:
+    """95 % intervals of each predictor's balanced accuracy and of their paired differences, by bootstrap over the
+    test *slides* (tiles of one slide are not independent): each resample draws the slides with replacement and
+    scores every predictor on the tiles of the drawn slides, counted as often as their slide was drawn."""
+    rng = np.random.default_rng(seed)
+    n_slides = int(slide_of_tile.max()) + 1 if len(slide_of_tile) else 0
+    names = list(predicted)
+    draws = {name: [] for name in names}
+    for _ in range(resamples):
+        weight = np.bincount(rng.integers(0, n_slides, n_slides), minlength=n_slides)[slide_of_tile]
+        for name in names:
+            recalls = [weight[(labels == c) & (predicted[name] == c)].sum() / weight[labels == c].sum()
+                       for c in range(n_classes) if weight[labels == c].sum() > 0]
+            draws[name].append(float(np.mean(recalls)))
+    values = {name: np.array(v) for name, v in draws.items()}
+    interval = {name: [float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))] for name, v in values.items()}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            diff = values[b] - values[a]
+            interval[f"{b} - {a}"] = [float(np.quantile(diff, 0.025)), float(np.quantile(diff, 0.975))]
+    return interval
+
+
 def balanced_accuracy(predicted: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
     """Mean recall over the classes present in ``labels``."""
     recalls = [float((predicted[labels == c] == c).mean()) for c in range(n_classes) if (labels == c).any()]
@@ -224,7 +254,8 @@ def probe_scores(tiles: LabelledTiles, features: list[np.ndarray]) -> dict[str, 
     best_l2 = max(L2_GRID, key=lambda v: by_l2[v][0])  # ties: the first (weakest penalty) of the grid
     linear = by_l2[best_l2][1](x_test)
     knn = knn_predict(x_train, y_train, x_test, n)
-    return {"linear_balanced_accuracy": balanced_accuracy(linear, y_test, n),
+    return {"predicted": {"linear": linear, "knn": knn}, "labels": y_test,
+            "linear_balanced_accuracy": balanced_accuracy(linear, y_test, n),
             "linear_accuracy": float((linear == y_test).mean()), "linear_l2": best_l2,
             "linear_val_balanced_accuracy": by_l2[best_l2][0],
             "knn_balanced_accuracy": balanced_accuracy(knn, y_test, n), "knn_accuracy": float((knn == y_test).mean()),
@@ -252,18 +283,29 @@ def run_pretrain_benchmark(out: str | Path, settings: PretrainBenchSettings = FU
     tiles = labelled_tiles(cohort_csv.parent, mpp=settings.cohort.mpp, tile=settings.probe_tile,
                            lesion_share=settings.lesion_share, max_other_per_slide=settings.max_other_per_slide)
     weights = {"random": None, "pretrained": str(result.weights)}
-    scores = {}
+    scores, predicted = {}, {}
     for name, path in weights.items():
         start = time.perf_counter()
         features = tile_features_of(tiles, path, mpp=settings.cohort.mpp, tile=settings.probe_tile,
                                     progress=progress)
-        scores[name] = {**probe_scores(tiles, features), "seconds": round(time.perf_counter() - start, 1)}
+        scores[name] = probe_scores(tiles, features)
+        labels = scores[name].pop("labels")
+        for probe, values in scores[name].pop("predicted").items():
+            predicted[f"{probe} {name}"] = values
+        scores[name]["seconds"] = round(time.perf_counter() - start, 1)
+    slides = tile_slides(tiles, "test")
+    intervals = {}
+    for probe in ("linear", "knn"):
+        pair = {name: predicted[f"{probe} {name}"] for name in weights}
+        for key, value in slide_bootstrap(pair, labels, slides, len(tiles.classes)).items():
+            intervals[f"{probe} {key}"] = value
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "settings": asdict(settings),
         "classes": tiles.classes, "tiles": {s: tiles.counts(s) for s in ("train", "val", "test")},
         "pretrain": {k: result.summary.get(k) for k in ("steps", "tiles_seen", "train_seconds", "cpu_seconds",
                                                         "first_loss", "final_loss", "slides", "device", "processes")},
-        "pretrain_folder": str(result.out), "scores": scores,
+        "pretrain_folder": str(result.out), "scores": scores, "intervals_95": intervals,
+        "n_test_slides": int(slides.max()) + 1 if len(slides) else 0,
         "gain": {m: scores["pretrained"][m] - scores["random"][m]
                  for m in ("linear_balanced_accuracy", "knn_balanced_accuracy")},
         "seconds": round(time.perf_counter() - started, 1),
@@ -283,13 +325,25 @@ def format_pretrain_report(report: dict[str, Any]) -> str:
                  f"{p['first_loss']:.3f} → {p['final_loss']:.3f}, {p['slides']} slides (train and val splits).", "",
              "| weights | linear probe, balanced accuracy | linear probe, accuracy | k-NN (k=20), balanced accuracy | "
              "k-NN, accuracy |", "|---|---:|---:|---:|---:|"]
+    ci = report.get("intervals_95", {})
+
+    def cell(value: float, key: str) -> str:
+        low_high = ci.get(key)
+        return f"{value:.3f}" + (f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else "")
+
     for name, s in report["scores"].items():
-        lines.append(f"| {name} | {s['linear_balanced_accuracy']:.3f} | {s['linear_accuracy']:.3f} | "
-                     f"{s['knn_balanced_accuracy']:.3f} | {s['knn_accuracy']:.3f} |")
+        lines.append(f"| {name} | {cell(s['linear_balanced_accuracy'], f'linear {name}')} | "
+                     f"{s['linear_accuracy']:.3f} | {cell(s['knn_balanced_accuracy'], f'knn {name}')} | "
+                     f"{s['knn_accuracy']:.3f} |")
     gain = report["gain"]
-    lines += ["", f"Gain of pretraining: linear {gain['linear_balanced_accuracy'] * 100:+.1f} points, k-NN "
-                  f"{gain['knn_balanced_accuracy'] * 100:+.1f} points of balanced accuracy (test split's tiles, "
-                  f"{report['scores']['random']['n_test_tiles']} tiles of held-out slides)."]
+    differences = {probe: ci.get(f"{probe} pretrained - random") for probe in ("linear", "knn")}
+    shown = {p: f" [{d[0] * 100:+.1f}, {d[1] * 100:+.1f}]" if d else "" for p, d in differences.items()}
+    lines += ["", f"Gain of pretraining: linear {gain['linear_balanced_accuracy'] * 100:+.1f}{shown['linear']} "
+                  f"points, k-NN {gain['knn_balanced_accuracy'] * 100:+.1f}{shown['knn']} points of balanced "
+                  f"accuracy ({report['scores']['random']['n_test_tiles']} tiles of "
+                  f"{report.get('n_test_slides', 'the')} held-out test slides; [95 % interval, bootstrap over "
+                  "test slides, paired]). Tile counts per class are uneven: balanced accuracy weighs each class "
+                  "alike."]
     return "\n".join(lines)
 
 
