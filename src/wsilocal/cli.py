@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from wsilocal.bench import benchmark_command
 from wsilocal.errors import TrainingInterrupted, WsilocalError
+
+T = TypeVar("T")
 
 # `wsilocal bench NAME`: (NAME, module of wsilocal.bench with add_NAME_arguments and NAME_main, help).
 BENCHMARKS = (
@@ -104,15 +108,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = config_from_dict(overrides, TrainConfig)
     config.validate()
-    from wsilocal.train.distributed import relaunch_under_torchrun, torchrun_environment
-    from wsilocal.train.trainer import resolve_device
-
-    launched = torchrun_environment()
-    if args.devices > 1 and launched is None:  # not yet started by torchrun: start N copies of this command
-        return relaunch_under_torchrun(args.devices, args.argv, resolve_device(config.device))
-    result = train(config, resume=bool(args.resume))
-    if launched is not None and launched[0] != 0:
-        return 0  # rank 0 reports for every rank
+    result, code = _on_every_rank(args, config.device, lambda: train(config, resume=bool(args.resume)))
+    if code is not None:
+        return code
     best = result.best_val
     print(f"run {result.run_dir}: best epoch {result.best_epoch}, validation balanced accuracy "
           f"{best.get('balanced_accuracy', float('nan')):.3f}, AUROC {best.get('auroc') or float('nan'):.3f}")
@@ -121,11 +119,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 1 if result.skipped else 0  # like prepare: the run finished, but not on every slide
 
 
+def _on_every_rank(args: argparse.Namespace, device: str, run: Callable[[], T]) -> tuple[T | None, int | None]:
+    """``run()`` in this process, once torchrun runs ``--devices`` copies of the command (it starts them when it
+    is not running yet). Returns ``(result, None)`` where this process reports (rank 0, or no torchrun) and
+    ``(None, exit code)`` elsewhere."""
+    from wsilocal.train.distributed import relaunch_under_torchrun, torchrun_environment
+    from wsilocal.train.trainer import resolve_device
+
+    launched = torchrun_environment()
+    if args.devices > 1 and launched is None:  # not yet started by torchrun: start N copies of this command
+        return None, relaunch_under_torchrun(args.devices, args.argv, resolve_device(device))
+    result = run()
+    if launched is not None and launched[0] != 0:
+        return None, 0  # rank 0 reports for every rank
+    return result, None
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from wsilocal.config import PretrainConfig, config_from_dict, load_config, overrides_from_args
     from wsilocal.pretrain.trainer import load_pretrain_config, pretrain
-    from wsilocal.train.distributed import relaunch_under_torchrun, torchrun_environment
-    from wsilocal.train.trainer import resolve_device
 
     overrides = overrides_from_args(args, PretrainConfig)
     if args.resume:
@@ -134,12 +146,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides, PretrainConfig)
     else:
         config = config_from_dict(overrides, PretrainConfig).validate()
-    launched = torchrun_environment()
-    if args.devices > 1 and launched is None:  # not yet started by torchrun: start N copies of this command
-        return relaunch_under_torchrun(args.devices, args.argv, resolve_device(config.device))
-    result = pretrain(config, resume=bool(args.resume))
-    if launched is not None and launched[0] != 0:
-        return 0  # rank 0 reports for every rank
+    result, code = _on_every_rank(args, config.device, lambda: pretrain(config, resume=bool(args.resume)))
+    if code is not None:
+        return code
     s = result.summary
     print(f"pretrained {s['steps']} steps on {s['tiles_seen']} tiles of {s['slides']} slides in "
           f"{s['train_seconds'] / 60:.1f} min, loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}")

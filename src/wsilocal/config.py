@@ -139,9 +139,7 @@ class TrainConfig:
             (self.rfr_patches <= MAX_RFR_PATCHES, f"rfr_patches must be <= {MAX_RFR_PATCHES}, got {self.rfr_patches}"),
             *shared_checks(self),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"config: {message}")
+        raise_problems(checks)
         if self.boundaries is not None:
             from wsilocal.models.split import block_boundaries  # torch: only loaded when boundaries are given
 
@@ -150,6 +148,13 @@ class TrainConfig:
 
     def resolved_cache(self) -> Path:
         return Path(self.cache) if self.cache else Path(self.cohort).parent / "cache"
+
+
+def raise_problems(checks: list[tuple[bool, str]]) -> None:
+    """Raise ConfigError with the message of the first check that failed (each check: (ok, message))."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"config: {message}")
 
 
 def number_checks(config) -> list[tuple[bool, str]]:
@@ -243,9 +248,7 @@ class PretrainConfig:
             (self.bn_tiles >= 0, f"bn_tiles must be >= 0, got {self.bn_tiles}"),
             *number_checks(self),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"config: {message}")
+        raise_problems(checks)
         return self
 
 

@@ -49,7 +49,7 @@ import yaml
 from tqdm import tqdm
 
 from wsilocal.atomic import write_text_atomic
-from wsilocal.config import load_config, save_config, shared_checks
+from wsilocal.config import load_config, raise_problems, save_config, shared_checks
 from wsilocal.errors import ConfigError, WsilocalError
 from wsilocal.features.extract import extraction_settings
 from wsilocal.features.h5 import read_attrs
@@ -129,9 +129,7 @@ class BaselineConfig:
             (self.threads >= 0, f"threads must be >= 0 (0 = torch's default), got {self.threads}"),
             *shared_checks(self),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"config: {message}")
+        raise_problems(checks)
         return self
 
 
