@@ -263,21 +263,19 @@ class AccuracyBenchSettings:
 
 
 # FULL: morphology slides as the demo's (4096² px at 0.25 µm/px ≈ 512² px at 5x) with 128-px tiles (~8-16 per
-# slide; the paper's 256-px tiles would leave 2-4); the context task with the generator's own layout read at
-# 8 µm/px, so a 64-px tile is the layout's 512 µm tile and a slide ~900 × 400 px (as many pixels as the layout
-# shrunk 4× read at 5x, but with distractors true to scale).
-# Time, estimated from costs measured on this 2-core machine (single-threaded CPU seconds per training step,
-# morphology ~430² px / context ~420×900 px: K=4 1.5/1.9, K=8 2.1/2.2, without RFR 0.7/1.1, K=1 0.6/1.1; an
-# evaluation forward 0.3/0.4): 30-40 min per task for the 6 rows of ours × 3 seeds, ~7 min writing the 24 context
-# slides (~35 CPU-s each), ~6 min for the MIL rows: ~1.5 h in all on an idle machine with 2 threads.
+# slide; the paper's 256-px tiles would leave 2-4), 70 per class: 69 test slides, where random scores reach balanced
+# accuracy 0.43 and AUROC 0.59 one time in 20. The context task's layout halved and read at 4 µm/px: the same
+# ~900 × 400 px per slide, 64-px tiles of the (halved) layout's 256 µm, as the full layout read at 8 µm/px, but a
+# quarter of the level-0 pixels to write (~9 CPU-s a slide instead of ~35), so 100 per class (~60 test slides) take
+# ~15 min on 2 workers. One seed by default (--seeds 3 for the full table); each task pretrains once (~30 min).
 INITS = ("pretrained", "random")
 # The pretraining of FULL (docs/pretraining.md: VICReg chosen by measurement): 96-px tiles at the task's MPP, views
 # of 64 px, batch 64.
 PRETRAIN_FULL: dict[str, Any] = {"steps": 600, "batch_size": 64, "tile": 96, "crop": 64}
 FULL = AccuracyBenchSettings(cohorts=(
     CohortSettings("morphology", slides_per_class=70, mpp=2.0, tile=128, size=(4096, 4096)),
-    CohortSettings("context", slides_per_class=12, mpp=8.0, tile=64),
-), init="pretrained", pretrain=PRETRAIN_FULL)
+    CohortSettings("context", slides_per_class=100, mpp=4.0, tile=64, layout_scale=0.5),
+), seeds=1, init="pretrained", pretrain=PRETRAIN_FULL)
 # QUICK: the demo's quick sizes; the context layout shrunk 4× and read at 4 µm/px (~450 × 200 px). Estimated
 # ~8 min (a 1-seed, 1-epoch run of every row on 6 such context slides took 61 CPU-seconds here).
 QUICK = AccuracyBenchSettings(cohorts=(
@@ -1047,7 +1045,7 @@ def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``wsilocal bench accuracy``."""
     parser.add_argument("--out", required=True, help="folder for cohorts, runs and accuracy.json/.md/.png")
     parser.add_argument("--quick", action="store_true", help="small cohorts, 1 epoch, 2 seeds (≤ 15 min)")
-    parser.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick 2)")
+    parser.add_argument("--seeds", type=int, help="seeds per method (default 1, 3 for the full table; --quick 2)")
     parser.add_argument("--weights", help="torchvision ResNet34 state dict (.pth/.safetensors), e.g. ImageNet "
                                           "weights as in the paper; default: random weights for every method")
     parser.add_argument("--init", choices=INITS, help="without --weights: every method starts from `wsilocal "
