@@ -219,6 +219,8 @@ def test_finished_run_is_reused_and_other_settings_are_refused_on_resume(cohort,
         pretrain(config, progress=False, stop_at=1)
     with pytest.raises(CheckpointError, match="other settings"):
         pretrain(replace(config, lr=0.5), resume=True, progress=False)
+    with pytest.raises(WsilocalError, match="finished pretraining with other settings"):
+        pretrain(tiny_config(cohort, finished, lr=0.5), progress=False)
 
 
 def test_include_test_adds_the_test_split_and_slides_option_reads_a_folder(cohort, tmp_path):

@@ -161,6 +161,8 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool = T
             if done is None and not resume and (out / CHECKPOINT_FILE).exists():
                 raise WsilocalError(f"{out}: holds an unfinished pretraining run; continue it with "
                                     f"`wsilocal pretrain --resume {out}` or choose another --out")
+            if done is None and finished_pretraining(out) is not None:
+                raise WsilocalError(f"{out}: holds a finished pretraining with other settings; choose another --out")
             save_config(config, out / "config.yaml")
         else:
             done = None
