@@ -10,6 +10,12 @@ A tile-based MIL baseline (``wsilocal predict`` on a ``wsilocal baseline`` run) 
 per tile instead; :func:`tile_attention_map` lays them on the regular grid of the tiles (one cell = one tile,
 NaN where the grid has no tile), and the same files are drawn from it.
 
+H's softmax runs over every cell of the tissue box, glass between and around the tissue pieces included, so
+part of the attention lies on glass (with attention spread evenly, the glass's share of the box). Where a picture
+should show where on the *tissue* the model looked, :func:`tissue_attention` restricts the map to a tissue mask and
+renormalises it (each cell keeps the part of its attention that lies on tissue); ``wsilocal demo``'s summary draws
+that map. The files below keep H's attention as the model computed it.
+
 ``save_heatmap`` writes, for slide ``ID``::
 
     ID_heatmap.png          thumbnail + attention (relative to uniform) + high-attention outlines + colour bar
@@ -148,6 +154,44 @@ def cell_edges(prediction: Prediction) -> tuple[np.ndarray, np.ndarray]:
     xs = np.clip(np.r_[bx, x0 + cw * np.arange(1, w), bx + bw], bx, bx + bw)
     ys = np.clip(np.r_[by, y0 + ch * np.arange(1, h), by + bh], by, by + bh)
     return xs.astype(float), ys.astype(float)
+
+
+def interval_overlaps(edges: np.ndarray, n_pixels: int, downsample: float) -> np.ndarray:
+    """(n_pixels, n_cells) lengths of the overlap of mask pixel k, ``[k·d, (k+1)·d)`` in level-0 px, with cell j,
+    ``[edges[j], edges[j+1])``: one axis of the exact overlap of a mask's pixels with a map's cells."""
+    pixel_lo = np.arange(n_pixels)[:, None] * float(downsample)
+    lo = np.maximum(pixel_lo, np.asarray(edges, np.float64)[None, :-1])
+    hi = np.minimum(pixel_lo + downsample, np.asarray(edges, np.float64)[None, 1:])
+    return np.clip(hi - lo, 0, None)
+
+
+def cell_tissue_fraction(column_edges: np.ndarray, row_edges: np.ndarray, tissue: np.ndarray,
+                         downsample: float) -> np.ndarray:
+    """(h, w) share of each map cell's level-0 area that a tissue mask covers. The mask's pixel (i, j) spans
+    level-0 ``[j·d, (j+1)·d) × [i·d, (i+1)·d)`` with d = ``downsample`` (a
+    :class:`~wsilocal.slide.tissue.TissueRegion`'s ``mask`` and ``downsample``, or a synthetic slide's mask)."""
+    tissue = np.asarray(tissue, np.float64)
+    covered = (interval_overlaps(row_edges, tissue.shape[0], downsample).T @ tissue
+               @ interval_overlaps(column_edges, tissue.shape[1], downsample))
+    area = np.outer(np.diff(row_edges), np.diff(column_edges))
+    return np.divide(covered, area, out=np.zeros_like(covered), where=area > 0)
+
+
+def tissue_attention(attention: np.ndarray, column_edges: np.ndarray, row_edges: np.ndarray, tissue: np.ndarray,
+                     downsample: float) -> np.ndarray:
+    """H's attention restricted to the tissue: each cell's attention times the share of its area that is tissue
+    (:func:`cell_tissue_fraction`), renormalised to sum 1; NaN on cells without tissue.
+
+    It answers "where on the tissue did the model look": the attention H put on glass is left out (its share is
+    ``1 - Σ attention × fraction``), which H's own map (what the prediction used) keeps. Raises ValueError when
+    no attention lies on the tissue.
+    """
+    fraction = cell_tissue_fraction(column_edges, row_edges, tissue, downsample)
+    kept = np.nan_to_num(np.asarray(attention, np.float64)) * fraction
+    total = kept.sum()
+    if not total > 0:
+        raise ValueError("no attention lies on the tissue mask")
+    return np.where(fraction > 0, kept / total, np.nan)
 
 
 def attention_geojson(prediction: Prediction, mass: float = 0.1) -> dict:
