@@ -361,9 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(q)
         q.set_defaults(func=run_benchmark)
 
-    p = sub.add_parser("demo", help="synthetic cohort → prepare → train K=4 → evaluate, in one command")
-    p.add_argument("--out", default="demo_out", help="folder for the cohort, cache and run")
-    p.add_argument("--quick", action="store_true", help="a tiny version for smoke tests (not accurate)")
+    p = sub.add_parser("demo", help="synthetic cohort → prepare → pretrain → train K=4 → evaluate → predict with "
+                                    "heatmaps from the slide files → summary.png, in one command")
+    p.add_argument("--out", default="demo_out", help="folder for the cohort, cache, pretraining, run, predictions "
+                                                     "and summary.png")
+    p.add_argument("--quick", action="store_true", help="a tiny version for smoke tests (about a minute; not accurate)")
     p.set_defaults(func=cmd_demo)
     return parser
 
