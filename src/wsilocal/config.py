@@ -196,7 +196,7 @@ class PretrainConfig:
     tile: int = 128  # edge of a read tile in px at mpp; views are random crops of it
     min_tissue: float = 0.5  # least tissue share of a tile (on the overview mask)
     # --- objective and augmentation
-    objective: str = "vicreg"  # vicreg or simclr (docs/pretraining.md: chosen by measurement)
+    objective: str = "vicreg"  # vicreg (no negatives: fits small batches) or simclr; see docs/pretraining.md
     projector_dims: list[int] = dataclasses.field(default_factory=lambda: [1024, 1024])
     temperature: float = 0.2  # simclr's τ
     crop: int = 96  # edge of a view in px

@@ -269,8 +269,8 @@ class AccuracyBenchSettings:
 # quarter of the level-0 pixels to write (~9 CPU-s a slide instead of ~35), so 100 per class (~60 test slides) take
 # ~15 min on 2 workers. One seed by default (--seeds 3 for the full table); each task pretrains once (~30 min).
 INITS = ("pretrained", "random")
-# The pretraining of FULL (docs/pretraining.md: VICReg chosen by measurement): 96-px tiles at the task's MPP, views
-# of 64 px, batch 64.
+# The pretraining of FULL (VICReg, docs/pretraining.md: 30 min here; tile-class probes 0.57 -> 0.96): 96-px tiles,
+# views of 64 px, batch 64.
 PRETRAIN_FULL: dict[str, Any] = {"steps": 600, "batch_size": 64, "tile": 96, "crop": 64}
 FULL = AccuracyBenchSettings(cohorts=(
     CohortSettings("morphology", slides_per_class=70, mpp=2.0, tile=128, size=(4096, 4096)),
