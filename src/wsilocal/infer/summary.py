@@ -201,21 +201,11 @@ def _slide_panels(ax_slide, ax_heat, item: SlideHeatmap, max_side: int) -> None:
 
 
 def _roc_panel(ax, predictions_csv: Path) -> None:
-    from wsilocal.train.metrics import binary_auroc, roc_curve
+    from wsilocal.train.metrics import draw_roc_curves
 
     classes, labels, probabilities = read_predictions_csv(predictions_csv)
-    for c, name in enumerate(classes):
-        positive = labels == c
-        auroc = binary_auroc(probabilities[:, c], positive)
-        if auroc is None:
-            continue
-        fpr, tpr = roc_curve(probabilities[:, c], positive)
-        ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc:.2f})")
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax.set_xlabel("false-positive rate")
-    ax.set_ylabel("true-positive rate")
+    draw_roc_curves(ax, probabilities, labels, classes, digits=2, legend_size=7)
     ax.set_title(f"ROC, test split ({len(labels)} slides, one vs rest)", fontsize=9)
-    ax.legend(loc="lower right", fontsize=7)
 
 
 def _training_panels(ax_loss, ax_acc, history: list[dict]) -> None:

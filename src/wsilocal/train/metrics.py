@@ -122,6 +122,23 @@ def plot_learning_curves(history: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
+def draw_roc_curves(ax, probabilities: np.ndarray, labels: np.ndarray, classes: list[str], *, digits: int = 3,
+                    legend_size: float = 8) -> None:
+    """On matplotlib axes ``ax``: the one-vs-rest ROC curve of every class present with both outcomes (its AUROC,
+    ``digits`` decimals, in the legend), the chance diagonal and the axis labels."""
+    for c, name in enumerate(classes):
+        positive = np.asarray(labels) == c
+        auroc = binary_auroc(probabilities[:, c], positive)
+        if auroc is None:
+            continue
+        fpr, tpr = roc_curve(probabilities[:, c], positive)
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc:.{digits}f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.legend(loc="lower right", fontsize=legend_size)
+
+
 def plot_roc_curves(probabilities: np.ndarray, labels: np.ndarray, classes: list[str], path: str | Path,
                     title: str = "") -> None:
     """One-vs-rest ROC curve per class as a PNG."""
@@ -131,18 +148,8 @@ def plot_roc_curves(probabilities: np.ndarray, labels: np.ndarray, classes: list
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 5))
-    for c, name in enumerate(classes):
-        positive = np.asarray(labels) == c
-        auroc = binary_auroc(probabilities[:, c], positive)
-        if auroc is None:
-            continue
-        fpr, tpr = roc_curve(probabilities[:, c], positive)
-        ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc:.3f})")
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax.set_xlabel("false-positive rate")
-    ax.set_ylabel("true-positive rate")
+    draw_roc_curves(ax, probabilities, labels, classes)
     ax.set_title(title or "ROC (one vs rest)")
-    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
