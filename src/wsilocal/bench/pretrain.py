@@ -140,12 +140,15 @@ def _mask_shares(mask: np.ndarray, down: int, coords: np.ndarray, size: int) -> 
 def tile_features_of(tiles: LabelledTiles, weights: str | None, *, mpp: float, tile: int,
                      progress: bool = True) -> list[np.ndarray]:
     """Per slide, float32 (N, 512) features of its labelled tiles with ``weights`` (None: random ResNet34)."""
+    from tqdm import tqdm
+
     from wsilocal.features.extract import FeatureExtractor, tile_features
     from wsilocal.slide.reader import open_slide
 
     extractor = FeatureExtractor(weights)
     features = []
-    with tqdm_bar(len(tiles.slides), "features" + (" (random)" if weights is None else ""), progress) as bar:
+    with tqdm(total=len(tiles.slides), desc="features" + (" (random)" if weights is None else ""), unit="slide",
+              leave=False, disable=not progress) as bar:
         for (_, path, _), corners in zip(tiles.slides, tiles.corners, strict=True):
             with open_slide(path) as slide:
                 features.append(tile_features(slide, [tuple(c) for c in corners], extractor, mpp, tile)
@@ -154,14 +157,12 @@ def tile_features_of(tiles: LabelledTiles, weights: str | None, *, mpp: float, t
     return features
 
 
-def tqdm_bar(total: int, desc: str, progress: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="slide", leave=False, disable=not progress)
+def _slides_of(tiles: LabelledTiles, split: str) -> list[int]:
+    return [i for i, (_, _, s) in enumerate(tiles.slides) if s == split]
 
 
 def _split_arrays(tiles: LabelledTiles, features: list[np.ndarray], split: str) -> tuple[np.ndarray, np.ndarray]:
-    chosen = [i for i, (_, _, s) in enumerate(tiles.slides) if s == split]
+    chosen = _slides_of(tiles, split)
     x = np.concatenate([features[i] for i in chosen] or [np.zeros((0, 512), np.float32)])
     y = np.concatenate([tiles.labels[i] for i in chosen] or [np.zeros(0, np.int64)])
     return x.astype(np.float64), y
@@ -169,7 +170,7 @@ def _split_arrays(tiles: LabelledTiles, features: list[np.ndarray], split: str) 
 
 def tile_slides(tiles: LabelledTiles, split: str) -> np.ndarray:
     """For each tile of ``split`` (in :func:`_split_arrays`' order), the number of its slide within the split."""
-    chosen = [i for i, (_, _, s) in enumerate(tiles.slides) if s == split]
+    chosen = _slides_of(tiles, split)
     return np.concatenate([np.full(len(tiles.labels[i]), k) for k, i in enumerate(chosen)] or [np.zeros(0, int)])
 
 

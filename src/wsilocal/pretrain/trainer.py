@@ -148,7 +148,7 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool = T
         WsilocalError: bad input (no usable slide, unwritable folder, checkpoint of another run, ...).
     """
     from wsilocal.train.distributed import distributed_session
-    from wsilocal.train.trainer import resolve_device, stop_on_interrupt
+    from wsilocal.train.trainer import resolve_device
 
     config.validate()
     out = Path(config.out)
@@ -173,7 +173,7 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool = T
         if ctx.is_main and index.skipped:
             for path, reason in index.skipped.items():
                 tqdm.write(f"skipped {path}: {reason}")
-        return _Run(config, ctx, index, resume, progress, stop_at, stop_on_interrupt).run()
+        return _Run(config, ctx, index, resume, progress, stop_at).run()
 
 
 def _tile_index(config: PretrainConfig, out: Path, progress: bool) -> TileIndex:
@@ -201,10 +201,9 @@ class _Run:
     """One pretraining run on this rank (built by :func:`pretrain`)."""
 
     def __init__(self, config: PretrainConfig, ctx, index: TileIndex, resume: bool, progress: bool,
-                 stop_at: int | None, stop_on_interrupt):
+                 stop_at: int | None):
         self.config, self.ctx, self.index, self.progress, self.stop_at = config, ctx, index, progress, stop_at
         self.out = Path(config.out)
-        self.stop_on_interrupt = stop_on_interrupt
         self.aug = Augmentation(crop=config.crop, crop_scale=(config.crop_scale_min, 1.0),
                                 stain_jitter=config.stain_jitter, colour_jitter=config.colour_jitter,
                                 blur=config.blur)
@@ -265,6 +264,8 @@ class _Run:
         return float(loss.detach())
 
     def run(self) -> PretrainResult:
+        from wsilocal.train.trainer import stop_on_interrupt
+
         config, ctx = self.config, self.ctx
         sampler = TileSampler(self.index, mpp=config.mpp, tile=config.tile, batch_size=config.batch_size,
                               seed=config.seed, rank=ctx.rank, workers=config.workers, assume_mpp=config.assume_mpp)
@@ -273,7 +274,7 @@ class _Run:
         bar = tqdm(total=config.steps, initial=self.step, desc=f"pretrain {config.objective}", unit="step",
                    disable=not (self.progress and ctx.is_main), dynamic_ncols=True)
         try:
-            with self.stop_on_interrupt(stop, lambda: True):
+            with stop_on_interrupt(stop, lambda: True):
                 while self.step < last:
                     started, cpu_started = time.perf_counter(), time.process_time()
                     sampler.prefetch(self.step + 1)
