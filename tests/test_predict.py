@@ -16,7 +16,6 @@ from wsilocal.cli import main
 from wsilocal.config import TrainConfig, save_config
 from wsilocal.errors import CheckpointError, SlideError
 from wsilocal.infer.predict import Predictor, class_evidence, predict_slides
-from wsilocal.infer.tiled import TilePlan, trunk_geometry
 from wsilocal.models import local_net
 from wsilocal.models.resnet import ResNet34Trunk, calibrate_batchnorm
 from wsilocal.models.split import block_boundaries
@@ -24,8 +23,9 @@ from wsilocal.slide import synth
 from wsilocal.slide.cache import PrepareSettings, build_entry, channel_stats
 from wsilocal.slide.cohort import CohortSlide
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
+from wsilocal.stream.geometry import TilePlan, trunk_geometry
+from wsilocal.stream.sources import to_tensor
 from wsilocal.train.checkpoint import load_checkpoint, save_checkpoint
-from wsilocal.train.data import to_tensor
 from wsilocal.train.trainer import build_model, model_signature
 
 CLASSES = ["glandular", "solid"]

@@ -25,16 +25,15 @@ from wsilocal.bench.memory import (
     measure_streaming_memory,
     step_config,
 )
-from wsilocal.infer import tiled
-from wsilocal.infer.source import ArraySource
 from wsilocal.models.local_net import LocalNet, auxiliary_cost
 from wsilocal.models.split import module_saved_bytes
+from wsilocal.stream import geometry as tiled
+from wsilocal.stream.sources import ArraySource, TensorSource
 from wsilocal.train import streaming
 from wsilocal.train.activation_store import ActivationStore
 from wsilocal.train.local_step import forward_all_classifiers, local_training_step
 from wsilocal.train.streaming import (
     StreamedModule,
-    TensorSource,
     should_stream,
     step_memory_estimate,
     streaming_end_to_end_step,

@@ -18,10 +18,10 @@ from scipy.spatial import cKDTree
 
 from wsilocal.cli import main
 from wsilocal.errors import ConfigError
-from wsilocal.infer.tiled import footprint, trunk_geometry
 from wsilocal.models.resnet import ResNet34Trunk
 from wsilocal.slide import synth
 from wsilocal.slide.cohort import load_cohort
+from wsilocal.stream.geometry import footprint, trunk_geometry
 
 PIXEL_UM = synth.FIELD_STEP * synth.MPP  # µm per mask pixel (8)
 

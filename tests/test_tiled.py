@@ -20,8 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from wsilocal.infer.source import ArraySource, SlideSource
-from wsilocal.infer.tiled import (
+from wsilocal.models.resnet import BasicBlock, ResNet34Trunk
+from wsilocal.slide.reader import open_slide, read_region_at_mpp
+from wsilocal.stream.geometry import (
     MIN_TILE,
     TilePlan,
     block_geometry,
@@ -36,8 +37,7 @@ from wsilocal.infer.tiled import (
     trunk_geometry,
     window_forward_bytes,
 )
-from wsilocal.models.resnet import BasicBlock, ResNet34Trunk
-from wsilocal.slide.reader import open_slide, read_region_at_mpp
+from wsilocal.stream.sources import ArraySource, SlideSource
 
 MEAN, STD = [0.8, 0.6, 0.75], [0.15, 0.2, 0.15]
 FLOAT64_RELATIVE = 1e-13  # tolerances relative to the whole map's largest magnitude
@@ -278,7 +278,7 @@ def test_tile_for_budget_is_the_largest_tile_that_fits(trunk_with):
 
 def test_trunk_forward_tiles_with_the_budgets_tile(trunk_with, monkeypatch):
     """With no tile given, the tiled mode uses :func:`tile_for_budget`'s (and the map stays exact)."""
-    import wsilocal.infer.tiled as tiled
+    import wsilocal.stream.geometry as tiled
 
     trunk = trunk_with(3, True, torch.float32)
     source = ArraySource(random_image(60, 3100, seed=7), MEAN, STD)

@@ -70,7 +70,7 @@ from wsilocal.slide.cache import PrepareSettings
 from wsilocal.slide.reader import MAX_READ_THREADS, open_slide, usable_cores
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 from wsilocal.slide.tissue import detect_tissue
-from wsilocal.train.data import to_tensor
+from wsilocal.stream.sources import to_tensor
 from wsilocal.train.trainer import resolve_device
 
 MPP = 2.0  # 5x, the paper's resolution

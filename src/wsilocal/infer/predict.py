@@ -4,7 +4,7 @@ Inference uses what the method keeps at test time (DESIGN.md §1): the trunk and
 auxiliary models are neither built nor loaded. A slide is opened, its tissue found as ``wsilocal prepare``
 finds it (same overview resolution, margin and size limit), and the tissue box is streamed at the run's
 resolution through the trunk — the whole image at once when that fits the memory budget, in exact
-overlapping tiles otherwise (:func:`wsilocal.infer.tiled.trunk_forward`). No cache is written, and the
+overlapping tiles otherwise (:func:`wsilocal.stream.geometry.trunk_forward`). No cache is written, and the
 pixels are those the cache would hold, so a prediction equals what ``wsilocal evaluate`` computes.
 
 A run of a tile-based MIL baseline (``wsilocal baseline``) predicts through the same functions: :func:`load_predictor`
@@ -36,8 +36,6 @@ from tqdm import tqdm
 from wsilocal.config import load_config
 from wsilocal.errors import CheckpointError, ConfigError, WsilocalError, out_of_memory_as_slide_error
 from wsilocal.infer.heatmap import save_heatmap
-from wsilocal.infer.source import SlideSource
-from wsilocal.infer.tiled import footprint, trunk_forward, trunk_geometry
 from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.resnet import LAYER_CHANNELS, ResNet34Trunk
 from wsilocal.runtime import default_memory_budget, process_memory_bytes, trim_heap
@@ -45,6 +43,8 @@ from wsilocal.slide.cache import PrepareSettings, tissue_read_size
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import open_slide
 from wsilocal.slide.tissue import detect_tissue
+from wsilocal.stream.geometry import footprint, trunk_forward, trunk_geometry
+from wsilocal.stream.sources import SlideSource
 from wsilocal.train.checkpoint import load_checkpoint
 from wsilocal.train.trainer import model_signature, resolve_device
 
@@ -214,7 +214,7 @@ def bfloat16_is_native(device: torch.device) -> bool:
 
 
 class _TimedSource:
-    """An :class:`~wsilocal.infer.source.ImageSource` that adds up the seconds spent reading its windows."""
+    """An :class:`~wsilocal.stream.sources.ImageSource` that adds up the seconds spent reading its windows."""
 
     def __init__(self, source: SlideSource):
         self.source, self.height, self.width = source, source.height, source.width
@@ -287,7 +287,7 @@ class Predictor:
             memory_budget: bytes a whole-image forward may take; larger slides run tiled. Default: half the
                 available RAM, or 80 % of the free GPU memory.
             tile: edge of the tiles in tiled mode, in pixels at the run's MPP. Default: the largest whose windows
-                fit the memory budget, at least 1536 (:func:`~wsilocal.infer.tiled.tile_for_budget`).
+                fit the memory budget, at least 1536 (:func:`~wsilocal.stream.geometry.tile_for_budget`).
             assume_mpp: µm/px for slides without resolution metadata (default: the run's ``assume_mpp``).
             dtype: precision of the trunk, ``torch.float32`` or ``torch.bfloat16`` (see :func:`bfloat16_is_native`).
         """

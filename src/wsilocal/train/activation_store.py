@@ -12,7 +12,7 @@ outside compute memory:
   on disk when the store is closed or the process dies.
 
 The array is laid out (H, W, C) so that one window is ``height`` contiguous runs of ``width·C`` values.
-An :class:`ActivationStore` is an :class:`~wsilocal.infer.source.ImageSource`: ``read`` gives (1, C, h, w).
+An :class:`ActivationStore` is an :class:`~wsilocal.stream.sources.ImageSource`: ``read`` gives (1, C, h, w).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from wsilocal.slide.cache import CacheEntry
+from wsilocal.stream.sources import to_tensor
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,6 @@ def sample_generator(seed: int, purpose: Purpose, epoch: int, index: int) -> tor
     """The random stream of one (purpose, epoch, slide), independent of what ran before it."""
     return torch.Generator().manual_seed(stream_seed(seed, purpose, epoch, index))
 
-
-def to_tensor(image: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 (H, W, 3) → normalised float32 (1, 3, H, W)."""
-    x = torch.from_numpy(np.array(image, copy=True))  # a private, writable copy of the (memory-mapped) pixels
-    x = x.permute(2, 0, 1).float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return ((x - mean_t) / std_t).unsqueeze(0)
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:

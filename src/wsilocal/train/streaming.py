@@ -1,7 +1,7 @@
 """Streaming training: exact gradients on a whole slide with compute memory bounded by a tile, not the slide.
 
 Every BatchNorm of the trunk is frozen, so a run of trunk blocks is a local operator: the tile planner of
-:mod:`wsilocal.infer.tiled` (the one inference uses) gives windows whose kept output parts are exact and
+:mod:`wsilocal.stream.geometry` (the one inference uses) gives windows whose kept output parts are exact and
 partition the output, each window carrying the receptive-field halo. Streaming runs a module over those windows
 in three passes:
 
@@ -46,13 +46,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsilocal.infer.source import ImageSource
-from wsilocal.infer.tiled import AxisWindow, Layer, block_geometry, footprint, output_length, plan_axis
 from wsilocal.models.heads import AuxiliaryClassifier, FinalClassifier, slide_cross_entropy
 from wsilocal.models.local_net import AuxiliaryModel, LocalNet, auxiliary_cost
 from wsilocal.models.rfr import PatchBox, sample_patch_boxes
 from wsilocal.models.split import block_boundaries, module_saved_bytes
 from wsilocal.runtime import trim_heap
+from wsilocal.stream.geometry import AxisWindow, Layer, block_geometry, footprint, output_length, plan_axis
+from wsilocal.stream.sources import ImageSource
 from wsilocal.train.activation_store import ActivationStore, Where
 from wsilocal.train.local_step import StepResult
 
@@ -66,19 +66,6 @@ AxisPair = tuple[AxisWindow, AxisWindow | None]
 #: ``gradients(x, row, col)``: the (tensor, gradient) pairs to back-propagate from a window's recomputed x_i.
 Gradients = Callable[[torch.Tensor, AxisPair, AxisPair], list[tuple[torch.Tensor, torch.Tensor]]]
 
-
-class TensorSource:
-    """An :class:`~wsilocal.infer.source.ImageSource` over a (1, C, H, W) tensor already in memory."""
-
-    def __init__(self, tensor: torch.Tensor):
-        if tensor.dim() != 4 or tensor.shape[0] != 1:
-            raise ValueError(f"expected a (1, C, H, W) tensor, got {tuple(tensor.shape)}")
-        self.tensor = tensor
-        self.height, self.width = int(tensor.shape[2]), int(tensor.shape[3])
-
-    def read(self, top: int, left: int, height: int, width: int) -> torch.Tensor:
-        """The window (a view, no copy)."""
-        return self.tensor[:, :, top : top + height, left : left + width]
 
 
 # --- windows -------------------------------------------------------------------------------------
@@ -97,7 +84,7 @@ TILE_SLACK = 0.1
 def balanced_tile(length: int, tile: int, geometry: Sequence[Layer]) -> int:
     """The tile to plan an axis of ``length`` with so that its windows are equal and none is a sliver.
 
-    :func:`~wsilocal.infer.tiled.plan_axis` keeps ``tile // S`` outputs per window and gives the remainder a
+    :func:`~wsilocal.stream.geometry.plan_axis` keeps ``tile // S`` outputs per window and gives the remainder a
     window of its own, with a full halo to recompute: an image 3 % longer than the tile would take two windows.
     Here the number of windows is chosen first (allowing each up to ``TILE_SLACK`` longer than ``tile``), then
     the outputs are shared equally among them.

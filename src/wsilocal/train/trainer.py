@@ -57,13 +57,14 @@ from tqdm import tqdm
 from wsilocal.atomic import write_text_atomic
 from wsilocal.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, save_config
 from wsilocal.errors import ConfigError, SlideError, TrainingInterrupted, WsilocalError, out_of_memory_as_slide_error
-from wsilocal.infer.tiled import forward_bytes_estimate
 from wsilocal.models.local_net import LocalNet
 from wsilocal.models.resnet import calibrate_batchnorm, load_resnet34_weights
 from wsilocal.models.split import BlockBoundaries, block_boundaries
 from wsilocal.runtime import memory_budget_bytes, tune_cpu_allocator
 from wsilocal.slide.cache import PrepareResult, PrepareSettings, channel_stats, format_summary, prepare_cohort
 from wsilocal.slide.cohort import Cohort, load_cohort
+from wsilocal.stream.geometry import forward_bytes_estimate
+from wsilocal.stream.sources import TensorSource
 from wsilocal.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from wsilocal.train.data import Augmentation, CachedSlides, Purpose, sample_generator, stream_seed
 from wsilocal.train.distributed import DistContext, GradientAllReduce, distributed_session
@@ -71,7 +72,6 @@ from wsilocal.train.local_step import StepResult, forward_all_classifiers, local
 from wsilocal.train.metrics import classification_metrics, plot_learning_curves, selection_score
 from wsilocal.train.streaming import (
     DEFAULT_TILE,
-    TensorSource,
     resolve_store,
     should_stream,
     streaming_end_to_end_step,

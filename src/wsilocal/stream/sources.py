@@ -15,7 +15,15 @@ import numpy as np
 import torch
 
 from wsilocal.slide.reader import Slide, read_region_at_mpp, size_at_mpp
-from wsilocal.train.data import to_tensor
+
+
+def to_tensor(image: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 (H, W, 3) → normalised float32 (1, 3, H, W)."""
+    x = torch.from_numpy(np.array(image, copy=True))  # a private, writable copy of the (memory-mapped) pixels
+    x = x.permute(2, 0, 1).float().div_(255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return ((x - mean_t) / std_t).unsqueeze(0)
 
 
 class ImageSource(Protocol):
@@ -47,7 +55,7 @@ class ArraySource:
         self.mean, self.std = list(mean), list(std)
 
     def read(self, top: int, left: int, height: int, width: int) -> torch.Tensor:
-        """Window (1, 3, height, width), normalised as :func:`wsilocal.train.data.to_tensor`."""
+        """Window (1, 3, height, width), normalised as :func:`to_tensor`."""
         _check_window(self, top, left, height, width)
         return to_tensor(self.image[top : top + height, left : left + width], self.mean, self.std)
 
@@ -70,3 +78,17 @@ class SlideSource:
         _check_window(self, top, left, height, width)
         pixels = read_region_at_mpp(self.slide, self.mpp, self.region, window=(top, left, height, width))
         return to_tensor(pixels, self.mean, self.std)
+
+
+class TensorSource:
+    """An :class:`ImageSource` over a (1, C, H, W) tensor already in memory."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if tensor.dim() != 4 or tensor.shape[0] != 1:
+            raise ValueError(f"expected a (1, C, H, W) tensor, got {tuple(tensor.shape)}")
+        self.tensor = tensor
+        self.height, self.width = int(tensor.shape[2]), int(tensor.shape[3])
+
+    def read(self, top: int, left: int, height: int, width: int) -> torch.Tensor:
+        """The window (a view, no copy)."""
+        return self.tensor[:, :, top : top + height, left : left + width]

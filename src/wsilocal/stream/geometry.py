@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from wsilocal.infer.source import ImageSource
 from wsilocal.models.resnet import LAYER_CHANNELS, BasicBlock, ResNet34Trunk, Stem
+from wsilocal.stream.sources import ImageSource
 
 #: (kernel, stride, padding) of one layer along one axis.
 Layer = tuple[int, int, int]
