@@ -258,7 +258,7 @@ def test_local_net_assembly(k):
 
 def test_local_net_describe_and_balanced_construction():
     text = LocalNet(2, 4).describe().splitlines()
-    assert text[0] == "K=4 modules, conv1 stride 3, BatchNorm folded into convs"
+    assert text[0] == "ResNet34, K=4 modules, conv1 stride 3, BatchNorm folded into convs"
     assert text[1] == ("module 1: U0+U1+U2 (stem..layer1[1]), 3→64 ch, stride 6 (output at 1/6 of the image); "
                        "aux conv 9×9; RFR 10 patches of 128 input px (22 output px)")
     assert text[4].startswith("module 4: U7+U8 (layer3[3]..layer4[2]), 256→512 ch, stride 2 (output at 1/48")

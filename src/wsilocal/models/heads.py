@@ -16,6 +16,9 @@ from torch import nn
 # value (only reached by a block-level split ending inside layer4) keeps the window growing in image
 # pixels: 9·6 = 54, 7·12 = 84, 5·24 = 120, 3·48 = 144 px at conv1 stride 3.
 AUX_KERNEL = {64: 9, 128: 7, 256: 5, 512: 3}
+# The same kernels by resolution level of the map (0 = layer1's, 3 = layer4's): what a ResNet50 module uses,
+# whose maps are 4× wider than ResNet34's at the same resolution (256 channels at layer1's).
+AUX_KERNEL_BY_LEVEL = (9, 7, 5, 3)
 
 
 def slide_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
@@ -63,14 +66,17 @@ class GatedAttentionPool(nn.Module):
 class AuxiliaryClassifier(nn.Module):
     """A_i: Conv(k=s) → GroupNorm → ReLU → gated attention → Linear(C,128) → ReLU → Linear(128, n).
 
+    ``kernel`` (k = s) defaults to :data:`AUX_KERNEL`'s for ``channels``; a module names it by its output's
+    resolution level (:data:`AUX_KERNEL_BY_LEVEL`), which is what the authors' sizes follow for any width.
+
     The strided convolution is zero-padded (about equally on both sides) so its windows cover every
     position of the map: nothing at the bottom/right edge is dropped, and a map smaller than the
     kernel gives one window instead of an error. Returns (logits (1, n), attention over the windows).
     """
 
-    def __init__(self, channels: int, n_classes: int, dropout: float = 0.2):
+    def __init__(self, channels: int, n_classes: int, dropout: float = 0.2, kernel: int | None = None):
         super().__init__()
-        self.kernel = aux_kernel_size(channels)
+        self.kernel = aux_kernel_size(channels) if kernel is None else kernel
         self.conv = nn.Conv2d(channels, channels, self.kernel, stride=self.kernel)
         self.norm = nn.GroupNorm(math.gcd(32, channels), channels)
         self.pool = GatedAttentionPool(channels, channels // 2, dropout)
@@ -85,7 +91,8 @@ class AuxiliaryClassifier(nn.Module):
 
 
 class FinalClassifier(nn.Module):
-    """H: gated attention (hidden 128) on the trunk's 512-channel map → Linear(C,128) → ReLU → Linear(128, n).
+    """H: gated attention (hidden 128) on the trunk's map → Linear(C,128) → ReLU → Linear(128, n); C = 512
+    (ResNet18/34) or 2048 (ResNet50).
 
     No convolution before the pooling. Dropout 0.2 in the attention branch, as in the auxiliary
     classifiers. Returns (logits (1, n), attention (H, W)).

@@ -13,14 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsilocal.errors import ConfigError
-from wsilocal.models.heads import AuxiliaryClassifier, FinalClassifier, slide_cross_entropy
-from wsilocal.models.resnet import ResNet34Trunk
+from wsilocal.models.heads import AUX_KERNEL_BY_LEVEL, AuxiliaryClassifier, FinalClassifier, slide_cross_entropy
+from wsilocal.models.resnet import DEFAULT_ARCH, ResNetTrunk
 from wsilocal.models.rfr import RandomFeatureReconstruction, rfr_patch_size
 from wsilocal.models.split import (
     AuxCost,
+    BlockBoundaries,
     ModuleSpec,
     Split,
     balanced_split,
+    block_boundaries,
     module_specs,
     split_trunk,
 )
@@ -32,7 +34,7 @@ class AuxiliaryModel(nn.Module):
     def __init__(self, spec: ModuleSpec, n_classes: int, *, rfr: bool = True, rfr_patches: int = 10,
                  alpha: float = 1.0):
         super().__init__()
-        self.classifier = AuxiliaryClassifier(spec.c_out, n_classes)
+        self.classifier = AuxiliaryClassifier(spec.c_out, n_classes, kernel=AUX_KERNEL_BY_LEVEL[spec.level])
         self.rfr = (RandomFeatureReconstruction(spec.c_in, spec.c_out, spec.stride,
                                                 rfr_patch_size(spec.out_stride), rfr_patches)
                     if rfr else None)
@@ -67,11 +69,13 @@ def auxiliary_cost(n_classes: int, *, rfr: bool = True, rfr_patches: int = 10) -
 
 
 class LocalNet(nn.Module):
-    """ResNet34 trunk split into K modules, with K−1 auxiliary models and the final classifier.
+    """ResNet trunk (``arch``: resnet18, resnet34, resnet50) split into K modules, with K−1 auxiliary models and
+    the final classifier.
 
-    ``split`` is any :data:`~wsilocal.models.split.Split` (K preset, unit or block boundaries). With
-    ``input_hw_for_balance=(H, W)``, ``split`` must be K and the boundaries are chosen by
-    :func:`~wsilocal.models.split.balanced_split` to even out the modules' memory at that input size.
+    ``split`` is any :data:`~wsilocal.models.split.Split` (K preset, unit or block boundaries, in ``arch``'s
+    units). With ``input_hw_for_balance=(H, W)``, ``split`` must be K and the boundaries are chosen by
+    :func:`~wsilocal.models.split.balanced_split` to even out the modules' memory at that input size. Either way
+    ``self.split`` is the resolved :class:`~wsilocal.models.split.BlockBoundaries`.
 
     Attributes: ``trunk``; ``stages`` (the K module Sequentials, views of the trunk, not registered
     twice); ``specs`` (their :class:`ModuleSpec`); ``aux`` (K−1 :class:`AuxiliaryModel`); ``head`` (H).
@@ -79,15 +83,15 @@ class LocalNet(nn.Module):
 
     def __init__(self, n_classes: int, split: Split = 4, *, conv1_stride: int = 3, fold_bn: bool = True,
                  rfr: bool = True, rfr_patches: int = 10, recompute: bool = False,
-                 input_hw_for_balance: tuple[int, int] | None = None):
+                 input_hw_for_balance: tuple[int, int] | None = None, arch: str = DEFAULT_ARCH):
         super().__init__()
-        self.trunk = ResNet34Trunk(conv1_stride, fold_bn)
+        self.trunk = ResNetTrunk(conv1_stride, fold_bn, arch=arch)
         if input_hw_for_balance is not None:
             if not isinstance(split, int):
                 raise ConfigError(f"split: a balanced split needs K (an integer), got {split!r}")
             split = balanced_split(self.trunk, split, input_hw_for_balance,
                                    auxiliary_cost(n_classes, rfr=rfr, rfr_patches=rfr_patches))
-        self.split = split
+        self.split = BlockBoundaries(block_boundaries(split, self.trunk.arch))  # blocks of this arch, for anyone
         self.specs = module_specs(self.trunk, split)
         self.stages = split_trunk(self.trunk, split, recompute=recompute)  # a plain list: not registered
         self.aux = nn.ModuleList(AuxiliaryModel(spec, n_classes, rfr=rfr, rfr_patches=rfr_patches)
@@ -107,8 +111,9 @@ class LocalNet(nn.Module):
 
     def describe(self) -> str:
         """One line per module: its units/blocks, channels, strides, auxiliary kernel and RFR patch."""
-        lines = [f"K={len(self.specs)} modules, conv1 stride {self.trunk.conv1.stride[0]}, "
-                 f"BatchNorm {'folded into convs' if self.trunk.fold_bn else 'run separately'}"]
+        batchnorm = "folded into convs" if self.trunk.fold_bn else "run separately"
+        lines = [f"{self.trunk.arch.title}, K={len(self.specs)} modules, conv1 stride {self.trunk.conv1.stride[0]}, "
+                 f"BatchNorm {batchnorm}"]
         for spec in self.specs:
             head = f"module {spec.index + 1}: {spec.label()}, {spec.c_in}→{spec.c_out} ch, stride {spec.stride} "
             head += f"(output at 1/{spec.out_stride} of the image)"

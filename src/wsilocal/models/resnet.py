@@ -1,8 +1,9 @@
-"""The ResNet34 trunk of the method: torchvision layout, conv1 stride 3, every BatchNorm frozen.
+"""The method's trunks: torchvision's ResNet18, ResNet34 (the paper's), ResNet50; conv1 stride 3, BatchNorm frozen.
 
 Parameter and buffer names are exactly torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1.weight``,
-``layer2.0.downsample.1.running_mean``, ...) minus ``fc``, so a torchvision ``resnet34`` state dict
-loads as is (:func:`load_resnet34_weights`).
+``layer2.0.downsample.1.running_mean``, ``layer1.0.conv3.weight`` for ResNet50's Bottleneck blocks, ...) minus
+``fc``, so a torchvision (or timm) state dict of the same architecture loads as is (:func:`load_trunk_weights`,
+which also unwraps the nesting and key prefixes of self-supervised checkpoints).
 
 Frozen BatchNorm is a fixed per-channel affine map ``y = x·s + t`` with ``s = γ/√(σ²+ε)`` and
 ``t = β − μ·s``. With ``fold_bn=True`` it is folded *on the fly* into the convolution before it: without
@@ -14,7 +15,10 @@ activation memory of a training step.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +28,10 @@ from torch import nn
 
 from wsilocal.errors import CheckpointError
 
+# ResNet34's layout (the paper's trunk); other architectures: ``ARCHS[name].layer_blocks`` / ``.layer_channels``.
 LAYER_BLOCKS = (3, 4, 6, 3)
 LAYER_CHANNELS = (64, 128, 256, 512)
+DEFAULT_ARCH = "resnet34"
 
 
 class FrozenBatchNorm2d(nn.BatchNorm2d):
@@ -74,28 +80,62 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tenso
 
 class BasicBlock(nn.Module):
     """torchvision's ResNet BasicBlock (two 3×3 convs and a residual), with frozen BatchNorm (``norm_layer``:
-    ``nn.BatchNorm2d`` for the trainable BatchNorm of pretraining)."""
+    ``nn.BatchNorm2d`` for the trainable BatchNorm of pretraining). ``planes`` is its output width."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
+    expansion = 1
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1,
                  norm_layer: type[nn.BatchNorm2d] = FrozenBatchNorm2d):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
-        self.bn1 = norm_layer(out_channels)
+        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride, padding=1, bias=False)
+        self.bn1 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, padding=1, bias=False)
-        self.bn2 = norm_layer(out_channels)
-        self.downsample: nn.Sequential | None = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), norm_layer(out_channels)
-            )
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=1, bias=False)
+        self.bn2 = norm_layer(planes)
+        self.downsample = _downsample(in_channels, planes, stride, norm_layer)
+        self.in_channels, self.out_channels, self.stride = in_channels, planes, stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(conv_bn(x, self.conv1, self.bn1))
         out = conv_bn(out, self.conv2, self.bn2)
         identity = x if self.downsample is None else conv_bn(x, self.downsample[0], self.downsample[1])
         return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck (ResNet v1.5: the stride sits on the 3×3 conv): 1×1 → 3×3 → 1×1 to
+    ``planes·4`` channels, and a residual; frozen BatchNorm as in :class:`BasicBlock`."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1,
+                 norm_layer: type[nn.BatchNorm2d] = FrozenBatchNorm2d):
+        super().__init__()
+        out_channels = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = norm_layer(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=1, bias=False)
+        self.bn2 = norm_layer(planes)
+        self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
+        self.bn3 = norm_layer(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(in_channels, out_channels, stride, norm_layer)
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(conv_bn(x, self.conv1, self.bn1))
+        out = self.relu(conv_bn(out, self.conv2, self.bn2))
+        out = conv_bn(out, self.conv3, self.bn3)
+        identity = x if self.downsample is None else conv_bn(x, self.downsample[0], self.downsample[1])
+        return self.relu(out + identity)
+
+
+def _downsample(in_channels: int, out_channels: int, stride: int,
+                norm_layer: type[nn.BatchNorm2d]) -> nn.Sequential | None:
+    """The 1×1 projection shortcut where a block changes resolution or width (torchvision's ``downsample``)."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), norm_layer(out_channels))
 
 
 class Stem(nn.Module):
@@ -111,8 +151,48 @@ class Stem(nn.Module):
         return self.maxpool(self.relu(conv_bn(x, self.conv1, self.bn1)))
 
 
-class ResNet34Trunk(nn.Module):
-    """ResNet34 without ``avgpool``/``fc``: image (N,3,H,W) → 512-channel map at stride ``2·conv1_stride·8``.
+@dataclass(frozen=True)
+class Arch:
+    """One torchvision ResNet: its block type and the number of blocks of layer1..layer4."""
+
+    name: str  # torchvision's function name: "resnet34"
+    title: str  # for messages: "ResNet34"
+    block: type[BasicBlock] | type[Bottleneck]
+    layer_blocks: tuple[int, int, int, int]
+
+    @property
+    def layer_channels(self) -> tuple[int, ...]:
+        """Output channels of layer1..layer4 (the block widths × the block's expansion)."""
+        return tuple(width * self.block.expansion for width in (64, 128, 256, 512))
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the trunk's output map (what the classifier H pools)."""
+        return self.layer_channels[-1]
+
+    @property
+    def n_blocks(self) -> int:
+        """The stem plus every residual block."""
+        return 1 + sum(self.layer_blocks)
+
+
+ARCHS = {arch.name: arch for arch in (
+    Arch("resnet18", "ResNet18", BasicBlock, (2, 2, 2, 2)),
+    Arch("resnet34", "ResNet34", BasicBlock, (3, 4, 6, 3)),
+    Arch("resnet50", "ResNet50", Bottleneck, (3, 4, 6, 3)),
+)}
+
+
+def get_arch(name: str) -> Arch:
+    """The :class:`Arch` called ``name`` (ValueError naming the known ones otherwise; configs check it first)."""
+    if name not in ARCHS:
+        raise ValueError(f"unknown architecture {name!r}; expected one of {', '.join(ARCHS)}")
+    return ARCHS[name]
+
+
+class ResNetTrunk(nn.Module):
+    """A torchvision ResNet without ``avgpool``/``fc``: image (N,3,H,W) → map at stride ``2·conv1_stride·8``
+    with ``arch``'s channels (512 for ResNet18/34, 2048 for ResNet50).
 
     ``conv1_stride`` is 3 in the method (2 is torchvision's). The stem and every BatchNorm are frozen.
     ``fold_bn`` chooses folded (memory-lean) or conv-then-BatchNorm execution; it can be switched at
@@ -123,20 +203,24 @@ class ResNet34Trunk(nn.Module):
     trainable stem. Same parameter and buffer names, so its state dict loads into the frozen trunk.
     """
 
-    def __init__(self, conv1_stride: int = 3, fold_bn: bool = True, trainable: bool = False):
+    def __init__(self, conv1_stride: int = 3, fold_bn: bool = True, trainable: bool = False, *,
+                 arch: str = DEFAULT_ARCH):
         super().__init__()
+        self.arch = get_arch(arch)
         norm_layer = nn.BatchNorm2d if trainable else FrozenBatchNorm2d
         self.conv1 = nn.Conv2d(3, 64, 7, conv1_stride, padding=3, bias=False)
         self.bn1 = norm_layer(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, padding=1)
         in_channels = 64
-        for index, (n_blocks, channels) in enumerate(zip(LAYER_BLOCKS, LAYER_CHANNELS, strict=True)):
+        for index, n_blocks in enumerate(self.arch.layer_blocks):
+            planes = 64 * 2**index
             first_stride = 1 if index == 0 else 2
-            blocks = [BasicBlock(in_channels, channels, first_stride, norm_layer)]
-            blocks += [BasicBlock(channels, channels, norm_layer=norm_layer) for _ in range(n_blocks - 1)]
+            blocks = [self.arch.block(in_channels, planes, first_stride, norm_layer)]
+            in_channels = blocks[0].out_channels
+            blocks += [self.arch.block(in_channels, planes, norm_layer=norm_layer) for _ in range(n_blocks - 1)]
             setattr(self, f"layer{index + 1}", nn.Sequential(*blocks))
-            in_channels = channels
+        self.out_channels = in_channels
         self._init_torchvision()
         if not trainable:
             self.conv1.weight.requires_grad_(False)  # the stem is frozen (its BatchNorm already is)
@@ -164,7 +248,7 @@ class ResNet34Trunk(nn.Module):
         return [m for m in self.modules() if isinstance(m, FrozenBatchNorm2d)]
 
     def blocks(self) -> list[nn.Module]:
-        """The 17 blocks, in order: the stem (U0), then every BasicBlock of layer1..layer4."""
+        """The stem (U0), then every residual block of layer1..layer4, in order (17 for ResNet34/50, 9 for 18)."""
         layers = (self.layer1, self.layer2, self.layer3, self.layer4)
         return [Stem(self.conv1, self.bn1, self.relu, self.maxpool)] + [b for layer in layers for b in layer]
 
@@ -174,26 +258,108 @@ class ResNet34Trunk(nn.Module):
         return x
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load the tensors of a weights file, as a flat dict, or raise CheckpointError naming the cause."""
+#: The paper's trunk; ``ResNet34Trunk(...)`` is :class:`ResNetTrunk` with its default ``arch="resnet34"``.
+ResNet34Trunk = ResNetTrunk
+
+
+# --- weights files ---------------------------------------------------------------------------------
+
+#: Dictionary keys that wrap a state dict in training checkpoints (Lightning, MoCo, DINO, ...), in preference order.
+NESTING_KEYS = ("state_dict", "model", "teacher")
+#: Key prefixes that frameworks put before a backbone's own names; stripped (in any combination) when the rest
+#: matches: DataParallel's ``module.``, ``backbone.`` (DINO, mmselfsup), ``model.resnet.`` (SimCLR
+#: histopathology), ``module.encoder_q.`` (MoCo), ``encoder.``, ``trunk.``.
+KNOWN_PREFIXES = ("module.", "backbone.", "model.", "encoder.", "encoder_q.", "resnet.", "trunk.")
+_BLOCK_KEY = re.compile(r"^layer([1-4])\.(\d+)\.(conv[123])\.weight$")
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """What :func:`load_trunk_weights` loaded: the file, its SHA-256, the prefix stripped from its keys and how
+    many keys outside that prefix (projection heads, a momentum encoder, ``fc``) were left out."""
+
+    path: Path
+    sha256: str
+    prefix: str
+    ignored: int
+
+    def record(self) -> dict:
+        """For a run's ``model.json``."""
+        return {"path": str(self.path), "sha256": self.sha256, "prefix": self.prefix, "ignored_keys": self.ignored}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files start with an 8-byte header length and a JSON header; pickles and zips do not."""
+    with open(path, "rb") as file:
+        head = file.read(9)
+    return path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The flat dict of tensors in a weights file (``.safetensors``, or a ``.pth``/``.pt``/``.bin`` pickle read with
+    ``weights_only=True``), unwrapped from :data:`NESTING_KEYS`; CheckpointError naming the cause otherwise."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        if path.suffix == ".safetensors":
-            obj = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_file(str(path), device="cpu") if _is_safetensors(path) else \
+            torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unsafe pickle, truncated zip, not a weights file at all, ...
         cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{path}: cannot load weights: {cause[:300]}") from exc
-    if isinstance(obj, dict):
-        for nested in ("state_dict", "model"):
-            if isinstance(obj.get(nested), dict):
-                obj = obj[nested]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    while isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        nested = next((obj[key] for key in NESTING_KEYS if isinstance(obj.get(key), dict)), None)
+        if nested is None:
+            break
+        obj = nested
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items() if not k.removeprefix("module.").startswith("fc.")}
+    return obj
+
+
+def _is_known_prefix(prefix: str) -> bool:
+    while prefix:
+        part = next((p for p in KNOWN_PREFIXES if prefix.startswith(p)), None)
+        if part is None:
+            return False
+        prefix = prefix[len(part):]
+    return True
+
+
+def _backbone_prefix(keys: Iterable[str], expected: Iterable[str]) -> str:
+    """The prefix (made of :data:`KNOWN_PREFIXES`, possibly empty) before the trunk's names in ``keys``: of the
+    prefixes seen before a stem ``conv1.weight``, the one under which most of ``expected`` is found."""
+    keys, expected = set(keys), list(expected)
+    candidates = {key[: -len("conv1.weight")] for key in keys if key.endswith("conv1.weight")}
+    candidates = [p for p in candidates if _is_known_prefix(p)] or [""]
+    return max(candidates, key=lambda p: (sum(p + k in keys for k in expected), -len(p)))
+
+
+def describe_layout(keys: Iterable[str]) -> str:
+    """What architecture state-dict ``keys`` (prefix already stripped) look like, for error messages: a torchvision
+    name (``resnet50``), a ResNet with its block type and counts, or "not a ResNet"."""
+    counts, bottleneck = [0, 0, 0, 0], False
+    for key in keys:
+        match = _BLOCK_KEY.match(key)
+        if match:
+            layer, index, conv = int(match[1]), int(match[2]), match[3]
+            counts[layer - 1] = max(counts[layer - 1], index + 1)
+            bottleneck = bottleneck or conv == "conv3"
+    if not all(counts):
+        return "not a ResNet (no layer1..layer4 blocks)"
+    block = Bottleneck if bottleneck else BasicBlock
+    named = [a.name for a in ARCHS.values() if a.block is block and a.layer_blocks == tuple(counts)]
+    known = {(Bottleneck, (3, 4, 23, 3)): "resnet101", (Bottleneck, (3, 8, 36, 3)): "resnet152"}
+    name = named[0] if named else known.get((block, tuple(counts)), "a ResNet")
+    return f"{name} ({block.__name__} blocks {'-'.join(map(str, counts))})"
 
 
 def _list_keys(keys: list[str], shown: int = 5) -> str:
@@ -201,17 +367,24 @@ def _list_keys(keys: list[str], shown: int = 5) -> str:
     return ", ".join(keys[:shown]) + more
 
 
-def load_resnet34_weights(trunk: ResNet34Trunk, path: str | Path) -> None:
-    """Load a torchvision-format ResNet34 state dict (``.pth``/``.pt`` or ``.safetensors``) into ``trunk``.
+def load_trunk_weights(trunk: ResNetTrunk, path: str | Path) -> LoadedWeights:
+    """Load the weights of a trunk of ``trunk``'s architecture from a file users have: torchvision, timm or a
+    self-supervised checkpoint.
 
-    Accepts a plain state dict or one nested under ``state_dict``/``model``, strips a ``module.``
-    prefix (DataParallel) and ignores ``fc.*``. ``num_batches_tracked`` may be absent (old torchvision
-    files). Pickles are read with ``weights_only=True``: a file that needs arbitrary code is refused.
-    Any other missing or unexpected key, or a shape mismatch, raises :class:`CheckpointError`.
+    Reads ``.safetensors`` (recognised by content too) or a pickle (``.pth``/``.pt``/``.bin``) with
+    ``weights_only=True``: a file that needs arbitrary code is refused. Unwraps a state dict nested under
+    :data:`NESTING_KEYS`, strips a key prefix made of :data:`KNOWN_PREFIXES` (``module.``, ``backbone.``,
+    ``model.resnet.``, ``module.encoder_q.``, ...) when the rest holds the trunk's names; keys outside that prefix
+    (a projector, a momentum encoder) and ``fc.*`` are left out. ``num_batches_tracked`` may be absent (old
+    torchvision files). Any other missing or unexpected key, or a shape mismatch, raises :class:`CheckpointError`:
+    one line naming the file, the first keys of each kind and the architecture the file's keys look like.
     """
     path = Path(path)
-    weights = _read_state_dict(path)
+    tensors = _read_tensors(path)
     expected = trunk.state_dict()
+    prefix = _backbone_prefix(tensors, expected)
+    weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
     for key in expected:
         if key.endswith("num_batches_tracked"):
             weights.setdefault(key, torch.zeros((), dtype=torch.long))
@@ -223,15 +396,23 @@ def load_resnet34_weights(trunk: ResNet34Trunk, path: str | Path) -> None:
                 for label, keys in (("missing", missing), ("unexpected", unexpected),
                                     ("shape mismatch in", mismatched)) if keys]
     if problems:
-        raise CheckpointError(f"{path}: not a ResNet34 state dict: {'; '.join(problems)}")
+        where = f" under {prefix!r}" if prefix else ""
+        raise CheckpointError(f"{path}: not a {trunk.arch.title} state dict{where}: {'; '.join(problems)}; "
+                              f"its keys look like {describe_layout(weights)}")
     trunk.load_state_dict(weights)
+    used = sum(prefix + k in tensors for k in expected)
+    return LoadedWeights(path, file_sha256(path), prefix, len(tensors) - used)
+
+
+#: The former name, kept for callers: it loads any architecture's weights into a trunk of that architecture.
+load_resnet34_weights = load_trunk_weights
 
 
 @torch.no_grad()
-def calibrate_batchnorm(trunk: ResNet34Trunk, images: Iterable[torch.Tensor]) -> None:
+def calibrate_batchnorm(trunk: ResNetTrunk, images: Iterable[torch.Tensor]) -> None:
     """Data-dependent initialisation of a randomly initialised trunk's BatchNorm statistics.
 
-    Without pretrained weights, identity BatchNorms let activations grow through the 16 residual
+    Without pretrained weights, identity BatchNorms let activations grow through the residual
     blocks. Here every BatchNorm gets the per-channel mean and variance of the activations it sees on
     ``images`` (each a (N,3,H,W) or (3,H,W) tensor, pooled over all of them) and γ=1, β=0, so its output
     has mean 0 and std 1 on that data. Blocks are processed in order, and BatchNorms inside a block in
