@@ -93,7 +93,8 @@ def test_the_run_records_how_its_features_were_made(run):
     attrs = read_attrs(run.features / "s0.h5")
     assert meta["features"] == extraction_settings(attrs)
     assert meta["features"] == {"mpp": 2.0, "tile": 32, "min_tissue": 0.25, "assume_mpp": None, "mask_mpp": 16.0,
-                                "extractor": FeatureExtractor().description, "weights": "", "format_version": 1}
+                                "extractor": FeatureExtractor().description, "weights": "", "arch": "resnet34",
+                                "format_version": 1}
     assert "random init seed 0" in meta["features"]["extractor"]
 
 

@@ -27,6 +27,7 @@ MAX_RFR_PATCHES = 1000  # the paper uses 10; more only costs memory
 METHODS = ("local", "streaming")  # streaming = the StreamingCNN baseline (end-to-end, K=1)
 STREAM_STORES = ("auto", "memory", "disk")
 NORMALISATIONS = ("auto", "imagenet", "dataset")
+ARCHS = ("resnet18", "resnet34", "resnet50")  # the trunks of wsilocal.models.resnet; resnet34 is the paper's
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what torchvision-layout weights expect their input normalised with
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -44,12 +45,16 @@ class TrainConfig:
     max_pixels: int = 1_600_000_000  # refuse slides larger than this at the target MPP
     workers: int = 1  # processes for preparing the cache
     allow_outside_paths: bool = False  # allow cohort paths leading outside the CSV's folder
+    # Refuse to start when a slide file of the cohort is missing or unreadable (every problem listed at once). Off:
+    # such slides are skipped and listed with their reason, the rest finish, and the command exits with 1.
+    strict: bool = False
     # --- model
+    arch: str = "resnet34"  # trunk: resnet18, resnet34 (the paper's) or resnet50; runs saved without it are resnet34
     method: str = "local"  # "local" (the paper's method) or "streaming" (StreamingCNN: K=1, exact, tiled)
     k: int = 4  # number of gradient-isolated modules: 1 (end-to-end), 2, 4 or 8
     boundaries: list[int] | None = None  # explicit module start units (overrides k), e.g. [3, 5, 7]
     balanced: bool = False  # place K boundaries at block level for even memory per module
-    weights: str | None = None  # torchvision ResNet34 state dict (.pth/.safetensors); none = random init
+    weights: str | None = None  # state dict of the arch (.pth/.pt/.bin/.safetensors, SSL checkpoints); none = random
     # input normalisation: "auto" = ImageNet's mean/std with weights (torchvision-layout weights, ImageNet's and
     # `wsilocal pretrain`'s alike, were trained on it, and their stem and BatchNorm stay frozen), else the training
     # slides' own; or "imagenet" / "dataset" explicitly
@@ -104,6 +109,7 @@ class TrainConfig:
             (bool(self.out), "out: a run directory is required"),
             (self.mpp > 0, f"mpp must be positive, got {self.mpp}"),
             (self.assume_mpp is None or self.assume_mpp > 0, "assume_mpp must be positive"),
+            (self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}"),
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
             (self.normalisation in NORMALISATIONS,
              f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {self.normalisation!r}"),
@@ -143,7 +149,7 @@ class TrainConfig:
         if self.boundaries is not None:
             from wsilocal.models.split import block_boundaries  # torch: only loaded when boundaries are given
 
-            block_boundaries(self.boundaries)  # ConfigError naming the rule when they are not a valid split
+            block_boundaries(self.boundaries, self.arch)  # ConfigError naming the rule when they are not a valid split
         return self
 
     def resolved_cache(self) -> Path:
@@ -190,7 +196,8 @@ class PretrainConfig:
     cohort: str = ""  # cohort CSV; its train and val slides (and test with include_test)
     slides: str = ""  # a folder of slide files or a glob pattern ("/data/**/*.svs")
     include_test: bool = False  # also pretrain on the cohort's test split (off: no test slide is seen)
-    out: str = ""  # output folder: resnet34.safetensors, pretrain.json, loss_curve.png, checkpoint.pt
+    out: str = ""  # output folder: <arch>.safetensors, pretrain.json, loss_curve.png, checkpoint.pt
+    arch: str = "resnet34"  # the trunk pretrained: resnet18, resnet34 or resnet50
     mpp: float = 2.0  # resolution of the tiles in µm/px (2.0 ≈ 5x, the whole-slide training's)
     assume_mpp: float | None = None  # MPP for slides without resolution metadata
     tile: int = 128  # edge of a read tile in px at mpp; views are random crops of it
@@ -223,6 +230,7 @@ class PretrainConfig:
         checks = [
             (bool(self.cohort or self.slides), "pretrain needs --cohort CSV or --slides FOLDER_OR_GLOB"),
             (bool(self.out), "out: an output folder is required"),
+            (self.arch in ARCHS, f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}"),
             (self.mpp > 0, f"mpp must be positive, got {self.mpp}"),
             (self.assume_mpp is None or self.assume_mpp > 0, "assume_mpp must be positive"),
             (self.tile >= 32, f"tile must be >= 32 px, got {self.tile}"),

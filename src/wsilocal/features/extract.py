@@ -1,8 +1,9 @@
-"""ImageNet ResNet34 features of tissue tiles, one HDF5 file per slide: the input of the MIL baselines.
+"""ResNet features of tissue tiles, one HDF5 file per slide: the input of the MIL baselines.
 
 The paper's baselines (Table 1) run MIL models on "ImageNet pretrained features" of 5x tiles from ResNet34.
 Here: the standard torchvision ResNet34 (conv1 stride 2 — the stride-3 stem is only the method's own
-trunk) up to ``layer4``, global average pooling → 512 numbers per tile. Tiles are scaled to [0, 1] and
+trunk) up to ``layer4``, global average pooling → 512 numbers per tile; ``arch`` picks ResNet18 (512) or
+ResNet50 (2048) instead, e.g. for pathology self-supervised weights. Tiles are scaled to [0, 1] and
 normalised with the ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), as torchvision's
 ImageNet weights expect. Weights come from a local torchvision state dict (``--weights``); without one the
 network is randomly initialised (a fixed seed, so every run and every resumed run gets the same network),
@@ -11,12 +12,12 @@ and the features are then random projections — the run says so loudly.
 :func:`extract_features` writes ``OUT/<slide_id>.h5`` (see :mod:`wsilocal.features.h5`) with attributes:
 ``slide_id``, ``source``, ``mpp`` and ``tile`` (the tiles), ``tile_level0`` (their edge in level-0 pixels),
 ``slide_mpp``, ``min_tissue``, ``assume_mpp`` (when given), ``extractor`` (a description naming the
-weights' SHA-256), ``weights``, ``n_tiles``, ``format_version`` and ``key``. The key hashes the
-parameters, the extractor (with the weights' hash) and the slide file (path, size, modification time): a
-re-run skips a slide whose file carries the same key and recomputes it otherwise, so an interrupted run
-resumes where it stopped and a run with other parameters never reuses stale files. Slides are processed
-one at a time and tiles are read in batches, so memory holds one slide's features (N × 512 float32, 2 kB
-per tile) and one or two batches of tiles, however many slides the cohort has.
+architecture and the weights' SHA-256), ``arch``, ``weights``, ``n_tiles``, ``format_version`` and ``key``.
+The key hashes the parameters, the extractor (with the weights' hash) and the slide file (path, size,
+modification time): a re-run skips a slide whose file carries the same key and recomputes it otherwise, so an
+interrupted run resumes where it stopped and a run with other parameters never reuses stale files. Slides are
+processed one at a time and tiles are read in batches, so memory holds one slide's features (N × 512 float32,
+2 kB per tile) and one or two batches of tiles, however many slides the cohort has.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from wsilocal.config import IMAGENET_MEAN, IMAGENET_STD
 from wsilocal.errors import ConfigError, SlideError, WsilocalError
 from wsilocal.features.h5 import read_attrs, write_features
 from wsilocal.features.tiles import read_tile, tile_grid, tile_size_level0
-from wsilocal.models.resnet import ResNet34Trunk, load_resnet34_weights
+from wsilocal.models.resnet import DEFAULT_ARCH, ResNetTrunk, load_trunk_weights
 from wsilocal.slide.cache import DEFAULT_MAX_PIXELS, tissue_read_size
 from wsilocal.slide.cohort import SPLITS, Cohort, CohortSlide
 from wsilocal.slide.reader import Slide, open_slide
@@ -49,40 +50,41 @@ from wsilocal.slide.tissue import detect_tissue
 
 FORMAT_VERSION = 1
 RANDOM_INIT_SEED = 0
-MIN_TILE = 32  # ResNet34 shrinks its input 32×: a smaller tile gives a 1-pixel map made mostly of padding
+MIN_TILE = 32  # the ResNet shrinks its input 32×: a smaller tile gives a 1-pixel map made mostly of padding
 MASK_MPP = 16.0  # resolution of the tissue mask the tiles are selected on (detect_tissue's default)
 
 #: What a feature file's attributes record about how its tiles and features were made (the rest describes the
 #: slide). A baseline run keeps these, so ``wsilocal predict`` can make the same features from a slide file.
-EXTRACTION_SETTINGS = ("mpp", "tile", "min_tissue", "assume_mpp", "mask_mpp", "extractor", "weights",
+EXTRACTION_SETTINGS = ("mpp", "tile", "min_tissue", "assume_mpp", "mask_mpp", "extractor", "weights", "arch",
                        "format_version")
+#: Those a file made before they were recorded may lack, and what such a file was made with.
+OPTIONAL_SETTINGS = {"assume_mpp": None, "weights": "", "arch": DEFAULT_ARCH}
 
 RANDOM_INIT_WARNING = (
-    "WARNING: no pretrained weights given (--weights): the ResNet34 feature extractor is randomly initialised, "
+    "WARNING: no pretrained weights given (--weights): the ResNet feature extractor is randomly initialised, "
     "so the tile features are random projections, not ImageNet features. Expect MIL baselines trained on them "
     "to fall well short of the paper's Table 1."
 )
 
 
 class FeatureExtractor(nn.Module):
-    """Tiles → 512-d features: ImageNet normalisation, ResNet34 (conv1 stride 2), global average pooling.
+    """Tiles → ``dim``-d features: ImageNet normalisation, ResNet (``arch``, conv1 stride 2), global average pooling.
 
-    Always in eval mode without gradients. ``weights`` is a torchvision ResNet34 state dict (``.pth`` or
-    ``.safetensors``, ``fc.*`` ignored); None gives the random initialisation of seed ``RANDOM_INIT_SEED``.
+    Always in eval mode without gradients. ``weights`` is a state dict of ``arch`` (any file
+    :func:`~wsilocal.models.resnet.load_trunk_weights` reads, ``fc.*`` ignored); None gives the random
+    initialisation of seed ``RANDOM_INIT_SEED``. ``dim`` is 512 (ResNet18/34) or 2048 (ResNet50).
     """
 
-    dim = 512
-
-    def __init__(self, weights: str | Path | None = None):
+    def __init__(self, weights: str | Path | None = None, arch: str = DEFAULT_ARCH):
         super().__init__()
         with torch.random.fork_rng(devices=[]):  # a fixed network without touching the caller's RNG
             torch.manual_seed(RANDOM_INIT_SEED)
-            self.trunk = ResNet34Trunk(conv1_stride=2)
+            self.trunk = ResNetTrunk(conv1_stride=2, arch=arch)
+        self.dim = self.trunk.out_channels
         self.weights = Path(weights) if weights is not None else None
         self.weights_sha256: str | None = None
-        if self.weights is not None:
-            load_resnet34_weights(self.trunk, self.weights)  # CheckpointError naming the file if unusable
-            self.weights_sha256 = _file_sha256(self.weights)
+        if self.weights is not None:  # CheckpointError naming the file if unusable
+            self.weights_sha256 = load_trunk_weights(self.trunk, self.weights).sha256
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
@@ -93,11 +95,12 @@ class FeatureExtractor(nn.Module):
         """What makes these features: network, pooling, normalisation and weights (stored in every file)."""
         weights = (f"weights sha256:{self.weights_sha256}" if self.weights_sha256
                    else f"random init seed {RANDOM_INIT_SEED}")
-        return f"torchvision ResNet34 conv1 stride 2, global average pooling, 512-d, ImageNet normalisation; {weights}"
+        return (f"torchvision {self.trunk.arch.title} conv1 stride 2, global average pooling, {self.dim}-d, "
+                f"ImageNet normalisation; {weights}")
 
     @torch.no_grad()
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        """uint8 tiles (B, H, W, 3) → float32 features (B, 512)."""
+        """uint8 tiles (B, H, W, 3) → float32 features (B, dim)."""
         # contiguous NCHW: the memory layout picks the convolution kernels, and with them the float rounding
         x = tiles.to(self.mean.device).permute(0, 3, 1, 2).float().div_(255).contiguous()
         x = (x - self.mean) / self.std
@@ -137,6 +140,7 @@ def extract_features(
     assume_mpp: float | None = None,
     workers: int = 0,
     progress: bool = True,
+    arch: str = DEFAULT_ARCH,
 ) -> ExtractResult:
     """Write ``out_dir/<slide_id>.h5`` with the tile features of every slide; skip slides already done.
 
@@ -147,7 +151,8 @@ def extract_features(
         tile: tile edge in pixels at ``mpp``.
         min_tissue: minimum tissue fraction of a kept tile (on the overview mask, see ``features.tiles``).
         batch_size: tiles per forward pass.
-        weights: torchvision ResNet34 state dict; None for random weights (with a warning).
+        weights: state dict of ``arch`` (torchvision/timm/SSL checkpoint); None for random weights (with a warning).
+        arch: the extractor's trunk, ``resnet18``, ``resnet34`` (the paper's) or ``resnet50``.
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``, ...
         assume_mpp: µm/px of slides without resolution metadata.
         workers: threads reading tiles (0: read in this thread); they read the next batch during the
@@ -159,7 +164,7 @@ def extract_features(
 
     Raises:
         ConfigError: a parameter is out of range or the device does not exist.
-        CheckpointError: ``weights`` is not a usable ResNet34 state dict.
+        CheckpointError: ``weights`` is not a usable state dict of ``arch``.
     """
     from wsilocal.train.trainer import resolve_device  # the one place that turns "auto" into a device
 
@@ -167,7 +172,7 @@ def extract_features(
     slides = list(cohort_or_slides.slides if isinstance(cohort_or_slides, Cohort) else cohort_or_slides)
     out_dir = check_writable_folder(out_dir, "feature files")  # read-only or full: said now, not per slide
     remove_stale_temporaries(out_dir)  # of a run killed while writing a file
-    extractor = FeatureExtractor(weights).to(resolve_device(device))
+    extractor = FeatureExtractor(weights, arch).to(resolve_device(device))
     result = ExtractResult()
     if weights is None:
         result.warnings.append(RANDOM_INIT_WARNING)
@@ -185,7 +190,7 @@ def extract_features(
             else:
                 path.unlink(missing_ok=True)  # stale: never leave it for a reader to mistake as current
                 attrs = {"slide_id": slide.slide_id, "source": str(slide.path), **parameters, "key": key,
-                         "weights": str(extractor.weights or "")}
+                         "weights": str(extractor.weights or ""), "arch": arch}
                 result.n_tiles[slide.slide_id] = _extract_slide(slide, path, extractor, attrs, batch_size,
                                                                 workers, progress)
             result.written[slide.slide_id] = path
@@ -198,15 +203,16 @@ def extract_features(
 
 def extraction_settings(attrs: Mapping[str, object]) -> dict | None:
     """The :data:`EXTRACTION_SETTINGS` of a feature file's attributes; None when the file does not record them
-    (files made by CLAM, or by hand). ``assume_mpp`` is None and ``weights`` "" where they were not given."""
-    required = [key for key in EXTRACTION_SETTINGS if key not in ("assume_mpp", "weights")]
+    (files made by CLAM, or by hand). ``assume_mpp`` is None and ``weights`` "" where they were not given, ``arch``
+    resnet34 in files made before it was recorded."""
+    required = [key for key in EXTRACTION_SETTINGS if key not in OPTIONAL_SETTINGS]
     if any(key not in attrs for key in required):
         return None
     assume_mpp = attrs.get("assume_mpp")
     return {"mpp": float(attrs["mpp"]), "tile": int(attrs["tile"]), "min_tissue": float(attrs["min_tissue"]),
             "assume_mpp": None if assume_mpp is None else float(assume_mpp), "mask_mpp": float(attrs["mask_mpp"]),
             "extractor": str(attrs["extractor"]), "weights": str(attrs.get("weights", "")),
-            "format_version": int(attrs["format_version"])}
+            "arch": str(attrs.get("arch", DEFAULT_ARCH)), "format_version": int(attrs["format_version"])}
 
 
 def format_summary(slides: Sequence[CohortSlide], result: ExtractResult) -> str:
@@ -300,7 +306,7 @@ def _check_parameters(mpp: float, tile: int, min_tissue: float, batch_size: int,
     if not (math.isfinite(mpp) and mpp > 0):
         problems.append(f"--mpp must be a positive number of µm/px, got {mpp}")
     if tile < MIN_TILE:
-        problems.append(f"--tile must be at least {MIN_TILE} px (ResNet34 shrinks tiles 32×), got {tile}")
+        problems.append(f"--tile must be at least {MIN_TILE} px (the ResNet shrinks tiles 32×), got {tile}")
     if not 0 <= min_tissue <= 1:
         problems.append(f"--min-tissue must be a fraction in [0, 1], got {min_tissue}")
     if batch_size < 1:
@@ -334,10 +340,3 @@ def _current_key(path: Path) -> str | None:
     except WsilocalError:
         return None
 
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(2**20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -43,6 +43,7 @@ from wsilocal.features.tiles import tile_size_level0
 from wsilocal.infer.heatmap import save_heatmap, tile_attention_map
 from wsilocal.infer.predict import PeakMemory, Prediction, check_run_options
 from wsilocal.models.mil import MIL_MODELS, MILModel
+from wsilocal.models.resnet import DEFAULT_ARCH
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import Slide, open_slide
 from wsilocal.train.bags import features_path
@@ -125,7 +126,7 @@ class BaselinePredictor:
         if path is not None and not path.is_file():
             raise WsilocalError(f"{path}: feature extractor weights not found (the run's features were made with "
                                 f"{recorded or 'random weights'}); give the file's current path with --weights")
-        extractor = FeatureExtractor(path)
+        extractor = FeatureExtractor(path, settings.get("arch", DEFAULT_ARCH))  # runs recorded before: resnet34
         if extractor.description != settings["extractor"]:
             ours, theirs = (d.rsplit("; ", 1)[-1] for d in (extractor.description, settings["extractor"]))
             raise WsilocalError(f"{path or 'no --weights'}: the feature extractor would use {ours}, but the run's "

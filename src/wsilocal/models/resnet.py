@@ -270,7 +270,7 @@ NESTING_KEYS = ("state_dict", "model", "teacher")
 #: matches: DataParallel's ``module.``, ``backbone.`` (DINO, mmselfsup), ``model.resnet.`` (SimCLR
 #: histopathology), ``module.encoder_q.`` (MoCo), ``encoder.``, ``trunk.``.
 KNOWN_PREFIXES = ("module.", "backbone.", "model.", "encoder.", "encoder_q.", "resnet.", "trunk.")
-_BLOCK_KEY = re.compile(r"^layer([1-4])\.(\d+)\.(conv[123])\.weight$")
+_BLOCK_KEY = re.compile(r"^(.*?)layer([1-4])\.(\d+)\.(conv[123])\.weight$")
 
 
 @dataclass(frozen=True)
@@ -344,22 +344,27 @@ def _backbone_prefix(keys: Iterable[str], expected: Iterable[str]) -> str:
 
 
 def describe_layout(keys: Iterable[str]) -> str:
-    """What architecture state-dict ``keys`` (prefix already stripped) look like, for error messages: a torchvision
-    name (``resnet50``), a ResNet with its block type and counts, or "not a ResNet"."""
-    counts, bottleneck = [0, 0, 0, 0], False
+    """What state-dict ``keys`` hold, for error messages: a torchvision name with its block type and counts
+    (``resnet50 (Bottleneck blocks 3-4-6-3)``), ``a ResNet of ...`` for other counts, the prefix in front of the
+    names when there is one, or ``no ResNet (...)``."""
+    keys = list(keys)
+    counts, bottleneck, prefixes = [0, 0, 0, 0], False, set()
     for key in keys:
         match = _BLOCK_KEY.match(key)
         if match:
-            layer, index, conv = int(match[1]), int(match[2]), match[3]
+            prefix, layer, index, conv = match[1], int(match[2]), int(match[3]), match[4]
+            prefixes.add(prefix)
             counts[layer - 1] = max(counts[layer - 1], index + 1)
             bottleneck = bottleneck or conv == "conv3"
     if not all(counts):
-        return "not a ResNet (no layer1..layer4 blocks)"
+        first = f"; first key {keys[0]!r}" if keys else ""
+        return f"no ResNet (no layer1..layer4 blocks{first})"
     block = Bottleneck if bottleneck else BasicBlock
     named = [a.name for a in ARCHS.values() if a.block is block and a.layer_blocks == tuple(counts)]
     known = {(Bottleneck, (3, 4, 23, 3)): "resnet101", (Bottleneck, (3, 8, 36, 3)): "resnet152"}
     name = named[0] if named else known.get((block, tuple(counts)), "a ResNet")
-    return f"{name} ({block.__name__} blocks {'-'.join(map(str, counts))})"
+    under = f" under the prefix {min(prefixes)!r}" if prefixes != {""} else ""
+    return f"{name} ({block.__name__} blocks {'-'.join(map(str, counts))}){under}"
 
 
 def _list_keys(keys: list[str], shown: int = 5) -> str:
@@ -398,7 +403,7 @@ def load_trunk_weights(trunk: ResNetTrunk, path: str | Path) -> LoadedWeights:
     if problems:
         where = f" under {prefix!r}" if prefix else ""
         raise CheckpointError(f"{path}: not a {trunk.arch.title} state dict{where}: {'; '.join(problems)}; "
-                              f"its keys look like {describe_layout(weights)}")
+                              f"the file holds {describe_layout(weights)}")
     trunk.load_state_dict(weights)
     used = sum(prefix + k in tensors for k in expected)
     return LoadedWeights(path, file_sha256(path), prefix, len(tensors) - used)

@@ -1,8 +1,8 @@
 """The network pretrained and its self-supervised objectives.
 
-:class:`PretrainNet` is the trainable torchvision ResNet34 (conv1 stride 2, ordinary BatchNorm) with global
-average pooling and a projector MLP; only the trunk is kept afterwards. Two objectives, both on the projections
-``z1``, ``z2`` of two views of the same tiles:
+:class:`PretrainNet` is the trainable torchvision ResNet (ResNet34 by default; conv1 stride 2, ordinary BatchNorm)
+with global average pooling and a projector MLP; only the trunk is kept afterwards. Two objectives, both on the
+projections ``z1``, ``z2`` of two views of the same tiles:
 
 * ``simclr`` — NT-Xent (Chen et al. 2020): each view must pick its partner out of the other ``2B − 2`` views of
   the batch, by cosine similarity at temperature τ. Needs negatives, so it weakens at small batches.
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsilocal.config import PRETRAIN_OBJECTIVES
-from wsilocal.models.resnet import LAYER_CHANNELS, ResNet34Trunk
+from wsilocal.models.resnet import DEFAULT_ARCH, ResNetTrunk
 
 OBJECTIVES = PRETRAIN_OBJECTIVES
 
@@ -28,11 +28,11 @@ OBJECTIVES = PRETRAIN_OBJECTIVES
 class PretrainNet(nn.Module):
     """Trunk (torchvision names, trainable) → global average pooling → projector (Linear-BN-ReLU, …, Linear)."""
 
-    def __init__(self, objective: str, projector_dims: tuple[int, ...]):
+    def __init__(self, objective: str, projector_dims: tuple[int, ...], arch: str = DEFAULT_ARCH):
         super().__init__()
-        self.trunk = ResNet34Trunk(conv1_stride=2, trainable=True)
+        self.trunk = ResNetTrunk(conv1_stride=2, trainable=True, arch=arch)
         layers: list[nn.Module] = []
-        dims = (LAYER_CHANNELS[-1], *projector_dims)
+        dims = (self.trunk.out_channels, *projector_dims)
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
             layers.append(nn.Linear(d_in, d_out, bias=i == len(dims) - 2))
             if i < len(dims) - 2:

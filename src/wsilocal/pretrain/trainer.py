@@ -8,8 +8,9 @@ Files in the output folder:
                                Ctrl-C; removed when the run is done: it only serves to continue)
     OUT/pretrain_log.csv       step, loss, learning rate, tiles/s
     OUT/loss_curve.png         the loss over steps
-    OUT/resnet34.safetensors   the result: a torchvision ResNet34 state dict (conv1 stride 2 in torchvision, any
-                               stride in our trunk: the weights are the same), fc left out
+    OUT/resnet34.safetensors   the result: a torchvision state dict of the arch (resnet18/resnet50.safetensors for
+                               those; conv1 stride 2 in torchvision, any stride in our trunk: the weights are the
+                               same), fc left out
     OUT/pretrain.json          every setting, the slides used and skipped, times, the final loss, the weights' SHA-256
 
 Every step's tiles and augmentations come from random streams seeded by ``(seed, step, rank)``, never from a
@@ -44,7 +45,7 @@ from wsilocal.pretrain.tiles import TileIndex, TileSampler, build_tile_index, fi
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "resnet34.safetensors"
+WEIGHTS_FILE = "resnet34.safetensors"  # the default arch's; weights_file_name(arch) in general
 SUMMARY_FILE = "pretrain.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 INDEX_FILE = "tile_index.npz"
@@ -95,9 +96,18 @@ def _generator(*words: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def weights_file_name(arch: str) -> str:
+    """The result's file name in the output folder: ``<arch>.safetensors``."""
+    return f"{arch}.safetensors"
+
+
 def _signature(config: PretrainConfig) -> dict:
-    """What a checkpoint must agree on with the config that resumes it."""
-    return {k: v for k, v in asdict(config).items() if k not in EXECUTION_FIELDS}
+    """What a checkpoint must agree on with the config that resumes it. ``arch`` is left out at its default, so
+    runs made before it existed (all resnet34) still match."""
+    signature = {k: v for k, v in asdict(config).items() if k not in EXECUTION_FIELDS}
+    if signature["arch"] == PretrainConfig.arch:
+        del signature["arch"]
+    return signature
 
 
 def _optimizer(net: torch.nn.Module, config: PretrainConfig) -> torch.optim.Optimizer:
@@ -111,10 +121,12 @@ def _optimizer(net: torch.nn.Module, config: PretrainConfig) -> torch.optim.Opti
 def finished_pretraining(out: str | Path, config: PretrainConfig | None = None) -> dict | None:
     """The summary of a finished run in ``out`` (and, given ``config``, one with the same settings), else None."""
     out = Path(out)
-    summary_file, weights = out / SUMMARY_FILE, out / WEIGHTS_FILE
-    if not (summary_file.is_file() and weights.is_file()):
+    summary_file = out / SUMMARY_FILE
+    if not summary_file.is_file():
         return None
     summary = json.loads(summary_file.read_text())
+    if not (out / str(summary.get("weights", WEIGHTS_FILE))).is_file():
+        return None
     if config is not None and summary.get("signature") != json.loads(json.dumps(_signature(config))):
         return None
     return summary
@@ -168,7 +180,7 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool = T
             done = None
         done = ctx.on_main(lambda: done)
         if done is not None:
-            return PretrainResult(out, out / WEIGHTS_FILE, done)
+            return PretrainResult(out, out / weights_file_name(config.arch), done)
         index = ctx.on_main(lambda: _tile_index(config, out, progress))
         if ctx.is_main and index.skipped:
             for path, reason in index.skipped.items():
@@ -209,7 +221,7 @@ class _Run:
                                 blur=config.blur)
         with torch.random.fork_rng(devices=[]):  # the initial weights are the seed's, the caller's RNG untouched
             torch.manual_seed(config.seed)
-            self.net = PretrainNet(config.objective, tuple(config.projector_dims)).to(ctx.device)
+            self.net = PretrainNet(config.objective, tuple(config.projector_dims), config.arch).to(ctx.device)
         self.optimizer = _optimizer(self.net, config)
         self.step, self.history, self.seconds, self.cpu_seconds = 0, [], 0.0, 0.0
         if resume:
@@ -335,15 +347,15 @@ class _Run:
         if self.ctx.is_main:
             self._reestimate_batchnorm()
             weights = {k: v.detach().cpu().contiguous() for k, v in self.net.trunk.state_dict().items()}
-            with atomic_output(out / WEIGHTS_FILE) as tmp:
-                save_file(weights, str(tmp), metadata={"format": "torchvision resnet34 (no fc)",
+            with atomic_output(out / weights_file_name(self.config.arch)) as tmp:
+                save_file(weights, str(tmp), metadata={"format": f"torchvision {self.config.arch} (no fc)",
                                                        "producer": "wsilocal pretrain"})
             summary = self._summary()
             self._write_log()
             write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=1))
             (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # only needed to continue; the run is done
         summary = self.ctx.on_main(lambda: summary)
-        return PretrainResult(out, out / WEIGHTS_FILE, summary)
+        return PretrainResult(out, out / weights_file_name(self.config.arch), summary)
 
     def _summary(self) -> dict:
         config, losses = self.config, [h[1] for h in self.history]
@@ -351,8 +363,8 @@ class _Run:
         return {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": asdict(config), "signature": _signature(config),
-            "weights": WEIGHTS_FILE,
-            "weights_sha256": hashlib.sha256((self.out / WEIGHTS_FILE).read_bytes()).hexdigest(),
+            "weights": weights_file_name(config.arch),
+            "weights_sha256": hashlib.sha256((self.out / weights_file_name(config.arch)).read_bytes()).hexdigest(),
             "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                               "note": "ImageNet's, as torchvision-layout weights expect"},
             "steps": self.step, "tiles_seen": self.step * config.batch_size * self.ctx.world_size,

@@ -18,6 +18,8 @@ from wsilocal.atomic import atomic_output, remove_stale_temporaries
 from wsilocal.errors import CheckpointError
 
 FORMAT_VERSION = 1
+#: Signature entries added after checkpoints were first written, and what a checkpoint without them was made with.
+SIGNATURE_DEFAULTS = {"arch": "resnet34"}
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
@@ -63,6 +65,7 @@ def load_checkpoint(path: str | Path, expected_signature: dict | None = None) ->
         raise CheckpointError(f"{path}: not a wsilocal checkpoint (its model is not a state dict of tensors)")
     if expected_signature is not None:
         found = state.get("signature") if isinstance(state.get("signature"), dict) else {}
+        found = {**SIGNATURE_DEFAULTS, **found}
         diffs = [f"{k}: checkpoint {found.get(k)!r} vs model {v!r}" for k, v in expected_signature.items()
                  if found.get(k) != v]
         if diffs:

@@ -36,11 +36,13 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[TrainConfig
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = "best",
-                 progress: bool = True) -> dict:
+                 progress: bool = True, strict: bool = False) -> dict:
     """Evaluate a run on one split of its cohort; write metrics, predictions and ROC curves into the run.
 
     Writes ``metrics_<split>.json`` (accuracy, balanced_accuracy, auroc, per-class figures, confusion matrix,
-    skipped slides), ``predictions_<split>.csv`` and ``roc_<split>.png``; returns the metrics.
+    skipped slides), ``predictions_<split>.csv`` and ``roc_<split>.png``; returns the metrics. A slide whose file is
+    missing or unreadable is skipped and listed in ``metrics["skipped"]``; ``strict`` refuses the cohort instead,
+    before any work, when a file is missing (:class:`~wsilocal.errors.CohortError` listing every problem).
     """
     if split not in SPLITS:
         raise WsilocalError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -53,7 +55,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = 
         return evaluate_baseline_run(run_dir, split, checkpoint=checkpoint, progress=progress)
     config, net, state = load_run(run_dir, checkpoint)
     classes = list(state["classes"])
-    cohort = load_cohort(config.cohort, classes=classes, allow_outside=config.allow_outside_paths)
+    cohort = load_cohort(config.cohort, classes=classes, check_files=strict, allow_outside=config.allow_outside_paths)
     slides = cohort.split(split)
     if not slides:
         raise WsilocalError(f"{config.cohort}: split {split!r} has no slides")
