@@ -89,7 +89,14 @@ class PrepareResult:
 
 
 def _entry_key(source: Path, settings: PrepareSettings) -> str:
-    stat = source.stat()
+    """Hash of the slide file's identity (path, size, modification time) and the settings; SlideError naming the
+    file when it is missing or cannot be looked at (the reason a cohort run lists it under)."""
+    try:
+        stat = source.stat()
+    except FileNotFoundError:
+        raise SlideError(source, "file not found") from None
+    except OSError as exc:
+        raise SlideError(source, exc.strerror or str(exc)) from None
     facts = {
         "source": str(source.resolve()),
         "size": stat.st_size,
@@ -220,8 +227,8 @@ def prepare_slides(
         entry = load_entry(cache_dir, slide.slide_id)
         try:
             fresh = entry is not None and entry.key == _entry_key(slide.path, settings)
-        except OSError as exc:
-            result.skipped[slide.slide_id] = f"{slide.path}: {exc.strerror or exc}"
+        except SlideError as exc:
+            result.skipped[slide.slide_id] = str(exc)
             continue
         if fresh:
             result.entries[slide.slide_id] = entry
