@@ -184,3 +184,18 @@ def test_arguments_and_errors():
         run_memory_benchmark("unused", variants=("fast",))
     assert "failed: boom" in format_memory_table([{"variant": "paper", "k": 1, "height": 64, "width": 64,
                                                   "error": "boom"}])
+
+
+@pytest.mark.parametrize("arch, boundaries", [("resnet18", [3, 5, 7]), ("resnet50", [3, 6, 11])])
+def test_arch_is_measured_with_its_own_split_and_reference(module_tmp, arch, boundaries):
+    out = module_tmp(f"bench_{arch}")
+    records = {(r["variant"], r["k"]): r for r in run_memory_benchmark(
+        out, sizes=((128, 128),), ks=(4,), variants=("folded",), repeats=0, rfr=False, progress=False, arch=arch)}
+    four, one = records[("folded", 4)], records[("folded", 1)]
+    assert {r["arch"] for r in records.values()} == {arch} and four["boundaries"] == boundaries
+    config = StepConfig(128, 128, True, False, False, tuple(boundaries), arch=arch)
+    net = config.build()
+    assert net.trunk.arch.name == arch
+    assert four["saved_bytes"] == measure_step_memory(net, config.image()).saved_bytes  # the child built the same
+    assert four["ratio_saved"] == four["saved_bytes"] / one["saved_bytes"] < 1
+    assert f"| 128×128 | {arch} | folded | 4 |" in (out / "memory.md").read_text()

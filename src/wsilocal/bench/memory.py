@@ -49,9 +49,8 @@ from wsilocal.bench.child import run_child
 from wsilocal.errors import ConfigError, WsilocalError
 from wsilocal.models.local_net import LocalNet
 from wsilocal.models.memory import SavedTensorMeter
-from wsilocal.models.resnet import FrozenBatchNorm2d
+from wsilocal.models.resnet import ARCHS, DEFAULT_ARCH, FrozenBatchNorm2d
 from wsilocal.models.split import (
-    N_BLOCKS,
     BlockBoundaries,
     CheckpointedSequential,
     block_boundaries,
@@ -121,12 +120,13 @@ class StepConfig:
     streaming: bool = False
     tile: int = DEFAULT_TILE  # streaming only: output block per window, image px ...
     window_bytes: int = 0  # ... or, when > 0, per-module tiles whose windows save about this much
+    arch: str = DEFAULT_ARCH  # the trunk: resnet18, resnet34 or resnet50
 
     def build(self, device: str | torch.device = "cpu") -> LocalNet:
         """The network, seeded, in train mode."""
         torch.manual_seed(SEED)
         net = LocalNet(N_CLASSES, BlockBoundaries(self.boundaries), fold_bn=self.fold_bn, rfr=self.rfr,
-                       recompute=self.recompute).to(device)
+                       recompute=self.recompute, arch=self.arch).to(device)
         return net.train()
 
     def image(self, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -161,17 +161,17 @@ class NoiseSource:
 
 
 def step_config(variant: Variant, k: int, hw: tuple[int, int], rfr: bool = True,
-                tile: int = DEFAULT_TILE, window_bytes: int = 0) -> StepConfig:
-    """The network ``variant`` trains with K modules at input ``hw`` (a balanced split is chosen for it);
-    ``tile`` and ``window_bytes`` only matter to the streaming variant."""
+                tile: int = DEFAULT_TILE, window_bytes: int = 0, arch: str = DEFAULT_ARCH) -> StepConfig:
+    """The network ``variant`` trains with K modules of an ``arch`` trunk at input ``hw`` (a balanced split is
+    chosen for it); ``tile`` and ``window_bytes`` only matter to the streaming variant."""
     if variant.balanced:
         # LocalNet itself picks the balanced boundaries, so the benchmark uses exactly what training uses.
-        split = LocalNet(N_CLASSES, k, rfr=rfr, input_hw_for_balance=hw).split
+        split = LocalNet(N_CLASSES, k, rfr=rfr, input_hw_for_balance=hw, arch=arch).split
     else:
         split = k
-    return StepConfig(hw[0], hw[1], variant.fold_bn, variant.recompute, rfr, block_boundaries(split),
+    return StepConfig(hw[0], hw[1], variant.fold_bn, variant.recompute, rfr, block_boundaries(split, arch),
                       variant.streaming, tile if variant.streaming else DEFAULT_TILE,
-                      window_bytes if variant.streaming else 0)
+                      window_bytes if variant.streaming else 0, arch)
 
 
 # --- saved bytes of one real step, per module and per kind of tensor ------------------------------------
@@ -266,7 +266,7 @@ def measure_step_memory(net: LocalNet, image: torch.Tensor, label: int = LABEL) 
 def recompute_bound_bytes(net: LocalNet, per_module: Sequence[int], hw: tuple[int, int]) -> int:
     """Upper bound of what backward holds with recomputation: a module's saved bytes plus the largest of its
     blocks re-run at once (what that block saves without recomputation; shapes on the meta device)."""
-    block_bytes = module_saved_bytes(net.trunk, BlockBoundaries(tuple(range(1, N_BLOCKS))), hw)
+    block_bytes = module_saved_bytes(net.trunk, BlockBoundaries(tuple(range(1, net.trunk.arch.n_blocks))), hw)
     return max(saved + max(block_bytes[spec.first_block:spec.stop_block])
                for saved, spec in zip(per_module, net.specs, strict=True))
 
@@ -436,6 +436,7 @@ def run_memory_benchmark(
     tile: int = DEFAULT_TILE,
     window_bytes: int = 0,
     progress: bool = True,
+    arch: str = DEFAULT_ARCH,
 ) -> list[dict[str, Any]]:
     """Measure every (size, K, variant); write ``memory.json``, ``.md`` and ``.png`` in ``out_dir``.
 
@@ -451,6 +452,7 @@ def run_memory_benchmark(
         window_bytes: when > 0, per-module tiles whose windows save about this much for backward
             (:func:`~wsilocal.train.streaming.tiles_for_budget`).
         progress: print one line per measurement on stderr.
+        arch: the trunk, ``resnet18``, ``resnet34`` (the paper's) or ``resnet50``; ratios are within it.
 
     Returns one record (dict) per size, K and variant; see ``docs/benchmarks.md`` for the keys.
     """
@@ -468,7 +470,7 @@ def run_memory_benchmark(
     for hw in [tuple(hw) for hw in sizes] + streaming_only:
         chosen = ["streaming"] if hw in streaming_only else names
         for k in ks:
-            plan += [(VARIANTS[name], k, hw, step_config(VARIANTS[name], k, hw, rfr, tile, window_bytes))
+            plan += [(VARIANTS[name], k, hw, step_config(VARIANTS[name], k, hw, rfr, tile, window_bytes, arch))
                      for name in chosen if name in variants or k == 1 or hw in streaming_only]
     configs = list(dict.fromkeys(config for *_, config in plan))
 
@@ -519,7 +521,8 @@ def _records(plan: list, measured: dict[StepConfig, dict[str, Any]], step_times:
         method = "end-to-end" if k == 1 else "local"
         record = {
             "method": f"streaming_{'e2e' if k == 1 else 'local'}" if variant.streaming else method,
-            "variant": variant.name, "k": k, "height": hw[0], "width": hw[1], "fold_bn": variant.fold_bn,
+            "arch": config.arch, "variant": variant.name, "k": k, "height": hw[0], "width": hw[1],
+            "fold_bn": variant.fold_bn,
             "recompute": variant.recompute, "balanced": variant.balanced, "streaming": variant.streaming,
             "tile": (config.tile if not config.window_bytes else None) if variant.streaming else None,
             "window_bytes": config.window_bytes or None, "tiles": m.get("tiles"), "rfr": config.rfr,
@@ -578,16 +581,17 @@ def _x(value: float | None) -> str:
 
 def format_memory_table(records: Sequence[dict[str, Any]]) -> str:
     """Markdown: one table row per record, then where the memory goes at the largest size, then the goal."""
-    lines = ["| size | variant | K | saved MiB | vs K=1 | vs paper K=1 | peak RSS MiB | step's RSS MiB "
+    lines = ["| size | arch | variant | K | saved MiB | vs K=1 | vs paper K=1 | peak RSS MiB | step's RSS MiB "
              "| RSS vs paper K=1 | step s | time vs K=1 | time vs paper K=1 | CUDA max MiB |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
+        arch = r.get("arch", DEFAULT_ARCH)  # records written before the column: resnet34
         if r.get("error"):
-            lines.append(f"| {r['width']}×{r['height']} | {r['variant']} | {r['k']} | failed: {r['error']} "
+            lines.append(f"| {r['width']}×{r['height']} | {arch} | {r['variant']} | {r['k']} | failed: {r['error']} "
                          "| | | | | | | | | |")
             continue
         step = "—" if r["step_seconds"] is None else f"{r['step_seconds']:.2f}"
-        lines.append(f"| {r['width']}×{r['height']} | {r['variant']} | {r['k']} | {_mib(r['saved_bytes'])} "
+        lines.append(f"| {r['width']}×{r['height']} | {arch} | {r['variant']} | {r['k']} | {_mib(r['saved_bytes'])} "
                      f"| {_pct(r['ratio_saved'])} | {_pct(r['ratio_saved_paper_style'])} "
                      f"| {_mib(r['peak_rss_bytes'])} | {_mib(r['peak_rss_bytes'] - r['rss_model_bytes'])} "
                      f"| {_pct(r['ratio_rss_paper_style'])} | {step} "
@@ -791,6 +795,8 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"streaming: output block per window in image px (default {DEFAULT_TILE})")
     parser.add_argument("--window-mib", type=int, default=0,
                         help="streaming: instead of --tile, per-module tiles whose windows save about this many MiB")
+    parser.add_argument("--arch", choices=list(ARCHS), default=DEFAULT_ARCH,
+                        help=f"the trunk (default {DEFAULT_ARCH}, the paper's)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: sizes 512 1024, K 1 4, one timed round")
 
@@ -802,7 +808,7 @@ def memory_main(args: argparse.Namespace) -> int:
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
     records = run_memory_benchmark(args.out, sizes=sizes, ks=ks, variants=args.variants, repeats=repeats,
                                    rfr=not args.no_rfr, streaming_sizes=args.streaming_sizes, tile=args.tile,
-                                   window_bytes=args.window_mib * MiB)
+                                   window_bytes=args.window_mib * MiB, arch=args.arch)
     print(format_memory_table(records))
     print(f"wrote {Path(args.out) / 'memory.json'}, memory.md, memory.png")
     return 1 if any(r.get("error") for r in records) else 0
