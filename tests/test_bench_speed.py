@@ -109,14 +109,14 @@ def test_bf16_predictions_are_close_to_float32(predictor, small_slide):
     assert summary["speedup"] == summary["float32_s"] / summary["bf16_s"]
 
 
-def test_whole_and_tiled_memory_measurements(predictor, small_slide):
+def test_whole_and_streamed_memory_measurements(predictor, small_slide):
     budget = predictor.memory_budget
     try:
-        whole, tiled = (speed.measure_memory(predictor, small_slide, forward) for forward in ("whole", "tiled"))
+        whole, streamed = (speed.measure_memory(predictor, small_slide, forward) for forward in ("whole", "streamed"))
     finally:
         predictor.memory_budget = budget  # measure_memory sets it
-    assert (whole["mode"], tiled["mode"]) == ("whole", "tiled")
-    for m in (whole, tiled):
+    assert (whole["mode"], streamed["mode"]) == ("whole", "streamed")
+    for m in (whole, streamed):
         assert 0 < m["added_bytes"] < m["peak_rss_bytes"] and m["seconds"] > 0
 
 
@@ -153,7 +153,7 @@ def test_timed_rounds_of_ours_do_not_reset_the_memory_meter(predictor, slide, tm
 def test_tables_show_rss_and_the_bf16_verdict(bench):
     _, report = bench
     rss = {"whole": {"peak_rss_bytes": 900 * speed.MiB, "added_bytes": 300 * speed.MiB, "seconds": 1.5},
-           "tiled": {"peak_rss_bytes": 700 * speed.MiB, "added_bytes": 100 * speed.MiB, "seconds": 2.5}}
+           "streamed": {"peak_rss_bytes": 700 * speed.MiB, "added_bytes": 100 * speed.MiB, "seconds": 2.5}}
     record = {**report["records"][0], "rss": rss}
     probe = {"height": 64, "width": 64, "float32_s": 0.5, "bf16_s": 10.0, "speedup": 0.05, "max_prob_diff": 0.02}
     table = speed.format_speed_tables(speed._report([record], probe, native=False, settings={}))

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import math
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -23,14 +22,14 @@ from wsilocal.slide import synth
 from wsilocal.slide.cache import PrepareSettings, build_entry, channel_stats
 from wsilocal.slide.cohort import CohortSlide
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
-from wsilocal.stream.geometry import TilePlan, trunk_geometry
+from wsilocal.stream.geometry import block_geometry, plan_axis
 from wsilocal.stream.sources import to_tensor
 from wsilocal.train.checkpoint import load_checkpoint, save_checkpoint
 from wsilocal.train.trainer import build_model, model_signature
 
 CLASSES = ["glandular", "solid"]
 BIG = 2**40  # a memory budget every test image fits: whole-image forward
-TINY = 1  # a memory budget nothing fits: tiled forward
+TINY = 1  # a memory budget nothing fits: band streaming
 
 
 def synth_pixels(size: tuple[int, int], seed: int) -> np.ndarray:
@@ -80,12 +79,12 @@ def reference(run) -> SimpleNamespace:
                            features=features, evidence=evidence.numpy())
 
 
-@pytest.mark.parametrize("budget, mode", [(BIG, "whole"), (TINY, "tiled")])
+@pytest.mark.parametrize("budget, mode", [(BIG, "whole"), (TINY, "streamed")])
 def test_prediction_equals_the_cached_image_forward(run, reference, budget, mode):
-    # Tiles as large as the shorter side allows (in whole 48-px cells): the tiled forward stitches windows.
-    tile = 48 * math.ceil(min(run.entry.height, run.entry.width) / 48)
-    assert len(TilePlan.build(run.entry.height, run.entry.width, tile, trunk_geometry(ResNet34Trunk()))) >= 2
-    predictor = Predictor.from_run(run.dir, memory_budget=budget, tile=tile)
+    # Streamed, in bands of 4 stem rows (24 image rows): the image goes through in several bands.
+    band = 4 if mode == "streamed" else None
+    assert len(plan_axis(run.entry.height, 4 * 6, block_geometry(ResNet34Trunk().blocks()[:1]))) >= 2
+    predictor = Predictor.from_run(run.dir, memory_budget=budget, band=band)
     prediction = predictor.predict(run.slide, heatmap=True)
     assert prediction.mode == mode
     assert list(prediction.probabilities) == CLASSES
@@ -190,11 +189,11 @@ def test_cli_predicts_slides_and_exits_1_when_one_was_skipped(run, bad_slides, t
     assert row["slide_id"] == "good" and row["mode"] == "whole"
     shown = next(line.split() for line in table.splitlines() if line.startswith("good "))
     assert shown[1] == row["predicted"] and float(shown[2]) == pytest.approx(float(row[f"p_{shown[1]}"]), abs=1e-3)
-    # The same slide with an assumed resolution, tiled under a budget of about one byte.
+    # The same slide with an assumed resolution, streamed under a budget of about one byte.
     assert main(["predict", "--run", str(run.dir), str(nompp), "--out", str(out), "--assume-mpp", "0.25",
                  "--memory-budget-gb", "1e-9"]) == 0
     row = next(csv.DictReader(open(out / "predictions.csv")))
-    assert row["slide_id"] == "nompp" and row["mode"] == "tiled"
+    assert row["slide_id"] == "nompp" and row["mode"] == "streamed"
 
 
 def test_cli_cohort_split_and_heatmaps(run, tmp_path, capsys):

@@ -197,7 +197,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.split and not args.cohort:
         raise WsilocalError("--split selects slides of a --cohort CSV")
     budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
-    predictor = load_predictor(args.run, args.checkpoint, device=args.device, memory_budget=budget, tile=args.tile,
+    predictor = load_predictor(args.run, args.checkpoint, device=args.device, memory_budget=budget, band=args.band,
                                assume_mpp=args.assume_mpp, dtype=torch.bfloat16 if args.bf16 else torch.float32,
                                weights=args.weights)
     if args.bf16 and not bfloat16_is_native(predictor.device):
@@ -328,10 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", action="store_true", help="also write attention heatmap PNG, maps and GeoJSON")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--memory-budget-gb", type=float,
-                   help="GiB a whole-slide forward may use; larger slides run in exact tiles "
+                   help="GiB a whole-slide forward may use; larger slides are streamed in exact bands "
                         "(default: half the available RAM / 80%% of free GPU memory)")
-    p.add_argument("--tile", type=int, help="tile edge in px at the run's MPP, tiled mode (default: the largest "
-                        "whose windows fit the memory budget, at least 1536)")
+    p.add_argument("--band", type=int, help="stream every slide in bands of this many output rows per trunk block "
+                        "(default: only slides too large for the memory budget, with the largest band that fits)")
     p.add_argument("--assume-mpp", type=float, help="µm/px of slides without resolution metadata")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--bf16", action="store_true",

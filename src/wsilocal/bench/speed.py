@@ -16,7 +16,7 @@ a warm-up round (medians; the order rotates each round). The timed rounds of our
 (:class:`~wsilocal.infer.predict.PeakMemory`): its reset hands the freed heap back to the OS, and every round
 would then page-fault its activations in again while the pipeline's rounds reuse the heap. Memory is measured
 apart instead: per size, two fresh child processes predict the slide once each, with the meter, one with the
-whole-image and one with the tiled forward: their peak RSS shows the tiled one staying flat as the slide grows.
+whole-image forward and one streamed in bands: their peak RSS shows the streamed one staying flat as the slide grows.
 bfloat16 inference (trunk in bfloat16, H in float32) is timed in the same rounds where the hardware computes
 bfloat16 natively; elsewhere PyTorch emulates it (20× slower than float32 on an AVX2 CPU), so it is measured
 once on a small probe slide only, for its accuracy and the size of the slow-down.
@@ -86,7 +86,7 @@ BF16_TOLERANCE = 0.01  # bfloat16 is offered when its probabilities stay this cl
 BF16_PROBE = (512, 512)  # (height, width) at 5x of the probe slide where bfloat16 is emulated
 DEFAULT_SIZES = ((2048, 2048), (4096, 4096), (8192, 8192))
 QUICK_SIZES = ((512, 512), (1024, 1024), (1536, 1536))
-WHOLE, TILED = 2**62, 1  # memory budgets that force the whole-image and the tiled forward
+WHOLE, STREAMED = 2**62, 1  # memory budgets that force the whole-image forward and band streaming
 MiB = 2**20
 
 # Paper, Table 3 (GPU, TCGA slides): seconds of GABMIL (tiling + features + prediction) and of ours.
@@ -252,7 +252,7 @@ def bfloat16_copy(predictor: Predictor) -> Predictor:
     """The same predictor with its trunk (a copy) in bfloat16."""
     return Predictor(copy.deepcopy(predictor.trunk), predictor.head, predictor.classes, predictor.mean,
                      predictor.std, predictor.settings, device=predictor.device,
-                     memory_budget=predictor.memory_budget, tile=predictor.tile, dtype=torch.bfloat16)
+                     memory_budget=predictor.memory_budget, band=predictor.band, dtype=torch.bfloat16)
 
 
 # --- child processes ------------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ def _child_time(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure_memory(predictor: Predictor, slide_path: str | Path, forward: str) -> dict[str, Any]:
-    """One prediction with the ``"whole"``-image or the ``"tiled"`` forward, and its memory (run it in a fresh
+    """One prediction with the ``"whole"``-image or the ``"streamed"`` forward, and its memory (run it in a fresh
     process: the process's high-water mark is part of the result).
 
     ``added_bytes`` is the prediction's own peak above the RSS at its start (``Prediction.peak_memory_bytes``:
@@ -294,7 +294,7 @@ def measure_memory(predictor: Predictor, slide_path: str | Path, forward: str) -
     high-water mark afterwards, i.e. that start plus the prediction's peak (everything since start-up where the
     mark cannot be reset).
     """
-    predictor.memory_budget = WHOLE if forward == "whole" else TILED
+    predictor.memory_budget = WHOLE if forward == "whole" else STREAMED
     result = run_ours(predictor, slide_path, measure_memory=True)
     return {"mode": result["mode"], "seconds": result["seconds"], "peak_rss_bytes": process_memory_bytes("VmHWM"),
             "added_bytes": result["peak_memory_bytes"]}
@@ -393,7 +393,7 @@ def run_speed_benchmark(
         batch_size: tiles per ResNet34 forward in the pipeline.
         scan_mpp: level-0 µm/px of the generated slides.
         bf16: also measure bfloat16 inference (every size where native, else on a ``bf16_probe`` slide).
-        rss: also measure the peak RSS of the whole-image and the tiled forward at every size.
+        rss: also measure the peak RSS of the whole-image and the streamed forward at every size.
         progress: print one line per measurement on stderr.
 
     Returns ``{"machine", "settings", "records", "bf16"}`` as written to ``speed.json``.
@@ -421,7 +421,7 @@ def run_speed_benchmark(
         record = make_record((height, width), slide, timing)
         _log(progress, f"    ours {record['ours_s']:.2f} s ({record['ours_mode']}), pipeline "
                        f"{record['pipeline_s']:.2f} s ({record['n_tiles']} tiles): {record['ratio']:.2f}×")
-        for forward in ("whole", "tiled") if rss else ():
+        for forward in ("whole", "streamed") if rss else ():
             record["rss"][forward] = _measure({**base, "child": "memory", "slide": str(slide), "forward": forward})
             _log(progress, f"    {forward} forward: peak RSS {record['rss'][forward]['peak_rss_bytes'] / MiB:,.0f} MiB")
         records.append(record)
@@ -502,11 +502,12 @@ def format_speed_tables(report: dict[str, Any]) -> str:
     if any(r["rss"] for r in records):
         lines += ["", "Peak RSS of a fresh process predicting the slide once (MiB; \"added\": the prediction's peak "
                       "above the RSS at its start, models and libraries excluded):", "",
-                  "| size at 5x | whole: peak | whole: added | whole s | tiled: peak | tiled: added | tiled s |",
+                  "| size at 5x | whole: peak | whole: added | whole s | streamed: peak | streamed: added "
+                  "| streamed s |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for r in records:
             cells = []
-            for forward in ("whole", "tiled"):
+            for forward in ("whole", "streamed"):
                 m = r["rss"].get(forward)
                 cells += ["—"] * 3 if not m else [f"{m['peak_rss_bytes'] / MiB:,.0f}",
                                                   f"{m['added_bytes'] / MiB:,.0f}", _s(m["seconds"])]
@@ -550,7 +551,7 @@ def write_speed_report(report: dict[str, Any], out_dir: str | Path) -> None:
 
 def plot_speed(records: Sequence[dict[str, Any]], path: str | Path) -> None:
     """Left: seconds per stage, ours beside the pipeline, per size, with the ratio. Right: peak RSS added by the
-    whole-image and the tiled forward against the tissue image's area."""
+    whole-image and the streamed forward against the tissue image's area."""
     from wsilocal.bench.plots import plt  # matplotlib on the Agg backend
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
@@ -570,7 +571,7 @@ def plot_speed(records: Sequence[dict[str, Any]], path: str | Path) -> None:
     left.set_ylabel("seconds (median)")
     left.set_title("Whole-slide inference (ours) vs tile pipeline, per stage")
     left.legend(fontsize=8)
-    for forward, style in (("whole", "o-"), ("tiled", "s--")):
+    for forward, style in (("whole", "o-"), ("streamed", "s--")):
         points = sorted((r["height"] * r["width"] / 1e6, r["rss"][forward]["added_bytes"] / 2**30)
                         for r in records if forward in r["rss"])
         if points:

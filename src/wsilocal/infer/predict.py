@@ -43,7 +43,8 @@ from wsilocal.slide.cache import PrepareSettings, tissue_read_size
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import open_slide
 from wsilocal.slide.tissue import detect_tissue
-from wsilocal.stream.geometry import footprint, trunk_forward, trunk_geometry
+from wsilocal.stream.forward import trunk_forward
+from wsilocal.stream.geometry import footprint, trunk_geometry
 from wsilocal.stream.sources import SlideSource
 from wsilocal.train.checkpoint import load_checkpoint
 from wsilocal.train.trainer import model_signature, resolve_device
@@ -63,8 +64,8 @@ class Prediction:
         peak_memory_bytes: peak resident memory added by this prediction (CPU), or peak CUDA memory allocated
             beyond what was allocated before it (GPU); None where it was not measured
             (``Predictor.predict(..., measure_memory=False)``).
-        mode: ``"whole"`` (one forward over the whole tissue image) or ``"tiled"`` (exact tiles); ``"tiles"``
-            for a tile-based MIL baseline.
+        mode: ``"whole"`` (one forward over the whole tissue image) or ``"streamed"`` (exact band streaming,
+            :mod:`wsilocal.stream.bands`); ``"tiles"`` for a tile-based MIL baseline.
         feature_shape: (h, w) of the trunk's final map, one attention weight per cell (a baseline: of its tile
             grid, one cell per tile).
         bbox: the tissue box (x, y, width, height) in level-0 pixels (a baseline: the box its tile grid covers).
@@ -82,7 +83,7 @@ class Prediction:
             at each cell (only with ``heatmap=True``; see :func:`class_evidence`).
         stages: seconds of each step, summing to about ``seconds``: ``tissue`` (open the file, find the
             tissue), ``read`` (read and resample the tissue box at the run's MPP, normalise), ``trunk`` (the
-            trunk's forward; in tiled mode interleaved with the reads, which are not counted here) and
+            trunk's forward; streamed, it overlaps the reads, which are not counted here) and
             ``head`` (H, and the evidence maps with ``heatmap=True``). A baseline: ``features`` (open the file,
             find the tissue, read the tiles, extract their features) and ``head`` (the MIL model).
         attention_is_softmax: whether ``attention`` is a distribution over the cells (H, ABMIL, CLAM, DSMIL)
@@ -260,7 +261,7 @@ class Predictor:
 
     def __init__(self, trunk: ResNet34Trunk, head: FinalClassifier, classes: Sequence[str], mean: Sequence[float],
                  std: Sequence[float], settings: PrepareSettings, *, device: torch.device,
-                 memory_budget: int | None = None, tile: int | None = None, dtype: torch.dtype = torch.float32):
+                 memory_budget: int | None = None, band: int | None = None, dtype: torch.dtype = torch.float32):
         if dtype not in DTYPES:
             raise ConfigError(f"inference dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype}")
         self.device = device
@@ -271,12 +272,12 @@ class Predictor:
         self.mean, self.std = list(mean), list(std)
         self.settings = settings
         self.memory_budget = memory_budget if memory_budget is not None else default_memory_budget(device)
-        self.tile = tile
+        self.band = band
         self.stride, self.centre = _receptive_grid(trunk)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str = "best", *, device: str = "auto",
-                 memory_budget: int | None = None, tile: int | None = None, assume_mpp: float | None = None,
+                 memory_budget: int | None = None, band: int | None = None, assume_mpp: float | None = None,
                  dtype: torch.dtype = torch.float32) -> Predictor:
         """Load a run directory's trunk and classifier H (``checkpoint_best.pt``, else ``_last``).
 
@@ -284,10 +285,11 @@ class Predictor:
             run_dir: a training run (``config.yaml``, ``model.json``, checkpoints).
             checkpoint: ``"best"`` (falls back to ``"last"`` when a run has no best yet) or ``"last"``.
             device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...
-            memory_budget: bytes a whole-image forward may take; larger slides run tiled. Default: half the
+            memory_budget: bytes a whole-image forward may take; larger slides are streamed in bands. Default: half the
                 available RAM, or 80 % of the free GPU memory.
-            tile: edge of the tiles in tiled mode, in pixels at the run's MPP. Default: the largest whose windows
-                fit the memory budget, at least 1536 (:func:`~wsilocal.stream.geometry.tile_for_budget`).
+            band: stream every slide in bands of this many output rows per trunk block (see
+                :func:`~wsilocal.stream.bands.band_forward`), even one that fits whole. Default: only slides
+                whose whole-image forward exceeds the budget, with the largest band that fits it.
             assume_mpp: µm/px for slides without resolution metadata (default: the run's ``assume_mpp``).
             dtype: precision of the trunk, ``torch.float32`` or ``torch.bfloat16`` (see :func:`bfloat16_is_native`).
         """
@@ -297,8 +299,8 @@ class Predictor:
                                 "BaselinePredictor.from_run()")
         if memory_budget is not None and memory_budget <= 0:
             raise ConfigError(f"memory budget must be positive, got {memory_budget} bytes")
-        if tile is not None and tile < 1:
-            raise ConfigError(f"tile must be a positive number of pixels, got {tile}")
+        if band is not None and band < 1:
+            raise ConfigError(f"band must be a positive number of rows, got {band}")
         config = load_config(run_dir / "config.yaml")
         try:
             classes, mean, std = meta["classes"], meta["mean"], meta["std"]
@@ -315,7 +317,7 @@ class Predictor:
         settings = PrepareSettings(mpp=config.mpp, max_pixels=config.max_pixels,
                                    assume_mpp=assume_mpp if assume_mpp is not None else config.assume_mpp)
         return cls(trunk, head, classes, mean, std, settings, device=resolve_device(device),
-                   memory_budget=memory_budget, tile=tile, dtype=dtype)
+                   memory_budget=memory_budget, band=band, dtype=dtype)
 
     def predict(self, slide_path: str | Path, *, heatmap: bool = False, progress: bool = False,
                 measure_memory: bool = True) -> Prediction:
@@ -344,9 +346,9 @@ class Predictor:
                 out_w, out_h = tissue_read_size(slide, bbox, settings.mpp, settings.max_pixels)
                 source = _TimedSource(SlideSource(slide, settings.mpp, bbox, self.mean, self.std))
                 with torch.no_grad(), out_of_memory_as_slide_error(
-                        path, f"the {out_w}×{out_h} px tissue image; lower --memory-budget-gb so it runs in tiles"):
+                        path, f"the {out_w}×{out_h} px tissue image; lower --memory-budget-gb so it is streamed"):
                     features, mode = trunk_forward(self.trunk, source, memory_budget=self.memory_budget,
-                                                   tile=self.tile, progress=progress)
+                                                   band=self.band, progress=progress)
                     trunk_done = _clock(self.device)
                     features = features.to(self.device, torch.float32)
                     logits, attention = self.head(features)
@@ -470,11 +472,11 @@ def format_run(run: PredictionRun) -> str:
 
 
 def load_predictor(run_dir: str | Path, checkpoint: str = "best", *, device: str = "auto",
-                   assume_mpp: float | None = None, memory_budget: int | None = None, tile: int | None = None,
+                   assume_mpp: float | None = None, memory_budget: int | None = None, band: int | None = None,
                    dtype: torch.dtype = torch.float32, weights: str | Path | None = None) -> SlidePredictor:
     """The predictor of a run directory, whichever kind of run it is.
 
-    A run of the method (``wsilocal train``) gives a :class:`Predictor` (``memory_budget``, ``tile`` and
+    A run of the method (``wsilocal train``) gives a :class:`Predictor` (``memory_budget``, ``band`` and
     ``dtype`` are its options); a tile-based MIL baseline (``wsilocal baseline``) gives a
     :class:`~wsilocal.infer.baseline_predict.BaselinePredictor` (``weights``: where the feature extractor's
     weights file is now, when it moved since the features were extracted). An option of the other kind is refused.
@@ -484,7 +486,7 @@ def load_predictor(run_dir: str | Path, checkpoint: str = "best", *, device: str
 
     if is_baseline_run(run_dir):
         given = [option for option, is_set in (("--memory-budget-gb", memory_budget is not None),
-                                               ("--tile", tile is not None), ("--bf16", dtype != torch.float32))
+                                               ("--band", band is not None), ("--bf16", dtype != torch.float32))
                  if is_set]
         if given:
             raise ConfigError(f"{run_dir} is a tile-based MIL baseline run: {', '.join(given)} apply only to runs "
@@ -493,6 +495,5 @@ def load_predictor(run_dir: str | Path, checkpoint: str = "best", *, device: str
     if weights is not None:
         raise ConfigError(f"{run_dir} is a run of the method: --weights applies only to baseline runs (the feature "
                           "extractor of their tiles)")
-    tiling = {} if tile is None else {"tile": tile}
     return Predictor.from_run(run_dir, checkpoint, device=device, memory_budget=memory_budget, assume_mpp=assume_mpp,
-                              dtype=dtype, **tiling)
+                              dtype=dtype, band=band)

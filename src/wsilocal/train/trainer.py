@@ -63,7 +63,7 @@ from wsilocal.models.split import BlockBoundaries, block_boundaries
 from wsilocal.runtime import memory_budget_bytes, tune_cpu_allocator
 from wsilocal.slide.cache import PrepareResult, PrepareSettings, channel_stats, format_summary, prepare_cohort
 from wsilocal.slide.cohort import Cohort, load_cohort
-from wsilocal.stream.geometry import forward_bytes_estimate
+from wsilocal.stream.forward import forward_bytes_estimate
 from wsilocal.stream.sources import TensorSource
 from wsilocal.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from wsilocal.train.data import Augmentation, CachedSlides, Purpose, sample_generator, stream_seed

@@ -1,17 +1,19 @@
-"""Tile-exact forward of the trunk: the stitched map equals the whole-image forward.
+"""The trunk's streaming engine: band streaming and the window plans give the whole-image forward's map.
 
-The trunk's receptive field is 1345 px at conv1 stride 3 (899 px at stride 2), so a window only has
+The trunk's receptive field is 1345 px at conv1 stride 3 (899 px at stride 2), so a band or window only has
 interior edges on an axis longer than that: the full-trunk cases use thin images, long along one axis;
-a 2-D grid of windows is exercised on the first five blocks (receptive field 121 px) of the same trunk.
+shorter runs of blocks (the first five: receptive field 121 px) show interior edges on small images.
 
 Precision: a wrong halo on the full trunk is tiny, because the outermost taps of a 1345-px field weigh
 little: keeping one output row too many is off by ~1e-12 of the map's scale. float32 rounding (~1e-6,
-the summation order of a convolution changes with the window's shape) would hide that, so full-trunk
+the summation order of a convolution changes with the input's shape) would hide that, so full-trunk
 exactness is checked in float64, to 1e-13 relative (the rounding there is ~1e-15); this is far inside
 the 1e-4 absolute bound. Where a wrong halo shows plainly (the 5-block prefix) float32 is used.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import pytest
@@ -22,21 +24,9 @@ from torch import nn
 
 from wsilocal.models.resnet import BasicBlock, ResNet34Trunk
 from wsilocal.slide.reader import open_slide, read_region_at_mpp
-from wsilocal.stream.geometry import (
-    MIN_TILE,
-    TilePlan,
-    block_geometry,
-    footprint,
-    forward_bytes_estimate,
-    output_length,
-    plan_axis,
-    tile_for_budget,
-    tiled_forward,
-    tiled_trunk_forward,
-    trunk_forward,
-    trunk_geometry,
-    window_forward_bytes,
-)
+from wsilocal.stream.bands import MIN_BAND, band_for_budget, band_forward, band_forward_bytes
+from wsilocal.stream.forward import forward_bytes_estimate, trunk_forward
+from wsilocal.stream.geometry import TilePlan, block_geometry, footprint, output_length, plan_axis, trunk_geometry
 from wsilocal.stream.sources import ArraySource, SlideSource
 
 MEAN, STD = [0.8, 0.6, 0.75], [0.15, 0.2, 0.15]
@@ -175,23 +165,24 @@ def test_bad_lengths_and_tiles_are_refused(trunks):
 # --- exactness against the whole-image forward -------------------------------------------------
 
 
-@pytest.mark.parametrize("stride, folded, height, width, tile", [
-    (3, True, 1500, 8, 576),  # three row windows: interior edge below; below and above; above
-    (3, False, 6, 1459, 720),  # columns, a length that is no multiple of 48 or of the tile
-    (2, True, 1000, 5, 352),
-    (2, False, 3, 1111, 384),
-    (3, True, 1, 1, 96),  # a single pixel
-    (3, False, 150, 230, 1536),  # smaller than one tile
+@pytest.mark.parametrize("stride, folded, height, width, band", [
+    (3, True, 1500, 8, 8),  # many bands: every block has interior band edges
+    (3, False, 1459, 6, 3),  # a length that is no multiple of the stride; tiny bands
+    (2, True, 1000, 5, 4),
+    (2, False, 1111, 3, 64),
+    (3, True, 1, 1, 1),  # a single pixel
+    (3, False, 150, 230, 64),  # one band
 ])
-def test_tiled_trunk_equals_whole_image_forward(trunk_with, stride, folded, height, width, tile):
+def test_band_streamed_trunk_equals_whole_image_forward(trunk_with, stride, folded, height, width, band):
     trunk = trunk_with(stride, folded)
     source = ArraySource(random_image(height, width, seed=height + width), MEAN, STD)
     whole = whole_forward(trunk.blocks(), source)
-    tiled = tiled_trunk_forward(trunk, source, tile=tile)
+    with torch.no_grad():
+        streamed = band_forward(trunk.blocks(), source, band=band)
     geometry = trunk_geometry(trunk)
-    assert tiled.shape == (1, 512, output_length(height, geometry), output_length(width, geometry))
-    assert relative_error(tiled, whole) <= FLOAT64_RELATIVE
-    assert (tiled - whole).abs().max().item() <= 1e-4
+    assert streamed.shape == (1, 512, output_length(height, geometry), output_length(width, geometry))
+    assert relative_error(streamed, whole) <= FLOAT64_RELATIVE
+    assert (streamed - whole).abs().max().item() <= 1e-4
 
 
 def test_keeping_one_more_row_than_the_footprint_allows_is_detected(trunk_with):
@@ -206,23 +197,84 @@ def test_keeping_one_more_row_than_the_footprint_allows_is_detected(trunk_with):
     assert relative_error(window[:, :, keep_stop], whole[:, :, keep_stop], whole) > 10 * FLOAT64_RELATIVE
 
 
-def test_two_dimensional_grid_of_windows_on_the_first_five_blocks(trunk_with, capsys):
-    # Stem, layer1 and layer2's first block (with its strided 1x1 downsample shortcut): stride 12.
+def test_two_dimensional_window_plan_on_the_first_five_blocks(trunk_with):
+    # Stem, layer1 and layer2's first block (with its strided 1x1 downsample shortcut): stride 12. The plan
+    # streamed training uses: every window's kept part equals the whole-image forward there.
     blocks = trunk_with(3, False, torch.float32).blocks()[:5]
     source = ArraySource(random_image(260, 200, seed=4), MEAN, STD)
-    geometry = block_geometry(blocks)
-    plan = TilePlan.build(source.height, source.width, 72, geometry)
+    plan = TilePlan.build(source.height, source.width, 72, block_geometry(blocks))
     for windows, length in ((plan.rows, source.height), (plan.cols, source.width)):
         assert any(0 < w[0] and w[1] < length for w in windows)  # a window with two interior edges
-    tiled = tiled_forward(blocks, source, tile=72, progress=True)
     whole = whole_forward(blocks, source)
-    assert relative_error(tiled, whole) <= FLOAT32_RELATIVE
-    assert f"{len(plan)}/{len(plan)}" in capsys.readouterr().err  # the tqdm bar ran to the end
+    for rows in plan.rows:
+        for cols in plan.cols:
+            window = whole_forward(blocks, ArraySource(source.image[rows[0]:rows[1], cols[0]:cols[1]], MEAN, STD))
+            kept = window[:, :, rows[4] - rows[2]:rows[5] - rows[2], cols[4] - cols[2]:cols[5] - cols[2]]
+            assert relative_error(kept, whole[:, :, rows[4]:rows[5], cols[4]:cols[5]], whole) <= FLOAT32_RELATIVE
     # Here one row too many is plainly wrong, even in float32.
     in_start, in_stop, _, out_stop, _, keep_stop = plan.rows[0]
     window = whole_forward(blocks, ArraySource(source.image[in_start:in_stop], MEAN, STD))
     assert keep_stop < out_stop
     assert relative_error(window[:, :, keep_stop], whole[:, :, keep_stop], whole) > 10 * FLOAT32_RELATIVE
+
+
+def test_band_streaming_on_the_first_five_blocks_in_float32_with_progress(trunk_with, capsys):
+    blocks = trunk_with(3, False, torch.float32).blocks()[:5]
+    source = ArraySource(random_image(260, 200, seed=4), MEAN, STD)
+    with torch.no_grad():
+        streamed = band_forward(blocks, source, band=2, progress=True)
+    assert relative_error(streamed, whole_forward(blocks, source)) <= FLOAT32_RELATIVE
+    assert "260/260" in capsys.readouterr().err  # the tqdm bar counted every image row
+
+
+def test_band_streaming_recomputes_only_each_blocks_own_halo(trunk_with):
+    """The window forward recomputes the trunk's 672-px halo per window; bands only a block's few rows."""
+    trunk = trunk_with(3, True, torch.float32)
+    blocks = trunk.blocks()
+    height = 3000
+    rows_in = {index: 0 for index in range(len(blocks))}
+    hooks = [block.register_forward_pre_hook(lambda _m, args, i=index: rows_in.__setitem__(
+        i, rows_in[i] + args[0].shape[2])) for index, block in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            band_forward(blocks, ArraySource(random_image(height, 16, seed=9), MEAN, STD), band=32)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    length = height
+    for index, block in enumerate(blocks):
+        geometry = block_geometry([block])
+        stride, first, last = footprint(geometry)
+        windows = len(plan_axis(length, 32 * stride, geometry))
+        assert windows > 1 or index >= 13  # layer4 at 1/96 of 3000 rows is one band
+        # Each window reads its rows plus the block's own halo (under last - first rows, stride alignment included).
+        assert rows_in[index] <= length + windows * (last - first)
+        assert rows_in[index] <= 1.25 * length
+        length = output_length(length, geometry)
+
+
+def test_the_next_band_is_read_in_a_reader_thread(trunk_with):
+    trunk = trunk_with(3, True, torch.float32)
+
+    class RecordingSource(ArraySource):
+        def read(self, top, left, height, width):
+            threads.append(threading.current_thread().name)
+            return super().read(top, left, height, width)
+
+    threads: list[str] = []
+    source = RecordingSource(random_image(700, 40, seed=2), MEAN, STD)
+    with torch.no_grad():
+        streamed = band_forward(trunk.blocks(), source, band=8)
+    assert len(threads) == -(-700 // 48) and all(name.startswith("band-reader") for name in threads)
+    assert relative_error(streamed, whole_forward(trunk.blocks(), source)) <= FLOAT32_RELATIVE
+
+
+def test_bad_bands_are_refused(trunk_with):
+    source = ArraySource(random_image(10, 10), MEAN, STD)
+    with pytest.raises(ValueError, match="band must be a positive number of rows, got 0"):
+        band_forward(trunk_with(3, True).blocks(), source, band=0)
+    with pytest.raises(ValueError, match="needs at least one block"):
+        band_forward([], source)
 
 
 # --- mode choice -------------------------------------------------------------------------------
@@ -235,84 +287,65 @@ def test_forward_bytes_estimate_counts_input_and_largest_activation_pair(trunk_w
     assert forward_bytes_estimate(trunk_with(3, False), 480, 480) == 4 * (3 * 480 * 480 + 2 * conv1)
 
 
-def test_trunk_forward_picks_whole_or_tiled_by_budget(trunk_with):
+def test_trunk_forward_picks_whole_or_streamed_by_budget(trunk_with):
     trunk = trunk_with(3, True, torch.float32).train()  # forward in eval mode, the mode then restored
     assert trunk.training
     source = ArraySource(random_image(150, 230, seed=5), MEAN, STD)
     needed = forward_bytes_estimate(trunk, 150, 230)
     unlimited, mode_unlimited = trunk_forward(trunk, source)
     fits, mode_fits = trunk_forward(trunk, source, memory_budget=needed)
-    tiled, mode_tiled = trunk_forward(trunk, source, memory_budget=needed - 1)  # one window: the image
-    assert (mode_unlimited, mode_fits, mode_tiled) == ("whole", "whole", "tiled")
+    streamed, mode_streamed = trunk_forward(trunk, source, memory_budget=needed - 1)
+    asked, mode_asked = trunk_forward(trunk, source, band=4)  # a band asked for streams even what fits
+    assert (mode_unlimited, mode_fits, mode_streamed, mode_asked) == ("whole", "whole", "streamed", "streamed")
     assert torch.equal(unlimited, fits) and not unlimited.requires_grad
-    assert relative_error(tiled, unlimited) <= FLOAT32_RELATIVE
+    assert relative_error(streamed, unlimited) <= FLOAT32_RELATIVE
+    assert relative_error(asked, unlimited) <= FLOAT32_RELATIVE
     assert trunk.training and trunk.layer1[0].conv1.training
 
 
-def test_window_forward_bytes_is_the_largest_window_plus_the_output_map(trunk_with):
-    trunk = trunk_with(3, True)
-    geometry = trunk_geometry(trunk)
-    stride, first, last = footprint(geometry)
-    span = (2048 // stride - 1) * stride + last - first + 1  # a window with a full halo on both sides
-    for width, window_width in ((8000, span), (500, 500)):  # an axis shorter than a window is read whole
-        out_map = 4 * 512 * output_length(10000, geometry) * output_length(width, geometry)
-        assert window_forward_bytes(trunk, 10000, width, 2048) == \
-            forward_bytes_estimate(trunk, span, window_width) + out_map
+def test_band_forward_bytes_grows_with_the_band_not_with_the_height(trunk_with):
+    blocks = trunk_with(3, True).blocks()
+    width = 8000
+    small, large = (band_forward_bytes(blocks, 20000, width, band) for band in (8, 64))
+    assert small < large
+    # A taller image adds only its output map (512 channels at 1/96 of the side), not larger bands.
+    taller = band_forward_bytes(blocks, 80000, width, 8)
+    out_rows = output_length(80000, trunk_geometry(trunk_with(3, True))) - output_length(20000, trunk_geometry(
+        trunk_with(3, True)))
+    assert taller - small == 4 * 512 * out_rows * output_length(width, trunk_geometry(trunk_with(3, True)))
 
 
-def test_tile_for_budget_is_the_largest_tile_that_fits(trunk_with):
-    trunk = trunk_with(3, True)
-    stride = footprint(trunk_geometry(trunk))[0]
+def test_band_for_budget_is_the_largest_band_that_fits(trunk_with):
+    blocks = trunk_with(3, True).blocks()
     height, width = 30000, 20000
-    for budget_gib in (1.5, 4, 12):
+    bands = []
+    for budget_gib in (0.3, 1, 4):
         budget = int(budget_gib * 2**30)
-        tile = tile_for_budget(trunk, height, width, budget)
-        assert tile % stride == 0 and tile >= MIN_TILE
-        assert window_forward_bytes(trunk, height, width, tile) <= budget < \
-            window_forward_bytes(trunk, height, width, tile + stride)
-    # Larger budgets, larger tiles; a budget below the smallest window still gets the smallest tile.
-    assert tile_for_budget(trunk, height, width, 2**28) == MIN_TILE
-    tiles = [tile_for_budget(trunk, height, width, gib * 2**30) for gib in (4, 12)]
-    assert MIN_TILE < tiles[0] < tiles[1]
-
-
-def test_trunk_forward_tiles_with_the_budgets_tile(trunk_with, monkeypatch):
-    """With no tile given, the tiled mode uses :func:`tile_for_budget`'s (and the map stays exact)."""
-    import wsilocal.stream.geometry as tiled
-
-    trunk = trunk_with(3, True, torch.float32)
-    source = ArraySource(random_image(60, 3100, seed=7), MEAN, STD)
-    budget = forward_bytes_estimate(trunk, 60, 3100) - 1
-    used, real = [], tiled.tiled_trunk_forward
-
-    def spy(trunk, source, *, tile, progress):
-        used.append(tile)
-        return real(trunk, source, tile=tile, progress=progress)
-
-    monkeypatch.setattr(tiled, "tiled_trunk_forward", spy)
-    auto, mode = trunk_forward(trunk, source, memory_budget=budget)
-    assert mode == "tiled" and used == [tile_for_budget(trunk, 60, 3100, budget)] and MIN_TILE < used[0] < 3100
-    assert relative_error(auto, trunk_forward(trunk, source)[0]) <= FLOAT32_RELATIVE
-    trunk_forward(trunk, source, memory_budget=budget, tile=999)
-    assert used[-1] == 999
+        band = band_for_budget(blocks, height, width, budget)
+        bands.append(band)
+        assert band == MIN_BAND or band_forward_bytes(blocks, height, width, band) <= budget
+        if band < 64:
+            assert band_forward_bytes(blocks, height, width, 2 * band) > budget
+    assert bands == sorted(bands) and bands[0] < bands[-1]
+    assert band_for_budget(blocks, height, width, 1) == MIN_BAND  # nothing fits: the smallest band
 
 
 # --- streaming from a slide file ---------------------------------------------------------------
 
 
-def test_slide_source_streams_the_cached_pixels_and_the_tiled_map(make_slide, trunk_with):
+def test_slide_source_streams_the_cached_pixels_and_the_streamed_map(make_slide, trunk_with):
     trunk = trunk_with(3, True, torch.float32)  # the precision inference runs in
-    path = make_slide(random_image(300, 2100, seed=3), mpp=0.25)
-    mpp, region = 0.35, (37, 11, 2011, 41)  # level 0, fractional step, odd offset: 1436 x 29 px
+    path = make_slide(random_image(2100, 300, seed=3), mpp=0.25)
+    mpp, region = 0.35, (11, 37, 41, 2011)  # level 0, fractional step, odd offset: 29 x 1436 px
     with open_slide(path) as slide:
         cached = read_region_at_mpp(slide, mpp, region)  # what the cache stores for this box
         streamed = SlideSource(slide, mpp, region, MEAN, STD)
-        assert (streamed.height, streamed.width) == cached.shape[:2] == (29, 1436)
+        assert (streamed.height, streamed.width) == cached.shape[:2] == (1436, 29)
         in_memory = ArraySource(cached, MEAN, STD)
-        for window in [(0, 0, 29, 1436), (0, 0, 5, 7), (28, 1435, 1, 1), (3, 500, 17, 611)]:
+        for window in [(0, 0, 1436, 29), (0, 0, 7, 5), (1435, 28, 1, 1), (500, 3, 611, 17)]:
             assert torch.equal(streamed.read(*window), in_memory.read(*window))
-        with pytest.raises(ValueError, match="is not inside the 29x1436 image"):
-            streamed.read(0, 1400, 1, 38)
-        tiled = tiled_trunk_forward(trunk, streamed, tile=480)
-    assert len(plan_axis(1436, 480, trunk_geometry(trunk))) == 3
-    assert relative_error(tiled, whole_forward(trunk.blocks(), in_memory)) <= FLOAT32_RELATIVE
+        with pytest.raises(ValueError, match="is not inside the 1436x29 image"):
+            streamed.read(1400, 0, 38, 1)
+        with torch.no_grad():
+            bands = band_forward(trunk.blocks(), streamed, band=16)
+    assert relative_error(bands, whole_forward(trunk.blocks(), in_memory)) <= FLOAT32_RELATIVE

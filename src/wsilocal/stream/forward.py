@@ -1,0 +1,68 @@
+"""The trunk's map of a whole image: one plain forward when it fits the memory budget, band streaming otherwise.
+
+:func:`trunk_forward` is what prediction calls. Both modes give the same map up to float rounding; the mode
+only changes memory (and, a little, time): see :mod:`.bands` and ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from wsilocal.models.resnet import ResNet34Trunk
+from wsilocal.stream.bands import FLOAT_BYTES, band_for_budget, band_forward
+from wsilocal.stream.geometry import activation_numels
+from wsilocal.stream.sources import ImageSource
+
+
+@contextmanager
+def inference(blocks: Sequence[nn.Module]) -> Iterator[None]:
+    """No gradients and eval mode for the duration; each module's training flag is restored after."""
+    flags = [(module, module.training) for block in blocks for module in block.modules()]
+    for block in blocks:
+        block.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def forward_bytes_estimate(trunk: ResNet34Trunk, height: int, width: int) -> int:
+    """Peak bytes of a plain no-grad forward of a ``height``×``width`` image (float32).
+
+    The input plus the largest pair of consecutive activations on the main path (a layer's input and
+    output are alive together). An estimate for choosing the mode, not an allocator measurement.
+    """
+    numels = activation_numels(trunk.blocks(), height, width, folded=trunk.fold_bn)
+    pairs = [a + b for a, b in itertools.pairwise(numels)] or numels
+    return FLOAT_BYTES * (3 * height * width + max(pairs))
+
+
+def _placement(module: nn.Module) -> dict:
+    parameter = next(module.parameters())
+    return {"device": parameter.device, "dtype": parameter.dtype}
+
+
+def trunk_forward(trunk: ResNet34Trunk, source: ImageSource, *, memory_budget: int | None = None,
+                  band: int | None = None, progress: bool = False) -> tuple[torch.Tensor, str]:
+    """The trunk's map of the image in ``source`` and the mode used, ``"whole"`` or ``"streamed"``.
+
+    Whole-image forward when :func:`forward_bytes_estimate` fits ``memory_budget`` bytes (None: always) and
+    no ``band`` is asked for; otherwise :func:`~.bands.band_forward` with ``band`` output rows per block
+    window, by default the largest that fits the budget (:func:`~.bands.band_for_budget`).
+    """
+    blocks = trunk.blocks()
+    whole_fits = memory_budget is None or forward_bytes_estimate(trunk, source.height, source.width) <= memory_budget
+    with inference([trunk]):
+        if whole_fits and band is None:
+            image = source.read(0, 0, source.height, source.width).to(**_placement(trunk))
+            return trunk(image), "whole"
+        if band is None:
+            band = band_for_budget(blocks, source.height, source.width, memory_budget, folded=trunk.fold_bn)
+        return band_forward(blocks, source, band=band, progress=progress), "streamed"
