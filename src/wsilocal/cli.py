@@ -18,6 +18,8 @@ from wsilocal.bench import benchmark_command
 from wsilocal.errors import TrainingInterrupted, WsilocalError
 
 T = TypeVar("T")
+STRICT_HELP = ("refuse the cohort before any work when a slide file is missing or unreadable (default: skip such "
+               "slides, list them with the reason, finish the rest and exit with 1)")
 
 # `wsilocal bench NAME`: (NAME, module of wsilocal.bench with add_NAME_arguments and NAME_main, help).
 BENCHMARKS = (
@@ -56,7 +58,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from wsilocal.slide.cache import PrepareSettings, format_summary, prepare_cohort
     from wsilocal.slide.cohort import load_cohort
 
-    cohort = load_cohort(args.cohort, allow_outside=args.allow_outside_paths)
+    # Missing or unreadable slide files are skipped and listed (exit code 1); --strict refuses them before any work.
+    cohort = load_cohort(args.cohort, check_files=args.strict, allow_outside=args.allow_outside_paths)
     cache = Path(args.cache) if args.cache else Path(args.cohort).parent / "cache"
     settings = PrepareSettings(mpp=args.mpp, assume_mpp=args.assume_mpp, max_pixels=args.max_pixels)
     result, stats = prepare_cohort(cohort, cache, settings, workers=args.workers)
@@ -71,11 +74,11 @@ def cmd_features(args: argparse.Namespace) -> int:
     from wsilocal.features.extract import extract_features, format_summary
     from wsilocal.slide.cohort import load_cohort
 
-    # Missing slide files are skipped and listed by the extraction, not fatal for the whole cohort.
-    cohort = load_cohort(args.cohort, check_files=False, allow_outside=args.allow_outside_paths)
+    # Missing slide files are skipped and listed by the extraction, not fatal for the whole cohort (unless --strict).
+    cohort = load_cohort(args.cohort, check_files=args.strict, allow_outside=args.allow_outside_paths)
     result = extract_features(cohort, args.out, mpp=args.mpp, tile=args.tile, min_tissue=args.min_tissue,
                               batch_size=args.batch_size, weights=args.weights, device=args.device,
-                              assume_mpp=args.assume_mpp, workers=args.workers)
+                              assume_mpp=args.assume_mpp, workers=args.workers, arch=args.arch)
     print(format_summary(cohort.slides, result))
     print(f"features in {args.out}")
     for warning in result.warnings:
@@ -166,7 +169,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.heatmap and not is_baseline_run(args.run):
         raise WsilocalError(f"{args.run}: --heatmap draws a baseline run's tile attention; for a run of the method "
                             f"use `wsilocal predict --run {args.run} --cohort CSV --split {args.split} --heatmap`")
-    metrics = evaluate_run(args.run, args.split, checkpoint=args.checkpoint)
+    metrics = evaluate_run(args.run, args.split, checkpoint=args.checkpoint, strict=args.strict)
     print(format_metrics(metrics))
     print(f"wrote {Path(args.run) / f'metrics_{args.split}.json'}, predictions_{args.split}.csv, "
           f"roc_{args.split}.png")
@@ -203,7 +206,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.bf16 and not bfloat16_is_native(predictor.device):
         print(f"warning: {predictor.device} has no native bfloat16 (CPUs need AVX-512 BF16 or AMX): PyTorch "
               "emulates it, many times slower than float32; drop --bf16 here", file=sys.stderr)
-    slides = cohort_slides(args.cohort, predictor.classes, args.split) if args.cohort else named_slides(args.slides)
+    slides = (cohort_slides(args.cohort, predictor.classes, args.split, strict=args.strict) if args.cohort
+              else named_slides(args.slides))
     run = predict_slides(predictor, slides, args.out, heatmap=args.heatmap)
     print(format_run(run))
     return 1 if run.skipped else 0
@@ -242,7 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from wsilocal import __version__
-    from wsilocal.config import add_config_arguments
+    from wsilocal.config import ARCHS, add_config_arguments
 
     parser = argparse.ArgumentParser(prog="wsilocal", description="Whole-slide classification with locally "
                                      "supervised learning (Zhang et al., MICCAI 2022).")
@@ -270,21 +274,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--allow-outside-paths", action="store_true",
                    help="allow relative slide paths that lead outside the CSV's folder")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("features", help="ResNet34 features of tissue tiles, one HDF5 per slide (MIL baselines)")
+    p = sub.add_parser("features", help="ResNet features of tissue tiles, one HDF5 per slide (MIL baselines)")
     p.add_argument("--cohort", required=True, help="cohort CSV (slide_id,path,label,split[,case_id])")
     p.add_argument("--out", required=True, help="folder of the <slide_id>.h5 feature files")
     p.add_argument("--mpp", type=float, default=2.0, help="tile resolution in µm/px (default 2.0 ≈ 5x)")
     p.add_argument("--tile", type=int, default=256, help="tile edge in pixels at --mpp (default 256)")
     p.add_argument("--min-tissue", type=float, default=0.25, help="minimum tissue fraction of a tile")
     p.add_argument("--batch-size", type=int, default=32, help="tiles per forward pass")
-    p.add_argument("--weights", help="torchvision ResNet34 state dict (.pth/.safetensors); default random (warned)")
+    p.add_argument("--arch", choices=ARCHS, default="resnet34",
+                   help="feature extractor: resnet18, resnet34 (the paper's, default) or resnet50 (2048-d features)")
+    p.add_argument("--weights", help="state dict of --arch (.pth/.pt/.bin/.safetensors; torchvision, timm or a "
+                                     "self-supervised checkpoint); default random (warned)")
     p.add_argument("--assume-mpp", type=float, help="µm/px of slides without resolution metadata")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--workers", type=int, default=0, help="threads reading tiles (default 0: none)")
     p.add_argument("--allow-outside-paths", action="store_true",
                    help="allow relative slide paths that lead outside the CSV's folder")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("inspect", help="describe one slide and write a thumbnail with its tissue box")
@@ -303,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from wsilocal.config import PretrainConfig
 
-    p = sub.add_parser("pretrain", help="self-supervised pretraining of the ResNet34 trunk on unlabeled slides")
+    p = sub.add_parser("pretrain", help="self-supervised pretraining of the trunk (--arch) on unlabeled slides")
     p.add_argument("config", nargs="?", help="YAML config; every key can be overridden with --key value")
     p.add_argument("--resume", metavar="OUT", help="continue the pretraining in OUT from its checkpoint")
     p.add_argument("--devices", type=int, default=1, metavar="N",
@@ -317,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--heatmap", action="store_true",
                    help="baseline runs: also draw each slide's tile-attention heatmap into RUN/heatmaps_<split>/")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict slide files with a trained run (CSV, optional attention heatmaps)")
@@ -324,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory of `wsilocal train` or `wsilocal baseline`")
     p.add_argument("--cohort", help="cohort CSV whose slides to predict (instead of SLIDE files)")
     p.add_argument("--split", choices=["train", "val", "test"], help="only this split of --cohort (default: all)")
+    p.add_argument("--strict", action="store_true", help="with --cohort: " + STRICT_HELP)
     p.add_argument("--out", required=True, help="folder for predictions.csv, skipped.csv and heatmaps")
     p.add_argument("--heatmap", action="store_true", help="also write attention heatmap PNG, maps and GeoJSON")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])

@@ -37,7 +37,7 @@ from wsilocal.config import load_config
 from wsilocal.errors import CheckpointError, ConfigError, WsilocalError, out_of_memory_as_slide_error
 from wsilocal.infer.heatmap import save_heatmap
 from wsilocal.models.heads import FinalClassifier
-from wsilocal.models.resnet import LAYER_CHANNELS, ResNet34Trunk
+from wsilocal.models.resnet import ResNetTrunk
 from wsilocal.runtime import default_memory_budget, process_memory_bytes, trim_heap
 from wsilocal.slide.cache import PrepareSettings, tissue_read_size
 from wsilocal.slide.cohort import load_cohort
@@ -133,7 +133,7 @@ def class_evidence(head: FinalClassifier, features: torch.Tensor, attention: tor
     return (attention.reshape(-1, 1) * per_cell).t().reshape(-1, height, width)
 
 
-def _receptive_grid(trunk: ResNet34Trunk) -> tuple[int, float]:
+def _receptive_grid(trunk: ResNetTrunk) -> tuple[int, float]:
     """Total stride of the trunk and the image x of output 0's receptive-field centre (pixel edges at integers)."""
     stride, first, last = footprint(trunk_geometry(trunk))
     return stride, (first + last) / 2 + 0.5  # + 0.5: from a pixel's index to its centre
@@ -259,7 +259,7 @@ class Predictor:
 
     no_heatmap: str | None = None  # H always has an attention map
 
-    def __init__(self, trunk: ResNet34Trunk, head: FinalClassifier, classes: Sequence[str], mean: Sequence[float],
+    def __init__(self, trunk: ResNetTrunk, head: FinalClassifier, classes: Sequence[str], mean: Sequence[float],
                  std: Sequence[float], settings: PrepareSettings, *, device: torch.device,
                  memory_budget: int | None = None, band: int | None = None, dtype: torch.dtype = torch.float32):
         if dtype not in DTYPES:
@@ -310,8 +310,8 @@ class Predictor:
         if not path.exists() and checkpoint == "best":
             path = run_dir / "checkpoint_last.pt"
         state = load_checkpoint(path, expected_signature=model_signature(config, classes))
-        trunk = ResNet34Trunk(config.conv1_stride, config.fold_bn)
-        head = FinalClassifier(LAYER_CHANNELS[-1], len(classes))
+        trunk = ResNetTrunk(config.conv1_stride, config.fold_bn, arch=config.arch)  # resnet34 for older runs
+        head = FinalClassifier(trunk.out_channels, len(classes))
         _load_part(trunk, state["model"], "trunk.", path)
         _load_part(head, state["model"], "head.", path)
         settings = PrepareSettings(mpp=config.mpp, max_pixels=config.max_pixels,
@@ -437,10 +437,12 @@ def predict_slides(predictor: SlidePredictor, slides: Sequence[tuple[str, str | 
     return run
 
 
-def cohort_slides(csv_path: str | Path, classes: Sequence[str], split: str | None = None) -> list[tuple[str, Path]]:
+def cohort_slides(csv_path: str | Path, classes: Sequence[str], split: str | None = None, *,
+                  strict: bool = False) -> list[tuple[str, Path]]:
     """(slide id, path) of a cohort CSV's slides, of one split or all. Missing files are left for
-    :func:`predict_slides` to report, so one bad row does not stop the others."""
-    cohort = load_cohort(csv_path, classes=list(classes), check_files=False)
+    :func:`predict_slides` to report, so one bad row does not stop the others; ``strict`` refuses the cohort
+    instead, before any work (:class:`~wsilocal.errors.CohortError` listing every missing or unreadable file)."""
+    cohort = load_cohort(csv_path, classes=list(classes), check_files=strict)
     chosen = cohort.split(split) if split else cohort.slides
     if not chosen:
         raise WsilocalError(f"{csv_path}: split {split!r} has no slides")

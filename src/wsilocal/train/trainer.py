@@ -58,7 +58,7 @@ from wsilocal.atomic import write_text_atomic
 from wsilocal.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, save_config
 from wsilocal.errors import ConfigError, SlideError, TrainingInterrupted, WsilocalError, out_of_memory_as_slide_error
 from wsilocal.models.local_net import LocalNet
-from wsilocal.models.resnet import calibrate_batchnorm, load_resnet34_weights
+from wsilocal.models.resnet import LoadedWeights, calibrate_batchnorm, load_trunk_weights
 from wsilocal.models.split import BlockBoundaries, block_boundaries
 from wsilocal.runtime import memory_budget_bytes, tune_cpu_allocator
 from wsilocal.slide.cache import PrepareResult, PrepareSettings, channel_stats, format_summary, prepare_cohort
@@ -82,7 +82,7 @@ from wsilocal.train.streaming import (
 log = logging.getLogger("wsilocal")
 
 RANDOM_INIT_WARNING = (
-    "WARNING: no pretrained weights given (--weights): the ResNet34 trunk is randomly initialised and its "
+    "WARNING: no pretrained weights given (--weights): the trunk is randomly initialised and its "
     "BatchNorm statistics are calibrated on training slides. Expect lower accuracy than with ImageNet weights."
 )
 
@@ -129,12 +129,14 @@ def build_model(config: TrainConfig, n_classes: int, block_boundaries: list[int]
         rfr_patches=config.rfr_patches,
         recompute=config.recompute,
         input_hw_for_balance=balance_for_hw if (config.balanced and block_boundaries is None) else None,
+        arch=config.arch,
     )
 
 
 def model_signature(config: TrainConfig, classes: list[str]) -> dict:
     """What must match for a checkpoint to load into a model built from ``config``."""
     return {
+        "arch": config.arch,
         "method": config.method,
         "k": config.k if config.boundaries is None else None,
         "boundaries": config.boundaries,
@@ -354,6 +356,7 @@ class Trainer:
         self.stop_requested = threading.Event()  # set by Ctrl-C (see stop_on_interrupt) or by a caller
         self.training = False  # Ctrl-C saves a checkpoint only once the epochs have started
         self.stream_budget: int | None = None  # bytes a plain training step may use (see _streams)
+        self.loaded_weights: LoadedWeights | None = None  # the --weights file, once loaded (for model.json)
 
     # --- set-up (file access on rank 0 only; the results are shared with every rank) -------------
     def _open_run_dir(self) -> dict | None:
@@ -371,7 +374,7 @@ class Trainer:
 
         def prepare() -> tuple[Cohort, PrepareResult]:  # rank 0 fills the cache; the others read it
             cohort = load_cohort(config.cohort, classes=saved_meta["classes"] if saved_meta else None,
-                                 allow_outside=config.allow_outside_paths)
+                                 check_files=config.strict, allow_outside=config.allow_outside_paths)
             settings = PrepareSettings(mpp=config.mpp, assume_mpp=config.assume_mpp, max_pixels=config.max_pixels)
             result, _ = prepare_cohort(cohort, config.resolved_cache(), settings, workers=config.workers,
                                        progress=self.progress)
@@ -401,8 +404,10 @@ class Trainer:
 
     def _initialise_trunk(self, net: LocalNet, train: CachedSlides) -> None:
         if self.config.weights:
-            load_resnet34_weights(net.trunk, self.config.weights)
-            log.info("loaded trunk weights from %s", self.config.weights)
+            self.loaded_weights = load_trunk_weights(net.trunk, self.config.weights)
+            log.info("loaded %s trunk weights from %s (sha256 %s, prefix %r, %d keys left out)",
+                     net.trunk.arch.title, self.config.weights, self.loaded_weights.sha256,
+                     self.loaded_weights.prefix, self.loaded_weights.ignored)
             return
         self.warnings.append(RANDOM_INIT_WARNING)
         log.warning(RANDOM_INIT_WARNING)
@@ -460,8 +465,9 @@ class Trainer:
             self._initialise_trunk(net, train)
             if ctx.is_main:
                 save_config(config, self.run_dir / "config.yaml")
-                meta = {"classes": classes, "mean": self.mean, "std": self.std,
-                        "block_boundaries": list(block_boundaries(net.split))}
+                meta = {"classes": classes, "mean": self.mean, "std": self.std, "arch": config.arch,
+                        "block_boundaries": list(block_boundaries(net.split, net.trunk.arch)),
+                        "weights": self.loaded_weights.record() if self.loaded_weights else None}
                 write_text_atomic(self.run_dir / "model.json", json.dumps(meta, indent=1))
         ctx.broadcast_module(net)  # every rank starts from rank 0's weights and BatchNorm statistics
         self.training = True  # from here on Ctrl-C stops after the next optimizer step, with a checkpoint
