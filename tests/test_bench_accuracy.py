@@ -191,7 +191,7 @@ def test_bench_all_writes_one_report_with_every_section(bench, monkeypatch):
         assert f"## {report.TITLES[name]}\n\nStatus: **{status[name]}**" in text
     for png in ("accuracy/accuracy.png", "memory/memory.png"):
         assert (bench / png).is_file() and f"]({png})" in text
-    assert "| ABMIL | " in text and "| 128×128 | paper | 4 |" in text  # the accuracy and memory tables
+    assert "| ABMIL | " in text and "| 128×128 | resnet34 | paper | 4 |" in text  # the accuracy and memory tables
     # The paper's numbers beside ours, and the claims with a place to say why where we disagree.
     assert text.count(report.PAPER_LABEL) >= 3 and "| 8698×7496 | 2.9 | 0.3 | 9.7× |" in text
     memory = json.loads((bench / "memory" / "memory.json").read_text())

@@ -71,7 +71,7 @@ def test_record_fields_medians_and_ratio(bench, slide):
 def test_report_files(bench):
     out, _ = bench
     table = (out / "speed.md").read_text()
-    assert "| 320×256 | 1 |" in table and "| 320×256 | pipeline |" in table and "bfloat16: not measured." in table
+    assert "| 320×256 | resnet34 | 1 |" in table and "| 320×256 | pipeline |" in table and "bfloat16: not measured." in table
     with Image.open(out / "speed.png") as png:
         assert png.format == "PNG" and png.size[0] > 500
 
@@ -176,3 +176,18 @@ def test_arguments_and_errors():
         Predictor(*[None] * 6, device=torch.device("cpu"), dtype=torch.float16)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "speed", "--out", "x", "--sizes", "32"])
+
+
+def test_arch_sets_the_backbone_of_both_contenders(module_tmp):
+    """--arch resnet50: ours and the pipeline's extractor both ResNet50 (2048-d tile features), named in the row."""
+    out = module_tmp("speed_resnet50")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        report = speed.run_speed_benchmark(out, sizes=[SIZE], repeats=1, workers=0, batch_size=4, bf16=False,
+                                           rss=False, progress=False, arch="resnet50")
+    [r] = report["records"]
+    assert r["arch"] == report["settings"]["arch"] == "resnet50" and r["n_tiles"] >= 1
+    assert f"| {SIZE[1]}×{SIZE[0]} | resnet50 | {r['n_tiles']} |" in (out / "speed.md").read_text()
+    extractor, mil = speed.build_pipeline(torch.device("cpu"), 3, "resnet50")
+    predictor = speed.build_predictor("cpu", arch="resnet50")
+    assert extractor.dim == mil.in_dim == predictor.trunk.out_channels == 2048

@@ -23,7 +23,8 @@ intervals as error bars. Runs finished before per-slide predictions were recorde
 Caveat for both sides: no pretrained weights can be downloaded here, so by default our trunk starts from random
 weights (trained with the demo's learning rates, :class:`wsilocal.demo.DemoSettings`) and the MIL baselines run
 on features of a randomly initialised ResNet34. The paper fine-tunes ImageNet weights and its baselines use
-ImageNet features: ``--weights FILE`` (a torchvision ResNet34 state dict) gives every method those weights.
+ImageNet features: ``--weights FILE`` (a state dict of ``--arch``, ResNet34 by default) gives every method those
+weights; ``--arch resnet18`` runs every method on the lighter trunk.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,7 @@ class AccuracyBenchSettings:
         keep_last_checkpoint: keep ``checkpoint_last.pt`` of finished runs. It holds the optimizer state, only
             needed to continue training (~260 MB per run of ours, ~9 GB for the full benchmark); ``evaluate`` and
             ``predict`` load ``checkpoint_best.pt``, which is always kept.
-        weights: a torchvision ResNet34 state dict (ImageNet weights: the paper's setting) for our trunk,
+        weights: a state dict of ``arch`` (ImageNet ResNet34 weights: the paper's setting) for our trunk,
             StreamingCNN's and the MIL baselines' tile features; None: random weights for all (the default, as
             nothing can be downloaded here). With weights our trunk fine-tunes at the paper's rate
             (``TrainConfig.lr_trunk``) instead of the demo's from-scratch one.
@@ -225,6 +226,8 @@ class AccuracyBenchSettings:
             task's own train and val slides (never its test split), the same weights for our trunk, StreamingCNN
             and the MIL features — or ``random`` (random weights for all). FULL and QUICK pretrain.
         pretrain: :class:`~wsilocal.config.PretrainConfig` fields of that pretraining (steps, batch size, ...).
+        arch: every method's trunk (ours, StreamingCNN's, the MIL baselines' feature extractor and the
+            pretraining): ``resnet34`` (the paper's), or ``resnet18`` (about half the CPU time) / ``resnet50``.
     """
 
     cohorts: tuple[CohortSettings, ...]
@@ -237,6 +240,7 @@ class AccuracyBenchSettings:
     weights: str | None = None
     init: str = "random"
     pretrain: dict[str, Any] = field(default_factory=dict)
+    arch: str = "resnet34"
 
     def with_budget(self, *, epochs: int | None = None, mil_epochs: int | None = None,
                     slides_per_class: int | None = None) -> AccuracyBenchSettings:
@@ -300,6 +304,7 @@ class PreparedCohort:
     feature_skipped: dict[str, str]
     seconds: dict[str, float]
     weights: str | None = None  # every method's initial weights (None: random)
+    arch: str = "resnet34"  # every method's trunk
 
 
 def weights_digest(weights: str | Path) -> str:
@@ -310,15 +315,22 @@ def weights_digest(weights: str | Path) -> str:
         raise ConfigError(f"{weights}: cannot read the weights file ({exc.strerror or exc})") from None
 
 
-def features_folder(folder: Path, weights: str | None) -> Path:
-    """Where a cohort's tile features lie: ``features`` (random ResNet34), or ``features-<digest>`` per weights
-    file, so that features of other weights are never reused."""
-    return folder / ("features" if weights is None else f"features-{weights_digest(weights)}")
+def _made_with(weights: str | None, arch: str) -> str:
+    """The suffix naming what a folder's contents were made with: ``-<arch>`` for a trunk other than ResNet34 (none
+    for it: the folders made before other trunks existed keep their names), ``-<digest>`` of a weights file."""
+    return ("" if arch == "resnet34" else f"-{arch}") + ("" if weights is None else f"-{weights_digest(weights)}")
 
 
-def runs_folder(out: Path, weights: str | None) -> Path:
-    """Where the runs lie: ``OUT/runs`` from random weights, ``OUT/runs-<digest>`` from a weights file."""
-    return out / ("runs" if weights is None else f"runs-{weights_digest(weights)}")
+def features_folder(folder: Path, weights: str | None, arch: str = "resnet34") -> Path:
+    """Where a cohort's tile features lie: ``features`` (random ResNet34), ``features-<digest>`` per weights file,
+    ``features-<arch>[-<digest>]`` for another trunk, so that features of other weights are never reused."""
+    return folder / f"features{_made_with(weights, arch)}"
+
+
+def runs_folder(out: Path, weights: str | None, arch: str = "resnet34") -> Path:
+    """Where the runs lie: ``OUT/runs`` from random weights, ``OUT/runs-<digest>`` from a weights file, with
+    ``-<arch>`` before the digest for a trunk other than ResNet34."""
+    return out / f"runs{_made_with(weights, arch)}"
 
 
 def pretraining_config(cohort_settings: CohortSettings, cohort_csv: Path, out: Path, overrides: dict[str, Any]):
@@ -329,8 +341,9 @@ def pretraining_config(cohort_settings: CohortSettings, cohort_csv: Path, out: P
 
     config = config_from_dict({"cohort": str(cohort_csv), "mpp": cohort_settings.mpp, **overrides, "out": "-"},
                               PretrainConfig)
-    settings_json = json.dumps({k: v for k, v in asdict(config).items() if k not in ("out", "cohort")},
-                               sort_keys=True)
+    # arch at its default is left out of the digest: folders made before the field existed keep their names
+    settings_json = json.dumps({k: v for k, v in asdict(config).items() if k not in ("out", "cohort")
+                                and not (k == "arch" and v == PretrainConfig.arch)}, sort_keys=True)
     digest = hashlib.sha256(settings_json.encode()).hexdigest()[:8]
     folder = out / "pretrain" / f"{cohort_settings.task}-{config.objective}-{digest}"
     return replace(config, out=str(folder)).validate()
@@ -345,7 +358,7 @@ def task_weights(settings: AccuracyBenchSettings, cohort_settings: CohortSetting
         return None
     from wsilocal.pretrain.trainer import pretrain
 
-    config = pretraining_config(cohort_settings, cohort_csv, out, settings.pretrain)
+    config = pretraining_config(cohort_settings, cohort_csv, out, {**settings.pretrain, "arch": settings.arch})
     _log(progress, f"[{cohort_settings.task}] pretraining on the train and val slides → {config.out}")
     return str(pretrain(config, progress=progress).weights)
 
@@ -370,9 +383,10 @@ def prepare_synthetic_cohort(cohort_settings: CohortSettings, folder: Path, *, w
 
 def prepare_benchmark_cohort(cohort_settings: CohortSettings, folder: Path, *, workers: int = 2,
                              weights: str | None = None, progress: bool = True,
-                             initial_weights: Callable[[Path], str | None] | None = None) -> PreparedCohort:
-    """Generate (or reuse) the cohort in ``folder``, cache its slides and extract tile features (with
-    ``weights``, else a random ResNet34), all reusable. ``initial_weights(cohort_csv)``, when given, picks the
+                             initial_weights: Callable[[Path], str | None] | None = None,
+                             arch: str = "resnet34") -> PreparedCohort:
+    """Generate (or reuse) the cohort in ``folder``, cache its slides and extract tile features (an ``arch`` trunk
+    with ``weights``, else randomly initialised), all reusable. ``initial_weights(cohort_csv)``, when given, picks the
     weights once the cohort exists (a pretraining on it) and replaces ``weights``.
 
     Raises ConfigError when ``folder`` holds a cohort generated with other parameters.
@@ -402,13 +416,13 @@ def prepare_benchmark_cohort(cohort_settings: CohortSettings, folder: Path, *, w
     seconds["prepare"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    features = features_folder(folder, weights)
+    features = features_folder(folder, weights, arch)
     extracted = extract_features(cohort, features, mpp=cohort_settings.mpp, tile=cohort_settings.tile,
-                                 weights=weights, progress=progress)
+                                 weights=weights, progress=progress, arch=arch)
     seconds["features"] = time.perf_counter() - start
     return PreparedCohort(cohort_settings, csv_path, cache, features,
                           {split: len(cohort.split(split)) for split in SPLITS}, dict(extracted.skipped), seconds,
-                          weights)
+                          weights, arch)
 
 
 def shortcut_aurocs(folder: Path, classes: Sequence[str]) -> dict[str, float | None]:
@@ -511,7 +525,7 @@ def run_config(row: Row, cohort: PreparedCohort, seed: int, run_dir: Path, setti
     base: TrainConfig = demo_config(run_dir, settings.demo)  # the demo's optimiser settings: bench and demo agree
     if cohort.weights is not None:  # fine-tuning pretrained weights: the paper's trunk rate
         base = replace(base, weights=cohort.weights, lr_trunk=TrainConfig.lr_trunk)
-    return replace(base, cohort=str(cohort.csv), out=str(run_dir), cache=str(cohort.cache),
+    return replace(base, cohort=str(cohort.csv), out=str(run_dir), cache=str(cohort.cache), arch=cohort.arch,
                    mpp=cohort.settings.mpp, method="streaming" if row.kind == "streaming" else "local",
                    k=row.k, rfr=row.rfr, schedule=row.schedule, epochs=settings.epochs, seed=seed, workers=1)
 
@@ -528,6 +542,10 @@ def finished_run(run_dir: Path, config) -> dict[str, Any] | None:
     if not marker.is_file():
         return None
     saved, wanted = json.loads(marker.read_text()), _settings_of(config)
+    # A field added to the config since the run finished, at its default, is what that run did.
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(config) if f.default is not MISSING}))
+    saved["settings"] = {**{k: defaults[k] for k in wanted.keys() - saved["settings"].keys() if k in defaults},
+                         **saved["settings"]}
     if saved["settings"] != wanted:
         differs = sorted(k for k in wanted.keys() | saved["settings"].keys()
                          if wanted.get(k) != saved["settings"].get(k))
@@ -752,9 +770,9 @@ def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FU
     if settings.init == "pretrained" and settings.weights is None:  # a bad pretraining setting, before hours of work
         pretraining_config(cohorts[0], out / "cohort.csv", out, settings.pretrain)
     if settings.weights is not None:  # a wrong weights file too
-        from wsilocal.models.resnet import ResNet34Trunk, load_resnet34_weights
+        from wsilocal.models.resnet import ResNetTrunk, load_trunk_weights
 
-        load_resnet34_weights(ResNet34Trunk(), settings.weights)
+        load_trunk_weights(ResNetTrunk(arch=settings.arch), settings.weights)
     started = time.perf_counter()
     report: dict[str, Any] = {"settings": asdict(settings), "seeds": list(range(n_seeds)), "rows": rows,
                               "tasks": {}, "records": [], "aggregates": []}
@@ -762,7 +780,8 @@ def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FU
         task = cohort_settings.task
         cohort = prepare_benchmark_cohort(
             cohort_settings, out / "cohorts" / task, workers=settings.workers, progress=progress,
-            initial_weights=lambda csv, c=cohort_settings: task_weights(settings, c, csv, out, progress))
+            initial_weights=lambda csv, c=cohort_settings: task_weights(settings, c, csv, out, progress),
+            arch=settings.arch)
         classes = class_names(cohort_settings.classes, task)
         test_labels = [classes.index(s.label) for s in load_cohort(cohort.csv).split("test")]
         report["tasks"][task] = {"classes": classes, "slides": cohort.n_slides,
@@ -792,7 +811,7 @@ def _record(row: Row, cohort: PreparedCohort, seed: int, out: Path, settings: Ac
             progress: bool) -> dict[str, Any]:
     """One run's record; a failing run gives a record with its error instead of stopping the benchmark."""
     task = cohort.settings.task
-    run_dir = runs_folder(out, cohort.weights) / task / row.name / f"seed{seed}"
+    run_dir = runs_folder(out, cohort.weights, cohort.arch) / task / row.name / f"seed{seed}"
     record: dict[str, Any] = {"task": task, "row": row.name, "seed": seed, "run_dir": str(run_dir)}
     config = run_config(row, cohort, seed, run_dir, settings)
     saved = finished_run(run_dir, config)  # a settings conflict concerns every run: it stops the benchmark
@@ -939,6 +958,7 @@ def describe_settings(report: dict[str, Any]) -> str:
                      f"px at 0.25 µm/px ({jitter} % size jitter){extra}; splits {c['splits']} per class; read at "
                      f"{c['mpp']:g} µm/px by every method; MIL tiles {c['tile']} px ({c['tile'] * c['mpp']:g} µm).")
     d, weights = s["demo"], s.get("weights")
+    title = {"resnet18": "ResNet18", "resnet50": "ResNet50"}.get(s.get("arch", "resnet34"), "ResNet34")
     mil_epochs = s["mil_epochs"] or "the model's published count"
     pretrained = any(info.get("init") == "pretrained" for info in report["tasks"].values())
     lr_trunk = TrainConfig.lr_trunk if weights or pretrained else d["lr_trunk"]
@@ -949,11 +969,12 @@ def describe_settings(report: dict[str, Any]) -> str:
         start = features = ("the weights of `wsilocal pretrain` on the task's own train and val slides (never its "
                             f"test split; {', '.join(f'{k} {v}' for k, v in p.items()) or 'default settings'})")
     else:
-        start, features = "random initial weights", "a randomly initialised ResNet34 (no ImageNet weights offline)"
-    lines += [f"- ours: epochs {s['epochs']} (greedy: per module), lr trunk {lr_trunk:g}, lr auxiliary "
+        start, features = "random initial weights", f"a randomly initialised {title} (no ImageNet weights offline)"
+    lines += [f"- trunk of every method: {title}.",
+              f"- ours: epochs {s['epochs']} (greedy: per module), lr trunk {lr_trunk:g}, lr auxiliary "
               f"{d['lr_aux']:g}, accumulation {d['accumulation']}, {d['rfr_patches']} RFR patches (the demo's "
               f"settings), {start}.",
-              f"- MIL baselines: epochs {mil_epochs}, each model's published optimiser, ResNet34 features from "
+              f"- MIL baselines: epochs {mil_epochs}, each model's published optimiser, {title} features from "
               f"{features}.",
               f"- seeds {report['seeds']}: the seed sets initial weights and data order; the splits stay fixed. "
               "± is the sample standard deviation over seeds; [low, high] the 95 % percentile bootstrap interval "
@@ -1046,8 +1067,11 @@ def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for cohorts, runs and accuracy.json/.md/.png")
     parser.add_argument("--quick", action="store_true", help="small cohorts, 1 epoch, 2 seeds (≤ 15 min)")
     parser.add_argument("--seeds", type=int, help="seeds per method (default 1, 3 for the full table; --quick 2)")
-    parser.add_argument("--weights", help="torchvision ResNet34 state dict (.pth/.safetensors), e.g. ImageNet "
-                                          "weights as in the paper; default: random weights for every method")
+    parser.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], default="resnet34",
+                        help="every method's trunk (default resnet34, the paper's; resnet18 about halves CPU time)")
+    parser.add_argument("--weights", help="state dict of --arch (.pth/.pt/.bin/.safetensors, torchvision, timm or "
+                                          "self-supervised), e.g. ImageNet weights as in the paper; default: random "
+                                          "weights for every method")
     parser.add_argument("--init", choices=INITS, help="without --weights: every method starts from `wsilocal "
                         "pretrain` on each task's own train and val slides (pretrained, the default) or from random "
                         "weights")
@@ -1075,6 +1099,7 @@ def accuracy_main(args: argparse.Namespace) -> int:
         settings = replace(settings, weights=str(Path(args.weights).resolve()))
     if args.init is not None:
         settings = replace(settings, init=args.init)
+    settings = replace(settings, arch=args.arch)
     if args.pretrain_steps is not None:
         if args.pretrain_steps < 1:
             raise ConfigError(f"bench accuracy: --pretrain-steps must be at least 1, got {args.pretrain_steps}")

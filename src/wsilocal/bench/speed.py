@@ -64,7 +64,7 @@ from wsilocal.features.tiles import tile_grid
 from wsilocal.infer.predict import Predictor, bfloat16_is_native
 from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.mil.abmil import GatedABMIL
-from wsilocal.models.resnet import LAYER_CHANNELS, ResNet34Trunk, calibrate_batchnorm
+from wsilocal.models.resnet import ARCHS, DEFAULT_ARCH, ResNetTrunk, calibrate_batchnorm
 from wsilocal.runtime import process_memory_bytes, tune_cpu_allocator
 from wsilocal.slide.cache import PrepareSettings
 from wsilocal.slide.reader import MAX_READ_THREADS, open_slide, usable_cores
@@ -228,24 +228,30 @@ def _calibration_image(size: int = 256) -> torch.Tensor:
     return to_tensor(he_pattern(mask, np.random.default_rng(SEED)), list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
-def build_predictor(device: str = "auto", run: str | None = None, memory_budget: int | None = None) -> Predictor:
-    """Our predictor: a trained ``run``'s, or seeded random weights (BatchNorm calibrated on a synthetic crop)."""
+def build_predictor(device: str = "auto", run: str | None = None, memory_budget: int | None = None,
+                    arch: str = DEFAULT_ARCH) -> Predictor:
+    """Our predictor: a trained ``run``'s (its own arch), or seeded random weights of an ``arch`` trunk (BatchNorm
+    calibrated on a synthetic crop)."""
     if run:
         return Predictor.from_run(run, device=device, memory_budget=memory_budget)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        trunk, head = ResNet34Trunk(), FinalClassifier(LAYER_CHANNELS[-1], N_CLASSES)
+        trunk = ResNetTrunk(arch=arch)
+        head = FinalClassifier(trunk.out_channels, N_CLASSES)
     calibrate_batchnorm(trunk, [_calibration_image()])
     return Predictor(trunk, head, [f"class{i}" for i in range(N_CLASSES)], IMAGENET_MEAN, IMAGENET_STD,
                      PrepareSettings(mpp=MPP), device=resolve_device(device), memory_budget=memory_budget)
 
 
-def build_pipeline(device: torch.device, n_classes: int = N_CLASSES) -> tuple[FeatureExtractor, GatedABMIL]:
-    """The tile pipeline's models: the seeded random ResNet34 of ``wsilocal features`` and a seeded gated ABMIL."""
+def build_pipeline(device: torch.device, n_classes: int = N_CLASSES,
+                   arch: str = DEFAULT_ARCH) -> tuple[FeatureExtractor, GatedABMIL]:
+    """The tile pipeline's models: the seeded random ``arch`` extractor of ``wsilocal features`` (ResNet34 by
+    default) and a seeded gated ABMIL on its features."""
+    extractor = FeatureExtractor(arch=arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        mil = GatedABMIL(n_classes).to(device).eval()
-    return FeatureExtractor().to(device), mil
+        mil = GatedABMIL(n_classes, in_dim=extractor.dim).to(device).eval()
+    return extractor.to(device), mil
 
 
 def bfloat16_copy(predictor: Predictor) -> Predictor:
@@ -263,8 +269,9 @@ def _child_time(spec: dict[str, Any]) -> dict[str, Any]:
 
     Returns ``{"threads": torch threads, "runs": {contender: [one result per round]}}``.
     """
-    predictor = build_predictor(spec["device"], spec["run"])
-    extractor, mil = build_pipeline(predictor.device, len(predictor.classes))
+    predictor = build_predictor(spec["device"], spec["run"], arch=spec.get("arch", DEFAULT_ARCH))
+    # the pipeline's extractor has the same backbone as ours: the comparison is of the methods, not the trunks
+    extractor, mil = build_pipeline(predictor.device, len(predictor.classes), predictor.trunk.arch.name)
     contenders: dict[str, Callable[[], dict[str, Any]]] = {
         "ours": lambda: run_ours(predictor, spec["slide"]),
         "pipeline": lambda: run_tile_pipeline(spec["slide"], extractor, mil, spec["scratch"],
@@ -282,7 +289,7 @@ def _child_time(spec: dict[str, Any]) -> dict[str, Any]:
             result = contenders[name]()
             if round_index > 0:
                 runs[name].append(result)
-    return {"threads": torch.get_num_threads(), "runs": runs}
+    return {"threads": torch.get_num_threads(), "runs": runs, "arch": predictor.trunk.arch.name}
 
 
 def measure_memory(predictor: Predictor, slide_path: str | Path, forward: str) -> dict[str, Any]:
@@ -301,12 +308,13 @@ def measure_memory(predictor: Predictor, slide_path: str | Path, forward: str) -
 
 
 def _child_memory(spec: dict[str, Any]) -> dict[str, Any]:
-    return measure_memory(build_predictor(spec["device"], spec["run"]), spec["slide"], spec["forward"])
+    predictor = build_predictor(spec["device"], spec["run"], arch=spec.get("arch", DEFAULT_ARCH))
+    return measure_memory(predictor, spec["slide"], spec["forward"])
 
 
 def _child_probe(spec: dict[str, Any]) -> dict[str, Any]:
     """bfloat16 against float32 on one slide, one run each after a float32 warm-up (emulated bfloat16 is slow)."""
-    predictor = build_predictor(spec["device"], spec["run"])
+    predictor = build_predictor(spec["device"], spec["run"], arch=spec.get("arch", DEFAULT_ARCH))
     run_ours(predictor, spec["slide"])
     return {"ours": [run_ours(predictor, spec["slide"])], "bf16": [run_ours(bfloat16_copy(predictor), spec["slide"])]}
 
@@ -381,6 +389,7 @@ def run_speed_benchmark(
     bf16_probe: tuple[int, int] = BF16_PROBE,
     rss: bool = True,
     progress: bool = True,
+    arch: str = DEFAULT_ARCH,
 ) -> dict[str, Any]:
     """Time ours against the tile pipeline at every size; write ``speed.json``, ``.md`` and ``.png`` in ``out_dir``.
 
@@ -390,11 +399,12 @@ def run_speed_benchmark(
         run: a training run to take our trunk and H from (default: seeded random weights).
         device: ``auto``, ``cpu``, ``cuda``, ...
         workers: reader threads of the pipeline (0: tiles read in the main thread, between forwards).
-        batch_size: tiles per ResNet34 forward in the pipeline.
+        batch_size: tiles per extractor forward in the pipeline.
         scan_mpp: level-0 µm/px of the generated slides.
         bf16: also measure bfloat16 inference (every size where native, else on a ``bf16_probe`` slide).
         rss: also measure the peak RSS of the whole-image and the streamed forward at every size.
         progress: print one line per measurement on stderr.
+        arch: the backbone of both, ours and the pipeline's extractor (``run`` given: the run's own).
 
     Returns ``{"machine", "settings", "records", "bf16"}`` as written to ``speed.json``.
     """
@@ -409,7 +419,7 @@ def run_speed_benchmark(
     torch_device = resolve_device(device)
     native = bfloat16_is_native(torch_device)
     started = time.perf_counter()
-    base = {"device": device, "run": run}
+    base = {"device": device, "run": run, "arch": arch}
     records = []
     for index, (height, width) in enumerate(sizes, start=1):
         slide = bench_slide(out / "slides", height, width, scan_mpp=scan_mpp)
@@ -418,7 +428,7 @@ def run_speed_benchmark(
         timing = _measure({**base, "child": "time", "slide": str(slide), "scratch": str(out / "scratch"),
                              "repeats": repeats, "bf16": bf16 and native, "workers": workers,
                              "batch_size": batch_size})
-        record = make_record((height, width), slide, timing)
+        record = {"arch": timing["arch"], **make_record((height, width), slide, timing)}
         _log(progress, f"    ours {record['ours_s']:.2f} s ({record['ours_mode']}), pipeline "
                        f"{record['pipeline_s']:.2f} s ({record['n_tiles']} tiles): {record['ratio']:.2f}×")
         for forward in ("whole", "streamed") if rss else ():
@@ -434,6 +444,7 @@ def run_speed_benchmark(
         probe = {"height": bf16_probe[0], "width": bf16_probe[1],
                  **bf16_summary(_measure({**base, "child": "probe", "slide": str(slide)}))}
     settings = {"sizes": [list(s) for s in sizes], "repeats": repeats, "run": run, "device": str(torch_device),
+                "arch": records[0]["arch"] if records else arch,
                 "workers": workers, "batch_size": batch_size, "scan_mpp": scan_mpp, "mpp": MPP, "tile": TILE,
                 "min_tissue": MIN_TISSUE, "threads": records[0]["threads"] if records else None,
                 "seconds": round(time.perf_counter() - started, 1)}
@@ -482,11 +493,12 @@ def _size_label(record: dict[str, Any]) -> str:
 def format_speed_tables(report: dict[str, Any]) -> str:
     """Markdown: totals and ratio per size, the stages, peak RSS of the two forwards, the bfloat16 verdict."""
     records = report["records"]
-    lines = ["| size at 5x | tiles | ours s | ours mode | pipeline s | pipeline / ours | bf16 s | bf16 speed-up "
-             "| bf16 max Δp |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["| size at 5x | arch | tiles | ours s | ours mode | pipeline s | pipeline / ours | bf16 s "
+             "| bf16 speed-up | bf16 max Δp |", "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in records:
         b = r["bf16"] or {}
-        lines.append(f"| {_size_label(r)} | {r['n_tiles']:,} | {_s(r['ours_s'])} | {r['ours_mode']} "
+        arch = r.get("arch", DEFAULT_ARCH)  # records written before the column: resnet34
+        lines.append(f"| {_size_label(r)} | {arch} | {r['n_tiles']:,} | {_s(r['ours_s'])} | {r['ours_mode']} "
                      f"| {_s(r['pipeline_s'])} | **{r['ratio']:.2f}×** | {_s(b.get('bf16_s'))} "
                      f"| {_s(b.get('speedup'), '×')} | {_s(b.get('max_prob_diff'), digits=4)} |")
     stages = list(dict.fromkeys(OURS_STAGES + PIPELINE_STAGES))
@@ -602,7 +614,9 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tile reader threads of the pipeline (default {WORKERS}: the threads our reader "
                              "uses here; 0: none)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
-                        help=f"tiles per ResNet34 forward in the pipeline (default {BATCH_SIZE})")
+                        help=f"tiles per extractor forward in the pipeline (default {BATCH_SIZE})")
+    parser.add_argument("--arch", choices=list(ARCHS), default=DEFAULT_ARCH,
+                        help="backbone of ours and of the pipeline's extractor, without --run (default resnet34)")
     parser.add_argument("--scan-mpp", type=float, default=SCAN_MPP,
                         help=f"level-0 µm/px of the generated slides (default {SCAN_MPP}; 0.25 writes 40x files)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 measurements")
@@ -615,7 +629,7 @@ def speed_main(args: argparse.Namespace) -> int:
     report = run_speed_benchmark(args.out, sizes=args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES),
                                  repeats=1 if args.quick else args.repeats, run=args.run, device=args.device,
                                  workers=args.workers, batch_size=args.batch_size, scan_mpp=args.scan_mpp,
-                                 bf16=not args.no_bf16, rss=not args.no_rss)
+                                 bf16=not args.no_bf16, rss=not args.no_rss, arch=args.arch)
     print(format_speed_tables(report))
     print(f"wrote {Path(args.out) / 'speed.json'}, speed.md, speed.png")
     return 0
