@@ -26,6 +26,8 @@ from wsilocal.models.split import (
     module_specs,
     split_trunk,
 )
+from wsilocal.pretrain.objectives import PretrainNet
+from wsilocal.pretrain.trainer import WEIGHTS_FILE, weights_file_name
 from wsilocal.stream.bands import band_forward
 from wsilocal.stream.forward import forward_bytes_estimate
 from wsilocal.stream.geometry import block_geometry, footprint, output_length, plan_axis
@@ -382,3 +384,11 @@ def test_band_streaming_gives_the_whole_image_map(arch):
     # the whole-image estimate that chooses streaming counts each arch's own maps (ResNet50's are 4× wider)
     estimates = {a: forward_bytes_estimate(ResNetTrunk(arch=a), 2048, 2048) for a in ("resnet18", "resnet50")}
     assert estimates["resnet50"] > 1.4 * estimates["resnet18"]
+
+
+def test_pretraining_builds_the_arch_and_names_its_file():
+    net = PretrainNet("vicreg", (16, 16), "resnet50")
+    assert net(torch.randn(2, 3, 64, 64)).shape == (2, 16) and net.projector[0].in_features == 2048
+    frozen = ResNetTrunk(arch="resnet50")
+    frozen.load_state_dict(net.trunk.state_dict())  # the trainable trunk's weights load into the method's
+    assert weights_file_name("resnet18") == "resnet18.safetensors" and WEIGHTS_FILE == weights_file_name("resnet34")
