@@ -402,3 +402,29 @@ def test_runs_before_a_config_field_existed_are_reused_and_other_trunks_have_the
     assert accuracy.features_folder(tmp_path, None) == tmp_path / "features"
     assert accuracy.features_folder(tmp_path, None, "resnet18") == tmp_path / "features-resnet18"
     assert accuracy.runs_folder(tmp_path, None, "resnet50") == tmp_path / "runs-resnet50"
+
+
+def test_an_interrupted_pretraining_continues_when_the_benchmark_is_run_again(tmp_path):
+    """A long benchmark stopped during pretraining picks it up from its checkpoint on the next run."""
+    from safetensors.torch import load_file
+
+    from wsilocal.errors import TrainingInterrupted
+    from wsilocal.pretrain.trainer import CHECKPOINT_FILE, pretrain
+
+    pretraining = {"steps": 3, "batch_size": 4, "warmup_steps": 1, "bn_tiles": 8, "tile": 48, "crop": 32,
+                   "projector_dims": [32, 16], "workers": 1, "min_tissue": 0.3}
+    settings = replace(TINY, seeds=1, init="pretrained", pretrain=pretraining)
+    cohort_settings = settings.cohorts[0]
+    cohort_csv = accuracy.prepare_synthetic_cohort(cohort_settings, tmp_path / "cohort", progress=False)
+    out = tmp_path / "out"
+    config = accuracy.pretraining_config(cohort_settings, cohort_csv, out, {**pretraining, "arch": settings.arch})
+    with pytest.raises(TrainingInterrupted):
+        pretrain(config, progress=False, stop_at=1)  # as a session ending after step 1
+    assert (Path(config.out) / CHECKPOINT_FILE).is_file()
+    weights = accuracy.task_weights(settings, cohort_settings, cohort_csv, out, progress=False)
+    assert json.loads((Path(weights).parent / "pretrain.json").read_text())["steps"] == 3
+    # The same weights as a pretraining that was never interrupted.
+    straight = pretrain(replace(config, out=str(tmp_path / "straight")), progress=False).weights
+    resumed, reference = load_file(weights), load_file(str(straight))
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[key], reference[key]) for key in reference)

@@ -356,11 +356,14 @@ def task_weights(settings: AccuracyBenchSettings, cohort_settings: CohortSetting
         return settings.weights
     if settings.init == "random":
         return None
-    from wsilocal.pretrain.trainer import pretrain
+    from wsilocal.pretrain.trainer import CHECKPOINT_FILE, pretrain
 
     config = pretraining_config(cohort_settings, cohort_csv, out, {**settings.pretrain, "arch": settings.arch})
-    _log(progress, f"[{cohort_settings.task}] pretraining on the train and val slides → {config.out}")
-    return str(pretrain(config, progress=progress).weights)
+    # An interrupted pretraining continues from its checkpoint (bit-identical to an uninterrupted one).
+    resume = (Path(config.out) / CHECKPOINT_FILE).is_file()
+    _log(progress, f"[{cohort_settings.task}] pretraining on the train and val slides → {config.out}"
+                   + (" (resuming)" if resume else ""))
+    return str(pretrain(config, resume=resume, progress=progress).weights)
 
 
 def prepare_synthetic_cohort(cohort_settings: CohortSettings, folder: Path, *, workers: int = 2,
