@@ -24,7 +24,13 @@ from torch import nn
 
 from wsilocal.models.resnet import BasicBlock, ResNet34Trunk
 from wsilocal.slide.reader import open_slide, read_region_at_mpp
-from wsilocal.stream.bands import MIN_BAND, band_for_budget, band_forward, band_forward_bytes
+from wsilocal.stream.bands import (
+    MIN_BAND,
+    band_for_budget,
+    band_forward,
+    band_forward_bytes,
+    stream_along_longer_side,
+)
 from wsilocal.stream.forward import forward_bytes_estimate, trunk_forward
 from wsilocal.stream.geometry import TilePlan, block_geometry, footprint, output_length, plan_axis, trunk_geometry
 from wsilocal.stream.sources import ArraySource, SlideSource
@@ -267,6 +273,28 @@ def test_the_next_band_is_read_in_a_reader_thread(trunk_with):
         streamed = band_forward(trunk.blocks(), source, band=8)
     assert len(threads) == -(-700 // 48) and all(name.startswith("band-reader") for name in threads)
     assert relative_error(streamed, whole_forward(trunk.blocks(), source)) <= FLOAT32_RELATIVE
+
+
+def test_a_wide_image_is_streamed_along_its_width(trunk_with):
+    """Transposed image and kernels, the map transposed back: exact, and every read spans the shorter side."""
+    trunk = trunk_with(3, False)
+    reads: list[tuple[int, int]] = []
+
+    class RecordingSource(ArraySource):
+        def read(self, top, left, height, width):
+            reads.append((height, width))
+            return super().read(top, left, height, width)
+
+    source = RecordingSource(random_image(7, 1500, seed=11), MEAN, STD)
+    whole = whole_forward(trunk.blocks(), source)
+    reads.clear()
+    with torch.no_grad():
+        streamed = stream_along_longer_side(trunk.blocks(), source, band=8)
+    assert streamed.shape == whole.shape and streamed.is_contiguous()
+    assert relative_error(streamed, whole) <= FLOAT64_RELATIVE
+    assert len(reads) > 1 and all(height == 7 and width < 1500 for height, width in reads)
+    assert trunk.conv1.weight.dtype == torch.float64  # the trunk itself is untouched (copies were transposed)
+    assert torch.equal(whole, whole_forward(trunk.blocks(), source))
 
 
 def test_bad_bands_are_refused(trunk_with):

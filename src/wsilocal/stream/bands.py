@@ -11,7 +11,10 @@ goes through the trunk in horizontal bands instead, each block on its own:
 * so a block recomputes only its *own* halo — 2 rows of its first convolution's output per window for a
   BasicBlock, 1 for the stem's max-pooling — about 1–3 % of the trunk's work at ``band`` 32–64, where the
   window forward repeats 1.5–3.5× the work;
-* columns are never cut: the full width runs at once, so the column edges are the image's own;
+* columns are never cut: the full width runs at once, so the column edges are the image's own. A slide wider
+  than tall is streamed along its width instead (:func:`stream_along_longer_side`: the image and every kernel
+  transposed, the map transposed back — exact, as every layer is square and symmetric in its padding), so
+  memory follows the *shorter* side;
 * the image is read band by band in a reader thread while the trunk computes the band before.
 
 Exactness follows from the window plan (kept rows of each block are exactly the whole-image rows) and is
@@ -21,6 +24,7 @@ width × channels, bounded by ``band``), two read-ahead bands of the image, and 
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -135,6 +139,37 @@ def band_forward(blocks: Sequence[nn.Module], source: ImageSource, *, band: int 
     return out
 
 
+class _TransposedSource:
+    """``source`` with its two axes swapped: rows of this one are columns of the slide."""
+
+    def __init__(self, source: ImageSource):
+        self.source, self.height, self.width = source, source.width, source.height
+
+    def read(self, top: int, left: int, height: int, width: int) -> torch.Tensor:
+        return self.source.read(left, top, width, height).transpose(2, 3)
+
+
+def _transposed_blocks(blocks: Sequence[nn.Module]) -> list[nn.Module]:
+    """Copies of ``blocks`` with every convolution kernel transposed: ``f_T(x.T) == f(x).T``."""
+    copies = [copy.deepcopy(block) for block in blocks]
+    with torch.no_grad():
+        for block in copies:
+            for module in block.modules():
+                if isinstance(module, nn.Conv2d):
+                    module.weight.copy_(module.weight.transpose(2, 3).contiguous())
+    return copies
+
+
+def stream_along_longer_side(blocks: Sequence[nn.Module], source: ImageSource, *, band: int = DEFAULT_BAND,
+                             progress: bool = False) -> torch.Tensor:
+    """:func:`band_forward` along the image's longer side: for a wide image, over the columns (transposed
+    image and kernels, the map transposed back), so that a band spans the shorter side."""
+    if source.width <= source.height:
+        return band_forward(blocks, source, band=band, progress=progress)
+    out = band_forward(_transposed_blocks(blocks), _TransposedSource(source), band=band, progress=progress)
+    return out.transpose(2, 3).contiguous()
+
+
 def _placement(blocks: Sequence[nn.Module]) -> dict:
     """Device and dtype of the blocks' weights: where (and in what precision) their input must be."""
     for block in blocks:
@@ -145,12 +180,13 @@ def _placement(blocks: Sequence[nn.Module]) -> dict:
 
 def band_forward_bytes(blocks: Sequence[nn.Module], height: int, width: int, band: int, *,
                        folded: bool = True) -> int:
-    """Peak bytes of :func:`band_forward` over a ``height``×``width`` image (float32, an estimate).
+    """Peak bytes of :func:`stream_along_longer_side` over a ``height``×``width`` image (float32, an estimate).
 
     Two read-ahead bands of the image, the output map, and the largest block window: its input buffer plus
-    the block's largest pair of consecutive activations.
+    the block's largest pair of consecutive activations. Bands span the shorter side.
     """
     blocks = list(blocks)
+    height, width = max(height, width), min(height, width)
     step = _read_rows(blocks, band)
     heights = band_plan_heights(blocks, height)
     widths = band_plan_heights(blocks, width)

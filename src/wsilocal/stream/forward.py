@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from wsilocal.models.resnet import ResNet34Trunk
-from wsilocal.stream.bands import FLOAT_BYTES, band_for_budget, band_forward
+from wsilocal.stream.bands import FLOAT_BYTES, band_for_budget, stream_along_longer_side
 from wsilocal.stream.geometry import activation_numels
 from wsilocal.stream.sources import ImageSource
 
@@ -54,8 +54,8 @@ def trunk_forward(trunk: ResNet34Trunk, source: ImageSource, *, memory_budget: i
     """The trunk's map of the image in ``source`` and the mode used, ``"whole"`` or ``"streamed"``.
 
     Whole-image forward when :func:`forward_bytes_estimate` fits ``memory_budget`` bytes (None: always) and
-    no ``band`` is asked for; otherwise :func:`~.bands.band_forward` with ``band`` output rows per block
-    window, by default the largest that fits the budget (:func:`~.bands.band_for_budget`).
+    no ``band`` is asked for; otherwise :func:`~.bands.stream_along_longer_side` with ``band`` output rows per
+    block window, by default the largest that fits the budget (:func:`~.bands.band_for_budget`).
     """
     blocks = trunk.blocks()
     whole_fits = memory_budget is None or forward_bytes_estimate(trunk, source.height, source.width) <= memory_budget
@@ -65,4 +65,4 @@ def trunk_forward(trunk: ResNet34Trunk, source: ImageSource, *, memory_budget: i
             return trunk(image), "whole"
         if band is None:
             band = band_for_budget(blocks, source.height, source.width, memory_budget, folded=trunk.fold_bn)
-        return band_forward(blocks, source, band=band, progress=progress), "streamed"
+        return stream_along_longer_side(blocks, source, band=band, progress=progress), "streamed"
