@@ -392,3 +392,29 @@ def test_pretraining_builds_the_arch_and_names_its_file():
     frozen = ResNetTrunk(arch="resnet50")
     frozen.load_state_dict(net.trunk.state_dict())  # the trainable trunk's weights load into the method's
     assert weights_file_name("resnet18") == "resnet18.safetensors" and WEIGHTS_FILE == weights_file_name("resnet34")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_streamed_local_step_gives_the_local_steps_gradients(arch):
+    """Streamed training (windows planned from each module's footprint) of both block types: the same losses and
+    gradients as the plain step, float64, on an image whose first modules are cut into windows both ways."""
+    from wsilocal.train.local_step import local_training_step
+    from wsilocal.train.streaming import streaming_local_step
+
+    torch.manual_seed(0)
+    net = LocalNet(3, 4, rfr=True, rfr_patches=2, arch=arch).double().train()
+    image = np.random.default_rng(5).integers(0, 256, (200, 180, 3), dtype=np.uint8)
+    source = ArraySource(image, [0.7, 0.55, 0.7], [0.2, 0.25, 0.2])
+    torch.manual_seed(3)
+    plain = local_training_step(net, source.read(0, 0, 200, 180).double(), 2,
+                                generator=torch.Generator().manual_seed(5))
+    reference = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    net.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    streamed = streaming_local_step(net, source, 2, tile=(48, 48, 96, 4096), generator=torch.Generator().manual_seed(5))
+    assert streamed.cls_losses == pytest.approx(plain.cls_losses, rel=1e-12)
+    assert streamed.rfr_losses == pytest.approx(plain.rfr_losses, rel=1e-12)
+    top = max(float(g.norm()) for g in reference.values())
+    for name, g in reference.items():
+        got = dict(net.named_parameters())[name].grad
+        assert float((got - g).norm()) <= 1e-9 * max(float(g.norm()), top * 1e-6), name
