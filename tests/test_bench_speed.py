@@ -71,7 +71,8 @@ def test_record_fields_medians_and_ratio(bench, slide):
 def test_report_files(bench):
     out, _ = bench
     table = (out / "speed.md").read_text()
-    assert "| 320×256 | resnet34 | 1 |" in table and "| 320×256 | pipeline |" in table and "bfloat16: not measured." in table
+    assert "| 320×256 | resnet34 | 1 |" in table and "| 320×256 | pipeline |" in table
+    assert "bfloat16: not measured." in table
     with Image.open(out / "speed.png") as png:
         assert png.format == "PNG" and png.size[0] > 500
 

@@ -268,8 +268,9 @@ ResNet34Trunk = ResNetTrunk
 NESTING_KEYS = ("state_dict", "model", "teacher")
 #: Key prefixes that frameworks put before a backbone's own names; stripped (in any combination) when the rest
 #: matches: DataParallel's ``module.``, ``backbone.`` (DINO, mmselfsup), ``model.resnet.`` (SimCLR
-#: histopathology), ``module.encoder_q.`` (MoCo), ``encoder.``, ``trunk.``.
-KNOWN_PREFIXES = ("module.", "backbone.", "model.", "encoder.", "encoder_q.", "resnet.", "trunk.")
+#: histopathology), ``module.encoder_q.`` (MoCo), ``encoder.``. Not ``trunk.``: a wsilocal run's checkpoint is a
+#: trained model, not initial weights, and is refused (its trunk is under that prefix).
+KNOWN_PREFIXES = ("module.", "backbone.", "model.", "encoder.", "encoder_q.", "resnet.")
 _BLOCK_KEY = re.compile(r"^(.*?)layer([1-4])\.(\d+)\.(conv[123])\.weight$")
 
 
