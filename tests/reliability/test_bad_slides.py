@@ -66,14 +66,25 @@ def test_prepare_caches_the_good_slides_and_lists_every_bad_one(cohort, tmp_path
 
 
 @pytest.mark.parametrize("command", ["prepare", "train"])
-def test_a_missing_slide_file_stops_a_command_that_checks_the_csv_first(command, cohort, tmp_path, capsys):
-    """``prepare`` and ``train`` validate the whole CSV before any work: a missing file is a CSV error."""
+def test_strict_makes_a_missing_slide_file_stop_the_command_before_any_work(command, cohort, tmp_path, capsys):
+    """With ``--strict``, ``prepare`` and ``train`` validate the whole CSV before any work: a missing file is a CSV
+    error (every problem of the CSV listed at once)."""
     args = ([command, str(cohort.all_csv), "--cache", str(tmp_path / "cache")] if command == "prepare" else
             [command, "--cohort", str(cohort.all_csv), "--out", str(tmp_path / "run"), "--cache", str(tmp_path)])
-    assert main(args) == 2
+    assert main([*args, "--strict"]) == 2
     path = cohort.bad["missing"][0]
     assert_one_line_error(capsys.readouterr().err, cohort.all_csv, f"(missing): slide file not found: {path}")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "checkpoint_last.pt").exists()
+
+
+def test_a_missing_slide_file_is_skipped_and_listed_like_an_unreadable_one(cohort, tmp_path, capsys):
+    """Without ``--strict`` a missing file is one more bad slide: the others finish, it is listed, exit code 1."""
+    cache = tmp_path / "cache"
+    assert main(["prepare", str(cohort.all_csv), "--cache", str(cache)]) == 1
+    out = capsys.readouterr().out
+    assert_skip_report(out, cohort, BAD_SLIDES)
+    assert f"built {len(GOOD)}, reused 0, skipped {len(BAD_SLIDES)}" in out
+    assert sorted(p.stem for p in cache.glob("*.npy")) == sorted(GOOD_IDS)
 
 
 def test_features_are_written_for_the_good_slides_and_every_bad_one_is_listed(cohort, features):
