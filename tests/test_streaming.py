@@ -28,6 +28,7 @@ from wsilocal.bench.memory import (
 from wsilocal.models.local_net import LocalNet, auxiliary_cost
 from wsilocal.models.split import module_saved_bytes
 from wsilocal.stream import geometry as tiled
+from wsilocal.stream.forward import forward_bytes_estimate
 from wsilocal.stream.sources import ArraySource, TensorSource
 from wsilocal.train import streaming
 from wsilocal.train.activation_store import ActivationStore
@@ -203,7 +204,7 @@ def test_evaluate_samples_streams_slides_over_the_memory_budget():
     samples = _Samples([make_source(*SQUARE), make_source(150, 200)], [LABEL, 0])
     plain = evaluate_samples(net, samples, torch.device("cpu"))
     # A budget between the two slides' whole-forward estimates: only the larger one streams.
-    budget = tiled.forward_bytes_estimate(net.trunk, 150, 200)
+    budget = forward_bytes_estimate(net.trunk, 150, 200)
     mixed = evaluate_samples(net, samples, torch.device("cpu"), memory_budget=budget, stream_tile=64)
     assert (plain["streamed_slides"], mixed["streamed_slides"]) == (0, 1)
     assert np.allclose(mixed["probabilities"], plain["probabilities"], atol=1e-5)
