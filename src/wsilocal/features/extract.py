@@ -45,7 +45,7 @@ from wsilocal.features.tiles import read_tile, tile_grid, tile_size_level0
 from wsilocal.models.resnet import DEFAULT_ARCH, ResNetTrunk, load_trunk_weights
 from wsilocal.slide.cache import DEFAULT_MAX_PIXELS, tissue_read_size
 from wsilocal.slide.cohort import SPLITS, Cohort, CohortSlide
-from wsilocal.slide.reader import Slide, open_slide
+from wsilocal.slide.reader import Slide, open_slide, stat_slide_file
 from wsilocal.slide.tissue import detect_tissue
 
 FORMAT_VERSION = 1
@@ -321,12 +321,7 @@ def _check_parameters(mpp: float, tile: int, min_tissue: float, batch_size: int,
 
 def _file_key(source: Path, parameters: dict) -> str:
     """Hash of the parameters and the slide file's identity (resolved path, size, modification time)."""
-    try:
-        stat = source.stat()
-    except FileNotFoundError:
-        raise SlideError(source, "file not found") from None
-    except OSError as exc:
-        raise SlideError(source, exc.strerror or str(exc)) from None
+    stat = stat_slide_file(source)
     facts = {"source": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **parameters}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
 

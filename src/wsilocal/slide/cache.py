@@ -37,6 +37,7 @@ from wsilocal.slide.reader import (
     share_cores_between,
     size_at_mpp,
     source_pixels,
+    stat_slide_file,
 )
 from wsilocal.slide.tissue import detect_tissue
 
@@ -91,12 +92,7 @@ class PrepareResult:
 def _entry_key(source: Path, settings: PrepareSettings) -> str:
     """Hash of the slide file's identity (path, size, modification time) and the settings; SlideError naming the
     file when it is missing or cannot be looked at (the reason a cohort run lists it under)."""
-    try:
-        stat = source.stat()
-    except FileNotFoundError:
-        raise SlideError(source, "file not found") from None
-    except OSError as exc:
-        raise SlideError(source, exc.strerror or str(exc)) from None
+    stat = stat_slide_file(source)
     facts = {
         "source": str(source.resolve()),
         "size": stat.st_size,

@@ -143,6 +143,17 @@ class Slide:
         return _to_rgb(self.path, pixels)
 
 
+def stat_slide_file(path: Path) -> os.stat_result:
+    """``path.stat()``, or a SlideError naming the file when it is missing or cannot be looked at (the reason
+    a cohort run lists it under)."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        raise SlideError(path, "file not found") from None
+    except OSError as exc:
+        raise SlideError(path, exc.strerror or str(exc)) from None
+
+
 def open_slide(path: str | Path, *, assume_mpp: float | None = None, _backend: str | None = None) -> Slide:
     """Open a slide with OpenSlide, or with tiffslide when OpenSlide refuses a TIFF file.
 

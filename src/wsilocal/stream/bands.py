@@ -38,6 +38,7 @@ from wsilocal.stream.geometry import (
     activation_numels,
     block_geometry,
     footprint,
+    largest_pair,
     output_length,
     plan_axis,
 )
@@ -78,8 +79,8 @@ class _BlockStream:
         return outputs
 
 
-def band_plan_heights(blocks: Sequence[nn.Module], height: int) -> list[int]:
-    """The input height of each block for an image of ``height`` rows (the last entry: the output's)."""
+def block_input_lengths(blocks: Sequence[nn.Module], height: int) -> list[int]:
+    """The input length of each block along an axis of ``height`` pixels (the last entry: the output's)."""
     heights = [height]
     for block in blocks:
         heights.append(output_length(heights[-1], block_geometry([block])))
@@ -104,8 +105,8 @@ def band_forward(blocks: Sequence[nn.Module], source: ImageSource, *, band: int 
         raise ValueError("band_forward needs at least one block")
     if band < 1:
         raise ValueError(f"band must be a positive number of rows, got {band}")
-    placement = _placement(blocks)
-    heights = band_plan_heights(blocks, source.height)
+    placement = weights_placement(blocks)
+    heights = block_input_lengths(blocks, source.height)
     streams = [_BlockStream(block, h, band) for block, h in zip(blocks, heights, strict=False)]
     step = _read_rows(blocks, band)
     starts = list(range(0, source.height, step))
@@ -170,7 +171,7 @@ def stream_along_longer_side(blocks: Sequence[nn.Module], source: ImageSource, *
     return out.transpose(2, 3).contiguous()
 
 
-def _placement(blocks: Sequence[nn.Module]) -> dict:
+def weights_placement(blocks: Sequence[nn.Module]) -> dict:
     """Device and dtype of the blocks' weights: where (and in what precision) their input must be."""
     for block in blocks:
         for parameter in block.parameters():
@@ -188,8 +189,8 @@ def band_forward_bytes(blocks: Sequence[nn.Module], height: int, width: int, ban
     blocks = list(blocks)
     height, width = max(height, width), min(height, width)
     step = _read_rows(blocks, band)
-    heights = band_plan_heights(blocks, height)
-    widths = band_plan_heights(blocks, width)
+    heights = block_input_lengths(blocks, height)
+    widths = block_input_lengths(blocks, width)
     peak_window = 0
     channels = 3
     for block, h, w in zip(blocks, heights, widths, strict=False):
@@ -197,8 +198,7 @@ def band_forward_bytes(blocks: Sequence[nn.Module], height: int, width: int, ban
         stride, first, last = footprint(geometry)
         rows = min(h, (band - 1) * stride + last - first + 1 + stride)  # a window's input and a pushed chunk
         numels = activation_numels([block], rows, w, folded=folded, in_channels=channels)
-        pairs = [a + b for a, b in zip(numels, numels[1:], strict=False)] or numels
-        peak_window = max(peak_window, FLOAT_BYTES * (2 * channels * rows * w + max(pairs)))
+        peak_window = max(peak_window, FLOAT_BYTES * (2 * channels * rows * w + largest_pair(numels)))
         channels = getattr(block, "out_channels", channels)
     image_bands = 2 * FLOAT_BYTES * 3 * min(height, step) * width
     out_map = FLOAT_BYTES * channels * heights[-1] * widths[-1]

@@ -6,7 +6,6 @@ only changes memory (and, a little, time): see :mod:`.bands` and ``docs/benchmar
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -14,8 +13,8 @@ import torch
 from torch import nn
 
 from wsilocal.models.resnet import ResNet34Trunk
-from wsilocal.stream.bands import FLOAT_BYTES, band_for_budget, stream_along_longer_side
-from wsilocal.stream.geometry import activation_numels
+from wsilocal.stream.bands import FLOAT_BYTES, band_for_budget, stream_along_longer_side, weights_placement
+from wsilocal.stream.geometry import activation_numels, largest_pair
 from wsilocal.stream.sources import ImageSource
 
 
@@ -40,13 +39,8 @@ def forward_bytes_estimate(trunk: ResNet34Trunk, height: int, width: int) -> int
     output are alive together). An estimate for choosing the mode, not an allocator measurement.
     """
     numels = activation_numels(trunk.blocks(), height, width, folded=trunk.fold_bn)
-    pairs = [a + b for a, b in itertools.pairwise(numels)] or numels
-    return FLOAT_BYTES * (3 * height * width + max(pairs))
+    return FLOAT_BYTES * (3 * height * width + largest_pair(numels))
 
-
-def _placement(module: nn.Module) -> dict:
-    parameter = next(module.parameters())
-    return {"device": parameter.device, "dtype": parameter.dtype}
 
 
 def trunk_forward(trunk: ResNet34Trunk, source: ImageSource, *, memory_budget: int | None = None,
@@ -61,7 +55,7 @@ def trunk_forward(trunk: ResNet34Trunk, source: ImageSource, *, memory_budget: i
     whole_fits = memory_budget is None or forward_bytes_estimate(trunk, source.height, source.width) <= memory_budget
     with inference([trunk]):
         if whole_fits and band is None:
-            image = source.read(0, 0, source.height, source.width).to(**_placement(trunk))
+            image = source.read(0, 0, source.height, source.width).to(**weights_placement([trunk]))
             return trunk(image), "whole"
         if band is None:
             band = band_for_budget(blocks, source.height, source.width, memory_budget, folded=trunk.fold_bn)

@@ -184,3 +184,8 @@ def activation_numels(blocks: Sequence[nn.Module], height: int, width: int, *, f
         if isinstance(block, (BasicBlock, Bottleneck)):
             numels.append(channels * height * width)  # the residual sum
     return numels
+
+
+def largest_pair(numels: Sequence[int]) -> int:
+    """The most elements alive at once along a main path: a layer's input and output (one alone if it is all)."""
+    return max([a + b for a, b in zip(numels, numels[1:], strict=False)] or numels)
