@@ -126,8 +126,8 @@ def _on_every_rank(args: argparse.Namespace, device: str, run: Callable[[], T]) 
     """``run()`` in this process, once torchrun runs ``--devices`` copies of the command (it starts them when it
     is not running yet). Returns ``(result, None)`` where this process reports (rank 0, or no torchrun) and
     ``(None, exit code)`` elsewhere."""
+    from wsilocal.runtime import resolve_device
     from wsilocal.train.distributed import relaunch_under_torchrun, torchrun_environment
-    from wsilocal.train.trainer import resolve_device
 
     launched = torchrun_environment()
     if args.devices > 1 and launched is None:  # not yet started by torchrun: start N copies of this command

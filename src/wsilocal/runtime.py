@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wsilocal.errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
@@ -71,6 +73,21 @@ def trim_heap() -> None:
     malloc_trim = getattr(_libc(), "malloc_trim", None)
     if malloc_trim is not None:
         malloc_trim(0)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device a configuration names: ``"auto"`` is CUDA when a GPU is there, else the CPU."""
+    import torch  # here, not at the top: the CLI's parser and benchmark children import this module first
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"config: device {name!r} is not a valid torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config: device {name!r} requested but no CUDA GPU is available")
+    return device
 
 
 CPU_BUDGET_SHARE = 0.5  # of the RAM available now (the rest: OS, slide reader, other jobs)

@@ -65,13 +65,12 @@ from wsilocal.infer.predict import Predictor, bfloat16_is_native
 from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.mil.abmil import GatedABMIL
 from wsilocal.models.resnet import ARCHS, DEFAULT_ARCH, ResNetTrunk, calibrate_batchnorm
-from wsilocal.runtime import process_memory_bytes, tune_cpu_allocator
+from wsilocal.runtime import process_memory_bytes, resolve_device, tune_cpu_allocator
 from wsilocal.slide.cache import PrepareSettings
 from wsilocal.slide.reader import MAX_READ_THREADS, open_slide, usable_cores
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 from wsilocal.slide.tissue import detect_tissue
 from wsilocal.stream.sources import to_tensor
-from wsilocal.train.trainer import resolve_device
 
 MPP = 2.0  # 5x, the paper's resolution
 TILE = 256  # the pipeline's tiles, px at MPP

@@ -43,6 +43,7 @@ from wsilocal.errors import ConfigError, SlideError, WsilocalError
 from wsilocal.features.h5 import read_attrs, write_features
 from wsilocal.features.tiles import read_tile, tile_grid, tile_size_level0
 from wsilocal.models.resnet import DEFAULT_ARCH, ResNetTrunk, load_trunk_weights
+from wsilocal.runtime import resolve_device
 from wsilocal.slide.cache import DEFAULT_MAX_PIXELS, tissue_read_size
 from wsilocal.slide.cohort import SPLITS, Cohort, CohortSlide
 from wsilocal.slide.reader import Slide, open_slide, stat_slide_file
@@ -166,7 +167,6 @@ def extract_features(
         ConfigError: a parameter is out of range or the device does not exist.
         CheckpointError: ``weights`` is not a usable state dict of ``arch``.
     """
-    from wsilocal.train.trainer import resolve_device  # the one place that turns "auto" into a device
 
     _check_parameters(mpp, tile, min_tissue, batch_size, workers, assume_mpp)
     slides = list(cohort_or_slides.slides if isinstance(cohort_or_slides, Cohort) else cohort_or_slides)

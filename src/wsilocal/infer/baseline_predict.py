@@ -44,11 +44,11 @@ from wsilocal.infer.heatmap import save_heatmap, tile_attention_map
 from wsilocal.infer.predict import PeakMemory, Prediction, check_run_options
 from wsilocal.models.mil import MIL_MODELS, MILModel
 from wsilocal.models.resnet import DEFAULT_ARCH
+from wsilocal.runtime import resolve_device
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import Slide, open_slide
 from wsilocal.train.bags import features_path
 from wsilocal.train.baseline import BaselineConfig, load_baseline_run
-from wsilocal.train.trainer import resolve_device
 
 
 def run_feature_settings(run_dir: str | Path) -> dict:

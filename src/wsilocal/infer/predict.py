@@ -38,7 +38,7 @@ from wsilocal.errors import CheckpointError, ConfigError, WsilocalError, out_of_
 from wsilocal.infer.heatmap import save_heatmap
 from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.resnet import ResNetTrunk
-from wsilocal.runtime import default_memory_budget, process_memory_bytes, trim_heap
+from wsilocal.runtime import default_memory_budget, process_memory_bytes, resolve_device, trim_heap
 from wsilocal.slide.cache import PrepareSettings, tissue_read_size
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import open_slide
@@ -47,7 +47,7 @@ from wsilocal.stream.forward import trunk_forward
 from wsilocal.stream.geometry import footprint, trunk_geometry
 from wsilocal.stream.sources import SlideSource
 from wsilocal.train.checkpoint import load_checkpoint
-from wsilocal.train.trainer import model_signature, resolve_device
+from wsilocal.train.trainer import model_signature
 
 DTYPES = (torch.float32, torch.bfloat16)  # precisions the trunk can run in
 

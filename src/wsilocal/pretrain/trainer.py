@@ -159,8 +159,8 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool = T
         TrainingInterrupted: Ctrl-C (or ``stop_at``) stopped the run after saving a checkpoint.
         WsilocalError: bad input (no usable slide, unwritable folder, checkpoint of another run, ...).
     """
+    from wsilocal.runtime import resolve_device
     from wsilocal.train.distributed import distributed_session
-    from wsilocal.train.trainer import resolve_device
 
     config.validate()
     out = Path(config.out)

@@ -55,6 +55,7 @@ from wsilocal.features.extract import extraction_settings
 from wsilocal.features.h5 import read_attrs
 from wsilocal.models.mil import MIL_MODELS, build_mil_model
 from wsilocal.models.mil.base import OPTIMIZERS, MILModel
+from wsilocal.runtime import resolve_device
 from wsilocal.slide.cohort import SPLITS, load_cohort
 from wsilocal.train.bags import FeatureBags, load_bags
 from wsilocal.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
@@ -64,7 +65,6 @@ from wsilocal.train.trainer import (
     Trainer,
     TrainResult,
     balanced_class_weights,
-    resolve_device,
     setup_logging,
 )
 

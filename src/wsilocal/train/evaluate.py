@@ -11,13 +11,13 @@ import torch
 from wsilocal.atomic import write_text_atomic
 from wsilocal.config import TrainConfig, load_config
 from wsilocal.errors import WsilocalError
-from wsilocal.runtime import memory_budget_bytes
+from wsilocal.runtime import memory_budget_bytes, resolve_device
 from wsilocal.slide.cache import PrepareSettings, prepare_slides
 from wsilocal.slide.cohort import SPLITS, load_cohort
 from wsilocal.train.checkpoint import load_checkpoint, load_model_state
 from wsilocal.train.data import CachedSlides
 from wsilocal.train.metrics import classification_metrics, plot_roc_curves
-from wsilocal.train.trainer import build_model, evaluate_samples, model_signature, resolve_device
+from wsilocal.train.trainer import build_model, evaluate_samples, model_signature
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[TrainConfig, torch.nn.Module, dict]:

@@ -60,7 +60,7 @@ from wsilocal.errors import ConfigError, SlideError, TrainingInterrupted, Wsiloc
 from wsilocal.models.local_net import LocalNet
 from wsilocal.models.resnet import LoadedWeights, calibrate_batchnorm, load_trunk_weights
 from wsilocal.models.split import BlockBoundaries, block_boundaries
-from wsilocal.runtime import memory_budget_bytes, tune_cpu_allocator
+from wsilocal.runtime import memory_budget_bytes, resolve_device, tune_cpu_allocator
 from wsilocal.slide.cache import PrepareResult, PrepareSettings, channel_stats, format_summary, prepare_cohort
 from wsilocal.slide.cohort import Cohort, load_cohort
 from wsilocal.stream.forward import forward_bytes_estimate
@@ -85,18 +85,6 @@ RANDOM_INIT_WARNING = (
     "WARNING: no pretrained weights given (--weights): the trunk is randomly initialised and its "
     "BatchNorm statistics are calibrated on training slides. Expect lower accuracy than with ImageNet weights."
 )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"config: device {name!r} is not a valid torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"config: device {name!r} requested but no CUDA GPU is available")
-    return device
 
 
 def input_normalisation(config: TrainConfig, slides_mean: list[float],
