@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from wsilocal.cli import main
-from wsilocal.slide.cache import PrepareSettings, channel_stats, load_entry, prepare_cohort
+from wsilocal.prepare.cache import PrepareSettings, channel_stats, load_entry, prepare_cohort
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import open_slide, read_region_at_mpp
 

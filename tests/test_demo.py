@@ -29,8 +29,8 @@ from wsilocal.errors import WsilocalError
 from wsilocal.infer.heatmap import cell_tissue_fraction, tissue_attention
 from wsilocal.infer.predict import Predictor, predict_slides
 from wsilocal.infer.summary import attention_per_mask_pixel, attention_shares, load_heatmap, write_summary
+from wsilocal.prepare.cache import PrepareSettings
 from wsilocal.slide import synth
-from wsilocal.slide.cache import PrepareSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread_everywhere")
 

@@ -18,7 +18,7 @@ import torch
 from wsilocal.cli import main
 from wsilocal.config import TrainConfig, save_config
 from wsilocal.models.local_net import LocalNet
-from wsilocal.slide.cache import prepare_cohort
+from wsilocal.prepare.cache import prepare_cohort
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.synth import synthesize_cohort
 from wsilocal.train.checkpoint import load_checkpoint

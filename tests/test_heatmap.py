@@ -14,8 +14,8 @@ from wsilocal.infer.heatmap import attention_geojson, high_attention_cells, save
 from wsilocal.infer.predict import Prediction, Predictor
 from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.resnet import FrozenBatchNorm2d, ResNet34Trunk
+from wsilocal.prepare.cache import PrepareSettings
 from wsilocal.slide import synth
-from wsilocal.slide.cache import PrepareSettings
 
 MEAN, STD = [0.8, 0.7, 0.8], [0.2, 0.2, 0.2]
 

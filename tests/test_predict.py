@@ -18,8 +18,8 @@ from wsilocal.infer.predict import Predictor, class_evidence, predict_slides
 from wsilocal.models import local_net
 from wsilocal.models.resnet import ResNet34Trunk, calibrate_batchnorm
 from wsilocal.models.split import block_boundaries
+from wsilocal.prepare.cache import PrepareSettings, build_entry, channel_stats
 from wsilocal.slide import synth
-from wsilocal.slide.cache import PrepareSettings, build_entry, channel_stats
 from wsilocal.slide.cohort import CohortSlide
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 from wsilocal.stream.geometry import block_geometry, plan_axis

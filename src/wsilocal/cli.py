@@ -55,7 +55,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from wsilocal.slide.cache import PrepareSettings, format_summary, prepare_cohort
+    from wsilocal.prepare.cache import PrepareSettings, format_summary, prepare_cohort
     from wsilocal.slide.cohort import load_cohort
 
     # Missing or unreadable slide files are skipped and listed (exit code 1); --strict refuses them before any work.

@@ -214,8 +214,8 @@ def run_demo(out: Path, quick: bool = False, settings: DemoSettings | None = Non
     """
     from wsilocal.infer.predict import cohort_slides, format_run, load_predictor, predict_slides
     from wsilocal.infer.summary import write_summary
+    from wsilocal.prepare.cache import PrepareSettings, format_summary, prepare_cohort
     from wsilocal.pretrain.trainer import CHECKPOINT_FILE, pretrain
-    from wsilocal.slide.cache import PrepareSettings, format_summary, prepare_cohort
     from wsilocal.slide.cohort import load_cohort
     from wsilocal.slide.synth import SynthParams, synthesize_cohort
     from wsilocal.train.evaluate import evaluate_run, format_metrics

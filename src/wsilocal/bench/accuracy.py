@@ -396,7 +396,7 @@ def prepare_benchmark_cohort(cohort_settings: CohortSettings, folder: Path, *, w
     """
     # Imported here, as the trainers below: the CLI imports this module to build its parser.
     from wsilocal.features.extract import extract_features
-    from wsilocal.slide.cache import PrepareSettings, prepare_cohort
+    from wsilocal.prepare.cache import PrepareSettings, prepare_cohort
     from wsilocal.slide.cohort import SPLITS, load_cohort
 
     seconds = {}

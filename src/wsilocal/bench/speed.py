@@ -65,8 +65,8 @@ from wsilocal.infer.predict import Predictor, bfloat16_is_native
 from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.mil.abmil import GatedABMIL
 from wsilocal.models.resnet import ARCHS, DEFAULT_ARCH, ResNetTrunk, calibrate_batchnorm
+from wsilocal.prepare.cache import PrepareSettings
 from wsilocal.runtime import process_memory_bytes, resolve_device, tune_cpu_allocator
-from wsilocal.slide.cache import PrepareSettings
 from wsilocal.slide.reader import MAX_READ_THREADS, open_slide, usable_cores
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 from wsilocal.slide.tissue import detect_tissue

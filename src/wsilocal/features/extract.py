@@ -43,8 +43,8 @@ from wsilocal.errors import ConfigError, SlideError, WsilocalError
 from wsilocal.features.h5 import read_attrs, write_features
 from wsilocal.features.tiles import read_tile, tile_grid, tile_size_level0
 from wsilocal.models.resnet import DEFAULT_ARCH, ResNetTrunk, load_trunk_weights
+from wsilocal.prepare.cache import DEFAULT_MAX_PIXELS, tissue_read_size
 from wsilocal.runtime import resolve_device
-from wsilocal.slide.cache import DEFAULT_MAX_PIXELS, tissue_read_size
 from wsilocal.slide.cohort import SPLITS, Cohort, CohortSlide
 from wsilocal.slide.reader import Slide, open_slide, stat_slide_file
 from wsilocal.slide.tissue import detect_tissue

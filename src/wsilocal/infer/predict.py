@@ -38,8 +38,8 @@ from wsilocal.errors import CheckpointError, ConfigError, WsilocalError, out_of_
 from wsilocal.infer.heatmap import save_heatmap
 from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.resnet import ResNetTrunk
+from wsilocal.prepare.cache import PrepareSettings, tissue_read_size
 from wsilocal.runtime import default_memory_budget, process_memory_bytes, resolve_device, trim_heap
-from wsilocal.slide.cache import PrepareSettings, tissue_read_size
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import open_slide
 from wsilocal.slide.tissue import detect_tissue

@@ -23,7 +23,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-from wsilocal.slide.cache import CacheEntry
+from wsilocal.prepare.cache import CacheEntry
 from wsilocal.stream.sources import to_tensor
 
 

@@ -11,8 +11,8 @@ import torch
 from wsilocal.atomic import write_text_atomic
 from wsilocal.config import TrainConfig, load_config
 from wsilocal.errors import WsilocalError
+from wsilocal.prepare.cache import PrepareSettings, prepare_slides
 from wsilocal.runtime import memory_budget_bytes, resolve_device
-from wsilocal.slide.cache import PrepareSettings, prepare_slides
 from wsilocal.slide.cohort import SPLITS, load_cohort
 from wsilocal.train.checkpoint import load_checkpoint, load_model_state
 from wsilocal.train.data import CachedSlides

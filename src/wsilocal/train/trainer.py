@@ -60,8 +60,8 @@ from wsilocal.errors import ConfigError, SlideError, TrainingInterrupted, Wsiloc
 from wsilocal.models.local_net import LocalNet
 from wsilocal.models.resnet import LoadedWeights, calibrate_batchnorm, load_trunk_weights
 from wsilocal.models.split import BlockBoundaries, block_boundaries
+from wsilocal.prepare.cache import PrepareResult, PrepareSettings, channel_stats, format_summary, prepare_cohort
 from wsilocal.runtime import memory_budget_bytes, resolve_device, tune_cpu_allocator
-from wsilocal.slide.cache import PrepareResult, PrepareSettings, channel_stats, format_summary, prepare_cohort
 from wsilocal.slide.cohort import Cohort, load_cohort
 from wsilocal.stream.forward import forward_bytes_estimate
 from wsilocal.stream.sources import TensorSource
