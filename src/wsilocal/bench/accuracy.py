@@ -54,6 +54,7 @@ from wsilocal.demo import QUICK as DEMO_QUICK
 from wsilocal.demo import DemoSettings, demo_config
 from wsilocal.errors import ConfigError, WsilocalError
 from wsilocal.models.mil import MIL_MODELS
+from wsilocal.plotting import pyplot
 from wsilocal.slide.synth import DEFAULT_SIZE, GENERATOR_VERSION, SynthParams, class_names
 
 RUN_MARKER = "bench_run.json"  # written last into a run directory: the run is finished, with these results
@@ -999,10 +1000,7 @@ def _error_bar(agg: dict[str, Any], metric: str) -> tuple[float, float]:
 def plot_accuracy(report: dict[str, Any], path: str | Path) -> None:
     """One panel per task: bars of mean accuracy, balanced accuracy and AUROC per method, the 95 % bootstrap
     interval over test slides as error bars (one std over seeds for runs without per-slide predictions)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks = list(report["tasks"])
     fig, axes = plt.subplots(len(tasks), 1, figsize=(12, 4.2 * max(1, len(tasks))), squeeze=False)

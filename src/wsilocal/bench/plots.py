@@ -6,10 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from wsilocal.plotting import pyplot
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+plt = pyplot()
 
 K_COLOURS = {1: "tab:gray", 2: "tab:green", 4: "tab:blue", 8: "tab:red"}
 VARIANT_STYLES = {"paper": ("o", ":"), "folded": ("s", "--"), "recompute": ("^", "-."),

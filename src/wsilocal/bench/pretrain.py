@@ -38,6 +38,7 @@ from wsilocal.bench.accuracy import FULL as ACCURACY_FULL
 from wsilocal.bench.accuracy import QUICK as ACCURACY_QUICK
 from wsilocal.bench.accuracy import CohortSettings
 from wsilocal.errors import ConfigError
+from wsilocal.plotting import pyplot
 
 OTHER_TISSUE = "other tissue"
 KNN_K = 20
@@ -350,10 +351,7 @@ def format_pretrain_report(report: dict[str, Any]) -> str:
 
 def plot_pretrain_report(report: dict[str, Any], path: Path) -> None:
     """Bars: each probe's balanced accuracy for random and pretrained weights, with chance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     probes = (("linear_balanced_accuracy", "linear probe"), ("knn_balanced_accuracy", "k-NN (k=20)"))
     fig, ax = plt.subplots(figsize=(6, 3.8))

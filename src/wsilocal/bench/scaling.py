@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from wsilocal.models.local_net import LocalNet
+from wsilocal.plotting import pyplot
 from wsilocal.runtime import tune_cpu_allocator
 from wsilocal.train.distributed import DistContext, GradientAllReduce, spawn_processes
 from wsilocal.train.local_step import local_training_step
@@ -178,10 +179,7 @@ def format_scaling_table(records: list[dict[str, Any]]) -> str:
 
 def plot_scaling(records: list[dict[str, Any]], path: str | Path) -> None:
     """Bars: slides per second of each configuration and mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     colours = {"overlap": "tab:blue", "after": "tab:orange", "none": "tab:gray"}
     fig, ax = plt.subplots(figsize=(7, 4))

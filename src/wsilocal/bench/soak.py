@@ -28,6 +28,7 @@ import numpy as np
 
 from wsilocal.config import TrainConfig
 from wsilocal.errors import ConfigError
+from wsilocal.plotting import pyplot
 from wsilocal.train.trainer import Trainer
 
 MIB = 2**20
@@ -129,10 +130,7 @@ def run_soak(out: str | Path, *, epochs: int = 60, slides_per_class: int = 3, si
 
 def plot_soak(report: dict, path: Path) -> None:
     """VmRSS and RssAnon per epoch, the warm-up shaded, the fitted line over the rest."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     samples, fit = report["samples"], report["fit"]
     epochs = [s["epoch"] for s in samples]

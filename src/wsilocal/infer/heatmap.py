@@ -36,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from wsilocal.errors import WsilocalError
+from wsilocal.plotting import pyplot
 from wsilocal.slide.reader import open_slide, read_region_downsampled
 
 if TYPE_CHECKING:
@@ -302,10 +303,7 @@ def save_heatmap(prediction: Prediction, slide_path: str | Path, out_dir: str | 
 def _plot(path: Path, thumbnail: np.ndarray, slide_size: tuple[int, int], prediction: Prediction,
           geojson: dict, title: str) -> None:
     """The thumbnail in level-0 coordinates, attention over the tissue box, outlines of the GeoJSON regions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Polygon, Rectangle
 
     attention = np.ma.masked_invalid(_attention(prediction))  # empty cells (no tile) stay transparent

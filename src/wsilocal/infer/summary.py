@@ -28,6 +28,7 @@ import numpy as np
 
 from wsilocal.atomic import atomic_output
 from wsilocal.infer.heatmap import interval_overlaps, tissue_attention
+from wsilocal.plotting import pyplot
 
 MASK_GLASS, MASK_TISSUE, MASK_LESION = 0, 128, 255  # values of a label mask (as wsilocal.slide.synth writes them)
 
@@ -252,10 +253,7 @@ def write_summary(path: str | Path, slides: list[SlideHeatmap], *, predictions_c
     """Write the summary PNG (see the module docs): ``per_row`` slides a row, each as a (thumbnail + lesion,
     heatmap) pair, then one row with the ROC curves, the training curves and the pretraining loss (each only
     when its file is given)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = -(-len(slides) // per_row) if slides else 0
     curves = [p for p in (predictions_csv, history, pretrain_log) if p is not None]

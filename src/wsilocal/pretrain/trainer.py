@@ -39,6 +39,7 @@ from tqdm import tqdm
 from wsilocal.atomic import atomic_output, check_writable_folder, write_text_atomic
 from wsilocal.config import IMAGENET_MEAN, IMAGENET_STD, PretrainConfig, config_from_dict, save_config
 from wsilocal.errors import CheckpointError, ConfigError, TrainingInterrupted, WsilocalError
+from wsilocal.plotting import pyplot
 from wsilocal.pretrain.augment import Augmentation, normalise, two_views
 from wsilocal.pretrain.objectives import PretrainNet, objective_loss
 from wsilocal.pretrain.tiles import TileIndex, TileSampler, build_tile_index, find_slide_files
@@ -387,10 +388,7 @@ class _Run:
 
 def plot_loss_curve(history: list[list[float]], path: Path, title: str) -> None:
     """The loss per step (faint) and its running mean over 5 % of the steps, with the learning rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = np.array([h[0] for h in history])
     loss = np.array([h[1] for h in history])

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wsilocal.plotting import pyplot
+
 
 def selection_score(metrics: dict, loss: float, best_by: str) -> tuple[float, float]:
     """How good an epoch is on the validation split (higher is better): ``best_by``'s figure, then, for ties,
@@ -91,10 +93,7 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, classe
 
 def plot_learning_curves(history: list[dict], path: str | Path) -> None:
     """Loss and balanced accuracy per epoch (train and validation) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -142,10 +141,7 @@ def draw_roc_curves(ax, probabilities: np.ndarray, labels: np.ndarray, classes: 
 def plot_roc_curves(probabilities: np.ndarray, labels: np.ndarray, classes: list[str], path: str | Path,
                     title: str = "") -> None:
     """One-vs-rest ROC curve per class as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 5))
     draw_roc_curves(ax, probabilities, labels, classes)
