@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from wsilocal.cli import main
-from wsilocal.config import TrainConfig
+from wsilocal.config import BaselineConfig, TrainConfig
 from wsilocal.errors import CheckpointError
 from wsilocal.features.h5 import read_features, write_features
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.train.bags import load_bags
-from wsilocal.train.baseline import BaselineConfig, load_baseline_run, train_baseline
+from wsilocal.train.baseline import load_baseline_run, train_baseline
 from wsilocal.train.checkpoint import load_checkpoint
 from wsilocal.train.evaluate import evaluate_run
 from wsilocal.train.trainer import Trainer, build_model, model_signature

@@ -16,6 +16,7 @@ import yaml
 from torch import nn
 
 from wsilocal.cli import main
+from wsilocal.config import BaselineConfig
 from wsilocal.errors import WsilocalError
 from wsilocal.features.extract import FeatureExtractor, extraction_settings
 from wsilocal.features.h5 import read_attrs, read_features, write_features
@@ -25,7 +26,7 @@ from wsilocal.infer.predict import load_predictor, predict_slides
 from wsilocal.models.mil import build_mil_model
 from wsilocal.slide.reader import open_slide
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
-from wsilocal.train.baseline import BaselineConfig, load_baseline_run, train_baseline
+from wsilocal.train.baseline import load_baseline_run, train_baseline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -214,8 +214,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from wsilocal.config import config_from_dict, load_config, overrides_from_args
-    from wsilocal.train.baseline import BaselineConfig, train_baseline
+    from wsilocal.config import BaselineConfig, config_from_dict, load_config, overrides_from_args
+    from wsilocal.train.baseline import train_baseline
 
     overrides = overrides_from_args(args, BaselineConfig)
     if args.resume:
@@ -352,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "`wsilocal features` (checked by SHA-256)")
     p.set_defaults(func=cmd_predict)
 
+    from wsilocal.config import BaselineConfig
     from wsilocal.models.mil import MIL_MODELS
-    from wsilocal.train.baseline import BaselineConfig
 
     # conflict_handler="resolve": the --model added last (with choices) replaces the config field's plain one
     p = sub.add_parser("baseline", help="train a tile-feature MIL baseline (ABMIL, CLAM, ...) on `features` output",

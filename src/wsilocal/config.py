@@ -25,6 +25,7 @@ LR_SCHEDULES = ("plateau", "cosine")
 BEST_BY = ("balanced_accuracy", "loss", "auroc")  # the validation figure that picks checkpoint_best among epochs
 MAX_RFR_PATCHES = 1000  # the paper uses 10; more only costs memory
 METHODS = ("local", "streaming")  # streaming = the StreamingCNN baseline (end-to-end, K=1)
+BASELINE_METHOD = "baseline"  # a tile-based MIL baseline run (`wsilocal baseline`, BaselineConfig)
 STREAM_STORES = ("auto", "memory", "disk")
 NORMALISATIONS = ("auto", "imagenet", "dataset")
 ARCHS = ("resnet18", "resnet34", "resnet50")  # the trunks of wsilocal.models.resnet; resnet34 is the paper's
@@ -255,6 +256,66 @@ class PretrainConfig:
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.bn_tiles >= 0, f"bn_tiles must be >= 0, got {self.bn_tiles}"),
             *number_checks(self),
+        ]
+        raise_problems(checks)
+        return self
+
+
+@dataclass
+class BaselineConfig:
+    """Everything a baseline run needs; every field is also a ``wsilocal baseline --field-name`` option."""
+
+    # --- data
+    cohort: str = ""  # cohort CSV (slide_id,path,label,split[,case_id]); slide files are not opened
+    features: str = ""  # folder of <slide_id>.h5 tile features (`wsilocal features` or CLAM's extractor)
+    out: str = ""  # run directory
+    allow_outside_paths: bool = False  # allow cohort paths leading outside the CSV's folder
+    # --- model
+    method: str = BASELINE_METHOD
+    model: str = ""  # a key of MIL_MODELS: maxpool meanpool abmil gabmil dsmil clam_sb clam_mb milrnn transmil
+    # --- optimisation (CLAM's defaults, see the module docstring)
+    epochs: int | None = None  # per training stage; none = the model's published count (else CLAM's 200)
+    early_stopping: int = 20  # epochs without validation-loss improvement before stopping; 0 = never
+    min_epochs: int = 50  # no early stop before this many epochs of a stage (CLAM's stop_epoch)
+    optimizer: str | None = None  # adam, adamw, radam or sgd (lr and weight decay only); none = the model's own
+    lr: float | None = None  # none = the model's default_optim
+    weight_decay: float | None = None  # none = the model's default_optim
+    plateau_patience: int = 0  # >0: lr ×plateau_factor after this many epochs without val-loss improvement
+    plateau_factor: float = 0.1
+    class_weights: bool = False  # scale each bag's loss by the inverse frequency of its class
+    best_by: str = "balanced_accuracy"  # what picks checkpoint_best.pt: balanced_accuracy, loss or auroc
+    max_instances: int = 0  # >0: train on a random subset of this many tiles of larger bags (memory, speed)
+    # --- misc
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+    def validate(self) -> BaselineConfig:
+        """Check values that types alone do not; return self."""
+        from wsilocal.models.mil import MIL_MODELS  # torch: loaded only when a baseline is configured
+        from wsilocal.models.mil.base import OPTIMIZERS
+
+        checks = [
+            (bool(self.cohort), "cohort: a cohort CSV is required"),
+            (bool(self.features), "features: a folder of tile features is required"),
+            (bool(self.out), "out: a run directory is required"),
+            (self.method == BASELINE_METHOD,
+             f"method must be {BASELINE_METHOD!r} for a baseline run, got {self.method!r}"),
+            (self.model in MIL_MODELS,
+             f"model must be one of {', '.join(MIL_MODELS)}, got {self.model!r}"),
+            (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.early_stopping >= 0, f"early_stopping must be >= 0, got {self.early_stopping}"),
+            (self.min_epochs >= 0, f"min_epochs must be >= 0, got {self.min_epochs}"),
+            (self.optimizer is None or self.optimizer in OPTIMIZERS,
+             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.weight_decay is None or self.weight_decay >= 0,
+             f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.plateau_patience >= 0, f"plateau_patience must be >= 0, got {self.plateau_patience}"),
+            (0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1), got {self.plateau_factor}"),
+            (self.max_instances >= 0, f"max_instances must be >= 0, got {self.max_instances}"),
+            (self.threads >= 0, f"threads must be >= 0 (0 = torch's default), got {self.threads}"),
+            *shared_checks(self),
         ]
         raise_problems(checks)
         return self

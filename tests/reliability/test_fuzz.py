@@ -15,10 +15,9 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from wsilocal.config import TrainConfig, load_config
+from wsilocal.config import BaselineConfig, TrainConfig, load_config
 from wsilocal.errors import CohortError, ConfigError, WsilocalError
 from wsilocal.slide.cohort import SPLITS, load_cohort
-from wsilocal.train.baseline import BaselineConfig
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

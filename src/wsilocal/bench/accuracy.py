@@ -522,7 +522,7 @@ def _check_cohort(meta_file: Path, params: SynthParams, settings: CohortSettings
 def run_config(row: Row, cohort: PreparedCohort, seed: int, run_dir: Path, settings: AccuracyBenchSettings):
     """The configuration of one run: a BaselineConfig for MIL rows, else a TrainConfig built on the demo's."""
     if row.kind == "mil":
-        from wsilocal.train.baseline import BaselineConfig
+        from wsilocal.config import BaselineConfig
 
         return BaselineConfig(cohort=str(cohort.csv), features=str(cohort.features), out=str(run_dir),
                               model=row.model, epochs=settings.mil_epochs, seed=seed)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wsilocal.config import load_config
+from wsilocal.config import BaselineConfig, load_config
 from wsilocal.errors import WsilocalError, out_of_memory_as_slide_error
 from wsilocal.features.extract import (
     FORMAT_VERSION,
@@ -48,7 +48,7 @@ from wsilocal.runtime import resolve_device
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import Slide, open_slide
 from wsilocal.train.bags import features_path
-from wsilocal.train.baseline import BaselineConfig, load_baseline_run
+from wsilocal.train.baseline import load_baseline_run
 
 
 def run_feature_settings(run_dir: str | Path) -> dict:

@@ -39,7 +39,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +49,11 @@ import yaml
 from tqdm import tqdm
 
 from wsilocal.atomic import write_text_atomic
-from wsilocal.config import load_config, raise_problems, save_config, shared_checks
+from wsilocal.config import BASELINE_METHOD, BaselineConfig, load_config, save_config
 from wsilocal.errors import ConfigError, WsilocalError
 from wsilocal.features.extract import extraction_settings
 from wsilocal.features.h5 import read_attrs
-from wsilocal.models.mil import MIL_MODELS, build_mil_model
+from wsilocal.models.mil import build_mil_model
 from wsilocal.models.mil.base import OPTIMIZERS, MILModel
 from wsilocal.runtime import resolve_device
 from wsilocal.slide.cohort import SPLITS, load_cohort
@@ -70,72 +70,15 @@ from wsilocal.train.trainer import (
 
 log = logging.getLogger("wsilocal")
 
-METHOD = "baseline"
 CLAM_EPOCHS = 200  # CLAM's --max_epochs, for models that publish no epoch count
 # Drawing curves.png takes longer than an epoch on small cohorts: metrics files are rewritten at most this
 # often, and always at the end of a stage (every epoch is in the log and in checkpoint_last.pt regardless).
 METRICS_INTERVAL_S = 30.0
 
 
-@dataclass
-class BaselineConfig:
-    """Everything a baseline run needs; every field is also a ``wsilocal baseline --field-name`` option."""
-
-    # --- data
-    cohort: str = ""  # cohort CSV (slide_id,path,label,split[,case_id]); slide files are not opened
-    features: str = ""  # folder of <slide_id>.h5 tile features (`wsilocal features` or CLAM's extractor)
-    out: str = ""  # run directory
-    allow_outside_paths: bool = False  # allow cohort paths leading outside the CSV's folder
-    # --- model
-    method: str = METHOD
-    model: str = ""  # a key of MIL_MODELS: maxpool meanpool abmil gabmil dsmil clam_sb clam_mb milrnn transmil
-    # --- optimisation (CLAM's defaults, see the module docstring)
-    epochs: int | None = None  # per training stage; none = the model's published count (else CLAM's 200)
-    early_stopping: int = 20  # epochs without validation-loss improvement before stopping; 0 = never
-    min_epochs: int = 50  # no early stop before this many epochs of a stage (CLAM's stop_epoch)
-    optimizer: str | None = None  # adam, adamw, radam or sgd (lr and weight decay only); none = the model's own
-    lr: float | None = None  # none = the model's default_optim
-    weight_decay: float | None = None  # none = the model's default_optim
-    plateau_patience: int = 0  # >0: lr ×plateau_factor after this many epochs without val-loss improvement
-    plateau_factor: float = 0.1
-    class_weights: bool = False  # scale each bag's loss by the inverse frequency of its class
-    best_by: str = "balanced_accuracy"  # what picks checkpoint_best.pt: balanced_accuracy, loss or auroc
-    max_instances: int = 0  # >0: train on a random subset of this many tiles of larger bags (memory, speed)
-    # --- misc
-    seed: int = 0
-    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-
-    def validate(self) -> BaselineConfig:
-        """Check values that types alone do not; return self."""
-        checks = [
-            (bool(self.cohort), "cohort: a cohort CSV is required"),
-            (bool(self.features), "features: a folder of tile features is required"),
-            (bool(self.out), "out: a run directory is required"),
-            (self.method == METHOD, f"method must be {METHOD!r} for a baseline run, got {self.method!r}"),
-            (self.model in MIL_MODELS,
-             f"model must be one of {', '.join(MIL_MODELS)}, got {self.model!r}"),
-            (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.early_stopping >= 0, f"early_stopping must be >= 0, got {self.early_stopping}"),
-            (self.min_epochs >= 0, f"min_epochs must be >= 0, got {self.min_epochs}"),
-            (self.optimizer is None or self.optimizer in OPTIMIZERS,
-             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
-            (self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (self.weight_decay is None or self.weight_decay >= 0,
-             f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.plateau_patience >= 0, f"plateau_patience must be >= 0, got {self.plateau_patience}"),
-            (0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1), got {self.plateau_factor}"),
-            (self.max_instances >= 0, f"max_instances must be >= 0, got {self.max_instances}"),
-            (self.threads >= 0, f"threads must be >= 0 (0 = torch's default), got {self.threads}"),
-            *shared_checks(self),
-        ]
-        raise_problems(checks)
-        return self
-
-
 def baseline_signature(model: str, classes: list[str], in_dim: int) -> dict:
     """What must match for a checkpoint to load into a baseline model."""
-    return {"method": METHOD, "model": model, "classes": list(classes), "in_dim": int(in_dim)}
+    return {"method": BASELINE_METHOD, "model": model, "classes": list(classes), "in_dim": int(in_dim)}
 
 
 def is_baseline_run(run_dir: str | Path) -> bool:
@@ -144,7 +87,7 @@ def is_baseline_run(run_dir: str | Path) -> bool:
         values = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
-    return isinstance(values, dict) and values.get("method") == METHOD
+    return isinstance(values, dict) and values.get("method") == BASELINE_METHOD
 
 
 def _subsample(features: torch.Tensor, max_instances: int, generator: torch.Generator) -> torch.Tensor:
@@ -256,7 +199,7 @@ class BaselineTrainer(Trainer):
             self.warnings = state.get("warnings", [])
         else:
             save_config(config, self.run_dir / "config.yaml")
-            meta = {"method": METHOD, "model": config.model, "classes": classes, "in_dim": train.in_dim}
+            meta = {"method": BASELINE_METHOD, "model": config.model, "classes": classes, "in_dim": train.in_dim}
             settings, problem = _feature_settings([*train.paths, *val.paths])
             if settings is not None:
                 meta["features"] = settings  # so `wsilocal predict` makes the same features from slide files
