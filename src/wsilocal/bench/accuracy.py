@@ -271,18 +271,18 @@ class AccuracyBenchSettings:
 # slide; the paper's 256-px tiles would leave 2-4), 70 per class: 69 test slides, where random scores reach balanced
 # accuracy 0.43 and AUROC 0.59 one time in 20. The context task's layout halved and read at 4 µm/px: the same
 # ~900 × 400 px per slide, 64-px tiles of the (halved) layout's 256 µm, as the full layout read at 8 µm/px, but a
-# quarter of the level-0 pixels to write (~9 CPU-s a slide instead of ~35), so 100 per class (~60 test slides) take
-# ~15 min on 2 workers. One seed by default (--seeds 3 for the full table); each task pretrains once (~30 min).
+# quarter of the level-0 pixels to write, so 100 per class (~60 test slides) stay affordable. One seed by default
+# (--seeds 3 for the full table); each task pretrains once. docs/benchmarks.md has the times.
 INITS = ("pretrained", "random")
-# The pretraining of FULL (VICReg, docs/pretraining.md: 30 min here; tile-class probes 0.57 -> 0.96): 96-px tiles,
+# The pretraining of FULL (VICReg; docs/pretraining.md has its time and tile-class probes): 96-px tiles,
 # views of 64 px, batch 64.
 PRETRAIN_FULL: dict[str, Any] = {"steps": 600, "batch_size": 64, "tile": 96, "crop": 64}
 FULL = AccuracyBenchSettings(cohorts=(
     CohortSettings("morphology", slides_per_class=70, mpp=2.0, tile=128, size=(4096, 4096)),
     CohortSettings("context", slides_per_class=100, mpp=4.0, tile=64, layout_scale=0.5),
 ), seeds=1, init="pretrained", pretrain=PRETRAIN_FULL)
-# QUICK: the demo's quick sizes; the context layout shrunk 4× and read at 4 µm/px (~450 × 200 px). Estimated
-# ~8 min (a 1-seed, 1-epoch run of every row on 6 such context slides took 61 CPU-seconds here).
+# QUICK: the demo's quick sizes; the context layout shrunk 4× and read at 4 µm/px (~450 × 200 px): every row runs
+# end to end in minutes, to check the pipeline, not to decide anything.
 QUICK = AccuracyBenchSettings(cohorts=(
     CohortSettings("morphology", slides_per_class=4, mpp=2.0, tile=128, size=(2048, 2048)),
     CohortSettings("context", slides_per_class=4, mpp=4.0, tile=32, layout_scale=0.25),
