@@ -1,11 +1,12 @@
 """Streaming training: StreamingCNN and streaming local learning give the plain steps' gradients exactly.
 
-Precision: a window whose halo is one stride short changes the full trunk's gradients by ~2e-8 (relative),
-far below float32 rounding, so exactness is checked in float64 to 1e-10 (the streamed and plain steps agree to
-~1e-12 there; test_wrong_halo_is_caught shows a wrong plan fails that bound). The trunk's receptive field is
-1345 px, so the end-to-end case uses a thin image; the local cases use a thin image (windows split along the
-long axis in every module) and a small square one with small tiles for the early modules (2-D grids of
-windows), none a multiple of the tile.
+The block engine (:mod:`wsilocal.stream.blocks`) runs every block in windows of its own output with only its own
+halo, and back-propagates each window from stored activations. Precision: one pixel of halo lost at an interior
+window edge changes the gradients far more than float32 rounding would hide, so exactness is checked in float64 to
+1e-10 (the streamed and plain steps agree to ~1e-12 there; test_wrong_halo_is_caught shows a halo one pixel short
+fails that bound). Shapes: a thin image (windows along the long axis in every block, the deep maps one pixel
+wide), a small square one and awkward ones (sides not multiples of any stride, tiles that give every block of
+every module many window edges both ways, windows one output pixel wide in the deep blocks).
 """
 
 from __future__ import annotations
@@ -18,23 +19,23 @@ import torch
 import torch.nn.functional as F
 
 from wsilocal.bench.memory import (
-    VARIANTS,
     _measure,
     _records,
     format_streaming,
     measure_streaming_memory,
     step_config,
 )
+from wsilocal.bench.options import VARIANTS
 from wsilocal.models.local_net import LocalNet, auxiliary_cost
 from wsilocal.models.split import module_saved_bytes
-from wsilocal.stream import geometry as tiled
+from wsilocal.stream import blocks as engine
 from wsilocal.stream.forward import forward_bytes_estimate
+from wsilocal.stream.geometry import block_geometry, footprint
 from wsilocal.stream.sources import ArraySource, TensorSource
 from wsilocal.train import streaming
 from wsilocal.train.activation_store import ActivationStore
 from wsilocal.train.local_step import forward_all_classifiers, local_training_step
 from wsilocal.train.streaming import (
-    StreamedModule,
     should_stream,
     step_memory_estimate,
     streaming_end_to_end_step,
@@ -47,6 +48,7 @@ MEAN, STD = [0.7, 0.55, 0.7], [0.2, 0.25, 0.2]
 N_CLASSES, LABEL = 3, 2
 FLOAT64_RTOL = 1e-10
 THIN, SQUARE = (1400, 24), (300, 260)  # (height, width)
+AWKWARD, WIDE = (157, 131), (61, 203)  # no side a multiple of any stride; wider than tall
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -96,8 +98,9 @@ def assert_same_gradients(got, reference, rtol=FLOAT64_RTOL):
 # --- StreamingCNN --------------------------------------------------------------------------------------
 
 
-def test_streaming_cnn_gradients_equal_a_whole_image_backward():
-    net, source = make_net(1), make_source(*THIN)
+@pytest.mark.parametrize(("hw", "tile"), [(THIN, 720), (AWKWARD, 100)], ids=["thin", "awkward"])
+def test_streaming_cnn_gradients_equal_a_whole_image_backward(hw, tile, tmp_path):
+    net, source = make_net(1), make_source(*hw)
     target = torch.tensor([LABEL])
     torch.manual_seed(7)  # the same dropout mask in H for both
     logits, _ = net.head(net.trunk(whole(source)))
@@ -105,16 +108,21 @@ def test_streaming_cnn_gradients_equal_a_whole_image_backward():
     loss.backward()
     reference = take_gradients(net)
 
-    # Tile 720 px = 15 of the 30 output rows: two windows, [0, 1345) and [48, 1400), each with an interior edge.
-    assert [w[:2] for w in tiled.plan_axis(THIN[0], 720, tiled.trunk_geometry(net.trunk))] == [(0, 1345), (48, 1400)]
+    # Every block runs in several windows along the rows (thin: 2 per block; awkward: the deep blocks' windows are
+    # 2 output pixels, one pixel of their halo each side).
+    module = engine.StreamedBlocks(net.trunk.blocks(), source, tile, streaming.store_factory("memory", torch.float64),
+                                   keep=False)
+    assert all(len({w[0] for w in module.windows(b)}) >= 2 for b in range(len(module.plans)))
     torch.manual_seed(7)
     done = []
-    result = streaming_end_to_end_step(net, source, LABEL, tile=720, on_module_backward=done.append)
+    result = streaming_end_to_end_step(net, source, LABEL, tile=tile, on_module_backward=done.append, store="disk",
+                                       store_dir=tmp_path)
     assert done == [0]
     assert result.cls_losses == [pytest.approx(float(loss.detach()), rel=1e-12)]
     torch.testing.assert_close(result.logits[0], logits.detach(), rtol=1e-12, atol=0)
     assert {name.split(".")[0] for name in reference} == {"trunk", "head"}
     assert_same_gradients(take_gradients(net), reference)
+    assert list(tmp_path.iterdir()) == []  # every store between blocks is gone
 
 
 # --- streaming local learning ----------------------------------------------------------------------------
@@ -125,6 +133,10 @@ LOCAL_CASES = [
     pytest.param(4, False, THIN, 480, True, id="K4-norfr-thin-weighted"),
     pytest.param(2, True, THIN, 480, False, id="K2-rfr-thin"),
     pytest.param(2, False, SQUARE, (64, 4096), True, id="K2-norfr-square-weighted"),
+    # Windows of one or two output pixels in the deep blocks, many window edges in every block, both ways.
+    pytest.param(4, True, AWKWARD, 40, False, id="K4-rfr-awkward-tiny-tiles"),
+    pytest.param(8, True, WIDE, 30, True, id="K8-rfr-wide-tiny-tiles-weighted"),
+    pytest.param(8, False, THIN, 100, False, id="K8-norfr-thin"),
 ]
 
 
@@ -156,19 +168,46 @@ def test_streaming_local_step_equals_the_local_step(k, rfr, hw, tile, weighted):
         torch.testing.assert_close(aux.rfr.decoder[-3].running_mean, 1.9 * stats, rtol=1e-10, atol=1e-14)
 
 
-def test_early_modules_stream_over_a_2d_grid_of_windows():
-    """The square case really splits modules 1 and 2 both ways, with interior window edges."""
+def test_every_block_streams_over_a_2d_grid_of_windows():
+    """The square case at tile 64 cuts every block of every module both ways, with interior window edges; the
+    windows partition each block's output, and each reads only its own block's halo."""
     net, source = make_net(4), make_source(*SQUARE)
-    module = StreamedModule(net.stages[0], source, 64)
-    windows = module.windows(net.aux[0].classifier.kernel)
-    rows, cols = (list(dict.fromkeys(window[axis] for window in windows)) for axis in (0, 1))
-    assert len(windows) == len(rows) * len(cols) and len(rows) > 2 and len(cols) > 2
-    assert any(0 < x[0] and x[1] < SQUARE[0] for x, _ in rows)  # a window with two interior edges
-    # The x_i parts of the windows partition x_i, aligned to the auxiliary conv's grid.
-    starts, stops = [x[4] for x, _ in rows], [x[5] for x, _ in rows]
-    assert starts[0] == 0 and stops[-1] == module.out_hw[0] and starts[1:] == stops[:-1]
-    pad = streaming.aux_conv_padding(module.out_hw[0], 9)
-    assert all((start + pad) % 9 == 0 for start in starts[1:])
+    current = source
+    for stage, spec in zip(net.stages, net.specs, strict=True):
+        module = engine.StreamedBlocks(list(stage), current, 64 // spec.in_stride,
+                                       streaming.store_factory("memory", torch.float64), keep=False)
+        for index, plan in enumerate(module.plans):
+            windows = module.windows(index)
+            rows, cols = (sorted({w[axis] for w in windows}) for axis in (0, 1))
+            assert len(windows) == len(rows) * len(cols) and len(rows) > 2 and len(cols) > 2
+            stride, first, last = footprint(block_geometry([plan.block]))
+            for axis, spans in enumerate((rows, cols)):
+                assert spans[0][0] == 0 and spans[-1][1] == plan.out_hw[axis]
+                assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+                # A window reads its output's footprint through the block's own layers (clipped to the map).
+                for o0, o1 in spans:
+                    region = [rows[0], cols[0]]
+                    region[axis] = (o0, o1)
+                    have, _ = plan.regions(tuple(region))
+                    assert have[0][axis] == (max(0, o0 * stride + first),
+                                          min(plan.hws[0][axis], (o1 - 1) * stride + last + 1))
+        current = ArraySource(np.zeros((*module.out_hw, 3), np.uint8), MEAN, STD)  # only its size matters
+
+
+@pytest.mark.parametrize("hw", [THIN, AWKWARD, WIDE, (50, 7)], ids=["thin", "awkward", "wide", "tiny"])
+def test_block_engine_forward_equals_the_whole_trunk(hw):
+    """The forward alone (each block's input released once used), float64, tiles down to one output pixel."""
+    net, source = make_net(1).eval(), make_source(*hw)
+    with torch.no_grad():
+        reference = net.trunk(whole(source))
+    for tile in (48, 100, 4096):
+        module = engine.StreamedBlocks(net.trunk.blocks(), source, tile,
+                                       streaming.store_factory("memory", torch.float64), keep=False)
+        out = module.forward()
+        got = out.read(0, 0, out.height, out.width)
+        module.close()
+        assert got.shape == reference.shape
+        torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-10 * float(reference.abs().max()))
 
 
 @pytest.mark.parametrize(("split", "upto", "hw", "tile"), [(4, None, SQUARE, 64), (4, 2, SQUARE, 64),
@@ -229,14 +268,19 @@ def test_greedy_phase_streams_frozen_modules_forward_only():
 
 @pytest.mark.parametrize("wrong", [False, True])
 def test_wrong_halo_is_caught(monkeypatch, wrong):
-    """Module 1 alone on a 2-D grid: the exact plan passes the float64 bound; a plan that believes the module's
-    last 3×3 conv is 1×1 (windows one x_1 pixel short of the receptive field) fails it by far."""
+    """Module 1 alone on a 2-D grid: the exact windows pass the float64 bound; windows whose halo is one pixel
+    short at interior edges (zero padding where the neighbour's real pixels belong) fail it by far."""
     net, source = make_net(4), make_source(*SQUARE)
     torch.manual_seed(0)
     local_training_step(net, whole(source), LABEL, active=range(0, 1), generator=torch.Generator().manual_seed(1))
     reference = take_gradients(net)
     if wrong:
-        monkeypatch.setattr(streaming, "block_geometry", lambda blocks: tiled.block_geometry(blocks)[:-1] + [(1, 1, 0)])
+        clip = engine.clip_region
+
+        def short(region, hw):
+            return tuple((lo + (lo > 0), hi - (hi < n)) for (lo, hi), n in zip(clip(region, hw), hw, strict=True))
+
+        monkeypatch.setattr(engine, "clip_region", short)
     torch.manual_seed(0)
     streaming_local_step(net, source, LABEL, tile=64, active=range(0, 1), generator=torch.Generator().manual_seed(1))
     worst = max(relative_errors(take_gradients(net), reference).values())
@@ -287,6 +331,25 @@ def test_activation_store_round_trip(tmp_path, where):
     assert store.height == store.width == 0
 
 
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_activation_store_windows_are_views_to_copy_and_add_into(tmp_path, where):
+    with ActivationStore.create((3, 6, 8), torch.float64, where=where, dir=tmp_path, zero=True) as store:
+        assert torch.equal(store.read(0, 0, 6, 8), torch.zeros(1, 3, 6, 8, dtype=torch.float64))
+        block = torch.randn(1, 3, 2, 4, dtype=torch.float64)
+        store.window(1, 2, 2, 4).add_(block)
+        store.window(2, 3, 2, 4).add_(block)  # overlapping windows accumulate
+        expected = torch.zeros(1, 3, 6, 8, dtype=torch.float64)
+        expected[:, :, 1:3, 2:6] += block
+        expected[:, :, 2:4, 3:7] += block
+        assert torch.equal(store.read(0, 0, 6, 8), expected)
+        view = store.window(0, 0, 6, 8)
+        assert view.is_contiguous(memory_format=torch.channels_last)  # the (H, W, C) array, seen as (1, C, H, W)
+        view.copy_(expected * 2)
+        assert torch.equal(store.read(0, 0, 6, 8), expected * 2)
+        with pytest.raises(ValueError, match="is not inside"):
+            store.window(5, 0, 2, 8)
+
+
 def test_activation_store_refuses_bad_requests(tmp_path):
     with pytest.raises(ValueError, match="where must be one of"):
         ActivationStore.create((1, 2, 2), where="gpu")
@@ -317,6 +380,16 @@ def test_memory_estimate_and_the_choice_to_stream():
     assert should_stream(net, *hw, estimate - 1) and not should_stream(net, *hw, estimate)
     # Memory grows with the slide: a slide 4x the area needs about 4x (the RFR decoders are the fixed part).
     assert 3.5 < step_memory_estimate(net, 2 * hw[0], 2 * hw[1]) / estimate < 4.0
+
+
+def test_tiles_for_budget_are_the_largest_whose_windows_fit():
+    net = make_net(4, dtype=torch.float32)
+    budget = 64 * 2**20
+    tiles = streaming.tiles_for_budget(net, budget)
+    for stage, spec, tile in zip(net.stages, net.specs, tiles, strict=True):
+        size = [engine.window_bytes(list(stage), (tile + d * spec.out_stride) // spec.in_stride) for d in (0, 1)]
+        assert tile % spec.out_stride == 0 and size[0] <= budget < size[1]
+    assert tiles[-1] > tiles[0]  # the deep modules' maps are smaller per image pixel
 
 
 # --- the benchmark's streaming rows -------------------------------------------------------------------------

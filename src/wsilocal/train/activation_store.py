@@ -1,8 +1,9 @@
-"""Where streaming training keeps a module's output x_i while the next module reads it window by window.
+"""Where streaming training keeps the maps of a slide — block inputs, intermediate activations, their gradients.
 
 A full-resolution feature map of a gigapixel slide does not fit compute memory (x_1 of a 16384² image is
-64 channels at 1/6 of the side: 1.9 GB in float32), but streaming never needs it whole: module i writes
-the exact part of each window, module i+1 and the RFR patches read windows back. So the map lives
+64 channels at 1/6 of the side: 1.9 GB in float32), but streaming never needs it whole: the block engine of
+:mod:`wsilocal.stream.blocks` writes each window's exact part and reads windows back (with their halos) in the
+next block and in the backward, and adds each window's input gradient into a gradient store. So the maps live
 outside compute memory:
 
 * ``where="memory"``: a host-memory array — the right place when the model runs on a GPU;
@@ -11,8 +12,10 @@ outside compute memory:
   count as the process's anonymous memory. The file is unlinked as soon as it is mapped: nothing is left
   on disk when the store is closed or the process dies.
 
-The array is laid out (H, W, C) so that one window is ``height`` contiguous runs of ``width·C`` values.
-An :class:`ActivationStore` is an :class:`~wsilocal.stream.sources.ImageSource`: ``read`` gives (1, C, h, w).
+The array is laid out (H, W, C) so that one window is ``height`` contiguous runs of ``width·C`` values, and a
+window seen as (1, C, h, w) is in channels-last order (oneDNN's native layout). An :class:`ActivationStore` is an
+:class:`~wsilocal.stream.sources.ImageSource` (``read`` gives a private (1, C, h, w) copy) and a
+:class:`~wsilocal.stream.blocks.MapStore` (``window`` gives a view to read, copy into or add to).
 """
 
 from __future__ import annotations
@@ -42,13 +45,15 @@ class ActivationStore:
 
     def __init__(self, array: np.ndarray, dtype: torch.dtype, where: Where):
         self.array, self.dtype, self.where = array, dtype, where
+        self.tensor = torch.from_numpy(array)  # the same memory (or mapping), for in-place window access
         self.height, self.width, self.channels = (int(n) for n in array.shape)
 
     @classmethod
     def create(cls, shape: tuple[int, int, int], dtype: torch.dtype = torch.float32, *, where: Where = "memory",
-               dir: str | Path | None = None) -> ActivationStore:
+               dir: str | Path | None = None, zero: bool = False) -> ActivationStore:
         """An empty store for a map of ``shape`` = (C, H, W) in host memory or in an unnamed file in ``dir``
-        (default: the system's temporary folder)."""
+        (default: the system's temporary folder); ``zero``: filled with zeros (a gradient store; a new file
+        always is, and zeroed host memory is only touched where it is written)."""
         if where not in WHERE:
             raise ValueError(f"activation store: where must be one of {WHERE}, got {where!r}")
         channels, height, width = (int(n) for n in shape)
@@ -56,7 +61,7 @@ class ActivationStore:
             raise ValueError(f"activation store: shape must be positive, got {tuple(shape)}")
         layout = (height, width, channels)
         if where == "memory":
-            return cls(np.empty(layout, numpy_dtype(dtype)), dtype, where)
+            return cls((np.zeros if zero else np.empty)(layout, numpy_dtype(dtype)), dtype, where)
         fd, path = tempfile.mkstemp(prefix="wsilocal-activations-", suffix=".bin", dir=dir)
         try:
             with os.fdopen(fd, "w+b") as handle:
@@ -91,11 +96,18 @@ class ActivationStore:
         window = torch.from_numpy(np.array(self.array[top : top + height, left : left + width]))
         return window.permute(2, 0, 1).unsqueeze(0).contiguous()
 
+    def window(self, top: int, left: int, height: int, width: int) -> torch.Tensor:
+        """The window as a (1, C, height, width) *view* of the store (channels-last strides): reading it copies
+        nothing, ``copy_`` writes it and ``add_`` accumulates into it."""
+        self._check(top, left, height, width)
+        return self.tensor[top : top + height, left : left + width].permute(2, 0, 1).unsqueeze(0)
+
     def close(self) -> None:
         """Release the memory or the mapping (and so the unnamed file's disk space).
 
         Dropping the only reference unmaps the file (``read`` hands out copies, never views)."""
         self.array = np.empty((0, 0, self.channels), self.array.dtype)
+        self.tensor = torch.from_numpy(self.array)
         self.height = self.width = 0
 
     def __enter__(self) -> ActivationStore:
