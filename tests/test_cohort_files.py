@@ -13,7 +13,7 @@ import torch
 
 from wsilocal.cli import main
 from wsilocal.models.resnet import ResNetTrunk
-from wsilocal.slide.synth import synthesize_cohort
+from wsilocal.synth import synthesize_cohort
 
 pytestmark = pytest.mark.usefixtures("one_thread_everywhere")
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from test_heatmap import MEAN, STD, lesion_detector  # a model whose attention is known: it looks at dark nuclei
 
+from wsilocal import synth
 from wsilocal.cli import build_parser, main
 from wsilocal.config import (
     IMAGENET_MEAN,
@@ -30,7 +31,6 @@ from wsilocal.infer.heatmap import cell_tissue_fraction, tissue_attention
 from wsilocal.infer.predict import Predictor, predict_slides
 from wsilocal.infer.summary import attention_per_mask_pixel, attention_shares, load_heatmap, write_summary
 from wsilocal.prepare.cache import PrepareSettings
-from wsilocal.slide import synth
 
 pytestmark = pytest.mark.usefixtures("one_thread_everywhere")
 

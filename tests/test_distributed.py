@@ -20,7 +20,7 @@ from wsilocal.config import TrainConfig, save_config
 from wsilocal.models.local_net import LocalNet
 from wsilocal.prepare.cache import prepare_cohort
 from wsilocal.slide.cohort import load_cohort
-from wsilocal.slide.synth import synthesize_cohort
+from wsilocal.synth import synthesize_cohort
 from wsilocal.train.checkpoint import load_checkpoint
 from wsilocal.train.data import CachedSlides
 from wsilocal.train.distributed import DistContext, GradientAllReduce, spawn_processes

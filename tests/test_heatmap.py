@@ -10,12 +10,12 @@ from matplotlib.path import Path as GeometryPath
 from PIL import Image
 from scipy import ndimage
 
+from wsilocal import synth
 from wsilocal.infer.heatmap import attention_geojson, high_attention_cells, save_heatmap
 from wsilocal.infer.predict import Prediction, Predictor
 from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.resnet import FrozenBatchNorm2d, ResNet34Trunk
 from wsilocal.prepare.cache import PrepareSettings
-from wsilocal.slide import synth
 
 MEAN, STD = [0.8, 0.7, 0.8], [0.2, 0.2, 0.2]
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from wsilocal import synth
 from wsilocal.cli import main
 from wsilocal.config import TrainConfig, save_config
 from wsilocal.errors import CheckpointError, SlideError
@@ -19,7 +20,6 @@ from wsilocal.models import local_net
 from wsilocal.models.resnet import ResNet34Trunk, calibrate_batchnorm
 from wsilocal.models.split import block_boundaries
 from wsilocal.prepare.cache import PrepareSettings, build_entry, channel_stats
-from wsilocal.slide import synth
 from wsilocal.slide.cohort import CohortSlide
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 from wsilocal.stream.geometry import block_geometry, plan_axis

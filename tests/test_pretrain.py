@@ -24,7 +24,7 @@ from wsilocal.pretrain import augment
 from wsilocal.pretrain.objectives import nt_xent, vicreg
 from wsilocal.pretrain.tiles import TileSampler, build_tile_index, find_slide_files
 from wsilocal.pretrain.trainer import learning_rate, pretrain
-from wsilocal.slide.synth import synthesize_cohort
+from wsilocal.synth import synthesize_cohort
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

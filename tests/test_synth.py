@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from wsilocal import synth
 from wsilocal.errors import ConfigError
-from wsilocal.slide import synth
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 
 CLASSES = ["glandular", "solid", "papillary"]

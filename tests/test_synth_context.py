@@ -16,10 +16,10 @@ from PIL import Image
 from scipy import ndimage, stats
 from scipy.spatial import cKDTree
 
+from wsilocal import synth
 from wsilocal.cli import main
 from wsilocal.errors import ConfigError
 from wsilocal.models.resnet import ResNet34Trunk
-from wsilocal.slide import synth
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.stream.geometry import footprint, trunk_geometry
 

@@ -9,7 +9,7 @@ import torch
 from wsilocal.cli import main
 from wsilocal.config import TrainConfig
 from wsilocal.errors import ConfigError, SlideError
-from wsilocal.slide.synth import synthesize_cohort
+from wsilocal.synth import synthesize_cohort
 from wsilocal.train.checkpoint import load_checkpoint
 from wsilocal.train.evaluate import evaluate_run
 from wsilocal.train.trainer import balanced_class_weights, train

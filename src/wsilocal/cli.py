@@ -45,7 +45,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from wsilocal.slide.synth import SynthParams, synthesize_cohort
+    from wsilocal.synth import SynthParams, synthesize_cohort
 
     csv_path = synthesize_cohort(args.out, classes=args.classes, slides_per_class=args.slides_per_class,
                                  size=args.size, seed=args.seed, workers=args.workers,

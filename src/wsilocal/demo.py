@@ -212,7 +212,7 @@ def run_demo(out: Path, quick: bool = False, settings: DemoSettings | None = Non
     from wsilocal.prepare.cache import PrepareSettings, format_summary, prepare_cohort
     from wsilocal.pretrain.trainer import CHECKPOINT_FILE, pretrain
     from wsilocal.slide.cohort import load_cohort
-    from wsilocal.slide.synth import SynthParams, synthesize_cohort
+    from wsilocal.synth import SynthParams, synthesize_cohort
     from wsilocal.train.evaluate import evaluate_run, format_metrics
     from wsilocal.train.trainer import train
 
@@ -330,7 +330,7 @@ def _print_closing(out: Path, minutes: float, stage_seconds: dict[str, float], p
         "",
         "Files, and the command that made each:",
         f"  {out / 'cohort'}/ (slides/, masks/ = known lesions, cohort.csv, synth.json)",
-        "      this demo (Python: wsilocal.slide.synth.synthesize_cohort; `wsilocal synth --out DIR` writes the "
+        "      this demo (Python: wsilocal.synth.synthesize_cohort; `wsilocal synth --out DIR` writes the "
         "generator's full-difficulty cohorts)",
         f"  {pre.out}/resnet34.safetensors, loss_curve.png, pretrain_log.csv",
         f"      {command_line('pretrain', pre)}",

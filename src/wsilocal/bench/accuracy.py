@@ -55,7 +55,7 @@ from wsilocal.demo import DemoSettings, demo_config
 from wsilocal.errors import ConfigError, WsilocalError
 from wsilocal.models.mil import MIL_MODELS
 from wsilocal.plotting import pyplot
-from wsilocal.slide.synth import DEFAULT_SIZE, GENERATOR_VERSION, SynthParams, class_names
+from wsilocal.synth import DEFAULT_SIZE, GENERATOR_VERSION, SynthParams, class_names
 
 RUN_MARKER = "bench_run.json"  # written last into a run directory: the run is finished, with these results
 PREDICTIONS_FILE = "predictions_test.csv"  # what `wsilocal evaluate` writes into a run: per-slide probabilities
@@ -371,7 +371,7 @@ def prepare_synthetic_cohort(cohort_settings: CohortSettings, folder: Path, *, w
                              progress: bool = True) -> Path:
     """Generate the cohort in ``folder`` unless it is there already (checked: same generator and parameters);
     returns its ``cohort.csv``."""
-    from wsilocal.slide.synth import synthesize_cohort
+    from wsilocal.synth import synthesize_cohort
 
     params = cohort_settings.synth_params()
     meta_file = folder / "synth.json"  # written last by the generator: its presence means a complete cohort
@@ -430,7 +430,7 @@ def prepare_benchmark_cohort(cohort_settings: CohortSettings, folder: Path, *, w
 
 
 def shortcut_aurocs(folder: Path, classes: Sequence[str]) -> dict[str, float | None]:
-    """How well each of :func:`~wsilocal.slide.synth.slide_measurements` alone ranks the test slides of the
+    """How well each of :func:`~wsilocal.synth.slide_measurements` alone ranks the test slides of the
     cohort in ``folder``: the AUROC of the positive class (macro one-vs-rest for more than two classes), each
     class's direction (larger or smaller) taken from the training split, as a one-number classifier would learn it.
 
@@ -438,7 +438,7 @@ def shortcut_aurocs(folder: Path, classes: Sequence[str]) -> dict[str, float | N
     number unrelated to the class often reaches 0.75 (4 + 4 slides: one draw in six). A model whose AUROC is no
     better than such a number's may have learnt that number instead of the task (the report checks this).
     """
-    from wsilocal.slide.synth import slide_measurements
+    from wsilocal.synth import slide_measurements
     from wsilocal.train.metrics import binary_auroc
 
     slides = json.loads((folder / "synth.json").read_text())["slides"]

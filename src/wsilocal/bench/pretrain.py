@@ -1,7 +1,7 @@
 """``wsilocal bench pretrain``: does ``wsilocal pretrain`` learn features that tell tissue apart?
 
 On a synthetic morphology cohort (the accuracy benchmark's own, so one ``OUT`` serves both) the generator knows
-which pixels are lesion (:func:`wsilocal.slide.synth.label_mask`). That gives every tile a class without any
+which pixels are lesion (:func:`wsilocal.synth.label_mask`). That gives every tile a class without any
 slide label: a tile mostly inside the lesion takes the slide's arrangement (glandular, solid, papillary, …), a tile
 of tissue with no lesion in it is ``other tissue``, and tiles in between are left out. So the tile task has
 ``classes + 1`` classes, and the look-alike structures the generator scatters over the normal tissue make
@@ -125,7 +125,7 @@ def labelled_tiles(cohort_folder: Path, *, mpp: float, tile: int, lesion_share: 
 
 def _mask_shares(mask: np.ndarray, down: int, coords: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Lesion and tissue shares of each tile (level-0 corner, edge ``size``) on a mask of ``down`` px per pixel."""
-    from wsilocal.slide.synth import MASK_LESION, MASK_TISSUE
+    from wsilocal.synth import MASK_LESION, MASK_TISSUE
 
     lesion, tissue = [], []
     for x, y in coords:

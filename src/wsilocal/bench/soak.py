@@ -96,7 +96,7 @@ def fit_slope(samples: list[dict], warmup: int, key: str = "RssAnon") -> dict:
 def run_soak(out: str | Path, *, epochs: int = 60, slides_per_class: int = 3, size: int = 1536, k: int = 4,
              warmup: int = 20, max_slope_mib: float = 1.0, seed: int = 0, threads: int = 0) -> dict:
     """Synthesize a cohort, train it for ``epochs`` epochs sampling memory, fit the slope; write the report."""
-    from wsilocal.slide.synth import synthesize_cohort
+    from wsilocal.synth import synthesize_cohort
 
     if epochs < warmup + 3:
         raise ConfigError(f"bench soak: --epochs must be at least --warmup + 3 = {warmup + 3}, got {epochs}")

@@ -29,7 +29,7 @@ Slides: a procedural H&E-like pattern (tissue pieces from smoothed noise coverin
 :func:`~wsilocal.slide.tiff_writer.write_pyramidal_tiff` as Aperio SVS whose level 0 is at ``scan_mpp``
 (default 1.0 µm/px, i.e. the 10x level of a 40x scan). Reading at 5x then decodes that level, exactly the
 level a 40x slide's 5x read decodes, while the file is 16× smaller to write than its 40x original.
-(:mod:`wsilocal.slide.synth` renders a 8192² slide at 5x — 65536² px at 0.25 µm/px — in far too long.)
+(:mod:`wsilocal.synth` renders a 8192² slide at 5x — 65536² px at 0.25 µm/px — in far too long.)
 
 Results: ``OUT/speed.json`` (one record per size), ``OUT/speed.md`` (tables) and ``OUT/speed.png`` (plot).
 """

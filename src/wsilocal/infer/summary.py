@@ -30,7 +30,7 @@ from wsilocal.atomic import atomic_output
 from wsilocal.infer.heatmap import interval_overlaps, tissue_attention
 from wsilocal.plotting import pyplot
 
-MASK_GLASS, MASK_TISSUE, MASK_LESION = 0, 128, 255  # values of a label mask (as wsilocal.slide.synth writes them)
+MASK_GLASS, MASK_TISSUE, MASK_LESION = 0, 128, 255  # values of a label mask (as wsilocal.synth writes them)
 
 
 @dataclass(frozen=True)
