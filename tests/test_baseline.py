@@ -12,12 +12,13 @@ from wsilocal.cli import main
 from wsilocal.config import BaselineConfig, TrainConfig
 from wsilocal.errors import CheckpointError
 from wsilocal.features.h5 import read_features, write_features
+from wsilocal.run.directory import model_signature
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.train.bags import load_bags
 from wsilocal.train.baseline import load_baseline_run, train_baseline
 from wsilocal.train.checkpoint import load_checkpoint
 from wsilocal.train.evaluate import evaluate_run
-from wsilocal.train.trainer import Trainer, build_model, model_signature
+from wsilocal.train.trainer import Trainer, build_model
 
 SIGNAL_DIMS = 32  # positive tiles are shifted by +2 on these feature dimensions: an easy, learnable signal
 

@@ -22,7 +22,8 @@ from wsilocal.features.extract import FeatureExtractor, extraction_settings
 from wsilocal.features.h5 import read_attrs, read_features, write_features
 from wsilocal.infer.baseline_predict import BaselinePredictor, run_feature_settings
 from wsilocal.infer.heatmap import cell_edges, high_attention_cells, save_heatmap, tile_attention_map
-from wsilocal.infer.predict import load_predictor, predict_slides
+from wsilocal.infer.load import load_predictor
+from wsilocal.infer.predict import predict_slides
 from wsilocal.models.mil import build_mil_model
 from wsilocal.slide.reader import open_slide
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff

@@ -12,7 +12,8 @@ from scipy import ndimage
 
 from wsilocal import synth
 from wsilocal.infer.heatmap import attention_geojson, high_attention_cells, save_heatmap
-from wsilocal.infer.predict import Prediction, Predictor
+from wsilocal.infer.predict import Predictor
+from wsilocal.infer.prediction import Prediction
 from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.resnet import FrozenBatchNorm2d, ResNet34Trunk
 from wsilocal.prepare.cache import PrepareSettings

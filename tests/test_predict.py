@@ -20,12 +20,13 @@ from wsilocal.models import local_net
 from wsilocal.models.resnet import ResNet34Trunk, calibrate_batchnorm
 from wsilocal.models.split import block_boundaries
 from wsilocal.prepare.cache import PrepareSettings, build_entry, channel_stats
+from wsilocal.run.directory import model_signature
 from wsilocal.slide.cohort import CohortSlide
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 from wsilocal.stream.geometry import block_geometry, plan_axis
 from wsilocal.stream.sources import to_tensor
 from wsilocal.train.checkpoint import load_checkpoint, save_checkpoint
-from wsilocal.train.trainer import build_model, model_signature
+from wsilocal.train.trainer import build_model
 
 CLASSES = ["glandular", "solid"]
 BIG = 2**40  # a memory budget every test image fits: whole-image forward

@@ -98,14 +98,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from wsilocal.config import TrainConfig, config_from_dict, load_config, overrides_from_args
+    from wsilocal.run.directory import RunDirectory
     from wsilocal.train.trainer import train
 
     overrides = overrides_from_args(args)
     if args.resume:
-        run = Path(args.resume)
-        if not (run / "config.yaml").is_file():
-            raise WsilocalError(f"{run}: cannot resume, no config.yaml in it")
-        config = load_config(run / "config.yaml", overrides)
+        run = RunDirectory(args.resume)
+        if not run.config_file.is_file():
+            raise WsilocalError(f"{run.path}: cannot resume, no config.yaml in it")
+        config = load_config(run.config_file, overrides)
     elif args.config:
         config = load_config(args.config, overrides)
     else:
@@ -163,10 +164,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from wsilocal.train.baseline import is_baseline_run
+    from wsilocal.run.directory import RunDirectory
     from wsilocal.train.evaluate import evaluate_run, format_metrics
 
-    if args.heatmap and not is_baseline_run(args.run):
+    if args.heatmap and not RunDirectory(args.run).is_baseline:
         raise WsilocalError(f"{args.run}: --heatmap draws a baseline run's tile attention; for a run of the method "
                             f"use `wsilocal predict --run {args.run} --cohort CSV --split {args.split} --heatmap`")
     metrics = evaluate_run(args.run, args.split, checkpoint=args.checkpoint, strict=args.strict)
@@ -186,14 +187,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from wsilocal.infer.predict import (
-        bfloat16_is_native,
-        cohort_slides,
-        format_run,
-        load_predictor,
-        named_slides,
-        predict_slides,
-    )
+    from wsilocal.infer.load import load_predictor
+    from wsilocal.infer.predict import bfloat16_is_native, cohort_slides, format_run, named_slides, predict_slides
 
     if bool(args.slides) == bool(args.cohort):
         raise WsilocalError("give slide files or --cohort CSV (not both)")
@@ -215,14 +210,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     from wsilocal.config import BaselineConfig, config_from_dict, load_config, overrides_from_args
+    from wsilocal.run.directory import RunDirectory
     from wsilocal.train.baseline import train_baseline
 
     overrides = overrides_from_args(args, BaselineConfig)
     if args.resume:
-        run = Path(args.out or ".")
-        if not (run / "config.yaml").is_file():
-            raise WsilocalError(f"{run}: cannot resume, no config.yaml in it (give the run directory with --out)")
-        config = load_config(run / "config.yaml", overrides, BaselineConfig)
+        run = RunDirectory(args.out or ".")
+        if not run.config_file.is_file():
+            raise WsilocalError(f"{run.path}: cannot resume, no config.yaml in it (give the run directory with --out)")
+        config = load_config(run.config_file, overrides, BaselineConfig)
     elif args.config:
         config = load_config(args.config, overrides, BaselineConfig)
     else:

@@ -207,7 +207,8 @@ def run_demo(out: Path, quick: bool = False, settings: DemoSettings | None = Non
     Each step reuses what an earlier run of the demo in ``out`` finished (the cohort, the cache, a finished
     pretraining, a run with the same settings, which it continues); a run started with other settings is refused.
     """
-    from wsilocal.infer.predict import cohort_slides, format_run, load_predictor, predict_slides
+    from wsilocal.infer.load import load_predictor
+    from wsilocal.infer.predict import cohort_slides, format_run, predict_slides
     from wsilocal.infer.summary import write_summary
     from wsilocal.prepare.cache import PrepareSettings, format_summary, prepare_cohort
     from wsilocal.pretrain.trainer import CHECKPOINT_FILE, pretrain

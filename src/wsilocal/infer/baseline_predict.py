@@ -11,7 +11,7 @@ run trained before that, from the attributes of a feature file in the run's ``fe
 file is recognised by its SHA-256 (part of the extractor's description): another file is refused, and a
 randomly initialised extractor is reproduced from its fixed seed.
 
-The result is a :class:`~wsilocal.infer.predict.Prediction` like the method's: its attention map holds the
+The result is a :class:`~wsilocal.infer.prediction.Prediction` like the method's: its attention map holds the
 model's per-tile attention (or scores) on the tile grid, one cell per tile, NaN where the grid has no tile
 (:func:`~wsilocal.infer.heatmap.tile_attention_map`), so :func:`~wsilocal.infer.heatmap.save_heatmap` draws
 it. :func:`evaluation_heatmaps` draws the same heatmaps for an evaluated split from ``attention_<split>/``.
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from wsilocal.config import BaselineConfig, load_config
 from wsilocal.errors import WsilocalError, out_of_memory_as_slide_error
 from wsilocal.features.extract import (
     FORMAT_VERSION,
@@ -41,14 +40,24 @@ from wsilocal.features.extract import (
 from wsilocal.features.h5 import read_attrs
 from wsilocal.features.tiles import tile_size_level0
 from wsilocal.infer.heatmap import save_heatmap, tile_attention_map
-from wsilocal.infer.predict import PeakMemory, Prediction, check_run_options
+from wsilocal.infer.prediction import PeakMemory, Prediction, check_run_options
 from wsilocal.models.mil import MIL_MODELS, MILModel
 from wsilocal.models.resnet import DEFAULT_ARCH
+from wsilocal.run.directory import RunDirectory
 from wsilocal.runtime import resolve_device
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import Slide, open_slide
 from wsilocal.train.bags import features_path
 from wsilocal.train.baseline import load_baseline_run
+
+
+def _baseline_run(run_dir: str | Path, checkpoint: str = "best",
+                  assume_mpp: float | None = None) -> tuple[RunDirectory, dict]:
+    """:func:`~wsilocal.infer.prediction.check_run_options`, and that the run is a baseline's."""
+    run, meta = check_run_options(run_dir, checkpoint, assume_mpp)
+    if not run.is_baseline:
+        raise WsilocalError(f"{run.path}: not a baseline run (its config.yaml does not say method 'baseline')")
+    return run, meta
 
 
 def run_feature_settings(run_dir: str | Path) -> dict:
@@ -60,11 +69,10 @@ def run_feature_settings(run_dir: str | Path) -> dict:
     Raises:
         WsilocalError: neither says how the features were made (e.g. they were made by CLAM).
     """
-    run_dir = Path(run_dir)
-    _, meta = check_run_options(run_dir, "best", None)
+    run, meta = _baseline_run(run_dir)
     if isinstance(meta.get("features"), dict):
         return meta["features"]
-    folder = Path(load_config(run_dir / "config.yaml", cls=BaselineConfig).features)
+    folder = Path(run.config().features)
     for path in sorted(folder.glob("*.h5")):
         try:
             settings = extraction_settings(read_attrs(path))
@@ -72,7 +80,7 @@ def run_feature_settings(run_dir: str | Path) -> dict:
             continue
         if settings is not None:
             return settings
-    raise WsilocalError(f"{run_dir / 'model.json'}: the run does not record how its tile features were made, and no "
+    raise WsilocalError(f"{run.metadata_file}: the run does not record how its tile features were made, and no "
                         f"feature file in {folder} does; predict needs features made by `wsilocal features`")
 
 
@@ -114,12 +122,10 @@ class BaselinePredictor:
             WsilocalError: not a baseline run, extraction settings unknown, the weights file missing or not the
                 one the features were made with (checked by SHA-256), features of another dimension.
         """
-        run_dir, meta = check_run_options(run_dir, checkpoint, assume_mpp)
-        if meta.get("method") != "baseline":
-            raise WsilocalError(f"{run_dir}: not a baseline run (its model.json does not say method 'baseline')")
-        settings = run_feature_settings(run_dir)
+        run, meta = _baseline_run(run_dir, checkpoint, assume_mpp)
+        settings = run_feature_settings(run.path)
         if settings["format_version"] != FORMAT_VERSION:
-            raise WsilocalError(f"{run_dir}: its features are of format version {settings['format_version']}, "
+            raise WsilocalError(f"{run.path}: its features are of format version {settings['format_version']}, "
                                 f"this wsilocal makes version {FORMAT_VERSION}; re-extract them and retrain")
         recorded = settings["weights"]
         path = Path(weights) if weights is not None else Path(recorded) if recorded else None
@@ -133,9 +139,9 @@ class BaselinePredictor:
                                 f"features were made with {theirs} ({recorded or 'no weights file'}); give that "
                                 "file with --weights")
         if extractor.dim != meta.get("in_dim"):
-            raise WsilocalError(f"{run_dir}: the model takes {meta.get('in_dim')}-d features, the extractor "
+            raise WsilocalError(f"{run.path}: the model takes {meta.get('in_dim')}-d features, the extractor "
                                 f"makes {extractor.dim}-d ones")
-        _, model, state = load_baseline_run(run_dir, checkpoint)
+        _, model, state = load_baseline_run(run.path, checkpoint)
         return cls(model, extractor, state["classes"], settings, device=resolve_device(device),
                    assume_mpp=assume_mpp, batch_size=batch_size)
 
@@ -219,13 +225,13 @@ def evaluation_heatmaps(run_dir: str | Path, split: str = "test") -> EvaluationH
     Raises:
         WsilocalError: the split was not evaluated yet.
     """
-    run_dir, meta = check_run_options(run_dir, "best", None)
-    config = load_config(run_dir / "config.yaml", cls=BaselineConfig)
+    run, meta = _baseline_run(run_dir)
+    config = run.config()
     classes = list(meta["classes"])
-    result = EvaluationHeatmaps(run_dir / f"heatmaps_{split}")
-    predictions_csv, attention_dir = run_dir / f"predictions_{split}.csv", run_dir / f"attention_{split}"
+    result = EvaluationHeatmaps(run.heatmaps_folder(split))
+    predictions_csv, attention_dir = run.predictions_file(split), run.attention_folder(split)
     if not predictions_csv.is_file():
-        raise WsilocalError(f"{predictions_csv}: not found; run `wsilocal evaluate {run_dir} --split {split}` first")
+        raise WsilocalError(f"{predictions_csv}: not found; run `wsilocal evaluate {run.path} --split {split}` first")
     if not attention_dir.is_dir():
         result.note = (f"no heatmaps: {config.model} wrote no tile attention for split {split!r} "
                        f"({attention_dir} is missing), it has no attention map")

@@ -2,7 +2,7 @@
 
 The final classifier H gives one attention weight per cell of the trunk's output map; a cell stands for a
 square of ``stride`` pixels (48 at conv1 stride 3) of the tissue image at the run's resolution, centred on its
-receptive field. :class:`~wsilocal.infer.predict.Prediction` carries where the cells lie in level-0 pixels
+receptive field. :class:`~wsilocal.infer.prediction.Prediction` carries where the cells lie in level-0 pixels
 (``cell_origin``, ``cell_size``), and :func:`cell_edges` turns that into cell boundaries that tile the tissue
 box exactly; the PNG, the GeoJSON and the JSON sidecar all use that one transform.
 
@@ -30,17 +30,14 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
 from wsilocal.errors import WsilocalError
+from wsilocal.infer.prediction import Prediction
 from wsilocal.plotting import pyplot
 from wsilocal.slide.reader import open_slide, read_region_downsampled
-
-if TYPE_CHECKING:
-    from wsilocal.infer.predict import Prediction
 
 HIGH_ATTENTION = {"name": "high attention", "color": [255, 48, 0]}  # QuPath class of the exported polygons
 Vertex = tuple[int, int]  # (column, row) of a cell corner

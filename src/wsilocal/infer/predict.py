@@ -7,9 +7,10 @@ resolution through the trunk — the whole image at once when that fits the memo
 overlapping tiles otherwise (:func:`wsilocal.stream.geometry.trunk_forward`). No cache is written, and the
 pixels are those the cache would hold, so a prediction equals what ``wsilocal evaluate`` computes.
 
-A run of a tile-based MIL baseline (``wsilocal baseline``) predicts through the same functions: :func:`load_predictor`
-returns a :class:`Predictor` or a :class:`~wsilocal.infer.baseline_predict.BaselinePredictor` by the run's type,
-and both give a :class:`Prediction`.
+A run of a tile-based MIL baseline (``wsilocal baseline``) predicts through the same functions:
+:func:`~wsilocal.infer.load.load_predictor` returns a :class:`Predictor` or a
+:class:`~wsilocal.infer.baseline_predict.BaselinePredictor` by the run's kind, and both give a
+:class:`~wsilocal.infer.prediction.Prediction`.
 
 The trunk can run in bfloat16 (``dtype=torch.bfloat16``, ``wsilocal predict --bf16``); H always runs in
 float32. It pays only where the hardware computes bfloat16 (:func:`bfloat16_is_native`): elsewhere PyTorch
@@ -19,27 +20,23 @@ emulates it, many times slower than float32 (``docs/inference.md`` has the measu
 from __future__ import annotations
 
 import csv
-import gc
-import json
-import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from wsilocal.config import load_config
 from wsilocal.errors import CheckpointError, ConfigError, WsilocalError, out_of_memory_as_slide_error
 from wsilocal.infer.heatmap import save_heatmap
+from wsilocal.infer.prediction import PeakMemory, Prediction, SlidePredictor, check_run_options
 from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.resnet import ResNetTrunk
-from wsilocal.prepare.cache import PrepareSettings, tissue_read_size
-from wsilocal.runtime import default_memory_budget, process_memory_bytes, resolve_device, trim_heap
+from wsilocal.prepare.cache import PrepareSettings, settings_for, tissue_read_size
+from wsilocal.run.directory import expected_signature
+from wsilocal.runtime import default_memory_budget, resolve_device
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import open_slide
 from wsilocal.slide.tissue import detect_tissue
@@ -47,75 +44,8 @@ from wsilocal.stream.forward import trunk_forward
 from wsilocal.stream.geometry import footprint, trunk_geometry
 from wsilocal.stream.sources import SlideSource
 from wsilocal.train.checkpoint import load_checkpoint
-from wsilocal.train.trainer import model_signature
 
 DTYPES = (torch.float32, torch.bfloat16)  # precisions the trunk can run in
-
-
-@dataclass(frozen=True, eq=False)
-class Prediction:
-    """The prediction for one slide.
-
-    Attributes:
-        slide: the slide file.
-        predicted: the most probable class.
-        probabilities: class name → probability (the run's class order).
-        seconds: wall time of the whole prediction (open, tissue detection, reading, forward).
-        peak_memory_bytes: peak resident memory added by this prediction (CPU), or peak CUDA memory allocated
-            beyond what was allocated before it (GPU); None where it was not measured
-            (``Predictor.predict(..., measure_memory=False)``).
-        mode: ``"whole"`` (one forward over the whole tissue image) or ``"streamed"`` (exact band streaming,
-            :mod:`wsilocal.stream.bands`); ``"tiles"`` for a tile-based MIL baseline.
-        feature_shape: (h, w) of the trunk's final map, one attention weight per cell (a baseline: of its tile
-            grid, one cell per tile).
-        bbox: the tissue box (x, y, width, height) in level-0 pixels (a baseline: the box its tile grid covers).
-        mpp: the resolution the tissue box was read at (the run's).
-        cell_origin: level-0 (x, y) of the top-left corner of map cell (0, 0).
-        cell_size: level-0 (width, height) of one map cell. Cell (i, j) covers
-            ``x ∈ [x0 + j·w, x0 + (j+1)·w)``, ``y ∈ [y0 + i·h, y0 + (i+1)·h)``: a square centred on its
-            receptive field, so cell (0, 0) starts about half a cell before the tissue box. The heatmap files
-            cut or extend the outer rows and columns to the box's edges
-            (:func:`~wsilocal.infer.heatmap.cell_edges`).
-        attention: H's attention map (h, w), summing to 1 (only with ``heatmap=True``). A baseline's map holds
-            its per-tile attention or scores, NaN in cells without a tile
-            (:func:`~wsilocal.infer.heatmap.tile_attention_map`).
-        evidence: per-class evidence maps (n_classes, h, w): ``attention × softmax(H's classifier(feature))``
-            at each cell (only with ``heatmap=True``; see :func:`class_evidence`).
-        stages: seconds of each step, summing to about ``seconds``: ``tissue`` (open the file, find the
-            tissue), ``read`` (read and resample the tissue box at the run's MPP, normalise), ``trunk`` (the
-            trunk's forward; streamed, it overlaps the reads, which are not counted here) and
-            ``head`` (H, and the evidence maps with ``heatmap=True``). A baseline: ``features`` (open the file,
-            find the tissue, read the tiles, extract their features) and ``head`` (the MIL model).
-        attention_is_softmax: whether ``attention`` is a distribution over the cells (H, ABMIL, CLAM, DSMIL)
-            rather than per-tile scores in [0, 1] (max-/mean-pooling, MIL-RNN); the heatmap scales it accordingly.
-    """
-
-    slide: str
-    predicted: str
-    probabilities: dict[str, float]
-    seconds: float
-    peak_memory_bytes: int | None
-    mode: str
-    feature_shape: tuple[int, int]
-    bbox: tuple[int, int, int, int]
-    mpp: float
-    cell_origin: tuple[float, float]
-    cell_size: tuple[float, float]
-    attention: np.ndarray | None = None
-    evidence: np.ndarray | None = None
-    stages: dict[str, float] = field(default_factory=dict)
-    attention_is_softmax: bool = True
-
-
-class SlidePredictor(Protocol):
-    """What :func:`predict_slides` needs of a predictor: :class:`Predictor` or
-    :class:`~wsilocal.infer.baseline_predict.BaselinePredictor`."""
-
-    classes: list[str]
-    device: torch.device
-    no_heatmap: str | None  # why this model can draw no heatmap; None when it can
-
-    def predict(self, slide_path: str | Path, *, heatmap: bool = False, progress: bool = False) -> Prediction: ...
 
 
 @torch.no_grad()
@@ -137,70 +67,6 @@ def _receptive_grid(trunk: ResNetTrunk) -> tuple[int, float]:
     """Total stride of the trunk and the image x of output 0's receptive-field centre (pixel edges at integers)."""
     stride, first, last = footprint(trunk_geometry(trunk))
     return stride, (first + last) / 2 + 0.5  # + 0.5: from a pixel's index to its centre
-
-
-class PeakMemory:
-    """Measures the peak memory a block of code adds: resident set size on CPU, CUDA allocations on GPU.
-
-    Entering it first resets (:meth:`reset`): on CPU, freed heap memory is handed back to the OS (``malloc_trim``)
-    and the kernel's high-water mark reset (``/proc/self/clear_refs``), so the figure is this block's own peak
-    even when an earlier slide was larger. Where the mark cannot be reset, it is the process peak minus the RSS at
-    the start (an upper bound).
-
-    The reset costs time inside and after it: the heap handed back must be page-faulted in again by the next large
-    allocation. Code that is timed against code without the meter must run without it (see
-    ``Predictor.predict(..., measure_memory=False)``).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.bytes = 0
-
-    def reset(self) -> None:
-        """Collect garbage and reset the peak: CUDA's peak statistics, or (CPU) trim the heap and reset the
-        kernel's high-water mark."""
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            trim_heap()
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
-
-    def __enter__(self) -> PeakMemory:
-        self.reset()
-        if self.device.type == "cuda":
-            self._start = torch.cuda.memory_allocated(self.device)
-        else:
-            self._start = process_memory_bytes("VmRSS")
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.device.type == "cuda":
-            self.bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
-        else:
-            self.bytes = max(0, process_memory_bytes("VmHWM") - self._start)
-
-
-def check_run_options(run_dir: str | Path, checkpoint: str, assume_mpp: float | None) -> tuple[Path, dict]:
-    """The run directory and its ``model.json``, once the options every predictor takes are checked."""
-    run_dir = Path(run_dir)
-    if checkpoint not in ("best", "last"):
-        raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "model.json").is_file():
-        raise WsilocalError(f"{run_dir}: not a run directory (needs config.yaml and model.json)")
-    if assume_mpp is not None and not (math.isfinite(assume_mpp) and assume_mpp > 0):
-        raise ConfigError(f"--assume-mpp must be a positive number of microns per pixel, got {assume_mpp}")
-    try:
-        meta = json.loads((run_dir / "model.json").read_text())
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        raise WsilocalError(f"{run_dir / 'model.json'}: unreadable run metadata ({exc})") from None
-    return run_dir, meta
 
 
 def bfloat16_is_native(device: torch.device) -> bool:
@@ -293,29 +159,26 @@ class Predictor:
             assume_mpp: µm/px for slides without resolution metadata (default: the run's ``assume_mpp``).
             dtype: precision of the trunk, ``torch.float32`` or ``torch.bfloat16`` (see :func:`bfloat16_is_native`).
         """
-        run_dir, meta = check_run_options(run_dir, checkpoint, assume_mpp)
-        if meta.get("method") == "baseline":
-            raise WsilocalError(f"{run_dir}: a tile-based MIL baseline run; load it with load_predictor() or "
+        run, meta = check_run_options(run_dir, checkpoint, assume_mpp)
+        if run.is_baseline:
+            raise WsilocalError(f"{run.path}: a tile-based MIL baseline run; load it with load_predictor() or "
                                 "BaselinePredictor.from_run()")
         if memory_budget is not None and memory_budget <= 0:
             raise ConfigError(f"memory budget must be positive, got {memory_budget} bytes")
         if band is not None and band < 1:
             raise ConfigError(f"band must be a positive number of rows, got {band}")
-        config = load_config(run_dir / "config.yaml")
+        config = run.config()
         try:
             classes, mean, std = meta["classes"], meta["mean"], meta["std"]
         except KeyError as exc:
-            raise WsilocalError(f"{run_dir / 'model.json'}: unreadable run metadata ({exc})") from None
-        path = run_dir / f"checkpoint_{checkpoint}.pt"
-        if not path.exists() and checkpoint == "best":
-            path = run_dir / "checkpoint_last.pt"
-        state = load_checkpoint(path, expected_signature=model_signature(config, classes))
+            raise run.unreadable_metadata(exc) from None
+        path = run.checkpoint_path(checkpoint)
+        state = load_checkpoint(path, expected_signature=expected_signature(config, meta))
         trunk = ResNetTrunk(config.conv1_stride, config.fold_bn, arch=config.arch)  # resnet34 for older runs
         head = FinalClassifier(trunk.out_channels, len(classes))
         _load_part(trunk, state["model"], "trunk.", path)
         _load_part(head, state["model"], "head.", path)
-        settings = PrepareSettings(mpp=config.mpp, max_pixels=config.max_pixels,
-                                   assume_mpp=assume_mpp if assume_mpp is not None else config.assume_mpp)
+        settings = settings_for(config, assume_mpp=assume_mpp)
         return cls(trunk, head, classes, mean, std, settings, device=resolve_device(device),
                    memory_budget=memory_budget, band=band, dtype=dtype)
 
@@ -471,31 +334,3 @@ def format_run(run: PredictionRun) -> str:
     lines += [f"skipped {slide_id}: {reason}" for slide_id, reason in run.skipped.items()]
     lines += [f"warning: {warning}" for warning in run.warnings]
     return "\n".join(lines)
-
-
-def load_predictor(run_dir: str | Path, checkpoint: str = "best", *, device: str = "auto",
-                   assume_mpp: float | None = None, memory_budget: int | None = None, band: int | None = None,
-                   dtype: torch.dtype = torch.float32, weights: str | Path | None = None) -> SlidePredictor:
-    """The predictor of a run directory, whichever kind of run it is.
-
-    A run of the method (``wsilocal train``) gives a :class:`Predictor` (``memory_budget``, ``band`` and
-    ``dtype`` are its options); a tile-based MIL baseline (``wsilocal baseline``) gives a
-    :class:`~wsilocal.infer.baseline_predict.BaselinePredictor` (``weights``: where the feature extractor's
-    weights file is now, when it moved since the features were extracted). An option of the other kind is refused.
-    """
-    from wsilocal.infer.baseline_predict import BaselinePredictor  # it imports this module
-    from wsilocal.train.baseline import is_baseline_run
-
-    if is_baseline_run(run_dir):
-        given = [option for option, is_set in (("--memory-budget-gb", memory_budget is not None),
-                                               ("--band", band is not None), ("--bf16", dtype != torch.float32))
-                 if is_set]
-        if given:
-            raise ConfigError(f"{run_dir} is a tile-based MIL baseline run: {', '.join(given)} apply only to runs "
-                              "of the method (a baseline reads its tiles one batch at a time)")
-        return BaselinePredictor.from_run(run_dir, checkpoint, device=device, assume_mpp=assume_mpp, weights=weights)
-    if weights is not None:
-        raise ConfigError(f"{run_dir} is a run of the method: --weights applies only to baseline runs (the feature "
-                          "extractor of their tiles)")
-    return Predictor.from_run(run_dir, checkpoint, device=device, memory_budget=memory_budget, assume_mpp=assume_mpp,
-                              dtype=dtype, band=band)

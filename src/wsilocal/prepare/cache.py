@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -41,6 +42,9 @@ from wsilocal.slide.reader import (
 )
 from wsilocal.slide.tissue import detect_tissue
 
+if TYPE_CHECKING:  # only for the hint: `wsilocal prepare` needs no config module
+    from wsilocal.config import TrainConfig
+
 CACHE_VERSION = 1
 STATS_CHUNK_ROWS = 512
 
@@ -54,6 +58,12 @@ class PrepareSettings:
     mask_mpp: float = 16.0
     margin: float = 0.05
     max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def settings_for(config: TrainConfig, *, assume_mpp: float | None = None) -> PrepareSettings:
+    """The settings a training config makes its 5x images with (``assume_mpp``: instead of the config's)."""
+    return PrepareSettings(mpp=config.mpp, max_pixels=config.max_pixels,
+                           assume_mpp=assume_mpp if assume_mpp is not None else config.assume_mpp)
 
 
 @dataclass

@@ -45,16 +45,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from tqdm import tqdm
 
 from wsilocal.atomic import write_text_atomic
-from wsilocal.config import BASELINE_METHOD, BaselineConfig, load_config, save_config
+from wsilocal.config import BASELINE_METHOD, BaselineConfig, save_config
 from wsilocal.errors import ConfigError, WsilocalError
 from wsilocal.features.extract import extraction_settings
 from wsilocal.features.h5 import read_attrs
 from wsilocal.models.mil import build_mil_model
 from wsilocal.models.mil.base import OPTIMIZERS, MILModel
+from wsilocal.run.directory import RunDirectory, baseline_signature, expected_signature
 from wsilocal.runtime import resolve_device
 from wsilocal.slide.cohort import SPLITS, load_cohort
 from wsilocal.train.bags import FeatureBags, load_bags
@@ -74,20 +74,6 @@ CLAM_EPOCHS = 200  # CLAM's --max_epochs, for models that publish no epoch count
 # Drawing curves.png takes longer than an epoch on small cohorts: metrics files are rewritten at most this
 # often, and always at the end of a stage (every epoch is in the log and in checkpoint_last.pt regardless).
 METRICS_INTERVAL_S = 30.0
-
-
-def baseline_signature(model: str, classes: list[str], in_dim: int) -> dict:
-    """What must match for a checkpoint to load into a baseline model."""
-    return {"method": BASELINE_METHOD, "model": model, "classes": list(classes), "in_dim": int(in_dim)}
-
-
-def is_baseline_run(run_dir: str | Path) -> bool:
-    """Whether ``run_dir`` holds a baseline run (its config.yaml says ``method: baseline``)."""
-    try:
-        values = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    return isinstance(values, dict) and values.get("method") == BASELINE_METHOD
 
 
 def _subsample(features: torch.Tensor, max_instances: int, generator: torch.Generator) -> torch.Tensor:
@@ -163,15 +149,15 @@ class BaselineTrainer(Trainer):
 
     def run(self) -> TrainResult:
         config = self.config
-        if not self.resume and (self.run_dir / "checkpoint_last.pt").exists():
+        if not self.resume and self.directory.holds_run:
             raise ConfigError(f"{self.run_dir}: run directory already holds a run; use --resume to continue it "
                               "or choose another --out")
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
-        if self.resume and not (self.run_dir / "model.json").is_file():
+        if self.resume and not self.directory.metadata_file.is_file():
             raise WsilocalError(f"{self.run_dir}: cannot resume, no model.json in it")
-        saved = json.loads((self.run_dir / "model.json").read_text()) if self.resume else {}
+        saved = self.directory.metadata() if self.resume else {}
         cohort = load_cohort(config.cohort, classes=saved.get("classes"), check_files=False,
                              allow_outside=config.allow_outside_paths)
         classes = list(cohort.classes)
@@ -191,14 +177,14 @@ class BaselineTrainer(Trainer):
 
         # Everything above may fail on bad input; only now does the run directory get written.
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(self.run_dir)
+        setup_logging(self.directory)
         state = None
         if self.resume:
-            state = load_checkpoint(self.run_dir / "checkpoint_last.pt", expected_signature=signature)
-            load_model_state(model, state, self.run_dir / "checkpoint_last.pt")
+            state = load_checkpoint(self.directory.checkpoint_file("last"), expected_signature=signature)
+            load_model_state(model, state, self.directory.checkpoint_file("last"))
             self.warnings = state.get("warnings", [])
         else:
-            save_config(config, self.run_dir / "config.yaml")
+            save_config(config, self.directory.config_file)
             meta = {"method": BASELINE_METHOD, "model": config.model, "classes": classes, "in_dim": train.in_dim}
             settings, problem = _feature_settings([*train.paths, *val.paths])
             if settings is not None:
@@ -206,7 +192,7 @@ class BaselineTrainer(Trainer):
             elif problem:
                 self.warnings.append(problem)
                 log.warning("%s", problem)
-            write_text_atomic(self.run_dir / "model.json", json.dumps(meta, indent=1))
+            self.directory.write_metadata(meta)
             for slide_id, reason in skipped.items():
                 self.warnings.append(f"skipped {slide_id}: {reason}")
                 log.warning("skipped %s: %s", slide_id, reason)
@@ -253,11 +239,11 @@ class BaselineTrainer(Trainer):
                     score = selection_score(val_metrics, evaluation["loss"], config.best_by)
                     if best["score"] is None or score > tuple(best["score"]):
                         best = {"score": list(score), "epoch": len(history) - 1, "val": val_metrics}
-                        self._save(model, self.run_dir / "checkpoint_best.pt", signature, extra={"stage": p})
+                        self._save(model, self.directory.checkpoint_file("best"), signature, extra={"stage": p})
                 epoch += 1
                 stop = bool(config.early_stopping and stage_best["bad_epochs"] >= config.early_stopping
                             and epoch >= config.min_epochs)
-                self._save(model, self.run_dir / "checkpoint_last.pt", signature, extra={
+                self._save(model, self.directory.checkpoint_file("last"), signature, extra={
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "stage": p, "next_epoch": epoch, "stopped_early": stop, "stage_best": stage_best,
@@ -350,14 +336,11 @@ def train_baseline(config: BaselineConfig, resume: bool = False, progress: bool 
 
 def load_baseline_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[BaselineConfig, torch.nn.Module, dict]:
     """The config, the model with the chosen checkpoint's weights (in its predicting stage), and the checkpoint."""
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml", cls=BaselineConfig)
-    meta = json.loads((run_dir / "model.json").read_text())
-    path = run_dir / f"checkpoint_{checkpoint}.pt"
-    if not path.exists() and checkpoint == "best":  # interrupted before the last stage: only `last` exists
-        path = run_dir / "checkpoint_last.pt"
-    state = load_checkpoint(path, expected_signature=baseline_signature(config.model, meta["classes"],
-                                                                        meta["in_dim"]))
+    run = RunDirectory(run_dir)
+    config = run.config()
+    meta = run.metadata()
+    path = run.checkpoint_path(checkpoint)  # interrupted before the last stage: only `last` exists
+    state = load_checkpoint(path, expected_signature=expected_signature(config, meta))
     model = build_mil_model(config.model, len(meta["classes"]), in_dim=meta["in_dim"])
     load_model_state(model, state, path)
     model.set_stage(model.training_stages[state.get("stage", len(model.training_stages) - 1)])
@@ -375,8 +358,8 @@ def evaluate_baseline_run(run_dir: str | Path, split: str = "test", *, checkpoin
     """
     if split not in SPLITS:
         raise WsilocalError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    run_dir = Path(run_dir)
-    config, model, state = load_baseline_run(run_dir, checkpoint)
+    run = RunDirectory(run_dir)
+    config, model, state = load_baseline_run(run.path, checkpoint)
     classes = list(state["classes"])
     cohort = load_cohort(config.cohort, classes=classes, check_files=False, allow_outside=config.allow_outside_paths)
     if not cohort.split(split):
@@ -390,16 +373,16 @@ def evaluate_baseline_run(run_dir: str | Path, split: str = "test", *, checkpoin
                               keep_attention=True)
     metrics = classification_metrics(evaluation["probabilities"], evaluation["labels"], classes)
     metrics.update(loss=evaluation["loss"], split=split, checkpoint=checkpoint, skipped=bags.skipped)
-    write_text_atomic(run_dir / f"metrics_{split}.json", json.dumps(metrics, indent=1))
-    with open(run_dir / f"predictions_{split}.csv", "w", newline="") as handle:
+    write_text_atomic(run.evaluation_metrics_file(split), json.dumps(metrics, indent=1))
+    with open(run.predictions_file(split), "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["slide_id", "label", "predicted", *[f"p_{c}" for c in classes]])
         for slide_id, label, probs in zip(bags.slide_ids, bags.labels, evaluation["probabilities"], strict=True):
             writer.writerow([slide_id, classes[label], classes[int(probs.argmax())], *[repr(float(p)) for p in probs]])
-    plot_roc_curves(evaluation["probabilities"], evaluation["labels"], classes, run_dir / f"roc_{split}.png",
+    plot_roc_curves(evaluation["probabilities"], evaluation["labels"], classes, run.roc_file(split),
                     title=f"ROC on the {split} split ({len(bags)} slides)")
     if evaluation["attention"]:
-        folder = run_dir / f"attention_{split}"
+        folder = run.attention_folder(split)
         folder.mkdir(exist_ok=True)
         for slide_id, coords, attention in evaluation["attention"]:
             write_attention_csv(folder / f"{slide_id}.csv", coords, attention)

@@ -9,26 +9,26 @@ from pathlib import Path
 import torch
 
 from wsilocal.atomic import write_text_atomic
-from wsilocal.config import TrainConfig, load_config
+from wsilocal.config import TrainConfig
 from wsilocal.errors import WsilocalError
-from wsilocal.prepare.cache import PrepareSettings, prepare_slides
+from wsilocal.prepare.cache import prepare_slides, settings_for
+from wsilocal.run.directory import RunDirectory, expected_signature
 from wsilocal.runtime import memory_budget_bytes, resolve_device
 from wsilocal.slide.cohort import SPLITS, load_cohort
+from wsilocal.train.baseline import evaluate_baseline_run
 from wsilocal.train.checkpoint import load_checkpoint, load_model_state
 from wsilocal.train.data import CachedSlides
 from wsilocal.train.metrics import classification_metrics, plot_roc_curves
-from wsilocal.train.trainer import build_model, evaluate_samples, model_signature
+from wsilocal.train.trainer import build_model, evaluate_samples
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[TrainConfig, torch.nn.Module, dict]:
     """The config, the model with the chosen checkpoint's weights, and the checkpoint's metadata."""
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    path = run_dir / f"checkpoint_{checkpoint}.pt"
-    if not path.exists() and checkpoint == "best":
-        path = run_dir / "checkpoint_last.pt"
-    meta = json.loads((run_dir / "model.json").read_text())
-    state = load_checkpoint(path, expected_signature=model_signature(config, meta["classes"]))
+    run = RunDirectory(run_dir)
+    config = run.config()
+    path = run.checkpoint_path(checkpoint)
+    meta = run.metadata()
+    state = load_checkpoint(path, expected_signature=expected_signature(config, meta))
     net = build_model(config, len(meta["classes"]), meta["block_boundaries"])
     load_model_state(net, state, path)
     net.eval()
@@ -46,21 +46,19 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = 
     """
     if split not in SPLITS:
         raise WsilocalError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise WsilocalError(f"{run_dir}: not a run directory (no config.yaml)")
-    from wsilocal.train.baseline import evaluate_baseline_run, is_baseline_run  # here: models.mil loads on demand
-
-    if is_baseline_run(run_dir):  # a tile-feature MIL baseline (`wsilocal baseline`) evaluates on its bags
-        return evaluate_baseline_run(run_dir, split, checkpoint=checkpoint, progress=progress)
-    config, net, state = load_run(run_dir, checkpoint)
+    run = RunDirectory(run_dir)
+    if not run.config_file.is_file():
+        raise WsilocalError(f"{run.path}: not a run directory (no {run.config_file.name})")
+    if run.is_baseline:  # a tile-feature MIL baseline (`wsilocal baseline`) evaluates on its bags
+        return evaluate_baseline_run(run.path, split, checkpoint=checkpoint, progress=progress)
+    config, net, state = load_run(run.path, checkpoint)
     classes = list(state["classes"])
     cohort = load_cohort(config.cohort, classes=classes, check_files=strict, allow_outside=config.allow_outside_paths)
     slides = cohort.split(split)
     if not slides:
         raise WsilocalError(f"{config.cohort}: split {split!r} has no slides")
-    settings = PrepareSettings(mpp=config.mpp, assume_mpp=config.assume_mpp, max_pixels=config.max_pixels)
-    prepared = prepare_slides(slides, config.resolved_cache(), settings, workers=config.workers, progress=progress)
+    prepared = prepare_slides(slides, config.resolved_cache(), settings_for(config), workers=config.workers,
+                              progress=progress)
     kept = [s for s in slides if s.slide_id in prepared.entries]
     if not kept:
         raise WsilocalError(f"{config.cohort}: no slide of split {split!r} could be read")
@@ -76,14 +74,14 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = 
     metrics["split"] = split
     metrics["checkpoint"] = checkpoint
     metrics["skipped"] = prepared.skipped
-    write_text_atomic(run_dir / f"metrics_{split}.json", json.dumps(metrics, indent=1))
-    with open(run_dir / f"predictions_{split}.csv", "w", newline="") as handle:
+    write_text_atomic(run.evaluation_metrics_file(split), json.dumps(metrics, indent=1))
+    with open(run.predictions_file(split), "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["slide_id", "label", "predicted", *[f"p_{c}" for c in classes]])
         for slide, probs in zip(kept, evaluation["probabilities"], strict=True):
             writer.writerow([slide.slide_id, slide.label, classes[int(probs.argmax())],
                              *[repr(float(p)) for p in probs]])
-    plot_roc_curves(evaluation["probabilities"], evaluation["labels"], classes, run_dir / f"roc_{split}.png",
+    plot_roc_curves(evaluation["probabilities"], evaluation["labels"], classes, run.roc_file(split),
                     title=f"ROC on the {split} split ({len(kept)} slides)")
     return metrics
 

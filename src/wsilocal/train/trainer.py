@@ -60,7 +60,8 @@ from wsilocal.errors import ConfigError, SlideError, TrainingInterrupted, Wsiloc
 from wsilocal.models.local_net import LocalNet
 from wsilocal.models.resnet import LoadedWeights, calibrate_batchnorm, load_trunk_weights
 from wsilocal.models.split import BlockBoundaries, block_boundaries
-from wsilocal.prepare.cache import PrepareResult, PrepareSettings, channel_stats, format_summary, prepare_cohort
+from wsilocal.prepare.cache import PrepareResult, channel_stats, format_summary, prepare_cohort, settings_for
+from wsilocal.run.directory import RunDirectory, model_signature
 from wsilocal.runtime import memory_budget_bytes, resolve_device, tune_cpu_allocator
 from wsilocal.slide.cohort import Cohort, load_cohort
 from wsilocal.stream.forward import forward_bytes_estimate
@@ -121,28 +122,14 @@ def build_model(config: TrainConfig, n_classes: int, block_boundaries: list[int]
     )
 
 
-def model_signature(config: TrainConfig, classes: list[str]) -> dict:
-    """What must match for a checkpoint to load into a model built from ``config``."""
-    return {
-        "arch": config.arch,
-        "method": config.method,
-        "k": config.k if config.boundaries is None else None,
-        "boundaries": config.boundaries,
-        "balanced": config.balanced,
-        "conv1_stride": config.conv1_stride,
-        "rfr": config.rfr,
-        "classes": list(classes),
-    }
-
-
-def setup_logging(run_dir: Path) -> None:
+def setup_logging(run: RunDirectory) -> None:
     """Log to RUN/train.log (everything) and stderr (warnings) — progress bars stay readable."""
     log.setLevel(logging.INFO)
     for handler in list(log.handlers):
         if getattr(handler, "_wsilocal", False):
             log.removeHandler(handler)
             handler.close()
-    file_handler = logging.FileHandler(run_dir / "train.log")
+    file_handler = logging.FileHandler(run.log_file)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     file_handler._wsilocal = True  # type: ignore[attr-defined]
     log.addHandler(file_handler)
@@ -338,7 +325,8 @@ class Trainer:
         self.config = config.validate()
         self.progress = progress
         self.resume = resume
-        self.run_dir = Path(config.out)
+        self.directory = RunDirectory(config.out)
+        self.run_dir = self.directory.path
         self.warnings: list[str] = []
         self.ctx = DistContext()
         self.stop_requested = threading.Event()  # set by Ctrl-C (see stop_on_interrupt) or by a caller
@@ -350,12 +338,11 @@ class Trainer:
     def _open_run_dir(self) -> dict | None:
         """Check the run directory, start the log; the saved ``model.json`` of an earlier start, if any."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not self.resume and (self.run_dir / "checkpoint_last.pt").exists():
+        if not self.resume and self.directory.holds_run:
             raise ConfigError(f"{self.run_dir}: run directory already holds a run; use --resume to continue it "
                               "or choose another --out")
-        setup_logging(self.run_dir)
-        meta_file = self.run_dir / "model.json"
-        return json.loads(meta_file.read_text()) if meta_file.exists() else None
+        setup_logging(self.directory)
+        return self.directory.metadata() if self.directory.metadata_file.exists() else None
 
     def _prepare_data(self, saved_meta: dict | None) -> tuple[Cohort, CachedSlides, CachedSlides, dict[str, str]]:
         config = self.config
@@ -363,8 +350,7 @@ class Trainer:
         def prepare() -> tuple[Cohort, PrepareResult]:  # rank 0 fills the cache; the others read it
             cohort = load_cohort(config.cohort, classes=saved_meta["classes"] if saved_meta else None,
                                  check_files=config.strict, allow_outside=config.allow_outside_paths)
-            settings = PrepareSettings(mpp=config.mpp, assume_mpp=config.assume_mpp, max_pixels=config.max_pixels)
-            result, _ = prepare_cohort(cohort, config.resolved_cache(), settings, workers=config.workers,
+            result, _ = prepare_cohort(cohort, config.resolved_cache(), settings_for(config), workers=config.workers,
                                        progress=self.progress)
             return cohort, result
 
@@ -414,7 +400,7 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        if self.resume and not (self.run_dir / "checkpoint_last.pt").exists():
+        if self.resume and not self.directory.holds_run:
             # Killed before its first epoch ended: nothing to continue, so start over (same seed, same run).
             self.resume = False
         tune_cpu_allocator()
@@ -445,18 +431,18 @@ class Trainer:
 
         state = None
         if self.resume:
-            state = ctx.on_main(lambda: load_checkpoint(self.run_dir / "checkpoint_last.pt",
+            state = ctx.on_main(lambda: load_checkpoint(self.directory.checkpoint_file("last"),
                                                         expected_signature=signature))
-            load_model_state(net, state, self.run_dir / "checkpoint_last.pt")
+            load_model_state(net, state, self.directory.checkpoint_file("last"))
             self.warnings = state.get("warnings", [])
         else:
             self._initialise_trunk(net, train)
             if ctx.is_main:
-                save_config(config, self.run_dir / "config.yaml")
+                save_config(config, self.directory.config_file)
                 meta = {"classes": classes, "mean": self.mean, "std": self.std, "arch": config.arch,
                         "block_boundaries": list(block_boundaries(net.split, net.trunk.arch)),
                         "weights": self.loaded_weights.record() if self.loaded_weights else None}
-                write_text_atomic(self.run_dir / "model.json", json.dumps(meta, indent=1))
+                self.directory.write_metadata(meta)
         ctx.broadcast_module(net)  # every rank starts from rank 0's weights and BatchNorm statistics
         self.training = True  # from here on Ctrl-C stops after the next optimizer step, with a checkpoint
         log.info("model:\n%s", net.describe())
@@ -495,7 +481,7 @@ class Trainer:
                     row = self._train_epoch(net, train, phase, p, epoch, optimizer, class_weight, k, mid_epoch)
                 except _MidEpochStop as halt:
                     mid = {"next_group": halt.next_group, "records": halt.records, "seconds": halt.seconds}
-                    self._save(net, self.run_dir / "checkpoint_last.pt", signature, classes,
+                    self._save(net, self.directory.checkpoint_file("last"), signature, classes,
                                extra=self._resumable(optimizer, scheduler, p, epoch, False, phase_best, history,
                                                      best, mid, module_best))
                     raise self._interrupted(f"phase {p} epoch {epoch}, {halt.next_group} of {len(train)} "
@@ -519,13 +505,13 @@ class Trainer:
                 score = selection_score(val_metrics, evaluation["loss"], config.best_by)
                 if is_last_module and (best["score"] is None or score > tuple(best["score"])):
                     best = {"score": list(score), "epoch": len(history) - 1, "val": val_metrics}
-                    self._save(net, self.run_dir / "checkpoint_best.pt", signature, classes)
+                    self._save(net, self.directory.checkpoint_file("best"), signature, classes)
                 if keeps_best and (module_best is None or score > tuple(module_best["score"])):
                     module_best = {"score": list(score), "epoch": len(history) - 1,
                                    "weights": _module_weights(net, phase.start)}
                 epoch += 1
                 stop = bool(config.early_stopping and phase_best["bad_epochs"] >= config.early_stopping)
-                self._save(net, self.run_dir / "checkpoint_last.pt", signature, classes,
+                self._save(net, self.directory.checkpoint_file("last"), signature, classes,
                            extra=self._resumable(optimizer, scheduler, p, epoch, stop, phase_best, history, best,
                                                  module_best=module_best))
                 self._write_metrics(history)
@@ -578,7 +564,7 @@ class Trainer:
         return bool(flag.item())
 
     def _interrupted(self, where: str) -> TrainingInterrupted:
-        checkpoint = self.run_dir / "checkpoint_last.pt"
+        checkpoint = self.directory.checkpoint_file("last")
         log.info("interrupted at %s; checkpoint saved", where)
         return TrainingInterrupted(f"interrupted: saved {checkpoint} at {where}; continue with: "
                                    f"wsilocal train --resume {self.run_dir}")
@@ -597,7 +583,7 @@ class Trainer:
         summary = {"best_epoch": best["epoch"], "best_validation": best["val"], "epochs_run": len(history),
                    "skipped": skipped, "warnings": self.warnings, "model": model, **extra}
         if write:
-            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+            write_text_atomic(self.directory.summary_file, json.dumps(summary, indent=1))
         return TrainResult(self.run_dir, best["epoch"], best["val"], history, skipped, self.warnings)
 
     def _train_epoch(self, net, train: CachedSlides, phase: range, phase_no: int, epoch: int, optimizer,
@@ -730,13 +716,13 @@ class Trainer:
     def _write_metrics(self, history: list[dict]) -> None:
         if not self.ctx.is_main:
             return
-        write_text_atomic(self.run_dir / "metrics.json", json.dumps(history, indent=1))
+        write_text_atomic(self.directory.metrics_json, json.dumps(history, indent=1))
         keys = sorted({k for row in history for k in row if not isinstance(row[k], list)})
-        with open(self.run_dir / "metrics.csv", "w", newline="") as handle:
+        with open(self.directory.metrics_csv, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(history)
-        plot_learning_curves(history, self.run_dir / "curves.png")
+        plot_learning_curves(history, self.directory.curves_file)
 
 
 def _printable(row: dict) -> dict:
