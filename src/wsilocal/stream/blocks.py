@@ -124,7 +124,38 @@ def read_region(source: MapStore | ImageSource, region: Region, placement: dict)
 def _pad(x: torch.Tensor, have: Region, want: Region, value: float = 0.0) -> torch.Tensor:
     """``x`` (covering ``have``) extended to ``want`` with ``value`` — the part of ``want`` past the map's edge."""
     pads = (have[1][0] - want[1][0], want[1][1] - have[1][1], have[0][0] - want[0][0], want[0][1] - have[0][1])
-    return F.pad(x, pads, value=value) if any(pads) else x
+    return _channels_last(F.pad(x, pads, value=value)) if any(pads) else _channels_last(x)
+
+
+def _own_padding(have: Region, want: Region, geometry: Layer | AxisLayers) -> tuple[int, int] | None:
+    """The symmetric padding per axis with which the layer itself, run over ``have``, gives exactly the outputs
+    whose footprint is ``want`` — no padded copy needed (always so for a window covering the whole map);
+    None where the edges need different padding (a window with one edge inside the map)."""
+    pads = []
+    for (h0, h1), (w0, w1), (kernel, stride, _) in zip(have, want, _per_axis(geometry), strict=True):
+        top, bottom = h0 - w0, w1 - h1
+        if bottom > top or (h1 - h0 + 2 * top - kernel) // stride != (w1 - w0 - kernel) // stride:
+            return None
+        pads.append(top)
+    return pads[0], pads[1]
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    """A layer's input window, ready to run: ``tensor`` covers ``covers`` and the layer pads it by ``padding``."""
+
+    tensor: torch.Tensor
+    covers: Region
+    padding: tuple[int, int]
+
+    @classmethod
+    def of(cls, x: torch.Tensor, have: Region, want: Region, geometry: Layer | AxisLayers,
+           value: float = 0.0) -> LayerInput:
+        """``x`` (covering ``have``, the map's part of the footprint ``want``) as the layer's input."""
+        own = _own_padding(have, want, geometry)
+        if own is not None:
+            return cls(_channels_last(x), have, own)
+        return cls(_pad(x, have, want, value), want, (0, 0))
 
 
 def _crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
@@ -185,18 +216,22 @@ class ConvStep:
         pads = (padding, padding) if self.padding is None else self.padding
         return (kernel, stride, pads[0]), (kernel, stride, pads[1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer on a window already padded to its footprint (no padding of its own)."""
+    def input(self, x: torch.Tensor, have: Region, want: Region) -> LayerInput:
+        """``x`` (covering ``have`` of the footprint ``want``) as this layer's input."""
+        return LayerInput.of(x, have, want, self.geometry)
+
+    def forward(self, x: LayerInput) -> torch.Tensor:
+        """The layer's outputs whose footprint ``x`` covers (with its padding)."""
         weight, bias = self.conv.weight, self.conv.bias
         if self.scale is not None:  # no graph here: fold the affine map into the conv, one pass less
             scale = self.scale.view(-1)
             bias = self.shift.view(-1) if bias is None else self.shift.view(-1) + bias * scale
             weight = weight * scale.view(-1, 1, 1, 1)
-        return F.conv2d(x, weight, bias, self.conv.stride, 0)
+        return F.conv2d(x.tensor, weight, bias, self.conv.stride, x.padding)
 
-    def backward(self, x: torch.Tensor, grad: torch.Tensor, input_grad: bool) -> torch.Tensor | None:
-        """Given the padded window ``x`` and the gradient of :meth:`forward`'s output: accumulate the
-        parameters' gradients and return the input gradient (over all of ``x``) if ``input_grad``."""
+    def backward(self, x: LayerInput, grad: torch.Tensor, input_grad: bool) -> torch.Tensor | None:
+        """Given the input ``x`` and the gradient of :meth:`forward`'s output: accumulate the parameters'
+        gradients and return the input gradient (over ``x.covers``) if ``input_grad``."""
         weight, bias = self.conv.weight, self.conv.bias
         if self.scale is not None:
             grad = grad * self.scale
@@ -204,8 +239,8 @@ class ConvStep:
             return None
         # A window with no input gradient still owes the conv's weight gradient: ask for what is needed only.
         grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
-            _channels_last(grad), x, weight, None, list(self.conv.stride), [0, 0], [1, 1], False, [0, 0], 1,
-            [input_grad, weight.requires_grad, False])
+            _channels_last(grad), x.tensor, weight, None, list(self.conv.stride), list(x.padding), [1, 1], False,
+            [0, 0], 1, [input_grad, weight.requires_grad, False])
         if weight.requires_grad:
             accumulate_grad(weight, grad_w)
         if bias is not None and bias.requires_grad:
@@ -222,7 +257,7 @@ def conv_forward_over(step: ConvStep, source: MapStore, out_hw: tuple[int, int],
         want = footprint_region(region, step.geometry)
         have = clip_region(want, hw)
         _crop(out, ((0, out_hw[0]), (0, out_hw[1])), region).copy_(
-            step.forward(_pad(read_region(source, have, placement), have, want)))
+            step.forward(step.input(read_region(source, have, placement), have, want)))
 
 
 def conv_backward_over(step: ConvStep, source: MapStore, grad_out: torch.Tensor, tile: int, placement: dict,
@@ -233,9 +268,9 @@ def conv_backward_over(step: ConvStep, source: MapStore, grad_out: torch.Tensor,
     for region in window_grid(out_hw, tile):
         want = footprint_region(region, step.geometry)
         have = clip_region(want, hw)
-        x = _channels_last(_pad(read_region(source, have, placement), have, want))
+        x = step.input(read_region(source, have, placement), have, want)
         gradient = step.backward(x, _crop(grad_out, ((0, out_hw[0]), (0, out_hw[1])), region), input_grad=True)
-        _store_region(grad_in, have).add_(_crop(gradient, want, have))
+        _store_region(grad_in, have).add_(_crop(gradient, x.covers, have))
 
 
 # --- one block -----------------------------------------------------------------------------------
@@ -294,10 +329,10 @@ class BlockPlan:
                 mids: Sequence[MapStore] | None) -> torch.Tensor:
         """The block's output over ``out``; with ``mids`` (stores of t_1..t_{n−1}) their regions are written too."""
         have, want = self.regions(out)
-        x = _channels_last(read_region(x_src, have[0], placement))
+        x = read_region(x_src, have[0], placement)
         t, n = x, len(self.convs)
         for j, step in enumerate(self.convs, 1):
-            z = step.forward(_pad(t, have[j - 1], want[j]))
+            z = step.forward(step.input(t, have[j - 1], want[j]))
             if j == n:
                 break
             t = F.relu_(z)
@@ -305,7 +340,8 @@ class BlockPlan:
                 _store_region(mids[j - 1], have[j]).copy_(t)
         if self.pool is not None:  # the stem: ReLU, then max-pooling, padded as MaxPool2d pads (-inf)
             kernel, stride, _ = self.pool
-            return F.max_pool2d(_pad(F.relu_(z), have[n], footprint_region(out, self.pool), -math.inf), kernel, stride)
+            pooled = LayerInput.of(F.relu_(z), have[n], footprint_region(out, self.pool), self.pool, -math.inf)
+            return F.max_pool2d(pooled.tensor, kernel, stride, pooled.padding)
         return F.relu_(z.add_(self._shortcut(x, have[0], out)))
 
     def _shortcut_region(self, out: Region) -> Region:
@@ -314,7 +350,7 @@ class BlockPlan:
     def _shortcut(self, x: torch.Tensor, x_region: Region, out: Region) -> torch.Tensor:
         """The shortcut over ``out`` from ``x`` (covering ``x_region``, which contains its footprint)."""
         part = _crop(x, x_region, self._shortcut_region(out))
-        return part if self.shortcut is None else self.shortcut.forward(part)
+        return part if self.shortcut is None else self.shortcut.forward(LayerInput(part, x_region, (0, 0)))
 
     def backward(self, x_src: MapStore | ImageSource, out: Region, y: MapStore, grad_y: MapStore,
                  mids: Sequence[MapStore], grad_x: MapStore | None, placement: dict) -> None:
@@ -326,24 +362,27 @@ class BlockPlan:
         n = len(self.convs)
         # The gradient at the last conv's output: the output's gradient through the final ReLU.
         g = read_region(grad_y, out, placement) * (read_region(y, out, placement) > 0)
-        x = _channels_last(read_region(x_src, have[0], placement))
-        gx = torch.zeros_like(x) if grad_x is not None else None
+        x = read_region(x_src, have[0], placement)
+        gx = torch.zeros_like(x, memory_format=torch.channels_last) if grad_x is not None else None
         if self.shortcut is None:
             if gx is not None:
                 _crop(gx, have[0], out).add_(g)
         else:
             part = self._shortcut_region(out)
-            gin = self.shortcut.backward(_crop(x, have[0], part), g, input_grad=gx is not None)
+            gin = self.shortcut.backward(LayerInput(_crop(x, have[0], part), part, (0, 0)), g,
+                                         input_grad=gx is not None)
             if gx is not None:
                 _crop(gx, have[0], part).add_(gin)
         for j in range(n, 0, -1):
-            t = x if j == 1 else _channels_last(read_region(mids[j - 2], have[j - 1], placement))
+            t = x if j == 1 else read_region(mids[j - 2], have[j - 1], placement)
             need = j > 1 or gx is not None
-            gin = self.convs[j - 1].backward(_pad(t, have[j - 1], want[j]), g, input_grad=need)
+            step = self.convs[j - 1]
+            inp = step.input(t, have[j - 1], want[j])
+            gin = step.backward(inp, g, input_grad=need)
             if j > 1:
-                g = _crop(gin, want[j], have[j - 1]) * (t > 0)  # through t_{j-1}'s ReLU
+                g = _crop(gin, inp.covers, have[j - 1]).mul_(t > 0)  # through t_{j-1}'s ReLU
             elif gx is not None:
-                gx.add_(_crop(gin, want[1], have[0]))
+                gx.add_(_crop(gin, inp.covers, have[0]))
         if grad_x is not None:
             _store_region(grad_x, have[0]).add_(gx)
 
@@ -398,13 +437,15 @@ class StreamedBlocks:
                 out = self.make_store((plan.channels[-1], *plan.out_hw), False)
                 mids = [self.make_store((c, *hw), False) for c, hw in zip(plan.channels[1:-1], plan.hws[1:-1],
                                                                           strict=True)] if self.keep else None
-                for region in self.windows(index):
+                windows = self.windows(index)
+                for region in windows:
                     _store_region(out, region).copy_(plan.forward(self._input(index), region, self.placement, mids))
                 self.outputs.append(out)
                 self.mids.append(mids or [])
                 if not self.keep and index > 0:  # the previous block's output has served
                     self.outputs[index - 1].close()
-                trim_heap()  # windows of different shapes fragment the kept heap (see runtime.tune_cpu_allocator)
+                if len(windows) > 1:  # windows of different shapes fragment the kept heap (runtime.tune_cpu_allocator)
+                    trim_heap()
         return self.outputs[-1]
 
     def backward(self, grad_out: MapStore) -> None:
@@ -421,13 +462,14 @@ class StreamedBlocks:
                     grad_x = None
                     if index > 0:
                         grad_x = self.make_store((plan.channels[0], *plan.hws[0]), True)
-                    if grad_x is not None or plan.parameters_learn:
-                        for region in self.windows(index):
-                            plan.backward(self._input(index), region, self.outputs[index], grad,
-                                          self.mids[index], grad_x, self.placement)
+                    windows = self.windows(index) if grad_x is not None or plan.parameters_learn else []
+                    for region in windows:
+                        plan.backward(self._input(index), region, self.outputs[index], grad,
+                                      self.mids[index], grad_x, self.placement)
                     self._release(index, grad if grad is not grad_out else None)
                     grad = grad_x
-                    trim_heap()
+                    if len(windows) > 1:
+                        trim_heap()
         finally:
             if grad is not None and grad is not grad_out:
                 grad.close()
