@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from wsilocal.bench import accuracy, report, stats
+from wsilocal.bench import accuracy, options, report, stats
 from wsilocal.bench.accuracy import AccuracyBenchSettings, CohortSettings, run_accuracy_benchmark
 from wsilocal.cli import main
 from wsilocal.config import TrainConfig
@@ -173,21 +173,18 @@ def test_runs_or_cohorts_made_with_other_settings_are_refused(bench):
 def test_bench_all_writes_one_report_with_every_section(bench, monkeypatch):
     monkeypatch.setattr(accuracy, "QUICK", TINY)
     monkeypatch.setattr(report, "QUICK_ARGS", QUICK_ARGS)
-    # `wsilocal bench all --out OUT --quick`, with the speed benchmark as if it were not there yet (the CLI itself
-    # imports it to build its parser, so the command's own options layer is called here).
+    # `wsilocal bench all --out OUT --quick`, with the speed benchmark as if it were not there yet (parsing the
+    # command line imports no benchmark).
     monkeypatch.setitem(sys.modules, "wsilocal.bench.speed", None)
-    parser = argparse.ArgumentParser()
-    report.add_all_arguments(parser)
     before = run_files(bench)
-    args = parser.parse_args(["--out", str(bench), "--quick", "--sections", "accuracy", "memory", "speed"])
-    assert report.all_main(args) == 0
+    assert main(["bench", "all", "--out", str(bench), "--quick", "--sections", "accuracy", "memory", "speed"]) == 0
     assert run_files(bench) == before  # the accuracy section reused its finished runs
     text = (bench / "report.md").read_text()
     data = json.loads((bench / "report.json").read_text())
     status = {name: section["status"] for name, section in data["sections"].items()}
     assert status == {"accuracy": "done", "pretrain": "not run", "memory": "done",
                       "speed": "pending: wsilocal.bench.speed is not there yet", "scaling": "not run"}
-    for name in report.SECTIONS:
+    for name in options.SECTIONS:
         assert f"## {report.TITLES[name]}\n\nStatus: **{status[name]}**" in text
     for png in ("accuracy/accuracy.png", "memory/memory.png"):
         assert (bench / png).is_file() and f"]({png})" in text
@@ -210,6 +207,8 @@ def test_bench_all_writes_one_report_with_every_section(bench, monkeypatch):
     assert machine["cores"] >= 1 and machine["torch"] == torch.__version__ and machine["ram_gib"] > 0
     assert f"{machine['cores']} cores" in text
     # --report-only runs nothing and writes the same claims from the files the sections left.
+    parser = argparse.ArgumentParser()
+    options.add_all_arguments(parser)
     (bench / "report.md").unlink()
     assert report.all_main(parser.parse_args(["--out", str(bench), "--report-only"])) == 0
     assert run_files(bench) == before and (bench / "report.md").is_file()

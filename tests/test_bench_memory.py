@@ -11,9 +11,7 @@ from PIL import Image
 from wsilocal.bench.memory import (
     LABEL,
     OUTSIDE,
-    VARIANTS,
     StepConfig,
-    add_memory_arguments,
     format_memory_table,
     format_projection,
     measure_step_memory,
@@ -22,6 +20,7 @@ from wsilocal.bench.memory import (
     run_memory_benchmark,
     step_config,
 )
+from wsilocal.bench.options import VARIANTS, add_memory_arguments
 from wsilocal.errors import ConfigError
 from wsilocal.models.memory import saved_tensor_bytes
 from wsilocal.models.resnet import FrozenBatchNorm2d

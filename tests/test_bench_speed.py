@@ -9,11 +9,12 @@ import torch
 from PIL import Image
 
 from wsilocal.bench import speed
+from wsilocal.bench.commands import BENCHMARKS
 from wsilocal.cli import build_parser
 from wsilocal.errors import ConfigError
 from wsilocal.features.extract import extract_features
 from wsilocal.features.h5 import read_features
-from wsilocal.infer import predict as predict_module
+from wsilocal.infer import prediction as prediction_module
 from wsilocal.infer.predict import Predictor
 from wsilocal.slide.cohort import CohortSlide
 from wsilocal.slide.reader import open_slide
@@ -126,7 +127,7 @@ def test_timed_rounds_of_ours_do_not_reset_the_memory_meter(predictor, slide, tm
     next prediction page-faults its activations in again. The pipeline's rounds never reset: ours' timed rounds
     must not either. The memory measurement still resets, once per prediction, and measures."""
     calls = {"trim": 0, "reset": 0}
-    trim_heap, reset = predict_module.trim_heap, predict_module.PeakMemory.reset
+    trim_heap, reset = prediction_module.trim_heap, prediction_module.PeakMemory.reset
 
     def counted_trim():
         calls["trim"] += 1
@@ -136,8 +137,8 @@ def test_timed_rounds_of_ours_do_not_reset_the_memory_meter(predictor, slide, tm
         calls["reset"] += 1
         reset(meter)
 
-    monkeypatch.setattr(predict_module, "trim_heap", counted_trim)
-    monkeypatch.setattr(predict_module.PeakMemory, "reset", counted_reset)
+    monkeypatch.setattr(prediction_module, "trim_heap", counted_trim)
+    monkeypatch.setattr(prediction_module.PeakMemory, "reset", counted_reset)
     timing = speed._child_time({"device": "cpu", "run": None, "slide": str(slide), "scratch": str(tmp_path),
                                 "repeats": 1, "bf16": False, "workers": 1, "batch_size": 4})
     assert len(timing["runs"]["ours"]) == len(timing["runs"]["pipeline"]) == 1
@@ -165,7 +166,8 @@ def test_tables_show_rss_and_the_bf16_verdict(bench):
 
 def test_arguments_and_errors():
     args = build_parser().parse_args(["bench", "speed", "--out", "x", "--sizes", "1024", "3000x2000", "--no-bf16"])
-    assert args.sizes == [(1024, 1024), (2000, 3000)] and args.no_bf16 and args.func is speed.speed_main
+    assert args.sizes == [(1024, 1024), (2000, 3000)] and args.no_bf16 and args.func == BENCHMARKS["speed"].run
+    assert BENCHMARKS["speed"].load() is speed.speed_main
     assert args.repeats == 3 and args.workers == speed.WORKERS and not args.quick
     predict = build_parser().parse_args(["predict", "--run", "r", "--out", "o", "a.svs", "--bf16"])
     assert predict.bf16

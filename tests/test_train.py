@@ -11,8 +11,9 @@ from wsilocal.config import TrainConfig
 from wsilocal.errors import ConfigError, SlideError
 from wsilocal.synth import synthesize_cohort
 from wsilocal.train.checkpoint import load_checkpoint
+from wsilocal.train.data import balanced_class_weights
 from wsilocal.train.evaluate import evaluate_run
-from wsilocal.train.trainer import balanced_class_weights, train
+from wsilocal.train.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -251,11 +252,11 @@ def test_greedy_hands_the_next_module_its_best_epoch_and_resume_keeps_it(tiny_co
     that the best is not the last epoch) before module 2 learns on it. A run stopped right after that best epoch
     and resumed keeps the same epoch and ends with the uninterrupted run's weights."""
     from wsilocal.errors import TrainingInterrupted
-    from wsilocal.train import trainer
+    from wsilocal.train import loop, trainer
 
     scripted = {(0, 0): (0.9, 0.0), (0, 1): (0.1, 0.0)}  # (phase, epoch) → score: module 1's best is its first
     now, seen = {}, {}  # seen[(run, phase, epoch)]: module 1's weights when that epoch was validated
-    train_epoch, evaluate, score = trainer.Trainer._train_epoch, trainer.evaluate_samples, trainer.selection_score
+    train_epoch, evaluate, score = trainer.Trainer._train_epoch, trainer.evaluate_samples, loop.selection_score
 
     def spy_train_epoch(self, net, samples, phase, phase_no, epoch, *args, **kwargs):
         now.update(trainer=self, at=(phase_no, epoch))
@@ -269,7 +270,7 @@ def test_greedy_hands_the_next_module_its_best_epoch_and_resume_keeps_it(tiny_co
 
     monkeypatch.setattr(trainer.Trainer, "_train_epoch", spy_train_epoch)
     monkeypatch.setattr(trainer, "evaluate_samples", spy_evaluate)
-    monkeypatch.setattr(trainer, "selection_score", lambda m, loss, by: scripted.get(now["at"], score(m, loss, by)))
+    monkeypatch.setattr(loop, "selection_score", lambda m, loss, by: scripted.get(now["at"], score(m, loss, by)))
     configs = {run: config_for(tiny_cohort, tmp_path / run, schedule="greedy", k=2, epochs=2)
                for run in ("full", "part")}
     now["run"] = "full"

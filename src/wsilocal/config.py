@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -404,14 +405,26 @@ def load_config(path: str | Path, overrides: dict | None = None, cls: type = Tra
     return config
 
 
+def resolve_config(path: str | Path | None, overrides: dict | None = None,
+                   cls: type = TrainConfig) -> TrainConfig | PretrainConfig | BaselineConfig:
+    """A command's configuration, resolved once: the YAML file at ``path`` (None: no file) with ``overrides`` (the
+    options given on the command line) over it, validated. A ConfigError from a file's value names the file."""
+    if path is None:
+        return config_from_dict(overrides or {}, cls).validate()
+    return load_config(path, overrides, cls)
+
+
 def save_config(config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
     write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
-    """Add ``--field-name`` options for every config field (default: not given, so YAML values stay)."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig, skip: Collection[str] = ()) -> None:
+    """Add ``--field-name`` options for every config field but those in ``skip`` (which a command defines itself);
+    default: not given, so YAML values stay."""
     for f in fields(cls):
+        if f.name in skip:
+            continue
         annotation = _field_types(cls)[f.name]
         flag = "--" + f.name.replace("_", "-")
         base = annotation
@@ -428,3 +441,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfi
 def overrides_from_args(args: argparse.Namespace, cls: type = TrainConfig) -> dict:
     """The config fields given on the command line."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def parse_height_width(text: str) -> tuple[int, int]:
+    """A size option's value, ``N`` (a square) or ``WIDTHxHEIGHT`` (as image sizes are written), as ``(height,
+    width)`` (as arrays are indexed); an argparse ``type`` (ArgumentTypeError for a bad value or a side below 64)."""
+    try:
+        values = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 64:
+        raise argparse.ArgumentTypeError(f"expected a side ≥ 64 or WIDTHxHEIGHT, got {text!r}")
+    return (values[-1], values[0])

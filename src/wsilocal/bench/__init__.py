@@ -1,22 +1,13 @@
-"""Benchmarks: each module ``wsilocal.bench.<name>`` is one command, ``wsilocal bench <name>``."""
+"""Benchmarks, one module each (``accuracy``, ``memory``, ``speed``, ``pretrain``, ``scaling``, ``soak``) and
+``report`` (``bench all``: several of them and one report). Their commands are :mod:`wsilocal.bench.commands`'s
+table, their options :mod:`wsilocal.bench.options` (torch-free)."""
 
 from __future__ import annotations
 
-import argparse
-import importlib
-from collections.abc import Callable
-
-BenchmarkMain = Callable[[argparse.Namespace], int]
+import sys
 
 
-def benchmark_command(name: str, module: str | None = None) -> tuple[Callable[[argparse.ArgumentParser], None],
-                                                                      BenchmarkMain]:
-    """The two functions that make benchmark ``name`` a command: ``add_<name>_arguments`` (its options) and
-    ``<name>_main`` (runs it from parsed options), from ``wsilocal.bench.<module>`` (default: ``name``).
-
-    Raises:
-        ImportError: the module is not there (``exc.name`` names it) or fails to import.
-        AttributeError: the module lacks one of the two functions.
-    """
-    found = importlib.import_module(f"wsilocal.bench.{module or name}")
-    return getattr(found, f"add_{name}_arguments"), getattr(found, f"{name}_main")
+def log_progress(progress: bool, text: str) -> None:
+    """A benchmark's progress line on stderr (stdout keeps its tables), when ``progress`` is on."""
+    if progress:
+        print(text, file=sys.stderr, flush=True)

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -45,15 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from wsilocal.atomic import write_text_atomic
+from wsilocal.bench import log_progress
 from wsilocal.bench.stats import RESAMPLES, bootstrap_row, paired_difference, reading
 from wsilocal.config import TrainConfig
 from wsilocal.demo import QUICK as DEMO_QUICK
 from wsilocal.demo import DemoSettings, demo_config
 from wsilocal.errors import ConfigError, WsilocalError
-from wsilocal.models.mil import MIL_MODELS
 from wsilocal.plotting import pyplot
 from wsilocal.synth import DEFAULT_SIZE, GENERATOR_VERSION, SynthParams, class_names
 
@@ -139,6 +137,8 @@ DEFAULT_ROWS = tuple(name for name in ROWS if name != "ours_k2")
 
 def row_status(row: Row, n_classes: int) -> str | None:
     """Why a row is not run on a task with ``n_classes`` classes (None: it is run)."""
+    from wsilocal.models.mil import MIL_MODELS  # torch: this module loads without it (for the command's options)
+
     if row.kind == "mil" and MIL_MODELS[row.model].binary_only and n_classes != 2:
         return "n/a: binary only"
     return None
@@ -362,8 +362,8 @@ def task_weights(settings: AccuracyBenchSettings, cohort_settings: CohortSetting
     config = pretraining_config(cohort_settings, cohort_csv, out, {**settings.pretrain, "arch": settings.arch})
     # An interrupted pretraining continues from its checkpoint (bit-identical to an uninterrupted one).
     resume = (Path(config.out) / CHECKPOINT_FILE).is_file()
-    _log(progress, f"[{cohort_settings.task}] pretraining on the train and val slides → {config.out}"
-                   + (" (resuming)" if resume else ""))
+    log_progress(progress, f"[{cohort_settings.task}] pretraining on the train and val slides → {config.out}"
+                 + (" (resuming)" if resume else ""))
     return str(pretrain(config, resume=resume, progress=progress).weights)
 
 
@@ -378,8 +378,8 @@ def prepare_synthetic_cohort(cohort_settings: CohortSettings, folder: Path, *, w
     if meta_file.is_file():
         _check_cohort(meta_file, params, cohort_settings)
     else:
-        _log(progress, f"[{cohort_settings.task}] generating {cohort_settings.slides_per_class} slides per class, "
-                       f"{params.size[0]}×{params.size[1]} px → {folder}")
+        log_progress(progress, f"[{cohort_settings.task}] generating {cohort_settings.slides_per_class} slides per "
+                               f"class, {params.size[0]}×{params.size[1]} px → {folder}")
         synthesize_cohort(folder, slides_per_class=cohort_settings.slides_per_class, seed=cohort_settings.seed,
                           workers=workers, splits=cohort_settings.splits, progress=progress, params=params)
     return folder / "cohort.csv"
@@ -616,12 +616,14 @@ def train_and_evaluate(row: Row, config, run_dir: Path, *, keep_last_checkpoint:
     Returns the test metrics, the per-slide test predictions (``test_predictions``, see
     :func:`read_test_predictions`), the run's seconds and ``reused`` false.
     """
+    from wsilocal.run.directory import RunDirectory
     from wsilocal.train.baseline import train_baseline
     from wsilocal.train.evaluate import evaluate_run
     from wsilocal.train.trainer import train
 
     start = time.perf_counter()
-    resume = (run_dir / "checkpoint_last.pt").is_file()  # an interrupted run continues where it stopped
+    last_checkpoint = RunDirectory(run_dir).checkpoint_file("last")
+    resume = last_checkpoint.is_file()  # an interrupted run continues where it stopped
     (train_baseline if row.kind == "mil" else train)(config, resume=resume, progress=progress)
     metrics = evaluate_run(run_dir, "test", progress=progress)
     result = {**{m: metrics[m] for m in METRICS}, "n_test": metrics["n"],
@@ -629,7 +631,7 @@ def train_and_evaluate(row: Row, config, run_dir: Path, *, keep_last_checkpoint:
     write_text_atomic(run_dir / RUN_MARKER, json.dumps({"settings": _settings_of(config), "result": result},
                                                        indent=1))
     if not keep_last_checkpoint:  # only now: until the marker exists, it is what resumes the run
-        (run_dir / "checkpoint_last.pt").unlink(missing_ok=True)
+        last_checkpoint.unlink(missing_ok=True)
     return {**result, "reused": False}
 
 
@@ -827,7 +829,7 @@ def _record(row: Row, cohort: PreparedCohort, seed: int, out: Path, settings: Ac
     line = (f"FAILED: {record['error']}" if "error" in record else
             " ".join(f"{METRIC_LABELS[m]} {_num(record[m])}" for m in METRICS)
             + (" (reused)" if record["reused"] else f" ({record['seconds']:.0f} s)"))
-    _log(progress, f"[{task}] {row.label} seed {seed}: {line}")
+    log_progress(progress, f"[{task}] {row.label} seed {seed}: {line}")
     return record
 
 
@@ -1039,6 +1041,8 @@ def plot_accuracy(report: dict[str, Any], path: str | Path) -> None:
 def write_accuracy_report(report: dict[str, Any], out: str | Path) -> None:
     """Write ``accuracy.json`` (settings, records, aggregates, the paper's tables), ``accuracy.md`` and
     ``accuracy.png`` into ``out``."""
+    import torch  # its version and device go into the report; the module loads without it
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -1055,41 +1059,7 @@ def write_accuracy_report(report: dict[str, Any], out: str | Path) -> None:
     plot_accuracy(report, out / "accuracy.png")
 
 
-def _log(progress: bool, text: str) -> None:
-    if progress:
-        print(text, file=sys.stderr, flush=True)
-
-
 # --- command line --------------------------------------------------------------------------------------------
-
-
-def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``wsilocal bench accuracy``."""
-    parser.add_argument("--out", required=True, help="folder for cohorts, runs and accuracy.json/.md/.png")
-    parser.add_argument("--quick", action="store_true", help="small cohorts, 1 epoch, 2 seeds (≤ 15 min)")
-    parser.add_argument("--seeds", type=int, help="seeds per method (default 1, 3 for the full table; --quick 2)")
-    parser.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], default="resnet34",
-                        help="every method's trunk (default resnet34, the paper's; resnet18 about halves CPU time)")
-    parser.add_argument("--weights", help="state dict of --arch (.pth/.pt/.bin/.safetensors, torchvision, timm or "
-                                          "self-supervised), e.g. ImageNet weights as in the paper; default: random "
-                                          "weights for every method")
-    parser.add_argument("--init", choices=INITS, help="without --weights: every method starts from `wsilocal "
-                        "pretrain` on each task's own train and val slides (pretrained, the default) or from random "
-                        "weights")
-    parser.add_argument("--pretrain-steps", type=int,
-                        help=f"steps of that pretraining (default {PRETRAIN_FULL['steps']}; --quick "
-                             f"{QUICK.pretrain.get('steps')})")
-    parser.add_argument("--epochs", type=int, help=f"epochs of our network (default {FULL.epochs}; --quick "
-                                                   f"{QUICK.epochs}); from random weights it needs far more")
-    parser.add_argument("--mil-epochs", type=int, help=f"epochs of the MIL baselines (default {FULL.mil_epochs})")
-    parser.add_argument("--slides-per-class", type=int,
-                        help="slides per class of every cohort (default "
-                             f"{FULL.cohorts[0].slides_per_class}); another count is another cohort")
-    parser.add_argument("--tasks", nargs="+", choices=[c.task for c in FULL.cohorts],
-                        help="tasks to run (default: all)")
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), metavar="ROW",
-                        help=f"methods to run (default: {' '.join(DEFAULT_ROWS)}; also: "
-                             f"{' '.join(r for r in ROWS if r not in DEFAULT_ROWS)})")
 
 
 def accuracy_main(args: argparse.Namespace) -> int:

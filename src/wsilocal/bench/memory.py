@@ -45,11 +45,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from wsilocal.bench import log_progress
 from wsilocal.bench.child import run_child
+from wsilocal.bench.options import DEFAULT_VARIANTS, VARIANTS, Variant
 from wsilocal.errors import ConfigError, WsilocalError
 from wsilocal.models.local_net import LocalNet
 from wsilocal.models.memory import SavedTensorMeter
-from wsilocal.models.resnet import ARCHS, DEFAULT_ARCH, FrozenBatchNorm2d
+from wsilocal.models.resnet import DEFAULT_ARCH, FrozenBatchNorm2d
 from wsilocal.models.split import (
     BlockBoundaries,
     CheckpointedSequential,
@@ -78,30 +80,6 @@ PAPER_TABLE2 = {
     "K=8": [3.71, 6.47, 11.85],
 }
 GOAL = {4: 0.15, 8: 0.08}  # saved bytes of K vs paper-style K=1 at the same input (the issue's goal)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """How the step is computed; every variant runs the same network (same parameters, same losses)."""
-
-    name: str
-    fold_bn: bool
-    recompute: bool
-    balanced: bool
-    description: str
-    streaming: bool = False
-
-
-VARIANTS = {v.name: v for v in (
-    Variant("paper", False, False, False, "paper-style: BatchNorm run as a layer, the authors' split"),
-    Variant("folded", True, False, False, "BatchNorm folded into the convs, the authors' split"),
-    Variant("recompute", True, True, False, "folded + per-block activation recomputation"),
-    Variant("balanced", True, False, True, "folded + block-level split balancing the modules' memory"),
-    Variant("balanced-recompute", True, True, True, "folded + balanced split + recomputation"),
-    Variant("streaming", True, False, False, "folded, streamed tile by tile with exact gradients: StreamingCNN "
-            "at K=1, streaming local learning at K>1 (x_i in a memory-mapped store on CPU)", streaming=True),
-)}
-DEFAULT_VARIANTS = ("paper", "folded", "recompute", "balanced-recompute")
 DEFAULT_SIZES = ((1024, 1024), (2048, 2048), (4096, 4096))
 QUICK_SIZES = ((512, 512), (1024, 1024))
 
@@ -419,11 +397,6 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
     return None if value is None or not reference else value / reference
 
 
-def _log(progress: bool, text: str) -> None:
-    if progress:
-        print(text, file=sys.stderr, flush=True)
-
-
 def run_memory_benchmark(
     out_dir: str | Path,
     *,
@@ -443,7 +416,8 @@ def run_memory_benchmark(
     Args:
         sizes: input sizes as (height, width).
         ks: numbers of modules (K=1 is always measured too: the ratios need it).
-        variants: names from :data:`VARIANTS`; the paper-style K=1 is always measured at every size.
+        variants: names from :data:`~wsilocal.bench.options.VARIANTS`; the paper-style K=1 is always measured at
+            every size.
         repeats: timed steps per network after the warm-up round; 0 skips timing.
         rfr: with the RFR decoders (the method) or without (the paper's ablation).
         streaming_sizes: further sizes at which only the ``streaming`` variant runs (where the plain step
@@ -481,12 +455,12 @@ def run_memory_benchmark(
         try:
             measured[config] = _measure({"mode": "memory", "configs": [asdict(config)]})
             m = measured[config]
-            _log(progress, f"[{index}/{len(configs)}] {config.width}x{config.height} {label}: saved "
-                           f"{m['saved_bytes'] / MiB:.0f} MiB, peak RSS {m['peak_rss_bytes'] / MiB:.0f} MiB, "
-                           f"step {m['first_step_seconds']:.1f} s  ({time.perf_counter() - started:.0f} s)")
+            log_progress(progress, f"[{index}/{len(configs)}] {config.width}x{config.height} {label}: saved "
+                                   f"{m['saved_bytes'] / MiB:.0f} MiB, peak RSS {m['peak_rss_bytes'] / MiB:.0f} MiB, "
+                                   f"step {m['first_step_seconds']:.1f} s  ({time.perf_counter() - started:.0f} s)")
         except WsilocalError as exc:
             measured[config] = {"error": str(exc)}
-            _log(progress, f"[{index}/{len(configs)}] {config.width}x{config.height} {label}: FAILED: {exc}")
+            log_progress(progress, f"[{index}/{len(configs)}] {config.width}x{config.height} {label}: FAILED: {exc}")
 
     write_memory_report(_records(plan, measured, {}, streaming_only), out_dir, started=started)  # if timing fails
     step_times: dict[StepConfig, list[float]] = {}
@@ -496,12 +470,12 @@ def run_memory_benchmark(
         # memory run's one step is the step time there, which spares two more steps per network.
         if repeats == 0 or not timed or hw in streaming_only:
             continue
-        _log(progress, f"timing {hw[1]}x{hw[0]}: {len(timed)} networks, 1 warm-up + {repeats} rounds")
+        log_progress(progress, f"timing {hw[1]}x{hw[0]}: {len(timed)} networks, 1 warm-up + {repeats} rounds")
         try:
             step_times.update(zip(timed, _measure({"mode": "time", "configs": [asdict(c) for c in timed],
                                                      "repeats": repeats}), strict=True))
         except WsilocalError as exc:
-            _log(progress, f"timing {hw[1]}x{hw[0]} FAILED: {exc}")
+            log_progress(progress, f"timing {hw[1]}x{hw[0]} FAILED: {exc}")
 
     records = _records(plan, measured, step_times, streaming_only)
     write_memory_report(records, out_dir, started=started)
@@ -763,42 +737,6 @@ def write_memory_report(records: Sequence[dict[str, Any]], out_dir: str | Path, 
 
 
 # --- command line -------------------------------------------------------------------------------------
-
-
-def _size(text: str) -> tuple[int, int]:
-    """``2048`` (square) or ``WIDTHxHEIGHT`` → (height, width)."""
-    try:
-        values = [int(v) for v in text.lower().split("x")]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or min(values) < 64:
-        raise argparse.ArgumentTypeError(f"expected a side ≥ 64 or WIDTHxHEIGHT, got {text!r}")
-    return (values[-1], values[0])
-
-
-def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``wsilocal bench memory``."""
-    parser.add_argument("--out", required=True, help="directory for memory.json, memory.md, memory.png")
-    parser.add_argument("--sizes", nargs="+", type=_size, default=None, metavar="N|WxH",
-                        help="input sizes (default 1024 2048 4096)")
-    parser.add_argument("--k", nargs="+", type=int, default=None, choices=[1, 2, 4, 8],
-                        help="numbers of modules (default 1 2 4 8)")
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=sorted(VARIANTS),
-                        help=f"how the step is computed (default {' '.join(DEFAULT_VARIANTS)})")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed steps per network (default 2; 0: no timing)")
-    parser.add_argument("--no-rfr", action="store_true",
-                        help="without the RFR decoders (the paper's ablation)")
-    parser.add_argument("--streaming-sizes", nargs="+", type=_size, default=(), metavar="N|WxH",
-                        help="further sizes measured with the streaming variant only (too large for the plain step)")
-    parser.add_argument("--tile", type=int, default=DEFAULT_TILE,
-                        help=f"streaming: output block per window in image px (default {DEFAULT_TILE})")
-    parser.add_argument("--window-mib", type=int, default=0,
-                        help="streaming: instead of --tile, per-module tiles whose windows save about this many MiB")
-    parser.add_argument("--arch", choices=list(ARCHS), default=DEFAULT_ARCH,
-                        help=f"the trunk (default {DEFAULT_ARCH}, the paper's)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: sizes 512 1024, K 1 4, one timed round")
 
 
 def memory_main(args: argparse.Namespace) -> int:

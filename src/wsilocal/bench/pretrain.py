@@ -381,20 +381,6 @@ def write_pretrain_report(report: dict[str, Any], out: Path) -> None:
 # --- command line --------------------------------------------------------------------------------------------
 
 
-def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``wsilocal bench pretrain``."""
-    parser.add_argument("--out", required=True, help="folder for pretrain.json/.md/.png (and, without "
-                                                     "--accuracy-out, the cohort and the pretraining)")
-    parser.add_argument("--accuracy-out", help="the accuracy benchmark's OUT: use (or make) its cohort and "
-                                               "pretraining there, so both benchmarks share them")
-    parser.add_argument("--quick", action="store_true", help="a small cohort and a few steps (a plumbing check)")
-    parser.add_argument("--steps", type=int, help=f"pretraining steps (default {FULL.pretrain['steps']})")
-    parser.add_argument("--objective", choices=("vicreg", "simclr"), help="self-supervised objective")
-    parser.add_argument("--batch-size", type=int, help="tiles per step")
-    parser.add_argument("--tile", type=int, help="edge of a pretraining tile in px (views are crops of it)")
-    parser.add_argument("--crop", type=int, help="edge of a view in px")
-
-
 def pretrain_main(args: argparse.Namespace) -> int:
     settings = QUICK if args.quick else FULL
     extra = {k: v for k in ("steps", "objective", "batch_size", "tile", "crop")

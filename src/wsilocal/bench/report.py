@@ -1,11 +1,11 @@
 """``wsilocal bench all``: every benchmark into ``OUT/<name>/`` and one ``OUT/report.md`` (+ ``report.json``).
 
-The sections are the benchmarks of :data:`SECTIONS` — accuracy (the paper's Tables 1 and 4), memory (Table 2),
-speed (Table 3) and scaling (multi-process training; no counterpart in the paper). Each is run through its
-own command-line layer (``add_<name>_arguments`` + ``<name>_main`` of ``wsilocal.bench.<name>``) with the
-options of :data:`FULL_ARGS` or :data:`QUICK_ARGS`, exactly as ``wsilocal bench <name> --out OUT/<name> …``
-would run it. A benchmark that is not there yet is marked *pending*; one that fails is marked *failed* and the
-others still run.
+The sections are the benchmarks of :data:`~wsilocal.bench.options.SECTIONS` — accuracy (the paper's Tables 1 and
+4), pretraining probes, memory (Table 2), speed (Table 3) and scaling (multi-process training; no counterpart in the
+paper). Each is run through its command (:data:`wsilocal.bench.commands.BENCHMARKS`: its options, then its
+``<name>_main``) with the options of :data:`FULL_ARGS` or :data:`QUICK_ARGS`, exactly as ``wsilocal bench <name>
+--out OUT/<name> …`` would run it. A benchmark that is not there yet is marked *pending*; one that fails is marked
+*failed* and the others still run.
 
 The report is then built from the files the benchmarks wrote (``<name>.md``, ``<name>.json``, ``*.png``), so
 :func:`write_report` can rebuild it at any time. It holds the machine description, every table and plot, the
@@ -24,7 +24,6 @@ predictions (OUT folders from before they were recorded) fall back to the seed s
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -39,7 +38,6 @@ from typing import Any
 import torch
 
 from wsilocal.atomic import write_text_atomic
-from wsilocal.bench import benchmark_command
 from wsilocal.bench.accuracy import (
     ACCURACY_CLAIMS,
     METRIC_LABELS,
@@ -52,11 +50,13 @@ from wsilocal.bench.accuracy import (
     format_difference,
     paired_comparisons,
 )
-from wsilocal.bench.memory import PAPER_TABLE2
+from wsilocal.bench.commands import BENCHMARKS
+from wsilocal.bench.memory import PAPER_TABLE2, format_memory_table
+from wsilocal.bench.options import SECTIONS
+from wsilocal.bench.scaling import format_scaling_table
 from wsilocal.bench.speed import PAPER_TABLE3
 from wsilocal.errors import ConfigError, WsilocalError
 
-SECTIONS = ("accuracy", "pretrain", "memory", "speed", "scaling")
 TITLES = {
     "accuracy": "Accuracy (Tables 1 and 4)",
     "pretrain": "What pretraining learnt: tile-class probes, random vs pretrained weights (not in the paper)",
@@ -93,17 +93,15 @@ CAVEATS = [
 
 def run_section(name: str, folder: Path, argv: Sequence[str]) -> dict[str, Any]:
     """Run one benchmark as ``wsilocal bench <name> --out folder ARGV``; returns its status, options, seconds."""
+    benchmark = BENCHMARKS[name]
     try:
-        add_arguments, main = benchmark_command(name)
+        main = benchmark.load()
     except ImportError as exc:
         if exc.name == f"wsilocal.bench.{name}":
             return {"status": f"pending: wsilocal.bench.{name} is not there yet", "argv": list(argv)}
         return {"status": f"failed: cannot import wsilocal.bench.{name} ({exc})", "argv": list(argv)}
-    except AttributeError:
-        return {"status": f"pending: wsilocal.bench.{name} has no add_{name}_arguments/{name}_main yet",
-                "argv": list(argv)}
     parser = argparse.ArgumentParser(prog=f"wsilocal bench {name}", exit_on_error=False)
-    add_arguments(parser)
+    benchmark.add_arguments(parser)
     start = time.perf_counter()
     try:
         args, unknown = parser.parse_known_args(["--out", str(folder), *argv])
@@ -165,9 +163,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+# The sections whose records alone (``<name>.json`` without its ``<name>.md``) make a table.
+RECORD_TABLES = {"memory": format_memory_table, "scaling": format_scaling_table}
+
+
 def section_text(name: str, folder: Path) -> str:
-    """The tables a benchmark wrote: its ``<name>.md`` (title dropped), else its records through the module's
-    ``format_<name>_table``; then its plots."""
+    """The tables a benchmark wrote: its ``<name>.md`` (title dropped), else its records through
+    :data:`RECORD_TABLES`; then its plots."""
     parts = []
     md = folder / f"{name}.md"
     data = _read_json(folder / f"{name}.json")
@@ -175,7 +177,7 @@ def section_text(name: str, folder: Path) -> str:
         lines = md.read_text().splitlines()
         parts.append("\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines).strip())
     elif data and "records" in data:
-        formatter = getattr(importlib.import_module(f"wsilocal.bench.{name}"), f"format_{name}_table", None)
+        formatter = RECORD_TABLES.get(name)
         if formatter is not None:
             parts.append("```\n" + formatter(data["records"]) + "\n```")
     parts += [f"![{name}]({name}/{png.name})" for png in sorted(folder.glob("*.png"))]
@@ -537,19 +539,6 @@ def write_report(out: str | Path, runs: dict[str, dict[str, Any]] | None = None,
 
 
 # --- command line -------------------------------------------------------------------------------------------
-
-
-def add_all_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``wsilocal bench all``."""
-    parser.add_argument("--out", required=True, help="folder: one subfolder per benchmark, report.md, report.json")
-    parser.add_argument("--quick", action="store_true", help="every benchmark's quick variant")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                        help="benchmarks to run (default: all); the report includes every section found in --out")
-    parser.add_argument("--weights", help="ResNet34 state dict for the accuracy benchmark (ImageNet weights, as in "
-                                          "the paper); default: random weights")
-    parser.add_argument("--report-only", action="store_true",
-                        help="run nothing: write report.md and report.json from the sections already in --out "
-                             "(e.g. after `wsilocal bench accuracy --out OUT/accuracy --tasks ...`)")
 
 
 def all_main(args: argparse.Namespace) -> int:

@@ -202,16 +202,6 @@ def plot_scaling(records: list[dict[str, Any]], path: str | Path) -> None:
     plt.close(fig)
 
 
-def add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``wsilocal bench scaling``."""
-    parser.add_argument("--out", default="bench_scaling", help="directory for scaling.json and scaling.png")
-    parser.add_argument("--size", type=int, default=384, help="side of the random input image in px (default 384)")
-    parser.add_argument("--k", type=int, default=4, choices=[1, 2, 4, 8], help="number of modules (default 4)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts (default 1 2)")
-
-
 def scaling_main(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed arguments, print the table and where the files are."""
     records = run_scaling_benchmark(args.out, size=args.size, k=args.k, repeats=args.repeats, warmup=args.warmup,

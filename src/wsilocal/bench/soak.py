@@ -76,10 +76,11 @@ class SoakTrainer(Trainer):
         self.samples: list[dict] = []
         self.started = time.perf_counter()
 
-    def _write_metrics(self, history: list[dict]) -> None:
-        super()._write_metrics(history)  # the last thing an epoch does (metrics files and curves)
+    def epoch_done(self, history: list[dict]) -> None:
+        # Once the epoch's checkpoint, metrics files and curves are written, before the trainer collects garbage.
         self.samples.append({"epoch": len(history) - 1, "seconds": time.perf_counter() - self.started,
                              **read_memory()})
+        super().epoch_done(history)
 
 
 def fit_slope(samples: list[dict], warmup: int, key: str = "RssAnon") -> dict:
@@ -165,20 +166,6 @@ def format_soak(report: dict) -> str:
             f"(epochs {fit['warmup']}..{last['epoch']}); peak {last['VmHWM'] / MIB:.0f} MiB{diagnosis}\n"
             f"slope {fit['slope_mib_per_epoch']:+.3f} MiB/epoch (limit {report['settings']['max_slope_mib']:g}): "
             f"{verdict}")
-
-
-def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``wsilocal bench soak``."""
-    parser.add_argument("--out", required=True, help="folder for soak.json, soak.png, the cohort and the run")
-    parser.add_argument("--epochs", type=int, default=60, help="epochs to train (default 60)")
-    parser.add_argument("--warmup", type=int, default=20, help="first epochs left out of the fit (default 20)")
-    parser.add_argument("--max-slope-mib", type=float, default=1.0,
-                        help="fail (exit 1) above this many MiB of RssAnon growth per epoch (default 1)")
-    parser.add_argument("--slides-per-class", type=int, default=3, help="synthetic slides per class (2 classes)")
-    parser.add_argument("--size", type=int, default=1536, help="level-0 side of the synthetic slides (px)")
-    parser.add_argument("--k", type=int, default=4, choices=[1, 2, 4, 8], help="number of modules (default 4)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def soak_main(args: argparse.Namespace) -> int:

@@ -55,19 +55,20 @@ import torch
 from scipy import ndimage
 
 from wsilocal.atomic import atomic_output
+from wsilocal.bench import log_progress
 from wsilocal.bench.child import run_child
-from wsilocal.bench.memory import _size as parse_size
+from wsilocal.bench.options import BATCH_SIZE, SCAN_MPP, pipeline_workers
 from wsilocal.errors import ConfigError, SlideError
-from wsilocal.features.extract import IMAGENET_MEAN, IMAGENET_STD, MASK_MPP, FeatureExtractor, _tile_batches
+from wsilocal.features.extract import IMAGENET_MEAN, IMAGENET_STD, MASK_MPP, FeatureExtractor, tile_batches
 from wsilocal.features.h5 import read_features, write_features
 from wsilocal.features.tiles import tile_grid
 from wsilocal.infer.predict import Predictor, bfloat16_is_native
 from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.mil.abmil import GatedABMIL
-from wsilocal.models.resnet import ARCHS, DEFAULT_ARCH, ResNetTrunk, calibrate_batchnorm
+from wsilocal.models.resnet import DEFAULT_ARCH, ResNetTrunk, calibrate_batchnorm
 from wsilocal.prepare.cache import PrepareSettings
 from wsilocal.runtime import process_memory_bytes, resolve_device, tune_cpu_allocator
-from wsilocal.slide.reader import MAX_READ_THREADS, open_slide, usable_cores
+from wsilocal.slide.reader import open_slide
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 from wsilocal.slide.tissue import detect_tissue
 from wsilocal.stream.sources import to_tensor
@@ -75,10 +76,7 @@ from wsilocal.stream.sources import to_tensor
 MPP = 2.0  # 5x, the paper's resolution
 TILE = 256  # the pipeline's tiles, px at MPP
 MIN_TISSUE = 0.25  # the pipeline's tile selection (``wsilocal features``' default)
-BATCH_SIZE = 64
-# Reader threads of the pipeline: as many as our reader decodes bands with, so both read with the same cores.
-WORKERS = min(MAX_READ_THREADS, usable_cores())
-SCAN_MPP = 1.0
+WORKERS = pipeline_workers()  # the pipeline's reader threads; its batch size and slides' MPP: BATCH_SIZE, SCAN_MPP
 N_CLASSES = 2
 SEED = 0
 BF16_TOLERANCE = 0.01  # bfloat16 is offered when its probabilities stay this close to float32
@@ -192,7 +190,7 @@ def run_tile_pipeline(slide_path: str | Path, extractor: FeatureExtractor, mil: 
             raise SlideError(slide_path, f"no {tile}-px tile at {mpp} µm/px has {min_tissue:.0%} tissue")
         laps.lap("tiling")
         features = np.empty((len(coords), extractor.dim), np.float32)
-        with closing(_tile_batches(slide, coords, mpp, tile, batch_size, workers)) as batches:
+        with closing(tile_batches(slide, coords, mpp, tile, batch_size, workers)) as batches:
             for index, batch in batches:
                 laps.lap("tile_read")
                 features[index : index + len(batch)] = extractor(torch.from_numpy(batch)).cpu().numpy()
@@ -369,11 +367,6 @@ def make_record(requested: tuple[int, int], slide: str | Path, timing: dict[str,
     }
 
 
-def _log(progress: bool, text: str) -> None:
-    if progress:
-        print(text, file=sys.stderr, flush=True)
-
-
 def run_speed_benchmark(
     out_dir: str | Path,
     *,
@@ -422,24 +415,25 @@ def run_speed_benchmark(
     records = []
     for index, (height, width) in enumerate(sizes, start=1):
         slide = bench_slide(out / "slides", height, width, scan_mpp=scan_mpp)
-        _log(progress, f"[{index}/{len(sizes)}] {width}x{height} at 5x: {slide.name}, 1 warm-up + {repeats} rounds "
-                       f"({time.perf_counter() - started:.0f} s)")
+        log_progress(progress, f"[{index}/{len(sizes)}] {width}x{height} at 5x: {slide.name}, 1 warm-up + {repeats} "
+                               f"rounds ({time.perf_counter() - started:.0f} s)")
         timing = _measure({**base, "child": "time", "slide": str(slide), "scratch": str(out / "scratch"),
                              "repeats": repeats, "bf16": bf16 and native, "workers": workers,
                              "batch_size": batch_size})
         record = {"arch": timing["arch"], **make_record((height, width), slide, timing)}
-        _log(progress, f"    ours {record['ours_s']:.2f} s ({record['ours_mode']}), pipeline "
-                       f"{record['pipeline_s']:.2f} s ({record['n_tiles']} tiles): {record['ratio']:.2f}×")
+        log_progress(progress, f"    ours {record['ours_s']:.2f} s ({record['ours_mode']}), pipeline "
+                               f"{record['pipeline_s']:.2f} s ({record['n_tiles']} tiles): {record['ratio']:.2f}×")
         for forward in ("whole", "streamed") if rss else ():
             record["rss"][forward] = _measure({**base, "child": "memory", "slide": str(slide), "forward": forward})
-            _log(progress, f"    {forward} forward: peak RSS {record['rss'][forward]['peak_rss_bytes'] / MiB:,.0f} MiB")
+            peak = record["rss"][forward]["peak_rss_bytes"]
+            log_progress(progress, f"    {forward} forward: peak RSS {peak / MiB:,.0f} MiB")
         records.append(record)
         write_speed_report(_report(records, None, native, settings={}), out)  # partial results survive a crash
     probe = None
     if bf16 and not native:
         slide = bench_slide(out / "slides", *bf16_probe, scan_mpp=scan_mpp)
-        _log(progress, f"bfloat16 is emulated on this {torch_device.type}: one probe run at "
-                       f"{bf16_probe[1]}x{bf16_probe[0]}")
+        log_progress(progress, f"bfloat16 is emulated on this {torch_device.type}: one probe run at "
+                               f"{bf16_probe[1]}x{bf16_probe[0]}")
         probe = {"height": bf16_probe[0], "width": bf16_probe[1],
                  **bf16_summary(_measure({**base, "child": "probe", "slide": str(slide)}))}
     settings = {"sizes": [list(s) for s in sizes], "repeats": repeats, "run": run, "device": str(torch_device),
@@ -599,28 +593,6 @@ def plot_speed(records: Sequence[dict[str, Any]], path: str | Path) -> None:
 
 
 # --- command line -------------------------------------------------------------------------------------
-
-
-def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``wsilocal bench speed``."""
-    parser.add_argument("--out", required=True, help="directory for speed.json, speed.md, speed.png (and slides/)")
-    parser.add_argument("--sizes", nargs="+", type=parse_size, default=None, metavar="N|WxH",
-                        help="tissue image sizes at 5x (default 2048 4096 8192)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (default 3)")
-    parser.add_argument("--run", help="take our trunk and H from this training run (default: random weights)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--workers", type=int, default=WORKERS,
-                        help=f"tile reader threads of the pipeline (default {WORKERS}: the threads our reader "
-                             "uses here; 0: none)")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
-                        help=f"tiles per extractor forward in the pipeline (default {BATCH_SIZE})")
-    parser.add_argument("--arch", choices=list(ARCHS), default=DEFAULT_ARCH,
-                        help="backbone of ours and of the pipeline's extractor, without --run (default resnet34)")
-    parser.add_argument("--scan-mpp", type=float, default=SCAN_MPP,
-                        help=f"level-0 µm/px of the generated slides (default {SCAN_MPP}; 0.25 writes 40x files)")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 measurements")
-    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS measurements")
-    parser.add_argument("--quick", action="store_true", help="smoke test: sizes 512 1024 1536, one round")
 
 
 def speed_main(args: argparse.Namespace) -> int:

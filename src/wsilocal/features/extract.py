@@ -270,15 +270,15 @@ def tile_features(slide: Slide, coords: Sequence[tuple[int, int]], extractor: nn
     features = np.empty((len(coords), extractor.dim), np.float32)
     with tqdm(total=len(coords), desc=desc, unit="tile", leave=False, disable=not progress) as bar:
         # closing(): reader threads stop before the slide closes, also when a batch fails
-        with closing(_tile_batches(slide, list(coords), mpp, tile, batch_size, workers)) as batches:
+        with closing(tile_batches(slide, list(coords), mpp, tile, batch_size, workers)) as batches:
             for start, batch in batches:
                 features[start : start + len(batch)] = extractor(torch.from_numpy(batch)).cpu().numpy()
                 bar.update(len(batch))
     return features
 
 
-def _tile_batches(slide: Slide, coords: list[tuple[int, int]], mpp: float, tile: int, batch_size: int,
-                  workers: int) -> Iterator[tuple[int, np.ndarray]]:
+def tile_batches(slide: Slide, coords: list[tuple[int, int]], mpp: float, tile: int, batch_size: int,
+                 workers: int) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (index of the first tile, uint8 (B, tile, tile, 3)) batch by batch.
 
     With ``workers`` threads, the next batch is being read while the caller uses the current one; at most

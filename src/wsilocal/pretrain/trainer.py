@@ -277,7 +277,7 @@ class _Run:
         return float(loss.detach())
 
     def run(self) -> PretrainResult:
-        from wsilocal.train.trainer import stop_on_interrupt
+        from wsilocal.train.loop import stop_on_interrupt
 
         config, ctx = self.config, self.ctx
         sampler = TileSampler(self.index, mpp=config.mpp, tile=config.tile, batch_size=config.batch_size,

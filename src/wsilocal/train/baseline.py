@@ -2,17 +2,11 @@
 
 ``wsilocal baseline --model abmil --features FEATS --cohort cohort.csv --out RUN`` trains one model of
 :data:`wsilocal.models.mil.MIL_MODELS` on bags read from ``FEATS/<slide_id>.h5`` (see :mod:`.bags`) and writes
-the same run directory as the main method's trainer (:mod:`.trainer`)::
-
-    RUN/config.yaml          the resolved configuration (optimizer, lr and weight decay filled in)
-    RUN/model.json           method "baseline", model name, class names (index = position), in_dim and, when
-                             the feature files record them, ``features``: how they were made (for ``predict``)
-    RUN/checkpoint_last.pt   everything needed to resume (model, optimizer, scheduler, counters, history)
-    RUN/checkpoint_best.pt   the model with the best validation result (``best_by``; default balanced accuracy)
-    RUN/metrics.csv|json     one row per epoch
-    RUN/curves.png           learning curves
-    RUN/train.log            the log
-    RUN/summary.json         best epoch, validation metrics, skipped slides, warnings
+the same run directory as the main method's trainer (:mod:`wsilocal.run.directory`), through the same epoch loop
+(:mod:`.loop`). Its ``config.yaml`` has the optimizer, lr and weight decay filled in; its ``model.json`` says
+method "baseline" and holds the model name, class names (index = position), in_dim and, when the feature files
+record them, ``features``: how they were made (for ``predict``). ``checkpoint_best.pt`` is the epoch of the best
+validation ``best_by`` (default balanced accuracy).
 
 Defaults follow CLAM's training script (Lu et al., "Data-efficient and weakly supervised computational
 pathology on whole-slide images", Nature Biomedical Engineering 2021; github.com/mahmoodlab/CLAM ``main.py``
@@ -49,7 +43,7 @@ from tqdm import tqdm
 
 from wsilocal.atomic import write_text_atomic
 from wsilocal.config import BASELINE_METHOD, BaselineConfig, save_config
-from wsilocal.errors import ConfigError, WsilocalError
+from wsilocal.errors import WsilocalError
 from wsilocal.features.extract import extraction_settings
 from wsilocal.features.h5 import read_attrs
 from wsilocal.models.mil import build_mil_model
@@ -59,14 +53,17 @@ from wsilocal.runtime import resolve_device
 from wsilocal.slide.cohort import SPLITS, load_cohort
 from wsilocal.train.bags import FeatureBags, load_bags
 from wsilocal.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from wsilocal.train.data import Purpose, epoch_order, sample_generator, stream_seed
-from wsilocal.train.metrics import classification_metrics, plot_roc_curves, selection_score
-from wsilocal.train.trainer import (
-    Trainer,
+from wsilocal.train.data import Purpose, balanced_class_weights, epoch_order, sample_generator, stream_seed
+from wsilocal.train.loop import (
+    EpochLoop,
     TrainResult,
-    balanced_class_weights,
+    Validation,
+    load_resume_state,
+    refuse_existing_run,
     setup_logging,
+    validation_row,
 )
+from wsilocal.train.metrics import classification_metrics, plot_roc_curves
 
 log = logging.getLogger("wsilocal")
 
@@ -106,8 +103,6 @@ def predict_bags(model: torch.nn.Module, bags: FeatureBags, device: torch.device
         "labels": np.array(bags.labels),
         "loss": float(np.mean(losses)) if losses else math.nan,
         "attention": attention,
-        # the shape the main trainer's helpers (Trainer._val_row) read
-        "aux_probabilities": [],
     }
 
 
@@ -139,25 +134,32 @@ def _describe(model: MILModel, in_dim: int, config: BaselineConfig) -> str:
     return f"{config.model}: {n_params:,} parameters on {in_dim}-d tile features; {'; '.join(stages)}"
 
 
-class BaselineTrainer(Trainer):
+class BaselineTrainer:
     """Trains one baseline run directory from a :class:`BaselineConfig`; ``run()`` does everything.
 
-    It shares the main trainer's run-directory helpers (metrics files and curves, validation rows).
+    It sets the run up (cohort, feature bags, model, resume) and runs a :class:`~wsilocal.train.loop.EpochLoop`, to
+    which it is the :class:`~wsilocal.train.loop.Phases`: the model's training stages, one pass over the bags,
+    validation.
     """
 
-    config: BaselineConfig
+    checkpoint_key = "stage"  # checkpoint_last.pt's "stage", "stage_best" (see Phases)
+
+    def __init__(self, config: BaselineConfig, progress: bool = True, resume: bool = False):
+        self.config = config.validate()
+        self.progress = progress
+        self.resume = resume
+        self.directory = RunDirectory(config.out)
+        self.warnings: list[str] = []
 
     def run(self) -> TrainResult:
-        config = self.config
-        if not self.resume and self.directory.holds_run:
-            raise ConfigError(f"{self.run_dir}: run directory already holds a run; use --resume to continue it "
-                              "or choose another --out")
+        config, run = self.config, self.directory
+        refuse_existing_run(run, self.resume)
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
-        if self.resume and not self.directory.metadata_file.is_file():
-            raise WsilocalError(f"{self.run_dir}: cannot resume, no model.json in it")
-        saved = self.directory.metadata() if self.resume else {}
+        if self.resume and not run.metadata_file.is_file():
+            raise WsilocalError(f"{run.path}: cannot resume, no {run.metadata_file.name} in it")
+        saved = run.metadata() if self.resume else {}
         cohort = load_cohort(config.cohort, classes=saved.get("classes"), check_files=False,
                              allow_outside=config.allow_outside_paths)
         classes = list(cohort.classes)
@@ -172,19 +174,16 @@ class BaselineTrainer(Trainer):
         skipped = {**train.skipped, **val.skipped}
         torch.manual_seed(config.seed)  # the initial weights of the model are part of the run's seed
         model = build_mil_model(config.model, len(classes), in_dim=train.in_dim).to(self.device)
-        self.in_dim, self.classes = train.in_dim, classes
         signature = baseline_signature(config.model, classes, train.in_dim)
 
         # Everything above may fail on bad input; only now does the run directory get written.
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(self.directory)
+        setup_logging(run)
         state = None
         if self.resume:
-            state = load_checkpoint(self.directory.checkpoint_file("last"), expected_signature=signature)
-            load_model_state(model, state, self.directory.checkpoint_file("last"))
+            state = load_resume_state(run, model, signature)
             self.warnings = state.get("warnings", [])
         else:
-            save_config(config, self.directory.config_file)
+            save_config(config, run.config_file)
             meta = {"method": BASELINE_METHOD, "model": config.model, "classes": classes, "in_dim": train.in_dim}
             settings, problem = _feature_settings([*train.paths, *val.paths])
             if settings is not None:
@@ -192,72 +191,75 @@ class BaselineTrainer(Trainer):
             elif problem:
                 self.warnings.append(problem)
                 log.warning("%s", problem)
-            self.directory.write_metadata(meta)
+            run.write_metadata(meta)
             for slide_id, reason in skipped.items():
                 self.warnings.append(f"skipped {slide_id}: {reason}")
                 log.warning("skipped %s: %s", slide_id, reason)
         log.info("model: %s", _describe(model, train.in_dim, config))
         log.info("train %d slides, validation %d slides, classes %s", len(train), len(val), classes)
 
-        stages = list(model.training_stages)
-        class_weight = balanced_class_weights(train.labels, len(classes), self.device) if config.class_weights else None
-        history: list[dict] = state["history"] if state else []
-        stage_index = state["stage"] if state else 0
-        start_epoch = state["next_epoch"] if state else 0
-        best = state["best"] if state else {"score": None, "epoch": -1, "val": {}}
-        restore_optimizer = state is not None
-        if state and state["stopped_early"]:  # that stage is over, even if --epochs was raised since
-            stage_index, start_epoch, restore_optimizer = stage_index + 1, 0, False
-        written_at = -math.inf
-        for p in range(stage_index, len(stages)):
-            model.set_stage(stages[p])
-            optimizer = _make_optimizer(config, model)
-            scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience)
-                if config.plateau_patience else None)
-            stage_best = {"loss": math.inf, "bad_epochs": 0}
-            if restore_optimizer and p == stage_index:
-                optimizer.load_state_dict(state["optimizer"])
-                if scheduler is not None:
-                    scheduler.load_state_dict(state["scheduler"])
-                stage_best = state["stage_best"]
-            epoch = start_epoch if p == stage_index else 0
-            n_epochs = stage_epochs(config, model, stages[p])
-            while epoch < n_epochs:
-                row = self._train_epoch(model, train, p, stages[p], epoch, optimizer, class_weight, classes)
-                evaluation = predict_bags(model, val, self.device, progress=self.progress)
-                val_metrics = classification_metrics(evaluation["probabilities"], evaluation["labels"], classes)
-                row.update(self._val_row(evaluation, val_metrics, classes))
-                if scheduler is not None:
-                    scheduler.step(evaluation["loss"])
-                row["lr"] = [g["lr"] for g in optimizer.param_groups]
-                history.append(row)
-                improved = evaluation["loss"] < stage_best["loss"] - 1e-6
-                stage_best = {"loss": min(stage_best["loss"], evaluation["loss"]),
-                              "bad_epochs": 0 if improved else stage_best["bad_epochs"] + 1}
-                if p == len(stages) - 1:
-                    score = selection_score(val_metrics, evaluation["loss"], config.best_by)
-                    if best["score"] is None or score > tuple(best["score"]):
-                        best = {"score": list(score), "epoch": len(history) - 1, "val": val_metrics}
-                        self._save(model, self.directory.checkpoint_file("best"), signature, extra={"stage": p})
-                epoch += 1
-                stop = bool(config.early_stopping and stage_best["bad_epochs"] >= config.early_stopping
-                            and epoch >= config.min_epochs)
-                self._save(model, self.directory.checkpoint_file("last"), signature, extra={
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "stage": p, "next_epoch": epoch, "stopped_early": stop, "stage_best": stage_best,
-                    "history": history, "best": best, "warnings": self.warnings,
-                })
-                if stop or epoch == n_epochs or time.monotonic() - written_at >= METRICS_INTERVAL_S:
-                    self._write_metrics(history)
-                    written_at = time.monotonic()
-                self._report_epoch(row, f"stage {stages[p]}", stop)
-                if stop:
-                    break
-            start_epoch = 0
-        return self._finish(best, history, skipped, _describe(model, train.in_dim, config))
+        self.model, self.train_bags, self.val_bags = model, train, val
+        self.classes, self.in_dim, self.signature = classes, train.in_dim, signature
+        self.stages = list(model.training_stages)
+        self.n_phases = len(self.stages)
+        self.stage_index = 0
+        self.class_weight = (balanced_class_weights(train.labels, len(classes), self.device) if config.class_weights
+                             else None)
+        loop = EpochLoop(run, self, best_by=config.best_by, early_stopping=config.early_stopping,
+                         min_epochs=config.min_epochs, metrics_interval=METRICS_INTERVAL_S, warnings=self.warnings,
+                         resume_hint=f"wsilocal baseline --resume --out {run.path}", progress=self.progress)
+        best, history = loop.run(state)
+        return loop.finish(best, history, skipped, _describe(model, train.in_dim, config))
 
+    # --- the phases of the epoch loop (:class:`~wsilocal.train.loop.Phases`): the model's training stages ---
+    def phase_label(self, p: int) -> str:
+        return f"stage {self.stages[p]}"
+
+    def phase_epochs(self, p: int) -> int:
+        return stage_epochs(self.config, self.model, self.stages[p])
+
+    def start_phase(self, p: int, resumed: bool) -> tuple[torch.optim.Optimizer, object | None]:
+        """The stage's optimizer (the model's published one, with the config's overrides); a plateau schedule only
+        with ``plateau_patience``."""
+        config = self.config
+        self.stage_index = p
+        self.model.set_stage(self.stages[p])
+        optimizer = _make_optimizer(config, self.model)
+        scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience)
+            if config.plateau_patience else None)
+        return optimizer, scheduler
+
+    def train_epoch(self, p: int, epoch: int, optimizer: torch.optim.Optimizer, mid_epoch: dict | None) -> dict:
+        return self._train_epoch(self.model, self.train_bags, p, self.stages[p], epoch, optimizer, self.class_weight,
+                                 self.classes)
+
+    def validate(self, p: int) -> Validation:
+        evaluation = predict_bags(self.model, self.val_bags, self.device, progress=self.progress)
+        metrics = classification_metrics(evaluation["probabilities"], evaluation["labels"], self.classes)
+        return Validation(evaluation["loss"], metrics, validation_row(evaluation["loss"], metrics))
+
+    def scored(self, p: int, score: tuple, epoch_index: int) -> None:
+        """Nothing: only the best epoch of the last stage counts, which the loop keeps."""
+
+    def end_phase(self, p: int, history: list[dict]) -> None:
+        """Nothing: the next stage starts from the weights this one ends with."""
+
+    def epoch_done(self, history: list[dict]) -> None:
+        """Nothing to add."""
+
+    def resumable(self, mid_epoch: dict | None) -> dict:
+        """No fields beside the loop's: an epoch is never stopped halfway."""
+        return {}
+
+    def save_checkpoint(self, path: Path, extra: dict) -> None:
+        """The model, with the stage it is in (``checkpoint_best.pt``: the stage that predicts) and ``extra``."""
+        save_checkpoint({
+            "model": self.model.state_dict(), "signature": self.signature, "classes": self.classes,
+            "in_dim": self.in_dim, "config": asdict(self.config), **(extra or {"stage": self.stage_index}),
+        }, path)
+
+    # --- one epoch ------------------------------------------------------------------------------------
     def _train_epoch(self, model, train: FeatureBags, stage_no: int, stage: str, epoch: int, optimizer,
                      class_weight: torch.Tensor | None, classes: list[str]) -> dict:
         """One pass over the training bags, one optimizer step per bag (as CLAM)."""
@@ -292,12 +294,6 @@ class BaselineTrainer(Trainer):
             "train_balanced_accuracy": metrics["balanced_accuracy"],
             "seconds": time.perf_counter() - start,
         }
-
-    def _save(self, model, path: Path, signature: dict, classes=None, extra: dict | None = None) -> None:
-        save_checkpoint({
-            "model": model.state_dict(), "signature": signature, "classes": self.classes, "in_dim": self.in_dim,
-            "config": asdict(self.config), **(extra or {}),
-        }, path)
 
 
 def _feature_settings(paths: list[Path]) -> tuple[dict | None, str | None]:

@@ -130,3 +130,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     replays it exactly."""
     generator = torch.Generator().manual_seed(stream_seed(seed, Purpose.ORDER, epoch))
     return torch.randperm(n, generator=generator).tolist()
+
+
+def balanced_class_weights(labels: list[int], n_classes: int, device: torch.device) -> torch.Tensor:
+    """Per-class loss weights ``n / (n_classes · count)``: every class weighs as much as the others in total
+    (``--class-weights``). A class without slides gets the weight of a class with one."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    weight = counts.sum() / (n_classes * np.maximum(counts, 1))
+    return torch.tensor(weight, dtype=torch.float32, device=device)

@@ -1,15 +1,9 @@
 """The local-learning trainer: cohort → cache → K modules → checkpoints, metrics and curves in a run directory.
 
-Run directory layout::
-
-    RUN/config.yaml          the resolved configuration
-    RUN/model.json           class names (index = position), normalisation mean/std, module boundaries
-    RUN/checkpoint_last.pt   everything needed to resume (model, optimizer, scheduler, counters, history)
-    RUN/checkpoint_best.pt   the model with the best validation result
-    RUN/metrics.csv|json     one row per epoch
-    RUN/curves.png           learning curves
-    RUN/train.log            the log
-    RUN/summary.json         the final summary (best epoch, validation metrics, warnings)
+The run directory's files are :mod:`wsilocal.run.directory`'s; ``model.json`` holds the class names (index =
+position), the input normalisation, the arch, the module boundaries and the trunk's weights file. The epoch loop
+(phases, early stopping, the best checkpoint, metrics files, resume) is :mod:`wsilocal.train.loop`'s, shared with
+the MIL-baseline trainer; this module gives it the method's phases, epochs and validation.
 
 Schedules. ``simultaneous`` (the authors' code): every step trains all modules, each on its own loss.
 ``greedy`` (the paper's text): module 1 with its auxiliary model until its validation loss stops improving
@@ -35,28 +29,21 @@ processes with accumulation A compute what one process with accumulation N×A co
 
 from __future__ import annotations
 
-import csv
 import gc
-import json
 import logging
 import math
-import signal
 import threading
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from wsilocal.atomic import write_text_atomic
 from wsilocal.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, save_config
-from wsilocal.errors import ConfigError, SlideError, TrainingInterrupted, WsilocalError, out_of_memory_as_slide_error
+from wsilocal.errors import SlideError, WsilocalError, out_of_memory_as_slide_error
 from wsilocal.models.local_net import LocalNet
 from wsilocal.models.resnet import LoadedWeights, calibrate_batchnorm, load_trunk_weights
 from wsilocal.models.split import BlockBoundaries, block_boundaries
@@ -66,11 +53,30 @@ from wsilocal.runtime import memory_budget_bytes, resolve_device, tune_cpu_alloc
 from wsilocal.slide.cohort import Cohort, load_cohort
 from wsilocal.stream.forward import forward_bytes_estimate
 from wsilocal.stream.sources import TensorSource
-from wsilocal.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from wsilocal.train.data import Augmentation, CachedSlides, Purpose, sample_generator, stream_seed
+from wsilocal.train.checkpoint import save_checkpoint
+from wsilocal.train.data import (
+    Augmentation,
+    CachedSlides,
+    Purpose,
+    balanced_class_weights,
+    sample_generator,
+    stream_seed,
+)
 from wsilocal.train.distributed import DistContext, GradientAllReduce, distributed_session
 from wsilocal.train.local_step import StepResult, forward_all_classifiers, local_training_step
-from wsilocal.train.metrics import classification_metrics, plot_learning_curves, selection_score
+from wsilocal.train.loop import (
+    EpochLoop,
+    MidEpochStop,
+    TrainResult,
+    Validation,
+    load_resume_state,
+    refuse_existing_run,
+    setup_logging,
+    stop_agreed,
+    stop_on_interrupt,
+    validation_row,
+)
+from wsilocal.train.metrics import classification_metrics
 from wsilocal.train.streaming import (
     DEFAULT_TILE,
     resolve_store,
@@ -122,29 +128,6 @@ def build_model(config: TrainConfig, n_classes: int, block_boundaries: list[int]
     )
 
 
-def setup_logging(run: RunDirectory) -> None:
-    """Log to RUN/train.log (everything) and stderr (warnings) — progress bars stay readable."""
-    log.setLevel(logging.INFO)
-    for handler in list(log.handlers):
-        if getattr(handler, "_wsilocal", False):
-            log.removeHandler(handler)
-            handler.close()
-    file_handler = logging.FileHandler(run.log_file)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    file_handler._wsilocal = True  # type: ignore[attr-defined]
-    log.addHandler(file_handler)
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    best_epoch: int
-    best_val: dict
-    history: list[dict]
-    skipped: dict[str, str]
-    warnings: list[str]
-
-
 def _phases(config: TrainConfig, k: int) -> list[range]:
     """Which modules learn in each phase: all at once, or one after another."""
     return [range(0, k)] if config.schedule == "simultaneous" else [range(i, i + 1) for i in range(k)]
@@ -182,14 +165,6 @@ def _phase_parameters(net: LocalNet, phase: range, config: TrainConfig) -> list[
     if trunk:
         groups.insert(0, {"params": trunk, "lr": config.lr_trunk})
     return groups
-
-
-def balanced_class_weights(labels: list[int], n_classes: int, device: torch.device) -> torch.Tensor:
-    """Per-class loss weights ``n / (n_classes · count)``: every class weighs as much as the others in total
-    (``--class-weights``). A class without slides gets the weight of a class with one."""
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    weight = counts.sum() / (n_classes * np.maximum(counts, 1))
-    return torch.tensor(weight, dtype=torch.float32, device=device)
 
 
 def check_trainable_size(image: torch.Tensor, slide_id: str, source: str, config: TrainConfig) -> None:
@@ -257,7 +232,8 @@ def _central_crop(image: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
-    """The learning-rate schedule of one phase, stepped once per epoch by :func:`step_lr_scheduler`."""
+    """The learning-rate schedule of one phase, stepped once per epoch by
+    :func:`~wsilocal.train.loop.step_lr_scheduler`."""
     if config.lr_schedule == "cosine":
         # Closed form of the epoch (not CosineAnnealingLR's recursion): a run resumed with more epochs follows
         # the new curve from where it is.
@@ -267,80 +243,33 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
                                                       patience=config.plateau_patience)
 
 
-def load_lr_scheduler_state(scheduler, saved: dict) -> None:
-    """Resume a schedule. A cosine phase then takes its epoch's rate on the current curve: the run may be
-    resumed with more epochs than it was started with (its saved rate would be the old curve's)."""
-    scheduler.load_state_dict(saved)
-    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-        for group, base, rate in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
-                                     strict=True):
-            group["lr"] = base * rate(scheduler.last_epoch)
-
-
-def step_lr_scheduler(scheduler, val_loss: float) -> None:
-    """End of an epoch: the plateau schedule reads the validation loss, the cosine one only counts epochs."""
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step(val_loss)
-    else:
-        scheduler.step()
-
-
-class _MidEpochStop(Exception):
-    """Raised out of an epoch after the optimizer step during which a stop was requested."""
-
-    def __init__(self, next_group: int, records: list, seconds: float):
-        super().__init__()
-        self.next_group, self.records, self.seconds = next_group, records, seconds
-
-
-@contextmanager
-def stop_on_interrupt(flag: threading.Event, armed: Callable[[], bool]):
-    """While inside: a SIGINT while ``armed()`` sets ``flag`` (the trainer stops after the current optimizer
-    step); otherwise — before training starts, or a second Ctrl-C — KeyboardInterrupt as usual. Only in the
-    main thread (signals are delivered there)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def request_stop(signum, frame):
-        if flag.is_set() or not armed():
-            raise KeyboardInterrupt
-        flag.set()
-        tqdm.write("interrupt: stopping after the current step to save a checkpoint (Ctrl-C again to stop now)")
-
-    previous = signal.signal(signal.SIGINT, request_stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 class Trainer:
     """Trains one run directory from a :class:`TrainConfig`; ``run()`` does everything.
 
+    It sets the run up (cohort, cache, network, resume) and runs a :class:`~wsilocal.train.loop.EpochLoop`, to
+    which it is the :class:`~wsilocal.train.loop.Phases`: the phases of modules, one epoch of training, validation.
     Under torchrun (or inside a process group the caller started) it is one rank of a distributed run.
     """
+
+    checkpoint_key = "phase"  # checkpoint_last.pt's "phase", "phase_best" (see Phases)
 
     def __init__(self, config: TrainConfig, progress: bool = True, resume: bool = False):
         self.config = config.validate()
         self.progress = progress
         self.resume = resume
         self.directory = RunDirectory(config.out)
-        self.run_dir = self.directory.path
         self.warnings: list[str] = []
         self.ctx = DistContext()
         self.stop_requested = threading.Event()  # set by Ctrl-C (see stop_on_interrupt) or by a caller
         self.training = False  # Ctrl-C saves a checkpoint only once the epochs have started
         self.stream_budget: int | None = None  # bytes a plain training step may use (see _streams)
         self.loaded_weights: LoadedWeights | None = None  # the --weights file, once loaded (for model.json)
+        self.module_best: dict | None = None  # greedy: the phase's module at its best validation epoch so far
 
     # --- set-up (file access on rank 0 only; the results are shared with every rank) -------------
     def _open_run_dir(self) -> dict | None:
         """Check the run directory, start the log; the saved ``model.json`` of an earlier start, if any."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not self.resume and self.directory.holds_run:
-            raise ConfigError(f"{self.run_dir}: run directory already holds a run; use --resume to continue it "
-                              "or choose another --out")
+        refuse_existing_run(self.directory, self.resume)
         setup_logging(self.directory)
         return self.directory.metadata() if self.directory.metadata_file.exists() else None
 
@@ -398,7 +327,7 @@ class Trainer:
             images = (_central_crop(train.get(i)[0], CALIBRATION_SIDE).to(self.device) for i in range(n))
             calibrate_batchnorm(net.trunk, images)
 
-    # --- the loop -----------------------------------------------------------------------------
+    # --- the run ----------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         if self.resume and not self.directory.holds_run:
             # Killed before its first epoch ended: nothing to continue, so start over (same seed, same run).
@@ -425,16 +354,11 @@ class Trainer:
         torch.manual_seed(config.seed)  # the initial weights of the model are part of the run's seed
         net = build_model(config, len(classes), saved.get("block_boundaries"),
                           balance_for_hw=(largest.height, largest.width)).to(self.device)
-        k = len(net.stages)
-        phases = _phases(config, k)
-        class_weight = balanced_class_weights(train.labels, len(classes), self.device) if config.class_weights else None
-
         state = None
         if self.resume:
-            state = ctx.on_main(lambda: load_checkpoint(self.directory.checkpoint_file("last"),
-                                                        expected_signature=signature))
-            load_model_state(net, state, self.directory.checkpoint_file("last"))
+            state = load_resume_state(self.directory, net, signature, ctx)
             self.warnings = state.get("warnings", [])
+            self.module_best = state.get("module_best")
         else:
             self._initialise_trunk(net, train)
             if ctx.is_main:
@@ -444,6 +368,12 @@ class Trainer:
                         "weights": self.loaded_weights.record() if self.loaded_weights else None}
                 self.directory.write_metadata(meta)
         ctx.broadcast_module(net)  # every rank starts from rank 0's weights and BatchNorm statistics
+        self.net, self.train_samples, self.val_samples = net, train, val
+        self.classes, self.signature = classes, signature
+        self.phases = _phases(config, len(net.stages))
+        self.n_phases = len(self.phases)
+        self.class_weight = (balanced_class_weights(train.labels, len(classes), self.device) if config.class_weights
+                             else None)
         self.training = True  # from here on Ctrl-C stops after the next optimizer step, with a checkpoint
         log.info("model:\n%s", net.describe())
         log.info("train %d slides, validation %d slides, classes %s", len(train), len(val), classes)
@@ -451,145 +381,92 @@ class Trainer:
             log.info("distributed: %d processes (%s), effective batch %d slides per optimizer step = %d processes "
                      "× accumulation %d", ctx.world_size, ctx.device.type, ctx.world_size * config.accumulation,
                      ctx.world_size, config.accumulation)
+        loop = EpochLoop(self.directory, self, best_by=config.best_by, early_stopping=config.early_stopping,
+                         warnings=self.warnings, resume_hint=f"wsilocal train --resume {self.directory.path}",
+                         stop_requested=self.stop_requested, ctx=ctx, progress=self.progress)
+        best, history = loop.run(state)
+        return loop.finish(best, history, skipped, net.describe(), processes=ctx.world_size,
+                           effective_batch=ctx.world_size * config.accumulation)
 
-        history: list[dict] = state["history"] if state else []
-        phase_index = state["phase"] if state else 0
-        start_epoch = state["next_epoch"] if state else 0
-        best = state["best"] if state else {"score": None, "epoch": -1, "val": {}}
-        restore_optimizer = state is not None
-        if state and state["stopped_early"]:  # that phase is over, even if --epochs was raised since
-            if _keeps_best_module(config, phases[phase_index], k):  # as the uninterrupted run does after it
-                self._keep_best_module(net, phases[phase_index], state.get("module_best"), history, train)
-            phase_index, start_epoch, restore_optimizer = phase_index + 1, 0, False
-        mid_epoch = state.get("mid_epoch") if state else None  # saved by Ctrl-C: continue that epoch
-        for p in range(phase_index, len(phases)):
-            phase = phases[p]
-            optimizer = torch.optim.AdamW(_phase_parameters(net, phase, config), weight_decay=config.weight_decay)
-            scheduler = make_lr_scheduler(optimizer, config)
-            phase_best = {"loss": math.inf, "bad_epochs": 0}
-            # greedy, before module K: the weights of this phase's module at its best validation epoch so far
-            keeps_best = _keeps_best_module(config, phase, k)
-            module_best = None
-            if restore_optimizer and p == phase_index:
-                optimizer.load_state_dict(state["optimizer"])
-                load_lr_scheduler_state(scheduler, state["scheduler"])
-                phase_best = state["phase_best"]
-                module_best = state.get("module_best")
-            epoch = start_epoch if p == phase_index else 0
-            while epoch < config.epochs:
-                try:
-                    row = self._train_epoch(net, train, phase, p, epoch, optimizer, class_weight, k, mid_epoch)
-                except _MidEpochStop as halt:
-                    mid = {"next_group": halt.next_group, "records": halt.records, "seconds": halt.seconds}
-                    self._save(net, self.directory.checkpoint_file("last"), signature, classes,
-                               extra=self._resumable(optimizer, scheduler, p, epoch, False, phase_best, history,
-                                                     best, mid, module_best))
-                    raise self._interrupted(f"phase {p} epoch {epoch}, {halt.next_group} of {len(train)} "
-                                            "slides done") from None
-                mid_epoch = None
-                if config.recalibrate_bn and not config.weights:
-                    self._calibrate(net, train)
-                    ctx.broadcast_module(net)
-                is_last_module = phase.stop == k
-                evaluation = evaluate_samples(net, val, self.device, upto=phase.stop, progress=self.progress,
-                                              ctx=ctx, memory_budget=self._memory_budget(),
-                                              stream_tile=config.stream_tile, stream_store=config.stream_store)
-                val_metrics = classification_metrics(evaluation["probabilities"], evaluation["labels"], classes)
-                row.update(self._val_row(evaluation, val_metrics, classes))
-                step_lr_scheduler(scheduler, evaluation["loss"])
-                row["lr"] = [g["lr"] for g in optimizer.param_groups]
-                history.append(row)
-                improved_loss = evaluation["loss"] < phase_best["loss"] - 1e-6
-                phase_best = {"loss": min(phase_best["loss"], evaluation["loss"]),
-                              "bad_epochs": 0 if improved_loss else phase_best["bad_epochs"] + 1}
-                score = selection_score(val_metrics, evaluation["loss"], config.best_by)
-                if is_last_module and (best["score"] is None or score > tuple(best["score"])):
-                    best = {"score": list(score), "epoch": len(history) - 1, "val": val_metrics}
-                    self._save(net, self.directory.checkpoint_file("best"), signature, classes)
-                if keeps_best and (module_best is None or score > tuple(module_best["score"])):
-                    module_best = {"score": list(score), "epoch": len(history) - 1,
-                                   "weights": _module_weights(net, phase.start)}
-                epoch += 1
-                stop = bool(config.early_stopping and phase_best["bad_epochs"] >= config.early_stopping)
-                self._save(net, self.directory.checkpoint_file("last"), signature, classes,
-                           extra=self._resumable(optimizer, scheduler, p, epoch, stop, phase_best, history, best,
-                                                 module_best=module_best))
-                self._write_metrics(history)
-                gc.collect()  # per-epoch figures and logs form reference cycles; free them before the heap grows
-                self._report_epoch(row, f"phase {p}", stop)
-                more = not stop and (epoch < config.epochs or p + 1 < len(phases))
-                if more and self._stop_agreed():  # Ctrl-C during validation: the epoch's checkpoint is saved
-                    raise self._interrupted(f"the end of phase {p} epoch {epoch - 1}")
-                if stop:
-                    break
-            if keeps_best:
-                self._keep_best_module(net, phase, module_best, history, train)
-            start_epoch = 0
-        return self._finish(best, history, skipped, net.describe(), write=ctx.is_main,
-                            processes=ctx.world_size, effective_batch=ctx.world_size * config.accumulation)
+    # --- the phases of the epoch loop (:class:`~wsilocal.train.loop.Phases`) -------------------------
+    def phase_label(self, p: int) -> str:
+        return f"phase {p}"
 
-    def _resumable(self, optimizer, scheduler, phase: int, next_epoch: int, stopped_early: bool, phase_best: dict,
-                   history: list[dict], best: dict, mid_epoch: dict | None = None,
-                   module_best: dict | None = None) -> dict:
-        """What ``checkpoint_last.pt`` holds beside the model to resume exactly (``mid_epoch``: Ctrl-C's;
-        ``module_best``: greedy, the phase's module at its best epoch so far)."""
-        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "phase": phase,
-                "next_epoch": next_epoch, "stopped_early": stopped_early, "phase_best": phase_best,
-                "history": history, "best": best, "warnings": self.warnings, "mid_epoch": mid_epoch,
-                "module_best": module_best}
+    def phase_epochs(self, p: int) -> int:
+        return self.config.epochs
 
-    def _keep_best_module(self, net: LocalNet, phase: range, module_best: dict | None, history: list[dict],
-                          train: CachedSlides) -> None:
+    def start_phase(self, p: int, resumed: bool) -> tuple[torch.optim.Optimizer, object]:
+        """The phase's modules learn with AdamW (trunk and auxiliary rates) on the config's schedule."""
+        optimizer = torch.optim.AdamW(_phase_parameters(self.net, self.phases[p], self.config),
+                                      weight_decay=self.config.weight_decay)
+        if not resumed:  # a resumed phase keeps the best module weights its checkpoint holds
+            self.module_best = None
+        return optimizer, make_lr_scheduler(optimizer, self.config)
+
+    def train_epoch(self, p: int, epoch: int, optimizer: torch.optim.Optimizer, mid_epoch: dict | None) -> dict:
+        return self._train_epoch(self.net, self.train_samples, self.phases[p], p, epoch, optimizer,
+                                 self.class_weight, len(self.net.stages), mid_epoch)
+
+    def validate(self, p: int) -> Validation:
+        """The phase's last module's classifier (and every auxiliary one) on the validation slides; with
+        ``recalibrate_bn`` the BatchNorm statistics follow the epoch's weights first."""
+        config, net = self.config, self.net
+        if config.recalibrate_bn and not config.weights:
+            self._calibrate(net, self.train_samples)
+            self.ctx.broadcast_module(net)
+        evaluation = evaluate_samples(net, self.val_samples, self.device, upto=self.phases[p].stop,
+                                      progress=self.progress, ctx=self.ctx, memory_budget=self._memory_budget(),
+                                      stream_tile=config.stream_tile, stream_store=config.stream_store)
+        metrics = classification_metrics(evaluation["probabilities"], evaluation["labels"], self.classes)
+        row = {**validation_row(evaluation["loss"], metrics), "val_streamed_slides": evaluation["streamed_slides"]}
+        labels = evaluation["labels"]
+        for m, _ in enumerate(evaluation["aux_probabilities"][0] if evaluation["aux_probabilities"] else []):
+            probs = np.array([slide[m] for slide in evaluation["aux_probabilities"]])
+            row[f"val_aux{m + 1}_accuracy"] = float((probs.argmax(1) == labels).mean())
+        return Validation(evaluation["loss"], metrics, row)
+
+    def scored(self, p: int, score: tuple, epoch_index: int) -> None:
+        """Greedy, before module K: keep the phase's module at its best validation epoch so far."""
+        if _keeps_best_module(self.config, self.phases[p], len(self.net.stages)) and (
+                self.module_best is None or score > tuple(self.module_best["score"])):
+            self.module_best = {"score": list(score), "epoch": epoch_index,
+                                "weights": _module_weights(self.net, self.phases[p].start)}
+
+    def end_phase(self, p: int, history: list[dict]) -> None:
         """End of a greedy phase before module K: its module and auxiliary model take the weights of their best
         validation epoch (marked ``kept`` in the history), which the next modules then learn on."""
-        if module_best is None:  # a checkpoint written before modules kept their best epoch
+        if not _keeps_best_module(self.config, self.phases[p], len(self.net.stages)):
             return
-        i = phase.start
-        net.stages[i].load_state_dict(module_best["weights"]["stage"])
-        net.aux[i].load_state_dict(module_best["weights"]["aux"])
-        history[module_best["epoch"]]["kept"] = True
+        if self.module_best is None:  # a checkpoint written before modules kept their best epoch
+            return
+        net, i = self.net, self.phases[p].start
+        net.stages[i].load_state_dict(self.module_best["weights"]["stage"])
+        net.aux[i].load_state_dict(self.module_best["weights"]["aux"])
+        history[self.module_best["epoch"]]["kept"] = True
         log.info("module %d keeps its weights of epoch %d of the run (best validation %s of its phase)", i + 1,
-                 module_best["epoch"], self.config.best_by)
+                 self.module_best["epoch"], self.config.best_by)
         if self.config.recalibrate_bn and not self.config.weights:  # the next modules' statistics follow it
-            self._calibrate(net, train)
+            self._calibrate(net, self.train_samples)
             self.ctx.broadcast_module(net)
 
-    def _stop_agreed(self) -> bool:
-        """Whether a stop was requested (on any rank: every rank must leave at the same step)."""
-        requested = self.stop_requested.is_set()
-        if not self.ctx.distributed:
-            return requested
-        flag = torch.tensor([float(requested)], device=self.ctx.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def epoch_done(self, history: list[dict]) -> None:
+        """Collect garbage: per-epoch figures and logs form reference cycles; free them before the heap grows
+        (``wsilocal bench soak`` samples memory just before)."""
+        gc.collect()
 
-    def _interrupted(self, where: str) -> TrainingInterrupted:
-        checkpoint = self.directory.checkpoint_file("last")
-        log.info("interrupted at %s; checkpoint saved", where)
-        return TrainingInterrupted(f"interrupted: saved {checkpoint} at {where}; continue with: "
-                                   f"wsilocal train --resume {self.run_dir}")
+    def resumable(self, mid_epoch: dict | None) -> dict:
+        """Beside the loop's fields: Ctrl-C's place in the epoch, and (greedy) the phase's module at its best
+        epoch so far."""
+        return {"mid_epoch": mid_epoch, "module_best": self.module_best}
 
-    def _report_epoch(self, row: dict, what: str, stop: bool) -> None:
-        """Log an epoch's row (and print it under the progress bars); say when ``what`` stops early."""
-        log.info("%s epoch %d: %s", what, row["epoch"], json.dumps(_printable(row)))
-        if self.progress:
-            tqdm.write(_epoch_line(row))
-        if stop:
-            log.info("early stopping %s after epoch %d", what, row["epoch"])
+    def save_checkpoint(self, path: Path, extra: dict) -> None:
+        self._save(self.net, path, self.signature, self.classes, extra)
 
-    def _finish(self, best: dict, history: list[dict], skipped: dict[str, str], model: str, *, write: bool = True,
-                **extra: object) -> TrainResult:
-        """Write ``summary.json`` (best epoch, validation metrics, skipped slides, warnings, ``extra``)."""
-        summary = {"best_epoch": best["epoch"], "best_validation": best["val"], "epochs_run": len(history),
-                   "skipped": skipped, "warnings": self.warnings, "model": model, **extra}
-        if write:
-            write_text_atomic(self.directory.summary_file, json.dumps(summary, indent=1))
-        return TrainResult(self.run_dir, best["epoch"], best["val"], history, skipped, self.warnings)
-
+    # --- one epoch ----------------------------------------------------------------------------------
     def _train_epoch(self, net, train: CachedSlides, phase: range, phase_no: int, epoch: int, optimizer,
                      class_weight, k: int, mid_epoch: dict | None = None) -> dict:
         """One epoch (or its rest, from a checkpoint saved ``mid_epoch``); its row of metrics. Raises
-        :class:`_MidEpochStop` after the optimizer step during which a stop was requested."""
+        :class:`~wsilocal.train.loop.MidEpochStop` after the optimizer step during which a stop was requested."""
         config, ctx = self.config, self.ctx
         net.train()
         for i in range(phase.start):  # frozen earlier modules (greedy) stay in eval
@@ -627,9 +504,11 @@ class Trainer:
                 reducer.finish()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if first + per_step < len(order) and self._stop_agreed():
+            if first + per_step < len(order) and stop_agreed(self.stop_requested, ctx):
                 bar.close()
-                raise _MidEpochStop(first + per_step, self._all_records(records), time.perf_counter() - start)
+                done = first + per_step
+                raise MidEpochStop({"next_group": done, "records": self._all_records(records),
+                                    "seconds": time.perf_counter() - start}, f"{done} of {len(train)} slides done")
         bar.close()
         ctx.average_running_statistics(net)
         records = self._all_records(records)
@@ -693,18 +572,6 @@ class Trainer:
             self.stream_budget = memory_budget_bytes(self.config.memory_budget_gb, self.device)
         return self.stream_budget
 
-    @staticmethod
-    def _val_row(evaluation: dict, metrics: dict, classes: list[str]) -> dict:
-        row = {"val_loss": evaluation["loss"], "val_accuracy": metrics["accuracy"],
-               "val_balanced_accuracy": metrics["balanced_accuracy"], "val_auroc": metrics["auroc"]}
-        if "streamed_slides" in evaluation:  # evaluate_samples' count (a MIL baseline's bags never stream)
-            row["val_streamed_slides"] = evaluation["streamed_slides"]
-        labels = evaluation["labels"]
-        for m, _ in enumerate(evaluation["aux_probabilities"][0] if evaluation["aux_probabilities"] else []):
-            probs = np.array([p[m] for p in evaluation["aux_probabilities"]])
-            row[f"val_aux{m + 1}_accuracy"] = float((probs.argmax(1) == labels).mean())
-        return row
-
     def _save(self, net: LocalNet, path: Path, signature: dict, classes: list[str], extra: dict | None = None):
         if not self.ctx.is_main:
             return
@@ -712,34 +579,6 @@ class Trainer:
             "model": net.state_dict(), "signature": signature, "classes": classes,
             "mean": self.mean, "std": self.std, "config": asdict(self.config), **(extra or {}),
         }, path)
-
-    def _write_metrics(self, history: list[dict]) -> None:
-        if not self.ctx.is_main:
-            return
-        write_text_atomic(self.directory.metrics_json, json.dumps(history, indent=1))
-        keys = sorted({k for row in history for k in row if not isinstance(row[k], list)})
-        with open(self.directory.metrics_csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(history)
-        plot_learning_curves(history, self.directory.curves_file)
-
-
-def _printable(row: dict) -> dict:
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
-
-
-def _epoch_line(row: dict) -> str:
-    def fmt(v):
-        return "n/a" if v is None else f"{v:.3f}"
-
-    aux = " ".join(f"aux{k[7:-9]}={fmt(v)}" for k, v in row.items() if k.startswith("val_aux"))
-    streamed = f" ({row['streamed_slides']} slides streamed)" if row.get("streamed_slides") else ""
-    return (f"phase {row['phase']} epoch {row['epoch']:>3}: train loss {fmt(row['train_loss'])} "
-            f"acc {fmt(row['train_accuracy'])} | val loss {fmt(row['val_loss'])} "
-            f"bal.acc {fmt(row['val_balanced_accuracy'])} AUROC {fmt(row['val_auroc'])} | {aux} "
-            f"| {row['seconds']:.0f}s{streamed}")
-
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train a run from a configuration (see :class:`Trainer`)."""
