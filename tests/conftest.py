@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsilocal.models.resnet import ResNet34Trunk
+from wsilocal.models.resnet import ResNetTrunk
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 
 BACKGROUND = (242, 240, 243)  # glass: near white, a faint tint as on real scans
@@ -100,7 +100,7 @@ def he_image() -> Callable[..., np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def trunk() -> ResNet34Trunk:
+def trunk() -> ResNetTrunk:
     """A randomly initialised trunk (seed 0), shared by the tests of one module."""
     torch.manual_seed(0)
-    return ResNet34Trunk()
+    return ResNetTrunk()

@@ -21,7 +21,7 @@ from wsilocal.cli import main
 from wsilocal.config import TrainConfig
 from wsilocal.demo import QUICK as DEMO_QUICK
 from wsilocal.errors import ConfigError
-from wsilocal.models.resnet import ResNet34Trunk
+from wsilocal.models.resnet import ResNetTrunk
 
 # 3 classes × 3 slides of ~190² px at 5x (one slide per class in each split), 64-px tiles, 1 epoch, 2 seeds.
 TINY = AccuracyBenchSettings(
@@ -242,7 +242,7 @@ def test_budget_options_set_epochs_and_cohort_sizes_and_refuse_bad_values(bench,
 def test_weights_give_every_method_those_weights_and_their_own_features(tmp_path, capsys):
     torch.manual_seed(0)
     weights = tmp_path / "resnet34.pth"
-    torch.save(ResNet34Trunk(conv1_stride=2).state_dict(), weights)  # torchvision names, as an ImageNet file
+    torch.save(ResNetTrunk(conv1_stride=2).state_dict(), weights)  # torchvision names, as an ImageNet file
     settings = replace(TINY, seeds=1, weights=str(weights))
     report_data = run_accuracy_benchmark(tmp_path / "out", settings, rows=["abmil"], progress=False)
     assert [a["status"] for a in report_data["aggregates"]] == ["done"]

@@ -15,7 +15,7 @@ from wsilocal.errors import CheckpointError, WsilocalError
 from wsilocal.features.extract import RANDOM_INIT_WARNING, extract_features
 from wsilocal.features.h5 import read_features, write_features
 from wsilocal.features.tiles import tile_grid, tile_size_level0
-from wsilocal.models.resnet import ResNet34Trunk, calibrate_batchnorm
+from wsilocal.models.resnet import ResNetTrunk, calibrate_batchnorm
 from wsilocal.slide.cohort import CohortSlide
 from wsilocal.slide.reader import open_slide, read_region_at_mpp
 from wsilocal.slide.tissue import detect_tissue
@@ -47,7 +47,7 @@ def slides(make_slide, he_image) -> list[CohortSlide]:
 def weights_file(module_tmp) -> Path:
     """A torchvision-named ResNet34 state dict (with ``fc``) whose BatchNorms keep activations near 1."""
     torch.manual_seed(1)
-    trunk = ResNet34Trunk(conv1_stride=2)
+    trunk = ResNetTrunk(conv1_stride=2)
     calibrate_batchnorm(trunk, [(torch.rand(4, 3, 64, 64) - MEAN) / STD])
     state = dict(trunk.state_dict(), **{"fc.weight": torch.randn(1000, 512), "fc.bias": torch.zeros(1000)})
     path = module_tmp("weights") / "resnet34.pth"
@@ -55,7 +55,7 @@ def weights_file(module_tmp) -> Path:
     return path
 
 
-def reference_features(trunk: ResNet34Trunk, slide_file: Path, coords: np.ndarray) -> np.ndarray:
+def reference_features(trunk: ResNetTrunk, slide_file: Path, coords: np.ndarray) -> np.ndarray:
     """Each tile read on its own with the slide reader, through the trunk one at a time, averaged."""
     rows = []
     with open_slide(slide_file) as slide, torch.no_grad():
@@ -115,7 +115,7 @@ def test_features_are_resnet34_average_pooled_over_each_tile(slides, weights_fil
     assert (attrs["mpp"], attrs["tile"], attrs["tile_level0"], attrs["slide_mpp"], attrs["n_tiles"]) == (
         MPP, TILE, TILE0, SLIDE_MPP, 17)
 
-    trunk = ResNet34Trunk(conv1_stride=2)
+    trunk = ResNetTrunk(conv1_stride=2)
     state = torch.load(weights_file, weights_only=True)
     trunk.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
     expected = reference_features(trunk.eval(), slides[0].path, coords)

@@ -15,7 +15,7 @@ from wsilocal.infer.heatmap import attention_geojson, high_attention_cells, save
 from wsilocal.infer.predict import Predictor
 from wsilocal.infer.prediction import Prediction
 from wsilocal.models.heads import FinalClassifier
-from wsilocal.models.resnet import FrozenBatchNorm2d, ResNet34Trunk
+from wsilocal.models.resnet import FrozenBatchNorm2d, ResNetTrunk
 from wsilocal.prepare.cache import PrepareSettings
 
 MEAN, STD = [0.8, 0.7, 0.8], [0.2, 0.2, 0.2]
@@ -104,7 +104,7 @@ def test_polygons_trace_the_cells_of_each_region():
                                                       [1000, 2000]]]
 
 
-def lesion_detector() -> tuple[ResNet34Trunk, FinalClassifier]:
+def lesion_detector() -> tuple[ResNetTrunk, FinalClassifier]:
     """A trunk whose channel 0 measures how much of a neighbourhood is nuclear-dark, and an H attending to it.
 
     conv1 + bn1 give ``relu(s · (200 − R))`` with R the red value (0–255) averaged over the conv's central
@@ -112,7 +112,7 @@ def lesion_detector() -> tuple[ResNet34Trunk, FinalClassifier]:
     the other channels at zero. H's attention score is ``4 · tanh(channel 0)``; its classifier is zero.
     On the synthetic slides, tumour nuclei crowd the lesion, so attention peaks there.
     """
-    trunk = ResNet34Trunk(conv1_stride=3)
+    trunk = ResNetTrunk(conv1_stride=3)
     head = FinalClassifier(512, 2)
     with torch.no_grad():
         for parameter in [*trunk.parameters(), *head.parameters()]:

@@ -17,7 +17,7 @@ from wsilocal.config import TrainConfig, save_config
 from wsilocal.errors import CheckpointError, SlideError
 from wsilocal.infer.predict import Predictor, class_evidence, predict_slides
 from wsilocal.models import local_net
-from wsilocal.models.resnet import ResNet34Trunk, calibrate_batchnorm
+from wsilocal.models.resnet import ResNetTrunk, calibrate_batchnorm
 from wsilocal.models.split import block_boundaries
 from wsilocal.prepare.cache import PrepareSettings, build_entry, channel_stats
 from wsilocal.run.directory import model_signature
@@ -84,7 +84,7 @@ def reference(run) -> SimpleNamespace:
 def test_prediction_equals_the_cached_image_forward(run, reference, budget, mode):
     # Streamed, in bands of 4 stem rows (24 image rows): the image goes through in several bands.
     band = 4 if mode == "streamed" else None
-    assert len(plan_axis(run.entry.height, 4 * 6, block_geometry(ResNet34Trunk().blocks()[:1]))) >= 2
+    assert len(plan_axis(run.entry.height, 4 * 6, block_geometry(ResNetTrunk().blocks()[:1]))) >= 2
     predictor = Predictor.from_run(run.dir, memory_budget=budget, band=band)
     prediction = predictor.predict(run.slide, heatmap=True)
     assert prediction.mode == mode

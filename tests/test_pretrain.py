@@ -19,7 +19,7 @@ from wsilocal.cli import main
 from wsilocal.config import PretrainConfig
 from wsilocal.errors import CheckpointError, ConfigError, TrainingInterrupted, WsilocalError
 from wsilocal.features.extract import FeatureExtractor
-from wsilocal.models.resnet import FrozenBatchNorm2d, ResNet34Trunk, load_resnet34_weights
+from wsilocal.models.resnet import FrozenBatchNorm2d, ResNetTrunk, load_trunk_weights
 from wsilocal.pretrain import augment
 from wsilocal.pretrain.objectives import nt_xent, vicreg
 from wsilocal.pretrain.tiles import TileSampler, build_tile_index, find_slide_files
@@ -47,8 +47,8 @@ def tiny_config(cohort: Path, out: Path, **changes) -> PretrainConfig:
 
 def test_trainable_trunk_has_torchvision_names_and_loads_into_the_frozen_trunk(tmp_path):
     torch.manual_seed(0)
-    trainable = ResNet34Trunk(conv1_stride=2, trainable=True)
-    frozen = ResNet34Trunk(conv1_stride=2)
+    trainable = ResNetTrunk(conv1_stride=2, trainable=True)
+    frozen = ResNetTrunk(conv1_stride=2)
     assert list(trainable.state_dict()) == list(frozen.state_dict())
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in trainable.modules())
     assert all(p.requires_grad for p in trainable.parameters())  # the stem and BatchNorms train too
@@ -60,7 +60,7 @@ def test_trainable_trunk_has_torchvision_names_and_loads_into_the_frozen_trunk(t
                 m.weight.uniform_(0.5, 1.5)
     path = tmp_path / "w.pth"
     torch.save(trainable.state_dict(), path)
-    load_resnet34_weights(frozen, path)
+    load_trunk_weights(frozen, path)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     trainable.eval()
     with torch.no_grad():  # float64: the folded BatchNorm rounds differently in float32
@@ -185,8 +185,8 @@ def test_run_writes_torchvision_weights_that_every_consumer_loads(finished):
     weights = load_file(str(finished / "resnet34.safetensors"))
     assert "conv1.weight" in weights and "layer4.2.bn2.running_var" in weights
     assert not any(k.startswith(("fc.", "projector")) for k in weights)
-    trunk = ResNet34Trunk(conv1_stride=3)  # the method's stride-3 trunk takes the stride-2 weights
-    load_resnet34_weights(trunk, finished / "resnet34.safetensors")
+    trunk = ResNetTrunk(conv1_stride=3)  # the method's stride-3 trunk takes the stride-2 weights
+    load_trunk_weights(trunk, finished / "resnet34.safetensors")
     assert torch.equal(trunk.layer2[0].conv1.weight, weights["layer2.0.conv1.weight"])
     extractor = FeatureExtractor(finished / "resnet34.safetensors")
     assert extractor(torch.zeros(1, 64, 64, 3, dtype=torch.uint8)).shape == (1, 512)

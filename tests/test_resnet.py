@@ -15,10 +15,10 @@ from wsilocal.errors import CheckpointError
 from wsilocal.models.memory import saved_tensor_bytes
 from wsilocal.models.resnet import (
     FrozenBatchNorm2d,
-    ResNet34Trunk,
+    ResNetTrunk,
     calibrate_batchnorm,
     conv_bn,
-    load_resnet34_weights,
+    load_trunk_weights,
 )
 
 # --- a reference torchvision-layout ResNet34, written out plainly ------------------------------------
@@ -113,7 +113,7 @@ IMAGE = torch.randn(1, 3, 96, 112, generator=torch.Generator().manual_seed(0))
 
 
 def test_trunk_has_torchvision_names_without_fc():
-    trunk_keys = list(ResNet34Trunk().state_dict())
+    trunk_keys = list(ResNetTrunk().state_dict())
     ref_keys = [k for k in RefResNet34().state_dict() if not k.startswith("fc.")]
     assert trunk_keys == ref_keys
 
@@ -124,8 +124,8 @@ def test_trunk_has_torchvision_names_without_fc():
 ])
 def test_loaded_weights_reproduce_reference_features(weights_dir, stride, suffix, fold_bn):
     ref, folder = saved_reference(stride, weights_dir)
-    trunk = ResNet34Trunk(conv1_stride=stride, fold_bn=fold_bn)
-    load_resnet34_weights(trunk, folder / f"s{stride}{suffix}")
+    trunk = ResNetTrunk(conv1_stride=stride, fold_bn=fold_bn)
+    load_trunk_weights(trunk, folder / f"s{stride}{suffix}")
     with torch.no_grad():
         expected = ref.features(IMAGE)
         got = trunk(IMAGE)
@@ -141,8 +141,8 @@ def test_loads_nested_prefixed_legacy_state_dict(tmp_path):
     stride, ref = 3, reference_model(3)
     state = {f"module.{k}": v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save({"state_dict": state, "epoch": 3}, tmp_path / "wrapped.pt")
-    trunk = ResNet34Trunk(conv1_stride=stride)
-    load_resnet34_weights(trunk, tmp_path / "wrapped.pt")
+    trunk = ResNetTrunk(conv1_stride=stride)
+    load_trunk_weights(trunk, tmp_path / "wrapped.pt")
     with torch.no_grad():
         assert rel_error(trunk(IMAGE), ref.features(IMAGE)) <= 1e-4
 
@@ -155,7 +155,7 @@ def test_wrong_keys_and_shapes_are_listed(tmp_path):
     path = tmp_path / "bad.pth"
     torch.save(state, path)
     with pytest.raises(CheckpointError) as info:
-        load_resnet34_weights(ResNet34Trunk(), path)
+        load_trunk_weights(ResNetTrunk(), path)
     message = str(info.value)
     assert message.startswith(f"{path}: not a ResNet34 state dict: ")
     assert "missing 1 keys: layer4.2.bn2.running_var" in message
@@ -169,10 +169,10 @@ def test_many_missing_keys_are_summarised(tmp_path):
     path = tmp_path / "partial.safetensors"
     save_file(state, str(path))
     # num_batches_tracked may be absent (old torchvision files): not reported as missing
-    n_missing = sum(k.startswith("layer3.") and "num_batches" not in k for k in ResNet34Trunk().state_dict())
+    n_missing = sum(k.startswith("layer3.") and "num_batches" not in k for k in ResNetTrunk().state_dict())
     with pytest.raises(CheckpointError, match=rf"missing {n_missing} keys: layer3\.0\.conv1\.weight, .*"
                                               rf"\({n_missing} in all\)"):
-        load_resnet34_weights(ResNet34Trunk(), path)
+        load_trunk_weights(ResNetTrunk(), path)
 
 
 class Payload:
@@ -189,7 +189,7 @@ def test_unsafe_pickle_is_refused_without_running_it(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"conv1.weight": torch.zeros(1), "extra": Payload()}, path)
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: cannot load weights: "):
-        load_resnet34_weights(ResNet34Trunk(), path)
+        load_trunk_weights(ResNetTrunk(), path)
     assert not Payload.marker.exists()
 
 
@@ -203,13 +203,13 @@ def test_truncated_missing_and_foreign_files_raise_checkpoint_error(weights_dir,
     text.write_text("not weights\n")
     for path in (truncated, text):
         with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: cannot load weights: \S"):
-            load_resnet34_weights(ResNet34Trunk(), path)
+            load_trunk_weights(ResNetTrunk(), path)
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path / 'absent.pth'))}: no such file$"):
-        load_resnet34_weights(ResNet34Trunk(), tmp_path / "absent.pth")
+        load_trunk_weights(ResNetTrunk(), tmp_path / "absent.pth")
     tensor_only = tmp_path / "tensor.pth"
     torch.save(torch.zeros(3), tensor_only)
     with pytest.raises(CheckpointError, match="not a state dict of tensors"):
-        load_resnet34_weights(ResNet34Trunk(), tensor_only)
+        load_trunk_weights(ResNetTrunk(), tensor_only)
 
 
 # --- initialisation, frozen and folded BatchNorm --------------------------------------------------
@@ -217,7 +217,7 @@ def test_truncated_missing_and_foreign_files_raise_checkpoint_error(weights_dir,
 
 def test_torchvision_initialisation_and_frozen_parameters():
     torch.manual_seed(0)
-    trunk = ResNet34Trunk()
+    trunk = ResNetTrunk()
     conv = trunk.layer4[2].conv2.weight  # 2.4 M weights: the sample std is precise
     assert float(conv.detach().std()) == pytest.approx((2 / (512 * 9)) ** 0.5, rel=0.01)
     for bn in trunk.batchnorms():
@@ -235,7 +235,7 @@ def test_frozen_batchnorm_keeps_the_state_dict_keys_of_batchnorm():
 
 def test_batchnorm_and_stem_stay_frozen_through_training():
     torch.manual_seed(1)
-    trunk = ResNet34Trunk()
+    trunk = ResNetTrunk()
     randomise_batchnorm(trunk, seed=5)
     frozen = {k: v.clone() for k, v in trunk.state_dict().items() if "bn" in k or "downsample.1" in k}
     frozen["conv1.weight"] = trunk.conv1.weight.detach().clone()
@@ -256,7 +256,7 @@ def test_batchnorm_and_stem_stay_frozen_through_training():
     assert not torch.equal(trunk.layer1[0].conv1.weight, trained_before)
 
 
-def _outputs_and_grads(trunk: ResNet34Trunk, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _outputs_and_grads(trunk: ResNetTrunk, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     trunk.zero_grad(set_to_none=True)
     out = trunk(image)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
@@ -266,7 +266,7 @@ def _outputs_and_grads(trunk: ResNet34Trunk, image: torch.Tensor) -> tuple[torch
 
 def test_folding_gives_the_same_outputs_and_gradients_and_saves_less():
     torch.manual_seed(2)
-    trunk = ResNet34Trunk(fold_bn=False)
+    trunk = ResNetTrunk(fold_bn=False)
     randomise_batchnorm(trunk, seed=3)
     image = torch.randn(1, 3, 112, 96, generator=torch.Generator().manual_seed(4))
     out_plain, grads_plain = _outputs_and_grads(trunk, image)
@@ -286,7 +286,7 @@ def test_folding_gives_the_same_outputs_and_gradients_and_saves_less():
 def test_folding_drops_exactly_the_batchnorm_inputs_from_the_saved_tensors():
     """Exact accounting on one block: the two BatchNorms' inputs (conv outputs) are no longer saved.
     Also, each BatchNorm saved its running mean and var where the folded form saves only the scale."""
-    block = ResNet34Trunk(fold_bn=False).layer1[1]
+    block = ResNetTrunk(fold_bn=False).layer1[1]
     x = torch.randn(1, 64, 20, 24, requires_grad=True)
     plain = saved_tensor_bytes(lambda: block(x))
     for bn in (block.bn1, block.bn2):
@@ -298,7 +298,7 @@ def test_folding_drops_exactly_the_batchnorm_inputs_from_the_saved_tensors():
 
 def test_channels_last_gives_the_same_results():
     torch.manual_seed(3)
-    trunk = ResNet34Trunk()
+    trunk = ResNetTrunk()
     randomise_batchnorm(trunk, seed=8)
     image = torch.randn(1, 3, 64, 72, generator=torch.Generator().manual_seed(9))
     out, grads = _outputs_and_grads(trunk, image)
@@ -311,7 +311,7 @@ def test_channels_last_gives_the_same_results():
 
 
 def test_output_size_and_stride():
-    trunk = ResNet34Trunk()
+    trunk = ResNetTrunk()
     with torch.no_grad():
         out = trunk(torch.zeros(1, 3, 200, 150))
     # conv1 stride 3 → ceil(/3), then four halvings (ceil): 200 → 67 → 34 → 17 → 9 → 5; 150 → 50 → 25 → 13 → 7 → 4
@@ -323,7 +323,7 @@ def test_output_size_and_stride():
 
 def test_calibration_normalises_every_batchnorm_output():
     torch.manual_seed(4)
-    trunk = ResNet34Trunk()
+    trunk = ResNetTrunk()
     g = torch.Generator().manual_seed(10)
     images = [torch.randn(1, 3, 128, 112, generator=g), torch.randn(3, 96, 96, generator=g) * 2 + 1]
     calibrate_batchnorm(trunk, iter(images))
@@ -353,7 +353,7 @@ def test_calibration_normalises_every_batchnorm_output():
 
 def test_calibration_needs_images():
     with pytest.raises(ValueError, match="at least one image"):
-        calibrate_batchnorm(ResNet34Trunk(), [])
+        calibrate_batchnorm(ResNetTrunk(), [])
 
 
 def test_folded_convolution_matches_conv_then_batchnorm():

@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from wsilocal.errors import ConfigError
 from wsilocal.models.local_net import LocalNet, auxiliary_cost
 from wsilocal.models.memory import SavedTensorMeter, saved_tensor_bytes
-from wsilocal.models.resnet import ResNet34Trunk
+from wsilocal.models.resnet import ResNetTrunk
 from wsilocal.models.split import (
     BlockBoundaries,
     ModuleCostTable,
@@ -221,7 +221,7 @@ def test_balanced_split_minimises_the_largest_module(trunk):
 def test_module_memory_relative_to_end_to_end_matches_design_figures():
     """DESIGN.md §5 (2048², stride-3 conv1, stem and BN frozen): K=4 32 %, K=8 19 % of end-to-end;
     folding BatchNorm brings end-to-end down to (now) half."""
-    trunk = ResNet34Trunk(fold_bn=False)
+    trunk = ResNetTrunk(fold_bn=False)
     end_to_end = module_saved_bytes(trunk, 1, (2048, 2048))[0]
     assert max(module_saved_bytes(trunk, 4, (2048, 2048))) / end_to_end == pytest.approx(0.32, abs=0.01)
     assert max(module_saved_bytes(trunk, 8, (2048, 2048))) / end_to_end == pytest.approx(0.19, abs=0.01)
@@ -237,7 +237,7 @@ def test_local_net_assembly(k):
     net = LocalNet(3, k)
     assert len(net.stages) == k and len(net.aux) == k - 1
     assert {key.split(".")[0] for key in net.state_dict()} == ({"trunk", "head", "aux"} if k > 1 else {"trunk", "head"})
-    assert list(net.trunk.state_dict()) == list(ResNet34Trunk().state_dict())
+    assert list(net.trunk.state_dict()) == list(ResNetTrunk().state_dict())
     groups = net.param_groups(1e-5, 2e-5)
     assert [g["lr"] for g in groups] == [1e-5, 2e-5]
     trunk_ids = {id(p) for p in groups[0]["params"]}

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from wsilocal.models.resnet import BasicBlock, ResNet34Trunk
+from wsilocal.models.resnet import BasicBlock, ResNetTrunk
 from wsilocal.slide.reader import open_slide, read_region_at_mpp
 from wsilocal.stream.bands import (
     MIN_BAND,
@@ -41,12 +41,12 @@ FLOAT32_RELATIVE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def trunks() -> dict[int, ResNet34Trunk]:
+def trunks() -> dict[int, ResNetTrunk]:
     """Randomly initialised float64 trunks, conv1 stride 3 and 2."""
     result = {}
     for stride in (3, 2):
         torch.manual_seed(stride)
-        result[stride] = ResNet34Trunk(conv1_stride=stride).double().eval()
+        result[stride] = ResNetTrunk(conv1_stride=stride).double().eval()
     return result
 
 
@@ -54,7 +54,7 @@ def trunks() -> dict[int, ResNet34Trunk]:
 def trunk_with(trunks):
     """``trunk_with(stride, folded, dtype=float64)``: a shared trunk set up so, and reset after the test."""
 
-    def setup(stride: int, folded: bool, dtype: torch.dtype = torch.float64) -> ResNet34Trunk:
+    def setup(stride: int, folded: bool, dtype: torch.dtype = torch.float64) -> ResNetTrunk:
         trunks[stride].fold_bn = folded
         return trunks[stride].to(dtype)
 
@@ -116,7 +116,7 @@ def test_a_shortcut_reaching_beyond_the_main_path_is_refused():
 @pytest.mark.parametrize("stride", [3, 2])
 def test_output_length_matches_pytorch(stride):
     with torch.device("meta"):  # shapes only, no arithmetic
-        meta = ResNet34Trunk(conv1_stride=stride)
+        meta = ResNetTrunk(conv1_stride=stride)
     geometry = trunk_geometry(meta)
     for length in [1, 2, 5, 47, 48, 49, 95, 96, 97, 143, 1000, 1345, 2049]:
         with torch.no_grad():
@@ -127,7 +127,7 @@ def test_output_length_matches_pytorch(stride):
 def _geometries() -> list:
     """Geometries of whole trunks (17 blocks) and of their first five blocks, at conv1 stride 3 and 2."""
     with torch.device("meta"):
-        trunks = [ResNet34Trunk(conv1_stride=stride) for stride in (3, 2)]
+        trunks = [ResNetTrunk(conv1_stride=stride) for stride in (3, 2)]
     return [block_geometry(trunk.blocks()[:n]) for trunk in trunks for n in (17, 5)]
 
 

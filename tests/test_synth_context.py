@@ -19,7 +19,7 @@ from scipy.spatial import cKDTree
 from wsilocal import synth
 from wsilocal.cli import main
 from wsilocal.errors import ConfigError
-from wsilocal.models.resnet import ResNet34Trunk
+from wsilocal.models.resnet import ResNetTrunk
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.stream.geometry import footprint, trunk_geometry
 
@@ -227,7 +227,7 @@ def test_same_seed_same_pixels_and_region_cuts_do_not_matter() -> None:
 def test_default_layout_against_the_receptive_field() -> None:
     """Default sizes: a far gap exceeds the whole receptive field of the trunk's last layer at 2 µm/px (no
     single feature sees both), a near gap is under half of it (a feature between them sees into both)."""
-    stride, first, last = footprint(trunk_geometry(ResNet34Trunk()))
+    stride, first, last = footprint(trunk_geometry(ResNetTrunk()))
     field_um = (last - first + 1) * 2.0
     assert (stride, last - first + 1) == (48, 1345)
     params = synth.SynthParams(task="context", seed=2)

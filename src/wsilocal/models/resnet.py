@@ -258,9 +258,6 @@ class ResNetTrunk(nn.Module):
         return x
 
 
-#: The paper's trunk; ``ResNet34Trunk(...)`` is :class:`ResNetTrunk` with its default ``arch="resnet34"``.
-ResNet34Trunk = ResNetTrunk
-
 
 # --- weights files ---------------------------------------------------------------------------------
 
@@ -409,9 +406,6 @@ def load_trunk_weights(trunk: ResNetTrunk, path: str | Path) -> LoadedWeights:
     used = sum(prefix + k in tensors for k in expected)
     return LoadedWeights(path, file_sha256(path), prefix, len(tensors) - used)
 
-
-#: The former name, kept for callers: it loads any architecture's weights into a trunk of that architecture.
-load_resnet34_weights = load_trunk_weights
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from wsilocal.models.resnet import ResNet34Trunk
+from wsilocal.models.resnet import ResNetTrunk
 from wsilocal.stream.bands import FLOAT_BYTES, band_for_budget, stream_along_longer_side, weights_placement
 from wsilocal.stream.geometry import activation_numels, largest_pair
 from wsilocal.stream.sources import ImageSource
@@ -32,7 +32,7 @@ def inference(blocks: Sequence[nn.Module]) -> Iterator[None]:
             module.training = training
 
 
-def forward_bytes_estimate(trunk: ResNet34Trunk, height: int, width: int) -> int:
+def forward_bytes_estimate(trunk: ResNetTrunk, height: int, width: int) -> int:
     """Peak bytes of a plain no-grad forward of a ``height``×``width`` image (float32).
 
     The input plus the largest pair of consecutive activations on the main path (a layer's input and
@@ -43,7 +43,7 @@ def forward_bytes_estimate(trunk: ResNet34Trunk, height: int, width: int) -> int
 
 
 
-def trunk_forward(trunk: ResNet34Trunk, source: ImageSource, *, memory_budget: int | None = None,
+def trunk_forward(trunk: ResNetTrunk, source: ImageSource, *, memory_budget: int | None = None,
                   band: int | None = None, progress: bool = False) -> tuple[torch.Tensor, str]:
     """The trunk's map of the image in ``source`` and the mode used, ``"whole"`` or ``"streamed"``.
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from wsilocal.models.resnet import BasicBlock, Bottleneck, ResNet34Trunk, Stem
+from wsilocal.models.resnet import BasicBlock, Bottleneck, ResNetTrunk, Stem
 
 #: (kernel, stride, padding) of one layer along one axis.
 Layer = tuple[int, int, int]
@@ -104,7 +104,7 @@ def block_geometry(blocks: Sequence[nn.Module]) -> list[Layer]:
     return [layer_geometry(layer) for block in blocks for layer in _main_path(block)]
 
 
-def trunk_geometry(trunk: ResNet34Trunk) -> list[Layer]:
+def trunk_geometry(trunk: ResNetTrunk) -> list[Layer]:
     """(kernel, stride, padding) of each main-path layer of the trunk: conv1, maxpool, each block's convs (two
     per BasicBlock, three per Bottleneck).
 
