@@ -15,14 +15,24 @@ T = TypeVar("T")
 CONFIG_HELP = "YAML config; every key can be overridden with --key value"
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from wsilocal.config import TrainConfig, add_config_arguments
+def _add_distributed_run_arguments(p: argparse.ArgumentParser, cls: type, resume: tuple[str, str],
+                                   devices_help: str) -> None:
+    """The options ``train`` and ``pretrain`` share: a config file, ``--resume``, ``--devices`` and every field
+    of ``cls`` as a flag. ``resume`` is the folder's metavar and the option's help."""
+    from wsilocal.config import add_config_arguments
 
     p.add_argument("config", nargs="?", help=CONFIG_HELP)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    p.add_argument("--devices", type=int, default=1, metavar="N",
-                   help="train with N processes on this machine (one per GPU; CPU: gloo), via torchrun")
-    add_config_arguments(p, TrainConfig)
+    p.add_argument("--resume", metavar=resume[0], help=resume[1])
+    p.add_argument("--devices", type=int, default=1, metavar="N", help=devices_help)
+    add_config_arguments(p, cls)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from wsilocal.config import TrainConfig
+
+    _add_distributed_run_arguments(
+        p, TrainConfig, ("RUN_DIR", "continue the run in RUN_DIR from its last checkpoint"),
+        "train with N processes on this machine (one per GPU; CPU: gloo), via torchrun")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -43,13 +53,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
-    from wsilocal.config import PretrainConfig, add_config_arguments
+    from wsilocal.config import PretrainConfig
 
-    p.add_argument("config", nargs="?", help=CONFIG_HELP)
-    p.add_argument("--resume", metavar="OUT", help="continue the pretraining in OUT from its checkpoint")
-    p.add_argument("--devices", type=int, default=1, metavar="N",
-                   help="N processes on this machine (one per GPU; CPU: gloo), via torchrun")
-    add_config_arguments(p, PretrainConfig)
+    _add_distributed_run_arguments(
+        p, PretrainConfig, ("OUT", "continue the pretraining in OUT from its checkpoint"),
+        "N processes on this machine (one per GPU; CPU: gloo), via torchrun")
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
