@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from wsilocal.cli import main
+from wsilocal.errors import WsilocalError
 from wsilocal.prepare.cache import PrepareSettings, channel_stats, load_entry, prepare_cohort
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import open_slide, read_region_at_mpp
+from wsilocal.slide.tissue import detect_tissue, image_tissue_mask
 
 
 @pytest.fixture
@@ -111,3 +113,34 @@ def test_prepare_cli_bad_csv_is_one_line(tmp_path, capsys):
     assert main(["prepare", str(tmp_path / "c.csv")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: ") and "missing column(s) path, split" in err
+
+
+def test_entries_hold_their_images_tissue_mask_and_older_entries_are_rebuilt(cohort_dir):
+    cohort = load_cohort(cohort_dir / "cohort.csv")
+    cache = cohort_dir / "cache"
+    result, _ = prepare_cohort(cohort, cache, PrepareSettings(mpp=1.0), progress=False)
+    entry = result.entries["s1"]
+    tissue = entry.tissue()
+    with open_slide(cohort_dir / "s1.svs") as slide:
+        region = detect_tissue(slide)
+        expected = image_tissue_mask(region, slide.level_dimensions[0], (entry.width, entry.height))
+    np.testing.assert_array_equal(tissue.pixels(), expected.pixels())
+    pixels = tissue.pixels()
+    assert pixels.shape == (entry.height, entry.width) and pixels.any() and not pixels.all()
+    # The tissue rectangle (level-0 x 240..1040, y 240..800) is tissue; the box's top row, an overview pixel and
+    # the margin above it, is glass.
+    x, y = entry.bbox[:2]
+    assert y <= 240 - 64 and pixels[round((520 - y) / 4), round((640 - x) / 4)]
+    assert not pixels[0, round((640 - x) / 4)]
+
+    # An entry of the previous cache version (no mask file, no field) is stale and built again.
+    meta = json.loads((cache / "s1.json").read_text())
+    del meta["tissue_path"]
+    (cache / "s1.json").write_text(json.dumps(meta))
+    (cache / "s1.tissue.npz").unlink()
+    again, _ = prepare_cohort(cohort, cache, PrepareSettings(mpp=1.0), progress=False)
+    assert again.built == ["s1"] and again.entries["s1"].tissue().pixels().sum() == pixels.sum()
+    # A damaged mask file is a one-line error naming it.
+    (cache / "s1.tissue.npz").write_bytes(b"not a mask")
+    with pytest.raises(WsilocalError, match=r"s1\.tissue\.npz: unreadable tissue mask of cached slide s1"):
+        again.entries["s1"].tissue()

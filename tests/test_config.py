@@ -19,10 +19,12 @@ def test_yaml_roundtrip_and_command_line_overrides(tmp_path):
     save_config(config, tmp_path / "config.yaml")
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    args = parser.parse_args(["--epochs", "3", "--no-rfr", "--lr-aux", "0.001", "--boundaries", "3", "5", "7"])
+    args = parser.parse_args(["--epochs", "3", "--no-rfr", "--lr-aux", "0.001", "--boundaries", "3", "5", "7",
+                              "--no-mask-glass"])
     loaded = load_config(tmp_path / "config.yaml", overrides_from_args(args))
     assert loaded.k == 8 and loaded.lr_trunk == 3e-5
     assert loaded.epochs == 3 and loaded.rfr is False and loaded.lr_aux == 0.001
+    assert config.mask_glass is True and loaded.mask_glass is False
     assert loaded.boundaries == [3, 5, 7]
 
 

@@ -22,11 +22,14 @@ from wsilocal.models.split import block_boundaries
 from wsilocal.prepare.cache import PrepareSettings, build_entry, channel_stats
 from wsilocal.run.directory import model_signature
 from wsilocal.slide.cohort import CohortSlide
+from wsilocal.slide.reader import open_slide
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
-from wsilocal.stream.geometry import block_geometry, plan_axis
+from wsilocal.slide.tissue import detect_tissue, image_tissue_mask
+from wsilocal.stream.geometry import block_geometry, module_tissue_positions, plan_axis
 from wsilocal.stream.sources import to_tensor
 from wsilocal.train.checkpoint import load_checkpoint, save_checkpoint
-from wsilocal.train.trainer import build_model
+from wsilocal.train.data import CachedSlides
+from wsilocal.train.trainer import build_model, evaluate_samples
 
 CLASSES = ["glandular", "solid"]
 BIG = 2**40  # a memory budget every test image fits: whole-image forward
@@ -103,6 +106,43 @@ def test_prediction_equals_the_cached_image_forward(run, reference, budget, mode
     assert prediction.cell_size == pytest.approx((384, 384), rel=0.01)
     x, y = run.entry.bbox[:2]
     assert prediction.cell_origin == pytest.approx((x - 23.5 * 8, y - 23.5 * 8), abs=8)
+
+
+@pytest.fixture(scope="module")
+def masked_run(run) -> Path:
+    """The same run, its model.json recording that it was trained with the glass masked (``mask_glass``)."""
+    folder = run.root / "masked_run"
+    shutil.copytree(run.dir, folder)
+    meta = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**meta, "mask_glass": True}))
+    return folder
+
+
+@pytest.mark.parametrize("budget, band, mode", [(BIG, None, "whole"), (TINY, 4, "streamed")])
+def test_masked_prediction_equals_the_evaluation_from_the_cache(run, reference, masked_run, budget, band, mode):
+    # The mask prediction makes from the slide file is the one the cache stored when it was built.
+    with open_slide(run.slide) as slide:
+        region = detect_tissue(slide)
+        from_file = image_tissue_mask(region, slide.level_dimensions[0], (run.entry.width, run.entry.height))
+    cached = run.entry.tissue()
+    for name in ("overview", "rows", "cols"):
+        np.testing.assert_array_equal(getattr(from_file, name), getattr(cached, name))
+    mask = module_tissue_positions(run.net.stages, cached)[-1]
+    assert mask.any() and not mask.all()  # the box holds glass
+
+    samples = CachedSlides([run.entry], [1], run.mean, run.std, mask_glass=True)
+    evaluation = evaluate_samples(run.net, samples, torch.device("cpu"))
+    prediction = Predictor.from_run(masked_run, memory_budget=budget, band=band).predict(run.slide, heatmap=True)
+    assert prediction.mode == mode
+    probabilities = np.array(list(prediction.probabilities.values()))
+    np.testing.assert_allclose(probabilities, evaluation["probabilities"][0], rtol=0, atol=1e-5)
+    assert np.abs(probabilities - reference.probabilities).max() > 1e-4  # masking changed the prediction
+    assert (prediction.attention[~mask.numpy()] == 0).all() and (prediction.attention[mask.numpy()] > 0).all()
+    assert (prediction.evidence[:, ~mask.numpy()] == 0).all()
+    with torch.no_grad():
+        _, attention = run.net.head(reference.features, mask)
+    np.testing.assert_allclose(prediction.attention, attention.numpy(), rtol=1e-4, atol=1e-7)
+    assert not Predictor.from_run(run.dir).mask_glass  # a model.json without the record: no mask, as before
 
 
 @pytest.fixture(scope="module")

@@ -237,6 +237,9 @@ class _Samples:
     def get(self, index: int):
         return whole(self.sources[index], torch.float32), self.labels[index], f"slide{index}"
 
+    def tissue(self, index: int) -> None:  # no glass masking (tests/test_glass_mask.py has it)
+        return None
+
 
 def test_evaluate_samples_streams_slides_over_the_memory_budget():
     net = make_net(4, dtype=torch.float32)

@@ -3,17 +3,23 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from wsilocal.cli import main
 from wsilocal.config import TrainConfig
 from wsilocal.errors import ConfigError, SlideError
+from wsilocal.infer.predict import Predictor
+from wsilocal.prepare.cache import load_entry
+from wsilocal.slide.cohort import load_cohort
+from wsilocal.stream.sources import to_tensor
 from wsilocal.synth import synthesize_cohort
 from wsilocal.train.checkpoint import load_checkpoint
 from wsilocal.train.data import balanced_class_weights
-from wsilocal.train.evaluate import evaluate_run
-from wsilocal.train.trainer import train
+from wsilocal.train.evaluate import evaluate_run, load_run
+from wsilocal.train.local_step import forward_all_classifiers
+from wsilocal.train.trainer import Trainer, train
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +117,9 @@ def _assert_same_step(a_dir, b_dir, history_a, history_b):
     flips a large share of the layers it reaches.
     """
     assert history_a[0]["train_loss"] == pytest.approx(history_b[0]["train_loss"], rel=1e-5)
-    assert history_a[0]["val_loss"] == pytest.approx(history_b[0]["val_loss"], rel=1e-3)
+    # Those flips, each moving a weight by 2·lr, move the validation loss too: by 0.06 % (all positions attended to)
+    # and 0.15 % (glass masked) on the K=1 runs below, with exact gradients.
+    assert history_a[0]["val_loss"] == pytest.approx(history_b[0]["val_loss"], rel=5e-3)
     a = load_checkpoint(a_dir / "checkpoint_last.pt")["model"]
     b = load_checkpoint(b_dir / "checkpoint_last.pt")["model"]
     far = sum(int(((a[name] - b[name]).abs() > 1e-6).sum()) for name in a if a[name].is_floating_point())
@@ -290,3 +298,38 @@ def test_greedy_hands_the_next_module_its_best_epoch_and_resume_keeps_it(tiny_co
     a = load_checkpoint(tmp_path / "full" / "checkpoint_last.pt")["model"]
     b = load_checkpoint(tmp_path / "part" / "checkpoint_last.pt")["model"]
     assert _same(a, b)
+
+
+def test_runs_record_glass_masking_and_runs_without_the_record_attend_to_everything(tiny_cohort, tmp_path):
+    run = tmp_path / "run"
+    train(config_for(tiny_cohort, run, k=2, epochs=1, augment=False), progress=False)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["mask_glass"] is True and "mask_glass: true" in (run / "config.yaml").read_text()
+    config, net, state = load_run(run, "last")
+    val = load_cohort(config.cohort).split("val")
+    entries = [load_entry(config.resolved_cache(), s.slide_id) for s in val]
+
+    def expected(tissue: bool) -> list[np.ndarray]:
+        with torch.no_grad():
+            return [torch.softmax(forward_all_classifiers(net, to_tensor(e.image(), state["mean"], state["std"]),
+                                                          tissue=e.tissue() if tissue else None)[-1], 1)[0].numpy()
+                    for e in entries]
+
+    def evaluated() -> list[np.ndarray]:
+        evaluate_run(run, "val", checkpoint="last", progress=False)
+        rows = list(csv.DictReader((run / "predictions_val.csv").open()))
+        return [np.array([float(r[f"p_{c}"]) for c in state["classes"]]) for r in rows]
+
+    np.testing.assert_allclose(evaluated(), expected(tissue=True), rtol=0, atol=1e-6)
+    # Written the old way (no record in model.json): evaluated, resumed and predicted with no mask, as before.
+    del meta["mask_glass"]
+    (run / "model.json").write_text(json.dumps(meta))
+    np.testing.assert_allclose(evaluated(), expected(tissue=False), rtol=0, atol=1e-6)
+    assert np.abs(np.array(expected(tissue=True)) - np.array(expected(tissue=False))).max() > 1e-5
+    resumed = Trainer(config_for(tiny_cohort, run, k=2, epochs=2, augment=False), progress=False, resume=True)
+    resumed.run()
+    assert resumed.mask_glass is False and "mask_glass" not in json.loads((run / "model.json").read_text())
+    assert Predictor.from_run(run).mask_glass is False
+    # --no-mask-glass: a new run without the mask says so.
+    train(config_for(tiny_cohort, tmp_path / "plain", k=2, epochs=1, mask_glass=False), progress=False)
+    assert json.loads((tmp_path / "plain" / "model.json").read_text())["mask_glass"] is False

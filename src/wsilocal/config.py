@@ -67,6 +67,10 @@ class TrainConfig:
     rfr: bool = True  # random feature reconstruction in the auxiliary models
     alpha: float = 1.0  # weight of the RFR loss
     rfr_patches: int = 10
+    # Leave the glass out of the classifiers' attention: H and every auxiliary classifier attend only to the map
+    # positions whose cell of the image holds tissue, in training, validation and prediction alike. model.json
+    # records it; runs without the record (trained before it existed) attend to every position.
+    mask_glass: bool = True
     # --- optimisation
     schedule: str = "simultaneous"  # or "greedy": module 1 to convergence, then module 2, ...
     epochs: int = 30  # per module under the greedy schedule

@@ -35,13 +35,13 @@ from wsilocal.infer.prediction import PeakMemory, Prediction, SlidePredictor, ch
 from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.resnet import ResNetTrunk
 from wsilocal.prepare.cache import PrepareSettings, settings_for, tissue_read_size
-from wsilocal.run.directory import expected_signature
+from wsilocal.run.directory import expected_signature, masks_glass
 from wsilocal.runtime import default_memory_budget, resolve_device
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import open_slide
-from wsilocal.slide.tissue import detect_tissue
+from wsilocal.slide.tissue import detect_tissue, image_tissue_mask
 from wsilocal.stream.forward import trunk_forward
-from wsilocal.stream.geometry import footprint, trunk_geometry
+from wsilocal.stream.geometry import footprint, tissue_positions, trunk_geometry
 from wsilocal.stream.sources import SlideSource
 from wsilocal.train.checkpoint import load_checkpoint
 
@@ -120,14 +120,17 @@ def _load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], prefix: 
 class Predictor:
     """Trunk + final classifier H of a trained run, applied to slide files. Make one with :meth:`from_run`.
 
-    ``dtype`` is the trunk's precision (float32 or bfloat16); the trunk module is converted in place.
+    ``dtype`` is the trunk's precision (float32 or bfloat16); the trunk module is converted in place. With
+    ``mask_glass`` H attends only to the map positions whose cell of the tissue image holds tissue, from the mask
+    that ``wsilocal prepare`` stores beside the cached image (the same function on the same tissue detection).
     """
 
     no_heatmap: str | None = None  # H always has an attention map
 
     def __init__(self, trunk: ResNetTrunk, head: FinalClassifier, classes: Sequence[str], mean: Sequence[float],
                  std: Sequence[float], settings: PrepareSettings, *, device: torch.device,
-                 memory_budget: int | None = None, band: int | None = None, dtype: torch.dtype = torch.float32):
+                 memory_budget: int | None = None, band: int | None = None, dtype: torch.dtype = torch.float32,
+                 mask_glass: bool = False):
         if dtype not in DTYPES:
             raise ConfigError(f"inference dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype}")
         self.device = device
@@ -139,6 +142,7 @@ class Predictor:
         self.settings = settings
         self.memory_budget = memory_budget if memory_budget is not None else default_memory_budget(device)
         self.band = band
+        self.mask_glass = mask_glass
         self.stride, self.centre = _receptive_grid(trunk)
 
     @classmethod
@@ -180,7 +184,7 @@ class Predictor:
         _load_part(head, state["model"], "head.", path)
         settings = settings_for(config, assume_mpp=assume_mpp)
         return cls(trunk, head, classes, mean, std, settings, device=resolve_device(device),
-                   memory_budget=memory_budget, band=band, dtype=dtype)
+                   memory_budget=memory_budget, band=band, dtype=dtype, mask_glass=masks_glass(meta))
 
     def predict(self, slide_path: str | Path, *, heatmap: bool = False, progress: bool = False,
                 measure_memory: bool = True) -> Prediction:
@@ -202,11 +206,13 @@ class Predictor:
             start = time.perf_counter()
             with open_slide(path, assume_mpp=settings.assume_mpp) as slide:
                 slide.mpp  # noqa: B018 -- a clear SlideError when the file has no MPP and none is assumed
-                bbox = detect_tissue(slide, mask_mpp=settings.mask_mpp, margin=settings.margin).bbox
+                region = detect_tissue(slide, mask_mpp=settings.mask_mpp, margin=settings.margin)
+                bbox = region.bbox
                 tissue_done = time.perf_counter()
                 # The image and the pixels decoded to make it (a flat TIFF decodes its full-resolution box) both
                 # count against the run's max_pixels, before anything is read.
                 out_w, out_h = tissue_read_size(slide, bbox, settings.mpp, settings.max_pixels)
+                tissue = image_tissue_mask(region, slide.level_dimensions[0], (out_w, out_h))
                 source = _TimedSource(SlideSource(slide, settings.mpp, bbox, self.mean, self.std))
                 with torch.no_grad(), out_of_memory_as_slide_error(
                         path, f"the {out_w}×{out_h} px tissue image; lower --memory-budget-gb so it is streamed"):
@@ -214,7 +220,9 @@ class Predictor:
                                                    band=self.band, progress=progress)
                     trunk_done = _clock(self.device)
                     features = features.to(self.device, torch.float32)
-                    logits, attention = self.head(features)
+                    mask = (tissue_positions(self.trunk.blocks(), tissue, tuple(features.shape[2:]))
+                            if self.mask_glass else None)
+                    logits, attention = self.head(features, mask)
                     probabilities = torch.softmax(logits, dim=1)[0].cpu().numpy()
                     evidence = class_evidence(self.head, features, attention).cpu().numpy() if heatmap else None
                     head_done = time.perf_counter()  # .cpu() waited for the device

@@ -40,10 +40,13 @@ def aux_kernel_size(channels: int) -> int:
 
 
 class GatedAttentionPool(nn.Module):
-    """Gated attention pooling over all positions of a (1, C, H, W) map.
+    """Gated attention pooling over the positions of a (1, C, H, W) map, or over its tissue positions.
 
     ``a = w(tanh(V h) ⊙ sigmoid(U h))``, softmax over positions, pooled = Σ a·h. Dropout acts on the
     two gate branches (as in CLAM). Returns (pooled (1, C), attention (H, W) summing to 1).
+
+    With a bool (H, W) ``mask`` only its True positions are instances: the others (glass) get attention exactly
+    0 and add nothing to the pooled vector — as if their logits were −∞, without computing them.
     """
 
     def __init__(self, channels: int, hidden: int, dropout: float = 0.0):
@@ -52,15 +55,34 @@ class GatedAttentionPool(nn.Module):
         self.U = nn.Sequential(nn.Linear(channels, hidden), nn.Sigmoid(), nn.Dropout(dropout))
         self.w = nn.Linear(hidden, 1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dim() != 4 or x.shape[0] != 1:
             raise ValueError(f"expected one feature map of shape (1, C, H, W), got {tuple(x.shape)}")
-        height, width = x.shape[2:]
         instances = x.flatten(2)[0].t()  # (H·W, C)
-        scores = self.w(self.V(instances) * self.U(instances))  # (H·W, 1)
+        if mask is None:
+            pooled, attention = self.pool_instances(instances)
+            return pooled, attention.view(x.shape[2:])
+        index = mask_index(mask, tuple(x.shape[2:]), x.device)
+        pooled, attention = self.pool_instances(instances[index])
+        return pooled, scatter_positions(attention, index, tuple(x.shape[2:]))
+
+    def pool_instances(self, instances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled (1, C), attention (n,)) of ``n`` instances (n, C)."""
+        scores = self.w(self.V(instances) * self.U(instances))  # (n, 1)
         attention = torch.softmax(scores[:, 0], dim=0)
-        pooled = (attention @ instances).unsqueeze(0)
-        return pooled, attention.view(height, width)
+        return (attention @ instances).unsqueeze(0), attention
+
+
+def mask_index(mask: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The flat indices of a bool position mask's True entries; a mask not of the map's ``shape`` is an error."""
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"position mask of shape {tuple(mask.shape)} for a map of {tuple(shape)} positions")
+    return mask.reshape(-1).to(device).nonzero()[:, 0]
+
+
+def scatter_positions(values: torch.Tensor, index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The (H, W) map holding ``values`` at the flat positions ``index`` and exactly 0 elsewhere."""
+    return values.new_zeros(shape[0] * shape[1]).index_put((index,), values).view(shape)
 
 
 class AuxiliaryClassifier(nn.Module):
@@ -71,7 +93,8 @@ class AuxiliaryClassifier(nn.Module):
 
     The strided convolution is zero-padded (about equally on both sides) so its windows cover every
     position of the map: nothing at the bottom/right edge is dropped, and a map smaller than the
-    kernel gives one window instead of an error. Returns (logits (1, n), attention over the windows).
+    kernel gives one window instead of an error. Returns (logits (1, n), attention over the windows). With a
+    position mask, glass windows take part neither in the GroupNorm statistics nor in the attention.
     """
 
     def __init__(self, channels: int, n_classes: int, dropout: float = 0.2, kernel: int | None = None):
@@ -82,12 +105,45 @@ class AuxiliaryClassifier(nn.Module):
         self.pool = GatedAttentionPool(channels, channels // 2, dropout)
         self.classifier = nn.Sequential(nn.Linear(channels, 128), nn.ReLU(), nn.Linear(128, n_classes))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Pad by half the shortfall to the next multiple of k: conv padding is symmetric and costs no copy.
-        padding = [math.ceil((-size % self.kernel) / 2) for size in x.shape[2:]]
-        x = F.conv2d(x, self.conv.weight, self.conv.bias, stride=self.kernel, padding=padding)
-        pooled, attention = self.pool(F.relu(self.norm(x)))
-        return self.classifier(pooled), attention
+    def padding(self, map_hw: tuple[int, int]) -> list[int]:
+        """The convolution's zero padding per axis for a map of ``map_hw``: half the shortfall to the next
+        multiple of k, rounded up (symmetric conv padding costs no copy)."""
+        return [math.ceil((-size % self.kernel) / 2) for size in map_hw]
+
+    def output_mask(self, mask: torch.Tensor, map_hw: tuple[int, int]) -> torch.Tensor:
+        """The tissue positions of the convolution's output from those of its ``map_hw`` input map: a window is
+        tissue when any position it covers is. The map's cells tile the image, so this is exactly "the window's
+        cell of the image holds tissue"."""
+        pooled = F.max_pool2d(mask.to(torch.float32)[None, None], self.kernel, self.kernel,
+                              padding=self.padding(map_hw))
+        return pooled[0, 0] > 0
+
+    def head(self, conv_out: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What follows the convolution, on its output (1, C, h, w): GroupNorm, ReLU, attention, classifier.
+
+        With ``mask`` (bool (h, w), the output's tissue positions) glass positions take no part at all: the
+        GroupNorm statistics are those of the tissue positions, and the attention is 0 there.
+        """
+        if mask is None:
+            pooled, attention = self.pool(F.relu(self.norm(conv_out)))
+            return self.classifier(pooled), attention
+        shape = tuple(conv_out.shape[2:])
+        index = mask_index(mask, shape, conv_out.device)
+        tokens = conv_out.flatten(2)[0][:, index]  # (C, n): the tissue positions only
+        channels, groups = tokens.shape[0], self.norm.num_groups
+        grouped = tokens.reshape(groups, -1)
+        mean = grouped.mean(dim=1, keepdim=True)
+        variance = grouped.var(dim=1, unbiased=False, keepdim=True)
+        normed = ((grouped - mean) / torch.sqrt(variance + self.norm.eps)).reshape(channels, -1)
+        normed = normed * self.norm.weight[:, None] + self.norm.bias[:, None]
+        pooled, attention = self.pool.pool_instances(F.relu(normed).t())
+        return self.classifier(pooled), scatter_positions(attention, index, shape)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, attention over the windows); ``mask``: bool tissue positions of ``x``'s map (None: all)."""
+        map_hw = tuple(x.shape[2:])
+        conv_out = F.conv2d(x, self.conv.weight, self.conv.bias, stride=self.kernel, padding=self.padding(map_hw))
+        return self.head(conv_out, None if mask is None else self.output_mask(mask, map_hw))
 
 
 class FinalClassifier(nn.Module):
@@ -103,6 +159,7 @@ class FinalClassifier(nn.Module):
         self.pool = GatedAttentionPool(channels, hidden, dropout)
         self.classifier = nn.Sequential(nn.Linear(channels, 128), nn.ReLU(), nn.Linear(128, n_classes))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled, attention = self.pool(x)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, attention); ``mask``: bool (H, W) tissue positions of ``x`` (None: every position)."""
+        pooled, attention = self.pool(x, mask)
         return self.classifier(pooled), attention

@@ -42,12 +42,13 @@ class AuxiliaryModel(nn.Module):
 
     def forward(self, x_in: torch.Tensor, x_out: torch.Tensor, y: torch.Tensor,
                 generator: torch.Generator | None = None,
-                class_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Losses of module i from its (detached) input ``x_in``, its output ``x_out`` and label ``y`` (1,).
+                class_weight: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Losses of module i from its (detached) input ``x_in``, its output ``x_out`` and label ``y`` (1,);
+        ``mask``: bool tissue positions of ``x_out``'s map for the classifier (None: every position).
 
         Returns ``{"cls", "rfr", "total", "logits"}``; ``rfr`` is 0 without an RFR unit.
         """
-        logits, _ = self.classifier(x_out)
+        logits, _ = self.classifier(x_out, mask)
         cls = slide_cross_entropy(logits, y, class_weight)
         rfr = self.rfr(x_in, x_out, generator) if self.rfr is not None else cls.new_zeros(())
         return {"cls": cls, "rfr": rfr, "total": cls + self.alpha * rfr, "logits": logits}
@@ -98,9 +99,10 @@ class LocalNet(nn.Module):
                                  for spec in self.specs[:-1])
         self.head = FinalClassifier(self.specs[-1].c_out, n_classes)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inference: ``(logits (1, n), attention (h, w))`` of trunk + H (auxiliary models unused)."""
-        return self.head(self.trunk(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference: ``(logits (1, n), attention (h, w))`` of trunk + H (auxiliary models unused); ``mask``: bool
+        tissue positions of the trunk's map (None: every position)."""
+        return self.head(self.trunk(x), mask)
 
     def param_groups(self, lr_trunk: float, lr_aux: float) -> list[dict]:
         """AdamW parameter groups: trainable trunk parameters at ``lr_trunk``; auxiliary models and

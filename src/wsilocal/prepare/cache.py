@@ -2,8 +2,9 @@
 
 ``prepare_cohort`` fills a cache folder with one entry per slide::
 
-    CACHE/<slide_id>.npy    uint8 (H, W, 3), the tissue bounding box at the target MPP
-    CACHE/<slide_id>.json   the entry's key and facts (source file, MPP, box, channel sums)
+    CACHE/<slide_id>.npy          uint8 (H, W, 3), the tissue bounding box at the target MPP
+    CACHE/<slide_id>.tissue.npz   the image's tissue mask (:class:`~wsilocal.slide.tissue.ImageTissueMask`)
+    CACHE/<slide_id>.json         the entry's key and facts (source file, MPP, box, channel sums)
 
 An entry is keyed by the source file (resolved path, size, modification time) and the parameters that
 shape it (MPP, assumed MPP, tissue settings, cache version): a changed file or changed parameters make it
@@ -40,12 +41,12 @@ from wsilocal.slide.reader import (
     source_pixels,
     stat_slide_file,
 )
-from wsilocal.slide.tissue import detect_tissue
+from wsilocal.slide.tissue import ImageTissueMask, detect_tissue, image_tissue_mask
 
 if TYPE_CHECKING:  # only for the hint: `wsilocal prepare` needs no config module
     from wsilocal.config import TrainConfig
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: each entry holds its image's tissue mask
 STATS_CHUNK_ROWS = 512
 
 
@@ -83,10 +84,28 @@ class CacheEntry:
     channel_sum: list[float]
     channel_sumsq: list[float]
     n_pixels: int
+    tissue_path: str
 
     def image(self) -> np.ndarray:
         """The cached RGB image as a read-only memory map (H, W, 3) uint8."""
         return np.load(self.array_path, mmap_mode="r")
+
+    def tissue(self) -> ImageTissueMask:
+        """The image's tissue mask, as :func:`~wsilocal.slide.tissue.image_tissue_mask` made it from the slide.
+
+        Raises:
+            WsilocalError: the mask file is missing or damaged (naming it).
+        """
+        try:
+            with np.load(self.tissue_path) as saved:
+                mask = ImageTissueMask(saved["overview"], saved["rows"], saved["cols"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise WsilocalError(f"{self.tissue_path}: unreadable tissue mask of cached slide {self.slide_id} "
+                                f"({exc}); run wsilocal prepare again") from None
+        if mask.shape != (self.height, self.width):
+            raise WsilocalError(f"{self.tissue_path}: tissue mask of {mask.shape} px for a "
+                                f"{self.height}x{self.width} px cached image; run wsilocal prepare again")
+        return mask
 
 
 @dataclass
@@ -121,7 +140,7 @@ def load_entry(cache_dir: Path, slide_id: str) -> CacheEntry | None:
         shape = entry.image().shape  # maps the array: checks its header and that the file holds all pixels
     except (OSError, ValueError, TypeError):
         return None
-    return entry if shape == (entry.height, entry.width, 3) else None
+    return entry if shape == (entry.height, entry.width, 3) and Path(entry.tissue_path).is_file() else None
 
 
 def _channel_sums(image: np.ndarray) -> tuple[list[float], list[float]]:
@@ -152,16 +171,22 @@ def build_entry(slide: CohortSlide, cache_dir: Path, settings: PrepareSettings) 
             out.flush()
             channel_sum, channel_sumsq = _channel_sums(out)
             del out
+        mask = image_tissue_mask(tissue, handle.level_dimensions[0], (out_w, out_h))
+    tissue_path = cache_dir / f"{slide.slide_id}.tissue.npz"
+    with atomic_output(tissue_path) as tmp, open(tmp, "wb") as file:
+        np.savez(file, overview=mask.overview, rows=mask.rows, cols=mask.cols)
     entry = CacheEntry(
         slide_id=slide.slide_id, array_path=str(final.resolve()), source=str(slide.path), key=key,
         height=out_h, width=out_w, slide_mpp=slide_mpp, mpp=settings.mpp, bbox=[x, y, w, h],
         tissue_fraction=tissue.tissue_fraction, channel_sum=channel_sum, channel_sumsq=channel_sumsq,
-        n_pixels=out_h * out_w,
+        n_pixels=out_h * out_w, tissue_path=str(tissue_path.resolve()),
     )
     try:
         write_text_atomic(cache_dir / f"{slide.slide_id}.json", json.dumps(asdict(entry), indent=1))
     except OSError:
-        final.unlink(missing_ok=True)  # no pixels without their facts: the entry is wholly there or not at all
+        # No pixels without their facts: the entry is wholly there or not at all.
+        final.unlink(missing_ok=True)
+        tissue_path.unlink(missing_ok=True)
         raise
     return entry
 

@@ -6,7 +6,8 @@ Both trainers (``wsilocal train``: :mod:`wsilocal.train.trainer`; ``wsilocal bas
     RUN/config.yaml          the resolved configuration (TrainConfig; BaselineConfig for a baseline)
     RUN/model.json           class names (index = position) and what rebuilding the model needs: normalisation
                              mean/std, arch, module boundaries, trunk weights (the method); ``"method": "baseline"``,
-                             model name, in_dim and how the tile features were made (a baseline)
+                             model name, in_dim and how the tile features were made (a baseline); ``mask_glass``:
+                             whether the classifiers leave the glass out of their attention (absent: they do not)
     RUN/checkpoint_last.pt   everything needed to resume (model, optimizer, scheduler, counters, history)
     RUN/checkpoint_best.pt   the model of the best validation epoch (``best_by``)
     RUN/metrics.csv|json     one row per epoch
@@ -62,6 +63,12 @@ def expected_signature(config: TrainConfig | BaselineConfig, meta: dict) -> dict
     if isinstance(config, BaselineConfig):
         return baseline_signature(config.model, meta["classes"], meta["in_dim"])
     return model_signature(config, meta["classes"])
+
+
+def masks_glass(meta: dict) -> bool:
+    """Whether the run of this ``model.json`` leaves the glass out of its classifiers' attention
+    (``TrainConfig.mask_glass``); a run written before the record existed attends to every position."""
+    return bool(meta.get("mask_glass", False))
 
 
 class RunDirectory:

@@ -2,8 +2,10 @@
 
 H&E-stained tissue is coloured (pink eosin, purple haematoxylin) while glass is white or grey, so
 the detector thresholds colour saturation (the S of HSV) with Otsu's method, guarded so that a
-blank slide yields nothing, then cleans the mask with morphology. Only the bounding box is used
-downstream (training crops the slide to it); the mask is kept for thumbnails and reports.
+blank slide yields nothing, then cleans the mask with morphology. The bounding box crops the slide
+for training and prediction. The mask, carried onto the pixels of the cropped image
+(:class:`ImageTissueMask`, :func:`image_tissue_mask`), tells the attention pools which map positions
+are glass (``mask_glass``); it is also kept for thumbnails and reports.
 """
 
 from __future__ import annotations
@@ -174,6 +176,102 @@ def detect_tissue(slide: Slide, *, mask_mpp: float = 16.0, margin: float = 0.05,
         raise SlideError(slide.path, f"no tissue found (nothing coloured like stained tissue on the "
                                      f"{overview.shape[1]}x{overview.shape[0]} px overview)")
     return region
+
+
+@dataclass(frozen=True)
+class ImageTissueMask:
+    """Which pixels of an image made from a slide region are tissue: pixel (y, x) is tissue when
+    ``overview[rows[y], cols[x]]``.
+
+    The image's pixel mask is the overview's tissue mask sampled at each pixel's centre, so it is separable into
+    a row and a column index; it stays so under crops, flips and 90° rotations (the training augmentations), and
+    it costs one index per row and column of the image instead of one byte per pixel.
+
+    Attributes:
+        overview: bool (h, w), the part of the overview's tissue mask the image covers.
+        rows: int (H,), the overview row of each image row.
+        cols: int (W,), the overview column of each image column.
+    """
+
+    overview: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) of the image."""
+        return len(self.rows), len(self.cols)
+
+    def pixels(self) -> np.ndarray:
+        """The bool (H, W) pixel mask (large for a whole slide: for tests and small images)."""
+        return self.overview[np.ix_(self.rows, self.cols)]
+
+    def crop(self, top: int, bottom: int, left: int, right: int) -> ImageTissueMask:
+        """The mask of ``image[top : H - bottom, left : W - right]``."""
+        height, width = self.shape
+        return ImageTissueMask(self.overview, self.rows[top : height - bottom], self.cols[left : width - right])
+
+    def flip(self, axis: int) -> ImageTissueMask:
+        """The mask of the image flipped along ``axis`` (0: upside down, 1: left to right)."""
+        if axis == 0:
+            return ImageTissueMask(self.overview, self.rows[::-1], self.cols)
+        return ImageTissueMask(self.overview, self.rows, self.cols[::-1])
+
+    def rot90(self, k: int) -> ImageTissueMask:
+        """The mask of ``np.rot90(image, k)`` (anticlockwise quarter turns)."""
+        mask = self
+        for _ in range(k % 4):  # rot90(a)[i, j] = a[j, W-1-i]
+            mask = ImageTissueMask(mask.overview.T, mask.cols[::-1], mask.rows)
+        return mask
+
+    def grid(self, stride: int, offset: int, shape: tuple[int, int]) -> np.ndarray:
+        """Which positions of a map of ``shape`` (h, w) over the image are tissue: bool (h, w).
+
+        Position ``o`` of an axis stands for the image pixels ``[o·stride + offset, (o+1)·stride + offset)``,
+        the first and last position extended to the image's edges, so the cells tile the image; a position is
+        tissue when its cell holds any tissue pixel. An image without tissue gives every position (nothing
+        would be left to attend to).
+        """
+        rows = _cell_members(self.rows, stride, offset, shape[0], self.overview.shape[0])
+        cols = _cell_members(self.cols, stride, offset, shape[1], self.overview.shape[1])
+        # Tissue pixels per cell, counted exactly (float64 holds integers far beyond any slide's pixel count).
+        counts = rows @ self.overview.astype(np.float64) @ cols.T
+        positions = counts > 0
+        return positions if positions.any() else np.ones(shape, bool)
+
+
+def _cell_members(index: np.ndarray, stride: int, offset: int, n_cells: int, n_overview: int) -> np.ndarray:
+    """float (n_cells, n_overview): 1 where some pixel of the cell samples that overview row (or column)."""
+    edges = np.clip(np.arange(1, n_cells) * stride + offset, 0, len(index))
+    cell = np.searchsorted(edges, np.arange(len(index)), side="right")  # the cell of each image pixel
+    members = np.zeros((n_cells, n_overview))
+    members[cell, index] = 1.0
+    return members
+
+
+def image_tissue_mask(region: TissueRegion, slide_size: tuple[int, int],
+                      image_size: tuple[int, int]) -> ImageTissueMask:
+    """The tissue mask of the image of ``region.bbox`` read at ``image_size`` = (width, height) px, from the
+    region's overview mask; ``slide_size`` = (width, height) of the slide in level-0 pixels.
+
+    Each image pixel takes the overview pixel under its centre. The 5x cache (``wsilocal prepare``) and
+    prediction from the slide file both call this with what :func:`detect_tissue` gave them, so a slide gets the
+    same mask on both paths.
+    """
+    x, y, w, h = region.bbox
+    out_w, out_h = image_size
+    mask_h, mask_w = region.mask.shape
+
+    def index(start: int, extent: int, n: int, slide_extent: int, n_mask: int) -> np.ndarray:
+        centres = start + (np.arange(n, dtype=np.float64) + 0.5) * (extent / n)  # level-0 px
+        return np.clip(np.floor(centres * (n_mask / slide_extent)).astype(np.int64), 0, n_mask - 1)
+
+    rows = index(y, h, out_h, slide_size[1], mask_h)
+    cols = index(x, w, out_w, slide_size[0], mask_w)
+    # Keep only the overview's part under the image: a few hundred bytes per slide instead of the whole mask.
+    r0, c0 = int(rows.min()), int(cols.min())
+    overview = np.ascontiguousarray(region.mask[r0 : int(rows.max()) + 1, c0 : int(cols.max()) + 1])
+    return ImageTissueMask(overview, (rows - r0).astype(np.int32), (cols - c0).astype(np.int32))
 
 
 def _disk(radius: int) -> np.ndarray:

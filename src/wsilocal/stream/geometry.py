@@ -23,9 +23,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from wsilocal.models.resnet import BasicBlock, Bottleneck, ResNetTrunk, Stem
+from wsilocal.slide.tissue import ImageTissueMask
 
 #: (kernel, stride, padding) of one layer along one axis.
 Layer = tuple[int, int, int]
@@ -112,6 +114,33 @@ def trunk_geometry(trunk: ResNetTrunk) -> list[Layer]:
     downsample) is verified to lie inside its main path's footprint.
     """
     return block_geometry(trunk.blocks())
+
+
+def map_cells(blocks: Sequence[nn.Module]) -> tuple[int, int]:
+    """(stride, offset): position ``o`` of the blocks' output map stands for the input pixels
+    ``[o·stride + offset, (o+1)·stride + offset)``, the cell of ``stride`` pixels centred on its receptive field."""
+    stride, first, last = footprint(block_geometry(blocks))
+    return stride, (first + last + 1 - stride) // 2
+
+
+def tissue_positions(blocks: Sequence[nn.Module], tissue: ImageTissueMask, map_hw: tuple[int, int]) -> torch.Tensor:
+    """bool (h, w): which positions of the ``map_hw`` map that ``blocks`` make of the image are tissue
+    (:meth:`~wsilocal.slide.tissue.ImageTissueMask.grid` on the map's cells)."""
+    stride, offset = map_cells(blocks)
+    return torch.from_numpy(tissue.grid(stride, offset, map_hw))
+
+
+def module_tissue_positions(stages: Sequence[Sequence[nn.Module]], tissue: ImageTissueMask) -> list[torch.Tensor]:
+    """The tissue positions of each module's output map (``stages``: the modules' blocks, in order)."""
+    masks: list[torch.Tensor] = []
+    blocks: list[nn.Module] = []
+    height, width = tissue.shape
+    for stage in stages:
+        geometry = block_geometry(list(stage))
+        height, width = output_length(height, geometry), output_length(width, geometry)
+        blocks += list(stage)
+        masks.append(tissue_positions(blocks, tissue, (height, width)))
+    return masks
 
 
 # --- planning ----------------------------------------------------------------------------------

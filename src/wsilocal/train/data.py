@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from wsilocal.prepare.cache import CacheEntry
+from wsilocal.slide.tissue import ImageTissueMask
 from wsilocal.stream.sources import to_tensor
 
 
@@ -71,20 +72,40 @@ def _uniform(generator: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand((), generator=generator))
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """The geometric part of one augmentation: edge crop (top, bottom, left, right px), flips, quarter turns."""
+
+    crop: tuple[int, int, int, int] = (0, 0, 0, 0)
+    flip_columns: bool = False
+    flip_rows: bool = False
+    quarter_turns: int = 0
+
+
+def draw_geometry(height: int, width: int, aug: Augmentation, generator: torch.Generator) -> Geometry:
+    """The crop, flips and rotation of an image of ``height``×``width``: the first draws of its stream, so the
+    image (:func:`augment_image`) and its tissue mask (:meth:`CachedSlides.tissue`) get the same ones."""
+    crop = (0, 0, 0, 0)
+    if aug.edge_crop > 0:
+        crop = tuple(int(_uniform(generator, 0, aug.edge_crop) * side) for side in (height, height, width, width))
+    flip_columns = float(torch.rand((), generator=generator)) < 0.5
+    flip_rows = float(torch.rand((), generator=generator)) < 0.5
+    return Geometry(crop, flip_columns, flip_rows, int(torch.randint(0, 4, (), generator=generator)))
+
+
 def augment_image(image: np.ndarray, aug: Augmentation, generator: torch.Generator) -> np.ndarray:
     """Apply edge crop, flips, rot90 and colour jitter to a uint8 (H, W, 3) image."""
     if not aug.enabled:
         return np.asarray(image)
     h, w = image.shape[:2]
-    if aug.edge_crop > 0:
-        top, bottom, left, right = (int(_uniform(generator, 0, aug.edge_crop) * side) for side in (h, h, w, w))
-        image = image[top : h - bottom, left : w - right]
-    image = np.asarray(image)
-    if float(torch.rand((), generator=generator)) < 0.5:
+    geometry = draw_geometry(h, w, aug, generator)
+    top, bottom, left, right = geometry.crop
+    image = np.asarray(image[top : h - bottom, left : w - right])
+    if geometry.flip_columns:
         image = image[:, ::-1]
-    if float(torch.rand((), generator=generator)) < 0.5:
+    if geometry.flip_rows:
         image = image[::-1]
-    image = np.rot90(image, k=int(torch.randint(0, 4, (), generator=generator)))
+    image = np.rot90(image, k=geometry.quarter_turns)
     if aug.color_jitter > 0:
         j = aug.color_jitter
         brightness, contrast, saturation = (_uniform(generator, 1 - j, 1 + j) for _ in range(3))
@@ -96,11 +117,26 @@ def augment_image(image: np.ndarray, aug: Augmentation, generator: torch.Generat
     return np.ascontiguousarray(image)
 
 
+def augment_tissue(tissue: ImageTissueMask, geometry: Geometry) -> ImageTissueMask:
+    """The tissue mask of the image :func:`augment_image` makes with ``geometry``."""
+    top, bottom, left, right = geometry.crop
+    tissue = tissue.crop(top, bottom, left, right)
+    if geometry.flip_columns:
+        tissue = tissue.flip(1)
+    if geometry.flip_rows:
+        tissue = tissue.flip(0)
+    return tissue.rot90(geometry.quarter_turns)
+
+
 class CachedSlides:
-    """Training/evaluation samples: (image tensor (1,3,H,W), label index, slide id) from cache entries."""
+    """Training/evaluation samples: (image tensor (1,3,H,W), label index, slide id) from cache entries.
+
+    With ``mask_glass`` :meth:`tissue` gives each sample's tissue mask, augmented as its image is; without, None
+    (every map position is attended to, as runs trained before the mask were).
+    """
 
     def __init__(self, entries: list[CacheEntry], labels: list[int], mean: list[float], std: list[float],
-                 augmentation: Augmentation | None = None, seed: int = 0):
+                 augmentation: Augmentation | None = None, seed: int = 0, *, mask_glass: bool = False):
         if len(entries) != len(labels):
             raise ValueError("entries and labels differ in length")
         self.entries = entries
@@ -108,6 +144,7 @@ class CachedSlides:
         self.mean, self.std = mean, std
         self.augmentation = augmentation or Augmentation(enabled=False)
         self.seed = seed
+        self.mask_glass = mask_glass
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -119,6 +156,17 @@ class CachedSlides:
             image = augment_image(image, self.augmentation,
                                   sample_generator(self.seed, Purpose.AUGMENT, epoch, index))
         return to_tensor(image, self.mean, self.std), self.labels[index], entry.slide_id
+
+    def tissue(self, index: int, epoch: int = 0) -> ImageTissueMask | None:
+        """The tissue mask of the image :meth:`get` gives for (``index``, ``epoch``); None without ``mask_glass``."""
+        if not self.mask_glass:
+            return None
+        entry = self.entries[index]
+        tissue = entry.tissue()
+        if not self.augmentation.enabled:
+            return tissue
+        generator = sample_generator(self.seed, Purpose.AUGMENT, epoch, index)
+        return augment_tissue(tissue, draw_geometry(entry.height, entry.width, self.augmentation, generator))
 
     def epoch_order(self, epoch: int) -> list[int]:
         """A shuffled order of the samples for one epoch (deterministic given seed and epoch)."""

@@ -12,7 +12,7 @@ from wsilocal.atomic import write_text_atomic
 from wsilocal.config import TrainConfig
 from wsilocal.errors import WsilocalError
 from wsilocal.prepare.cache import prepare_slides, settings_for
-from wsilocal.run.directory import RunDirectory, expected_signature
+from wsilocal.run.directory import RunDirectory, expected_signature, masks_glass
 from wsilocal.runtime import memory_budget_bytes, resolve_device
 from wsilocal.slide.cohort import SPLITS, load_cohort
 from wsilocal.train.baseline import evaluate_baseline_run
@@ -64,7 +64,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = 
         raise WsilocalError(f"{config.cohort}: no slide of split {split!r} could be read")
     device = resolve_device(config.device)
     samples = CachedSlides([prepared.entries[s.slide_id] for s in kept], [cohort.label_index(s) for s in kept],
-                           state["mean"], state["std"])
+                           state["mean"], state["std"], mask_glass=masks_glass(run.metadata()))
     # Slides whose whole forward would not fit are evaluated streamed, with the run's streaming settings.
     evaluation = evaluate_samples(net.to(device), samples, device, progress=progress, desc=f"evaluate {split}",
                                   memory_budget=memory_budget_bytes(config.memory_budget_gb, device),

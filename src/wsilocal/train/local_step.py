@@ -5,6 +5,10 @@ The step walks the K modules in order. Module i receives ``x_{i-1}.detach()``, c
 runs its backward at once, so only one module's graph is alive at a time and no gradient crosses a
 module boundary. Modules before the first *active* one run without a graph (greedy schedule: they are
 frozen); modules after the last active one are not run at all.
+
+With a tissue mask (``tissue``, ``mask_glass``) every classifier attends to the tissue positions of its map only
+(:func:`~wsilocal.stream.geometry.module_tissue_positions`): the same masks in the streamed steps, in evaluation
+and in prediction.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torch
 
 from wsilocal.models.heads import slide_cross_entropy
 from wsilocal.models.local_net import LocalNet
+from wsilocal.slide.tissue import ImageTissueMask
+from wsilocal.stream.geometry import module_tissue_positions
 
 
 @dataclass
@@ -32,6 +38,7 @@ def local_training_step(
     image: torch.Tensor,
     label: int,
     *,
+    tissue: ImageTissueMask | None = None,
     active: range | None = None,
     alpha: float = 1.0,
     class_weight: torch.Tensor | None = None,
@@ -45,6 +52,7 @@ def local_training_step(
         net: the model; its trainable modules must be in train mode.
         image: (1, 3, H, W) normalised tensor on the model's device.
         label: class index.
+        tissue: the image's tissue mask; each classifier then attends to its map's tissue positions only.
         active: indices of modules that learn (default all). Earlier modules run under ``no_grad``.
         alpha: weight of the RFR loss.
         class_weight: optional per-class CE weights.
@@ -57,6 +65,7 @@ def local_training_step(
     active = active if active is not None else range(k)
     target = torch.tensor([label], device=image.device)
     result = StepResult()
+    masks = module_masks(net, tissue)
     x = image
     for i in range(active.stop):
         x_in = x.detach()
@@ -66,12 +75,12 @@ def local_training_step(
             continue
         x_out = net.stages[i](x_in)
         if i < k - 1:
-            aux = net.aux[i](x_in, x_out, target, generator, class_weight)
+            aux = net.aux[i](x_in, x_out, target, generator, class_weight, masks[i])
             cls_loss, logits = aux["cls"], aux["logits"]
             loss = cls_loss + alpha * aux["rfr"]  # rfr is 0 without an RFR unit (the --no-rfr ablation)
             result.rfr_losses.append(float(aux["rfr"].detach()))
         else:
-            logits, _ = net.head(x_out)
+            logits, _ = net.head(x_out, masks[i])
             cls_loss = slide_cross_entropy(logits, target, class_weight)
             loss = cls_loss
         (loss * loss_scale).backward()
@@ -85,19 +94,29 @@ def local_training_step(
 
 
 @torch.no_grad()
-def forward_all_classifiers(net: LocalNet, image: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+def forward_all_classifiers(net: LocalNet, image: torch.Tensor, upto: int | None = None, *,
+                            tissue: ImageTissueMask | None = None) -> list[torch.Tensor]:
     """Logits of every auxiliary classifier and of the final classifier (evaluation, no RFR).
 
-    ``upto`` stops after that many modules (the last one's classifier is then an auxiliary one).
+    ``upto`` stops after that many modules (the last one's classifier is then an auxiliary one); ``tissue``: as
+    for :func:`local_training_step`.
     """
     k = len(net.stages)
     upto = k if upto is None else upto
+    masks = module_masks(net, tissue)
     outputs = []
     x = image
     for i in range(upto):
         x = net.stages[i](x)
         if i < k - 1:
-            outputs.append(net.aux[i].classifier(x)[0])
+            outputs.append(net.aux[i].classifier(x, masks[i])[0])
         else:
-            outputs.append(net.head(x)[0])
+            outputs.append(net.head(x, masks[i])[0])
     return outputs
+
+
+def module_masks(net: LocalNet, tissue: ImageTissueMask | None) -> list[torch.Tensor | None]:
+    """Per module, the tissue positions of its output map (all None without a tissue mask: no masking)."""
+    if tissue is None:
+        return [None] * len(net.stages)
+    return list(module_tissue_positions(net.stages, tissue))

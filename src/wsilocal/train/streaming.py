@@ -35,7 +35,6 @@ its gradient). Cost: a plain forward and backward, the halos of each block (~1�
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from wsilocal.models.heads import AuxiliaryClassifier, FinalClassifier, slide_cr
 from wsilocal.models.local_net import AuxiliaryModel, LocalNet, auxiliary_cost
 from wsilocal.models.rfr import sample_patch_boxes
 from wsilocal.models.split import block_boundaries, module_saved_bytes
+from wsilocal.slide.tissue import ImageTissueMask
 from wsilocal.stream.blocks import (
     ConvStep,
     MapStore,
@@ -58,9 +58,10 @@ from wsilocal.stream.blocks import (
     layer_output_hw,
 )
 from wsilocal.stream.blocks import window_bytes as block_window_bytes
+from wsilocal.stream.geometry import tissue_positions
 from wsilocal.stream.sources import ImageSource
 from wsilocal.train.activation_store import ActivationStore, Where
-from wsilocal.train.local_step import StepResult
+from wsilocal.train.local_step import StepResult, module_masks
 
 #: Output block per window, in image pixels. Memory grows with it (one window of one block); the per-block
 #: halos it saves are small either way (1–2 pixels of a block's output per window edge).
@@ -74,12 +75,6 @@ def store_factory(where: Where, dtype: torch.dtype, store_dir: str | Path | None
         return ActivationStore.create(shape, dtype, where=where, dir=store_dir, zero=zero)
 
     return make
-
-
-def aux_conv_padding(size: int, kernel: int) -> int:
-    """Zero padding on each side of an axis of ``size`` that :class:`AuxiliaryClassifier` gives its conv:
-    half the shortfall to the next multiple of the kernel, rounded up."""
-    return math.ceil((-size % kernel) / 2)
 
 
 def _whole(store: MapStore, placement: dict) -> torch.Tensor:
@@ -103,7 +98,7 @@ class _AuxConv:
 
     def __init__(self, classifier: AuxiliaryClassifier, x: MapStore, tile: int, placement: dict):
         kernel = classifier.kernel
-        pads = tuple(aux_conv_padding(n, kernel) for n in (x.height, x.width))
+        pads = tuple(classifier.padding((x.height, x.width)))
         self.step = ConvStep(classifier.conv, padding=pads)  # type: ignore[arg-type]
         self.x, self.placement = x, placement
         self.tile = max(1, tile // kernel)
@@ -125,27 +120,29 @@ class _AuxConv:
 # --- the pieces of a step ------------------------------------------------------------------------
 
 
-def _final_loss(head: FinalClassifier, x: torch.Tensor, target: torch.Tensor,
-                class_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _final_loss(head: FinalClassifier, x: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None,
+                mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and logits of the classifier H, computed as :func:`local_training_step` does for its last module."""
-    logits, _ = head(x)
+    logits, _ = head(x, mask)
     return slide_cross_entropy(logits, target, class_weight), logits
 
 
-def _aux_logits(classifier: AuxiliaryClassifier, conv_out: torch.Tensor) -> torch.Tensor:
-    """What :class:`AuxiliaryClassifier` computes after its convolution."""
-    pooled, _ = classifier.pool(F.relu(classifier.norm(conv_out)))
-    return classifier.classifier(pooled)
+def _aux_logits(classifier: AuxiliaryClassifier, conv_out: torch.Tensor, x_hw: tuple[int, int],
+                mask: torch.Tensor | None) -> torch.Tensor:
+    """What :class:`AuxiliaryClassifier` computes after its convolution (``mask``: tissue positions of its
+    ``x_hw`` input map)."""
+    return classifier.head(conv_out, None if mask is None else classifier.output_mask(mask, x_hw))[0]
 
 
 def _train_final_module(module: StreamedBlocks, head: FinalClassifier, target: torch.Tensor,
-                        class_weight: torch.Tensor | None, loss_scale: float) -> tuple[float, torch.Tensor]:
+                        class_weight: torch.Tensor | None, loss_scale: float,
+                        mask: torch.Tensor | None) -> tuple[float, torch.Tensor]:
     """Forward to the final map, H's loss and backward (H's gradients, the map's gradient), then push the
     map's gradient back through the blocks. Returns (loss, detached logits)."""
     out = module.forward()
     try:
         x = _whole(out, module.placement).requires_grad_()
-        loss, logits = _final_loss(head, x, target, class_weight)
+        loss, logits = _final_loss(head, x, target, class_weight, mask)
         (loss * loss_scale).backward()
         grad = _store_of(x.grad, module.make_store)
         del x  # only the gradient is needed from here on
@@ -161,7 +158,8 @@ def _train_final_module(module: StreamedBlocks, head: FinalClassifier, target: t
 
 def _train_auxiliary_module(module: StreamedBlocks, aux: AuxiliaryModel, tile: int, target: torch.Tensor, *,
                             alpha: float, class_weight: torch.Tensor | None, loss_scale: float,
-                            generator: torch.Generator | None) -> tuple[MapStore, float, float, torch.Tensor]:
+                            generator: torch.Generator | None,
+                            mask: torch.Tensor | None) -> tuple[MapStore, float, float, torch.Tensor]:
     """Module i with its auxiliary model G_i, streamed (``tile`` in x_i pixels).
 
     Returns x_i's store (the caller closes it) and (classification loss, RFR loss, detached logits), as
@@ -172,7 +170,7 @@ def _train_auxiliary_module(module: StreamedBlocks, aux: AuxiliaryModel, tile: i
     try:
         conv = _AuxConv(classifier, x, tile, module.placement)
         conv_out = conv.forward().requires_grad_()
-        logits = _aux_logits(classifier, conv_out)
+        logits = _aux_logits(classifier, conv_out, module.out_hw, mask)
         cls = slide_cross_entropy(logits, target, class_weight)
         rfr, boxes, patches = cls.new_zeros(()), [], None
         if aux.rfr is not None:
@@ -210,7 +208,8 @@ def _target(net: nn.Module, label: int) -> torch.Tensor:
     return torch.tensor([label], device=next(net.parameters()).device)
 
 
-def streaming_end_to_end_step(net: LocalNet, source: ImageSource, label: int, *, tile: int = DEFAULT_TILE,
+def streaming_end_to_end_step(net: LocalNet, source: ImageSource, label: int, *,
+                              tissue: ImageTissueMask | None = None, tile: int = DEFAULT_TILE,
                               class_weight: torch.Tensor | None = None, loss_scale: float = 1.0,
                               on_module_backward: Callable[[int], None] | None = None,
                               store: Where | None = None, store_dir: str | Path | None = None) -> StepResult:
@@ -223,13 +222,15 @@ def streaming_end_to_end_step(net: LocalNet, source: ImageSource, label: int, *,
     :func:`streaming_local_step`; None: :func:`resolve_store`'s ``"auto"`` choice — a file on CPU, where the whole
     trunk's activations in RAM would be the very memory streaming saves). ``on_module_backward(0)`` is called
     once the backward is over (for distributed training, as in
-    :func:`~wsilocal.train.local_step.local_training_step`).
+    :func:`~wsilocal.train.local_step.local_training_step`). ``tissue``: H attends to the tissue positions of
+    the trunk's map only.
     """
     weight = next(net.trunk.parameters())
     where = resolve_store("auto", weight.device) if store is None else store
     module = StreamedBlocks(net.trunk.blocks(), source, tile, store_factory(where, weight.dtype, store_dir),
                             keep=True)
-    loss, logits = _train_final_module(module, net.head, _target(net, label), class_weight, loss_scale)
+    mask = None if tissue is None else tissue_positions(net.trunk.blocks(), tissue, module.out_hw)
+    loss, logits = _train_final_module(module, net.head, _target(net, label), class_weight, loss_scale, mask)
     if on_module_backward is not None:
         on_module_backward(0)
     return StepResult(cls_losses=[loss], logits=[logits])
@@ -240,6 +241,7 @@ def streaming_local_step(
     source: ImageSource,
     label: int,
     *,
+    tissue: ImageTissueMask | None = None,
     tile: int | Sequence[int] = DEFAULT_TILE,
     store: Where = "memory",
     store_dir: str | Path | None = None,
@@ -256,6 +258,7 @@ def streaming_local_step(
         net: the model; trainable modules in train mode.
         source: the normalised image, read window by window (:class:`TensorSource` for a tensor in memory).
         label: class index.
+        tissue: the image's tissue mask: every classifier attends to its map's tissue positions only.
         tile: output block per window in image pixels, one for every module or one per module (each block
             plans ``tile // stride`` of its own output pixels). Memory grows with it.
         store: where the maps wait (each block's input and activations, x_i, their gradients): ``"memory"``
@@ -272,6 +275,7 @@ def streaming_local_step(
     target = _target(net, label)
     make_store = store_factory(store, next(net.trunk.parameters()).dtype, store_dir)
     result = StepResult()
+    masks = module_masks(net, tissue)
     current: ImageSource | MapStore = source
     try:
         for i in range(active.stop):
@@ -281,11 +285,11 @@ def streaming_local_step(
             if i < active.start:  # frozen (greedy schedule): only its output is needed
                 x = module.forward()
             elif i == k - 1:
-                cls, logits = _train_final_module(module, net.head, target, class_weight, loss_scale)
+                cls, logits = _train_final_module(module, net.head, target, class_weight, loss_scale, masks[i])
             else:
                 x, cls, rfr, logits = _train_auxiliary_module(
                     module, net.aux[i], max(1, tiles[i] // spec.out_stride), target, alpha=alpha,
-                    class_weight=class_weight, loss_scale=loss_scale, generator=generator)
+                    class_weight=class_weight, loss_scale=loss_scale, generator=generator, mask=masks[i])
                 result.rfr_losses.append(rfr)
             if current is not source:  # x_{i-1} has served module i
                 current.close()
@@ -302,13 +306,16 @@ def streaming_local_step(
 
 
 def streaming_forward_all_classifiers(net: LocalNet, source: ImageSource, *, upto: int | None = None,
-                                      tile: int = DEFAULT_TILE, store: Where = "memory",
+                                      tissue: ImageTissueMask | None = None, tile: int = DEFAULT_TILE,
+                                      store: Where = "memory",
                                       store_dir: str | Path | None = None) -> list[torch.Tensor]:
     """:func:`~wsilocal.train.local_step.forward_all_classifiers`, streamed: the same logits (every auxiliary
-    classifier's and H's; ``upto`` stops after that many modules) with memory bounded by one window, for
-    evaluating slides too large to run whole. Runs without a graph; put ``net`` in eval mode first."""
+    classifier's and H's; ``upto`` stops after that many modules, ``tissue`` masks the glass as there) with memory
+    bounded by one window, for evaluating slides too large to run whole. Runs without a graph; put ``net`` in
+    eval mode first."""
     k = len(net.stages)
     upto = k if upto is None else upto
+    masks = module_masks(net, tissue)
     make_store = store_factory(store, next(net.trunk.parameters()).dtype, store_dir)
     outputs: list[torch.Tensor] = []
     current: ImageSource | MapStore = source
@@ -323,10 +330,10 @@ def streaming_forward_all_classifiers(net: LocalNet, source: ImageSource, *, upt
                     current.close()
                 current = x
                 if i == k - 1:  # the last module: H on the trunk's final map
-                    outputs.append(net.head(_whole(x, module.placement))[0])
+                    outputs.append(net.head(_whole(x, module.placement), masks[i])[0])
                     break
                 conv = _AuxConv(net.aux[i].classifier, x, max(1, tile // net.specs[i].out_stride), module.placement)
-                outputs.append(_aux_logits(net.aux[i].classifier, conv.forward()))
+                outputs.append(_aux_logits(net.aux[i].classifier, conv.forward(), module.out_hw, masks[i]))
     finally:
         if current is not source:
             current.close()

@@ -197,13 +197,14 @@ def evaluate_samples(net: LocalNet, samples: CachedSlides, device: torch.device,
     records = []  # (sample index, loss, final probabilities, auxiliary probabilities, slide id, streamed)
     for index in tqdm(ctx.shard(range(len(samples))), desc=desc, unit="slide", leave=False, disable=not progress):
         image, label, slide_id = samples.get(index)
+        tissue = samples.tissue(index)
         streamed = memory_budget is not None and \
             forward_bytes_estimate(net.trunk, *image.shape[-2:]) > memory_budget
         if streamed:
-            outputs = streaming_forward_all_classifiers(net, TensorSource(image), upto=upto, tile=stream_tile,
-                                                        store=resolve_store(stream_store, device))
+            outputs = streaming_forward_all_classifiers(net, TensorSource(image), upto=upto, tissue=tissue,
+                                                        tile=stream_tile, store=resolve_store(stream_store, device))
         else:
-            outputs = forward_all_classifiers(net, image.to(device), upto=upto)
+            outputs = forward_all_classifiers(net, image.to(device), upto=upto, tissue=tissue)
         logits = outputs[-1]
         records.append((index, float(F.cross_entropy(logits, torch.tensor([label], device=device))),
                         torch.softmax(logits, 1)[0].cpu().numpy(),
@@ -298,9 +299,13 @@ class Trainer:
             mean, std = saved_meta["mean"], saved_meta["std"]
         aug = Augmentation(config.augment, config.edge_crop, config.color_jitter)
 
+        # A resumed run keeps the glass masking it started with: runs begun before the mask existed have none.
+        self.mask_glass = saved_meta.get("mask_glass", False) if self.resume and saved_meta else config.mask_glass
+
         def samples(slides, augmentation):
             return CachedSlides([result.entries[s.slide_id] for s in slides],
-                                [cohort.label_index(s) for s in slides], mean, std, augmentation, config.seed)
+                                [cohort.label_index(s) for s in slides], mean, std, augmentation, config.seed,
+                                mask_glass=self.mask_glass)
 
         self.mean, self.std = mean, std
         return cohort, samples(train_slides, aug), samples(val_slides, None), result.skipped
@@ -365,7 +370,8 @@ class Trainer:
                 save_config(config, self.directory.config_file)
                 meta = {"classes": classes, "mean": self.mean, "std": self.std, "arch": config.arch,
                         "block_boundaries": list(block_boundaries(net.split, net.trunk.arch)),
-                        "weights": self.loaded_weights.record() if self.loaded_weights else None}
+                        "weights": self.loaded_weights.record() if self.loaded_weights else None,
+                        "mask_glass": self.mask_glass}
                 self.directory.write_metadata(meta)
         ctx.broadcast_module(net)  # every rank starts from rank 0's weights and BatchNorm statistics
         self.net, self.train_samples, self.val_samples = net, train, val
@@ -532,12 +538,14 @@ class Trainer:
         """One slide's training step (gradients accumulate); its result, label and whether it was streamed."""
         config = self.config
         image, label, slide_id = train.get(index, stream)
+        tissue = train.tissue(index, stream)
         streamed = self._streams(net, image)
         if not streamed:
             check_trainable_size(image, slide_id, train.entries[index].source, config)
         # Dropout draws from a stream of this slide alone, so it does not matter which rank runs the slide.
         torch.manual_seed(stream_seed(config.seed, Purpose.DROPOUT, stream, index))
-        common = {"class_weight": class_weight, "loss_scale": loss_scale, "on_module_backward": on_module_backward}
+        common = {"tissue": tissue, "class_weight": class_weight, "loss_scale": loss_scale,
+                  "on_module_backward": on_module_backward}
         with out_of_memory_as_slide_error(
                 train.entries[index].source,
                 f"slide {slide_id} ({image.shape[-1]}×{image.shape[-2]} px); use --streaming or a smaller "
