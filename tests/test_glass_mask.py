@@ -10,8 +10,10 @@ import torch.nn.functional as F
 
 from wsilocal.models.heads import AuxiliaryClassifier, FinalClassifier
 from wsilocal.models.local_net import LocalNet
+from wsilocal.models.resnet import Stem
 from wsilocal.slide.tissue import ImageTissueMask, TissueRegion, image_tissue_mask
-from wsilocal.stream.geometry import map_cells, module_tissue_positions
+from wsilocal.stream.bands import band_forward, block_input_lengths, stream_along_longer_side
+from wsilocal.stream.geometry import footprint, map_cells, module_tissue_positions, pull_back, tissue_positions
 from wsilocal.stream.sources import ArraySource
 from wsilocal.train.data import Augmentation, CachedSlides
 from wsilocal.train.local_step import forward_all_classifiers, local_training_step
@@ -292,3 +294,98 @@ def test_evaluate_samples_gives_the_same_masked_probabilities_whole_or_streamed(
     with torch.no_grad():
         expected = forward_all_classifiers(net, whole(samples.sources[0]).float(), tissue=samples.tissues[0])[-1]
     np.testing.assert_allclose(plain["probabilities"][0], torch.softmax(expected, 1)[0].numpy(), rtol=1e-6)
+
+
+# --- glass skipped in the band engine -------------------------------------------------------------------
+
+
+def test_pull_back_marks_every_input_some_needed_output_depends_on():
+    rng = np.random.default_rng(1)
+    geometry = [(3, 2, 1), (3, 1, 1)]  # S = 2, footprint [-3, 3]
+    needed = rng.random((6, 5)) < 0.2
+    got = pull_back(needed, geometry, (11, 9))
+    stride, first, last = footprint(geometry)
+    expected = np.zeros((11, 9), bool)
+    for o_y, o_x in zip(*np.nonzero(needed), strict=True):
+        expected[max(0, o_y * stride + first) : o_y * stride + last + 1,
+                 max(0, o_x * stride + first) : o_x * stride + last + 1] = True
+    np.testing.assert_array_equal(got, expected)
+
+
+def _trunk_macs(blocks, run) -> int:
+    """Multiply-accumulates of the trunk's convolutions while ``run()`` runs: each block's output positions
+    computed times its convolutions' weights per output position (the stem's conv1 runs at 4 positions each)."""
+    total = [0]
+
+    def hook(per_position: int):
+        def count(_module, _inputs, output):
+            total[0] += output.shape[2] * output.shape[3] * per_position
+        return count
+
+    handles = []
+    for block in blocks:
+        convs = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d)]
+        per_position = sum(c.weight.numel() for c in convs) * (4 if isinstance(block, Stem) else 1)
+        handles.append(block.register_forward_hook(hook(per_position)))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total[0]
+
+
+def test_band_engine_computes_the_needed_positions_exactly_and_little_else():
+    """A few blocks, so that footprints are small beside the map: a sparse set of needed positions (columns cut
+    into segments, windows with nothing needed) is computed exactly, with a fraction of the work."""
+    net = make_net(4).eval()
+    blocks = net.trunk.blocks()[:3]
+    source = make_source(300, 260)
+    with torch.no_grad():
+        reference = torch.nn.Sequential(*blocks)(whole(source))
+    needed = np.zeros(reference.shape[2:], bool)
+    needed[5:12, 3:9] = True  # a block of tissue
+    needed[30:33, 20:42] = True  # a strip, far from it
+    needed[40, 10] = True  # a lone cell
+    with torch.no_grad():
+        full = _trunk_macs(blocks, lambda: band_forward(blocks, source, band=4))
+        part = _trunk_macs(blocks, lambda: band_forward(blocks, source, band=4, needed=needed))
+        got = band_forward(blocks, source, band=4, needed=needed)
+    scale = float(reference.abs().max())
+    assert float((got - reference)[..., torch.from_numpy(needed)].abs().max()) <= 1e-13 * scale
+    assert part < 0.5 * full, (part, full)
+
+
+@pytest.mark.parametrize("hw", [(2100, 64), (64, 2100)], ids=["tall", "wide"])
+def test_skipping_glass_in_the_band_engine_changes_no_logit(hw):
+    """ResNet18 (a 649-px receptive field) on a thin image whose middle third is glass: the glass further than a
+    halo from the tissue is not computed, and H's logits and attention are those of the whole-image forward."""
+    torch.manual_seed(0)
+    net = LocalNet(N_CLASSES, 4, rfr=False, arch="resnet18").double().eval()
+    blocks = net.trunk.blocks()
+    source = make_source(*hw)
+    long_side = max(hw)
+    glass = np.zeros(long_side // 8 + 1, bool)
+    glass[long_side // 24 : 2 * long_side // 24] = True  # a third of the overview's length
+    overview = ~glass[:, None] if hw[0] > hw[1] else ~glass[None, :]
+    along = (np.arange(long_side) // 8).astype(np.int32)
+    across = np.zeros(min(hw), np.int32)
+    tissue = (ImageTissueMask(overview, along, across) if hw[0] > hw[1] else ImageTissueMask(overview, across, along))
+    final_hw = tuple(block_input_lengths(blocks, n)[-1] for n in hw)
+    mask = tissue_positions(blocks, tissue, final_hw)
+    assert mask.any() and not mask.all()
+    with torch.no_grad():
+        whole_map = net.trunk(whole(source))
+        skipped = stream_along_longer_side(blocks, source, band=4, needed=mask.numpy())
+        scale = float(whole_map.abs().max())
+        assert float((skipped - whole_map)[..., mask].abs().max()) <= 1e-13 * scale
+        logits, attention = net.head(skipped, mask)
+        expected_logits, expected_attention = net.head(whole_map, mask)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-12, atol=0)
+    torch.testing.assert_close(attention, expected_attention, rtol=1e-12, atol=0)
+    assert (attention[~mask] == 0).all()
+    if hw[0] > hw[1]:  # the wide image runs on the engine's transposed copies of the blocks, which no hook sees
+        with torch.no_grad():
+            full = _trunk_macs(blocks, lambda: band_forward(blocks, source, band=4))
+            part = _trunk_macs(blocks, lambda: band_forward(blocks, source, band=4, needed=mask.numpy()))
+        assert part < 0.9 * full, (part, full)

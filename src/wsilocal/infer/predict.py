@@ -40,6 +40,7 @@ from wsilocal.runtime import default_memory_budget, resolve_device
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import open_slide
 from wsilocal.slide.tissue import detect_tissue, image_tissue_mask
+from wsilocal.stream.bands import block_input_lengths
 from wsilocal.stream.forward import trunk_forward
 from wsilocal.stream.geometry import footprint, tissue_positions, trunk_geometry
 from wsilocal.stream.sources import SlideSource
@@ -214,14 +215,17 @@ class Predictor:
                 out_w, out_h = tissue_read_size(slide, bbox, settings.mpp, settings.max_pixels)
                 tissue = image_tissue_mask(region, slide.level_dimensions[0], (out_w, out_h))
                 source = _TimedSource(SlideSource(slide, settings.mpp, bbox, self.mean, self.std))
+                blocks = self.trunk.blocks()
+                map_hw = (block_input_lengths(blocks, out_h)[-1], block_input_lengths(blocks, out_w)[-1])
+                # H attends to the tissue cells only; streamed, the trunk computes only what they depend on.
+                mask = tissue_positions(blocks, tissue, map_hw) if self.mask_glass else None
                 with torch.no_grad(), out_of_memory_as_slide_error(
                         path, f"the {out_w}×{out_h} px tissue image; lower --memory-budget-gb so it is streamed"):
                     features, mode = trunk_forward(self.trunk, source, memory_budget=self.memory_budget,
-                                                   band=self.band, progress=progress)
+                                                   band=self.band, progress=progress,
+                                                   needed=None if mask is None else mask.numpy())
                     trunk_done = _clock(self.device)
                     features = features.to(self.device, torch.float32)
-                    mask = (tissue_positions(self.trunk.blocks(), tissue, tuple(features.shape[2:]))
-                            if self.mask_glass else None)
                     logits, attention = self.head(features, mask)
                     probabilities = torch.softmax(logits, dim=1)[0].cpu().numpy()
                     evidence = class_evidence(self.head, features, attention).cpu().numpy() if heatmap else None

@@ -15,7 +15,9 @@ goes through the trunk in horizontal bands instead, each block on its own:
   than tall is streamed along its width instead (:func:`stream_along_longer_side`: the image and every kernel
   transposed, the map transposed back — exact, as every layer is square and symmetric in its padding), so
   memory follows the *shorter* side;
-* the image is read band by band in a reader thread while the trunk computes the band before.
+* the image is read band by band in a reader thread while the trunk computes the band before;
+* given the map positions that are ``needed`` (H's tissue cells), each block computes only the output positions
+  those depend on (:func:`needed_positions`): column segments of a window, or nothing; the rest stays zero.
 
 Exactness follows from the window plan (kept rows of each block are exactly the whole-image rows) and is
 tested in float64 against the whole-image forward. Peak memory: the largest block window (input rows ×
@@ -29,6 +31,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -41,6 +44,7 @@ from wsilocal.stream.geometry import (
     largest_pair,
     output_length,
     plan_axis,
+    pull_back,
 )
 from wsilocal.stream.sources import ImageSource
 
@@ -52,15 +56,23 @@ MIN_BAND = 8
 
 
 class _BlockStream:
-    """One block, run window by window over the rows of its input as they arrive."""
+    """One block, run window by window over the rows of its input as they arrive.
 
-    def __init__(self, block: nn.Module, height: int, band: int):
+    ``needed`` (bool (h, w) of the block's output, None: all) limits the work to the output positions later
+    blocks need: a window computes only the column segments its kept rows need (each with its own column halo,
+    as a row window has), and a window needing none is not run; the rest of its output is zeros.
+    """
+
+    def __init__(self, block: nn.Module, height: int, band: int, needed: np.ndarray | None = None):
         geometry = block_geometry([block])
-        stride = footprint(geometry)[0]
+        self.stride, self.first, self.last = footprint(geometry)
         self.block = block
-        self.windows: deque[AxisWindow] = deque(plan_axis(height, band * stride, geometry))
+        self.windows: deque[AxisWindow] = deque(plan_axis(height, band * self.stride, geometry))
         self.buffer: torch.Tensor | None = None
         self.start = 0  # the image row of the buffer's first row
+        self.needed = needed
+        # A gap of fewer columns than a segment's halo is computed rather than cut: cutting costs the halo again.
+        self.min_gap = -(-(self.last - self.first + 1) // self.stride)
 
     def push(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Append ``rows`` (the input's next rows, (1, C, n, W)); return the exact output rows now computable."""
@@ -68,15 +80,64 @@ class _BlockStream:
         outputs = []
         while self.windows and self.windows[0][1] <= self.start + self.buffer.shape[2]:
             in0, in1, out0, out1, keep0, keep1 = self.windows.popleft()
-            y = self.block(self.buffer[:, :, in0 - self.start : in1 - self.start])
-            if y.shape[2] != out1 - out0:
-                raise RuntimeError(f"band plan expected {out1 - out0} output rows, the block gave {y.shape[2]}")
-            outputs.append(y[:, :, keep0 - out0 : keep1 - out0])
+            x = self.buffer[:, :, in0 - self.start : in1 - self.start]
+            if self.needed is None:
+                y = self.block(x)
+                if y.shape[2] != out1 - out0:
+                    raise RuntimeError(f"band plan expected {out1 - out0} output rows, the block gave {y.shape[2]}")
+                outputs.append(y[:, :, keep0 - out0 : keep1 - out0])
+            else:
+                outputs.append(self._needed_rows(x, self.needed, out0, keep0, keep1))
             # Later windows start at or after the next one's first row: drop what lies before it.
             next_start = self.windows[0][0] if self.windows else in1
             self.buffer = self.buffer[:, :, next_start - self.start :]
             self.start = next_start
         return outputs
+
+    def _needed_rows(self, x: torch.Tensor, needed: np.ndarray, out0: int, keep0: int, keep1: int) -> torch.Tensor:
+        """Output rows ``[keep0, keep1)`` of the window input ``x`` (its first output row ``out0``), computed
+        where ``needed`` asks for them and zero elsewhere."""
+        out_width = needed.shape[1]
+        segments = _segments(needed[keep0:keep1].any(axis=0), self.min_gap)
+        if segments == [(0, out_width)]:  # the whole width: one plain window
+            return self.block(x)[:, :, keep0 - out0 : keep1 - out0]
+        result = x.new_zeros((1, self.block.out_channels, keep1 - keep0, out_width)).contiguous(
+            memory_format=torch.channels_last)
+        for k0, k1 in segments:
+            # The columns that hold the footprints of outputs k0..k1-1, from a multiple of the stride (so that the
+            # segment's stride grid is the whole row's), as plan_axis does for rows.
+            c0 = max(0, (k0 * self.stride + self.first) // self.stride * self.stride)
+            c1 = min(x.shape[3], (k1 - 1) * self.stride + self.last + 1)
+            y = self.block(x[:, :, :, c0:c1])
+            first_column = c0 // self.stride
+            result[:, :, :, k0:k1] = y[:, :, keep0 - out0 : keep1 - out0, k0 - first_column : k1 - first_column]
+        return result
+
+
+def _segments(columns: np.ndarray, min_gap: int) -> list[tuple[int, int]]:
+    """The runs ``[start, stop)`` of True in ``columns``, runs less than ``min_gap`` apart merged."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], columns.astype(np.int8), [0]])))
+    runs = list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+    merged: list[tuple[int, int]] = []
+    for start, stop in runs:
+        if merged and start - merged[-1][1] < min_gap:
+            merged[-1] = (merged[-1][0], stop)
+        else:
+            merged.append((start, stop))
+    return merged
+
+
+def needed_positions(blocks: Sequence[nn.Module], height: int, width: int,
+                     final: np.ndarray) -> list[np.ndarray]:
+    """Per block, the output positions that the ``final`` (bool (h, w)) positions of the last block's map depend
+    on: ``final`` pulled back through each later block's footprint."""
+    heights, widths = block_input_lengths(blocks, height), block_input_lengths(blocks, width)
+    if tuple(final.shape) != (heights[-1], widths[-1]):
+        raise ValueError(f"needed positions of shape {final.shape} for a map of {(heights[-1], widths[-1])}")
+    needed = [np.asarray(final, bool)]
+    for index in range(len(blocks) - 1, 0, -1):
+        needed.append(pull_back(needed[-1], block_geometry([blocks[index]]), (heights[index], widths[index])))
+    return needed[::-1]
 
 
 def block_input_lengths(blocks: Sequence[nn.Module], height: int) -> list[int]:
@@ -93,12 +154,15 @@ def _read_rows(blocks: Sequence[nn.Module], band: int) -> int:
 
 
 def band_forward(blocks: Sequence[nn.Module], source: ImageSource, *, band: int = DEFAULT_BAND,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, needed: np.ndarray | None = None) -> torch.Tensor:
     """Run ``blocks`` (trunk blocks, in order, eval mode, no gradients wanted) over ``source`` band by band.
 
     Returns the (1, C, h, w) map the blocks give on the whole image, equal to it up to float rounding. Each
     band is moved to the device and dtype of the blocks' weights; the next band is read in a background
     thread while this one computes. ``band``: output rows per window of every block.
+
+    ``needed`` (bool (h, w), e.g. the tissue positions H attends to): only those positions of the map are
+    computed (and, in every block, what they depend on: :func:`needed_positions`); the rest of the map is zero.
     """
     blocks = list(blocks)
     if not blocks:
@@ -107,7 +171,9 @@ def band_forward(blocks: Sequence[nn.Module], source: ImageSource, *, band: int 
         raise ValueError(f"band must be a positive number of rows, got {band}")
     placement = weights_placement(blocks)
     heights = block_input_lengths(blocks, source.height)
-    streams = [_BlockStream(block, h, band) for block, h in zip(blocks, heights, strict=False)]
+    per_block = (needed_positions(blocks, source.height, source.width, needed) if needed is not None
+                 else [None] * len(blocks))
+    streams = [_BlockStream(block, h, band, n) for block, h, n in zip(blocks, heights, per_block, strict=False)]
     step = _read_rows(blocks, band)
     starts = list(range(0, source.height, step))
     out: torch.Tensor | None = None
@@ -162,12 +228,13 @@ def _transposed_blocks(blocks: Sequence[nn.Module]) -> list[nn.Module]:
 
 
 def stream_along_longer_side(blocks: Sequence[nn.Module], source: ImageSource, *, band: int = DEFAULT_BAND,
-                             progress: bool = False) -> torch.Tensor:
+                             progress: bool = False, needed: np.ndarray | None = None) -> torch.Tensor:
     """:func:`band_forward` along the image's longer side: for a wide image, over the columns (transposed
     image and kernels, the map transposed back), so that a band spans the shorter side."""
     if source.width <= source.height:
-        return band_forward(blocks, source, band=band, progress=progress)
-    out = band_forward(_transposed_blocks(blocks), _TransposedSource(source), band=band, progress=progress)
+        return band_forward(blocks, source, band=band, progress=progress, needed=needed)
+    out = band_forward(_transposed_blocks(blocks), _TransposedSource(source), band=band, progress=progress,
+                       needed=None if needed is None else np.ascontiguousarray(needed.T))
     return out.transpose(2, 3).contiguous()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,12 +45,15 @@ def forward_bytes_estimate(trunk: ResNetTrunk, height: int, width: int) -> int:
 
 
 def trunk_forward(trunk: ResNetTrunk, source: ImageSource, *, memory_budget: int | None = None,
-                  band: int | None = None, progress: bool = False) -> tuple[torch.Tensor, str]:
+                  band: int | None = None, progress: bool = False,
+                  needed: np.ndarray | None = None) -> tuple[torch.Tensor, str]:
     """The trunk's map of the image in ``source`` and the mode used, ``"whole"`` or ``"streamed"``.
 
     Whole-image forward when :func:`forward_bytes_estimate` fits ``memory_budget`` bytes (None: always) and
     no ``band`` is asked for; otherwise :func:`~.bands.stream_along_longer_side` with ``band`` output rows per
-    block window, by default the largest that fits the budget (:func:`~.bands.band_for_budget`).
+    block window, by default the largest that fits the budget (:func:`~.bands.band_for_budget`). Streamed,
+    ``needed`` (bool (h, w) of the map, e.g. H's tissue positions) skips what no needed position depends on
+    (zeros there); the whole-image forward computes everything.
     """
     blocks = trunk.blocks()
     whole_fits = memory_budget is None or forward_bytes_estimate(trunk, source.height, source.width) <= memory_budget
@@ -59,4 +63,4 @@ def trunk_forward(trunk: ResNetTrunk, source: ImageSource, *, memory_budget: int
             return trunk(image), "whole"
         if band is None:
             band = band_for_budget(blocks, source.height, source.width, memory_budget, folded=trunk.fold_bn)
-        return stream_along_longer_side(blocks, source, band=band, progress=progress), "streamed"
+        return stream_along_longer_side(blocks, source, band=band, progress=progress, needed=needed), "streamed"

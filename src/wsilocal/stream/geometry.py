@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -141,6 +142,26 @@ def module_tissue_positions(stages: Sequence[Sequence[nn.Module]], tissue: Image
         blocks += list(stage)
         masks.append(tissue_positions(blocks, tissue, (height, width)))
     return masks
+
+
+def pull_back(needed: np.ndarray, geometry: Sequence[Layer], in_shape: tuple[int, int]) -> np.ndarray:
+    """bool ``in_shape``: the input positions some ``needed`` output position (bool (h, w)) of the stack depends on.
+
+    Output ``o`` of an axis depends on input ``[o·S + first, o·S + last]`` (:func:`footprint`); both axes alike.
+    """
+    stride, first, last = footprint(geometry)
+    result = needed
+    for axis, length in enumerate(in_shape):
+        position = np.arange(length)
+        n_out = result.shape[axis]
+        # The outputs whose footprint holds input x: ceil((x − last) / S) ≤ o ≤ floor((x − first) / S).
+        low = np.clip(-((last - position) // stride), 0, n_out)
+        high = np.clip((position - first) // stride + 1, 0, n_out)
+        counts = np.cumsum(result, axis=axis, dtype=np.int64)
+        counts = np.concatenate([np.zeros_like(np.take(counts, [0], axis=axis)), counts], axis=axis)
+        covered = np.take(counts, high, axis=axis) - np.take(counts, np.minimum(low, high), axis=axis)
+        result = covered > 0
+    return result
 
 
 # --- planning ----------------------------------------------------------------------------------
