@@ -192,7 +192,7 @@ def test_prepare_on_a_full_disk_skips_the_slide_and_leaves_no_partial_entry(coho
     out = capsys.readouterr().out
     assert "skipped g2: OSError: [Errno 28] No space left on device" in out
     assert sorted(p.name for p in cache.iterdir()) == sorted(
-        [f"{i}.{ext}" for i, _, _ in GOOD if i != "g2" for ext in ("npy", "json")] + ["stats.json"])
+        [f"{i}.{ext}" for i, _, _ in GOOD if i != "g2" for ext in ("npy", "tissue.npz", "json")] + ["stats.json"])
 
 
 def test_a_cache_entry_whose_facts_cannot_be_written_leaves_no_pixels(cohort, tmp_path, capsys, monkeypatch):

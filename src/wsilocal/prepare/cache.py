@@ -173,8 +173,6 @@ def build_entry(slide: CohortSlide, cache_dir: Path, settings: PrepareSettings) 
             del out
         mask = image_tissue_mask(tissue, handle.level_dimensions[0], (out_w, out_h))
     tissue_path = cache_dir / f"{slide.slide_id}.tissue.npz"
-    with atomic_output(tissue_path) as tmp, open(tmp, "wb") as file:
-        np.savez(file, overview=mask.overview, rows=mask.rows, cols=mask.cols)
     entry = CacheEntry(
         slide_id=slide.slide_id, array_path=str(final.resolve()), source=str(slide.path), key=key,
         height=out_h, width=out_w, slide_mpp=slide_mpp, mpp=settings.mpp, bbox=[x, y, w, h],
@@ -182,9 +180,11 @@ def build_entry(slide: CohortSlide, cache_dir: Path, settings: PrepareSettings) 
         n_pixels=out_h * out_w, tissue_path=str(tissue_path.resolve()),
     )
     try:
+        with atomic_output(tissue_path) as tmp, open(tmp, "wb") as file:
+            np.savez(file, overview=mask.overview, rows=mask.rows, cols=mask.cols)
         write_text_atomic(cache_dir / f"{slide.slide_id}.json", json.dumps(asdict(entry), indent=1))
     except OSError:
-        # No pixels without their facts: the entry is wholly there or not at all.
+        # No pixels without their facts and mask: the entry is wholly there or not at all.
         final.unlink(missing_ok=True)
         tissue_path.unlink(missing_ok=True)
         raise
