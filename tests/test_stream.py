@@ -14,6 +14,7 @@ the 1e-4 absolute bound. Where a wrong halo shows plainly (the 5-block prefix) f
 from __future__ import annotations
 
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from wsilocal.models.resnet import BasicBlock, ResNetTrunk
 from wsilocal.slide.reader import open_slide, read_region_at_mpp
@@ -308,11 +311,55 @@ def test_bad_bands_are_refused(trunk_with):
 # --- mode choice -------------------------------------------------------------------------------
 
 
-def test_forward_bytes_estimate_counts_input_and_largest_activation_pair(trunk_with):
-    conv1, pooled = 64 * 160 * 160, 64 * 80 * 80  # conv1 (stride 3) and maxpool outputs of a 480x480 image
-    assert forward_bytes_estimate(trunk_with(3, True), 480, 480) == 4 * (3 * 480 * 480 + conv1 + pooled)
-    # Unfolded, conv1 then its BatchNorm: two conv1-sized tensors.
-    assert forward_bytes_estimate(trunk_with(3, False), 480, 480) == 4 * (3 * 480 * 480 + 2 * conv1)
+class LiveActivations(TorchDispatchMode):
+    """The reference for the memory estimate: the bytes of the activations (batch-1 4-D tensors) that the ops run
+    under it allocate and that are still alive, and their peak. A storage counts once, however many in-place ops
+    return it, and is released when its tensor is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def _release(self, pointer: int) -> None:
+        self.current -= self.live.pop(pointer)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.dim() == 4 and tensor.shape[0] == 1:
+                pointer = tensor.untyped_storage().data_ptr()
+                if pointer not in self.live:
+                    self.live[pointer] = tensor.untyped_storage().nbytes()
+                    self.current += self.live[pointer]
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(tensor, self._release, pointer)
+        return out
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+@pytest.mark.parametrize(("height", "width", "conv1_stride"), [(97, 131, 3), (64, 200, 2), (250, 77, 3)])
+def test_forward_bytes_estimate_is_the_peak_of_the_activations_a_forward_allocates(arch, height, width,
+                                                                                   conv1_stride):
+    """Folded and not: the input, the stem's max-pooling indices, each residual block's input held for its
+    shortcut, the downsample branch and the residual sum, exactly as a real no-grad forward allocates them."""
+    image = torch.randn(1, 3, height, width)
+    for folded in (True, False):
+        trunk = ResNetTrunk(conv1_stride, folded, arch=arch).eval()
+        with torch.no_grad(), LiveActivations() as live:
+            trunk(image)
+        assert forward_bytes_estimate(trunk, height, width) == image.numel() * 4 + live.peak, (arch, folded)
+
+
+def test_forward_bytes_estimate_counts_the_downsample_branch():
+    """ResNet50 at 480²: its peak is layer1[0]'s residual sum — the 64-channel input, the 256-channel main path,
+    the 256-channel 1×1 shortcut and their sum — not the stem's conv1 beside max-pooling."""
+    unit = 80 * 80  # positions after the stem of a 480² image at conv1 stride 3
+    stem = 64 * 160 * 160 + 3 * 64 * unit  # conv1's output beside the pooled output and its int64 indices
+    layer1_sum = (64 + 3 * 256) * unit
+    assert layer1_sum > stem
+    trunk = ResNetTrunk(3, True, arch="resnet50")
+    assert forward_bytes_estimate(trunk, 480, 480) == 4 * (3 * 480 * 480 + layer1_sum)
 
 
 def test_trunk_forward_picks_whole_or_streamed_by_budget(trunk_with):

@@ -38,10 +38,9 @@ from tqdm import tqdm
 
 from wsilocal.stream.geometry import (
     AxisWindow,
-    activation_numels,
     block_geometry,
     footprint,
-    largest_pair,
+    forward_peak_numel,
     output_length,
     plan_axis,
     pull_back,
@@ -251,7 +250,7 @@ def band_forward_bytes(blocks: Sequence[nn.Module], height: int, width: int, ban
     """Peak bytes of :func:`stream_along_longer_side` over a ``height``×``width`` image (float32, an estimate).
 
     Two read-ahead bands of the image, the output map, and the largest block window: its input buffer plus
-    the block's largest pair of consecutive activations. Bands span the shorter side.
+    what the block holds at once (:func:`~.geometry.forward_peak_numel`). Bands span the shorter side.
     """
     blocks = list(blocks)
     height, width = max(height, width), min(height, width)
@@ -264,8 +263,8 @@ def band_forward_bytes(blocks: Sequence[nn.Module], height: int, width: int, ban
         geometry = block_geometry([block])
         stride, first, last = footprint(geometry)
         rows = min(h, (band - 1) * stride + last - first + 1 + stride)  # a window's input and a pushed chunk
-        numels = activation_numels([block], rows, w, folded=folded, in_channels=channels)
-        peak_window = max(peak_window, FLOAT_BYTES * (2 * channels * rows * w + largest_pair(numels)))
+        held = forward_peak_numel([block], rows, w, folded=folded, in_channels=channels)
+        peak_window = max(peak_window, FLOAT_BYTES * (2 * channels * rows * w + held))
         channels = getattr(block, "out_channels", channels)
     image_bands = 2 * FLOAT_BYTES * 3 * min(height, step) * width
     out_map = FLOAT_BYTES * channels * heights[-1] * widths[-1]

@@ -15,7 +15,7 @@ from torch import nn
 
 from wsilocal.models.resnet import ResNetTrunk
 from wsilocal.stream.bands import FLOAT_BYTES, band_for_budget, stream_along_longer_side, weights_placement
-from wsilocal.stream.geometry import activation_numels, largest_pair
+from wsilocal.stream.geometry import forward_peak_numel
 from wsilocal.stream.sources import ImageSource
 
 
@@ -36,11 +36,12 @@ def inference(blocks: Sequence[nn.Module]) -> Iterator[None]:
 def forward_bytes_estimate(trunk: ResNetTrunk, height: int, width: int) -> int:
     """Peak bytes of a plain no-grad forward of a ``height``×``width`` image (float32).
 
-    The input plus the largest pair of consecutive activations on the main path (a layer's input and
-    output are alive together). An estimate for choosing the mode, not an allocator measurement.
+    The input plus the most activations alive at once (:func:`~.geometry.forward_peak_numel`: the tensors the
+    forward allocates, the residual shortcuts included; not the convolutions' scratch space or the allocator's
+    caching). What chooses the mode.
     """
-    numels = activation_numels(trunk.blocks(), height, width, folded=trunk.fold_bn)
-    return FLOAT_BYTES * (3 * height * width + largest_pair(numels))
+    return FLOAT_BYTES * (3 * height * width + forward_peak_numel(trunk.blocks(), height, width,
+                                                                  folded=trunk.fold_bn))
 
 
 

@@ -217,25 +217,44 @@ class TilePlan:
         return len(self.rows) * len(self.cols)
 
 
-def activation_numels(blocks: Sequence[nn.Module], height: int, width: int, *, folded: bool = True,
-                      in_channels: int = 3) -> list[int]:
-    """Elements of each activation along the main path of ``blocks`` for a ``height``×``width`` input, in the
-    order a forward creates them (``folded``: BatchNorm folded into the convolutions)."""
-    numels = []
-    channels = in_channels
-    for block in blocks:
+def forward_peak_numel(blocks: Sequence[nn.Module], height: int, width: int, *, folded: bool = True,
+                       in_channels: int = 3) -> int:
+    """The most float32 elements alive at once during a no-grad forward of ``blocks`` on a ``height``×``width``
+    input, the input itself left out (the caller holds it throughout). ``folded``: BatchNorm folded into the
+    convolutions; unfolded, each convolution's output and its BatchNorm's output are alive together.
+
+    What a block holds, in the order its ``forward`` runs (the ReLUs are in place):
+
+    * the stem: conv1's output, then it beside the max-pooling's output and that one's int64 indices (two
+      float32 elements each; CPU's max-pooling makes them even without gradients);
+    * a residual block: its input all along (the shortcut needs it); each main-path convolution's output beside
+      the previous one; at the end the last output, the shortcut (the 1×1 ``downsample`` convolution's output,
+      or the input itself) and their sum.
+
+    ``tests/test_stream.py`` checks this against the tensors a real forward allocates.
+    """
+    copies = 1 if folded else 2
+    peak, channels = 0, in_channels
+    for index, block in enumerate(blocks):
+        size_in = channels * height * width if index else 0  # the first block's input is the caller's
+        previous = size_in
+        sizes = []
         for layer in _main_path(block):
             kernel, stride, padding = layer_geometry(layer)
             height, width = (output_length(n, [(kernel, stride, padding)]) for n in (height, width))
             channels = getattr(layer, "out_channels", channels)  # max-pooling keeps the channels
-            # Unfolded, a conv's BatchNorm writes a second tensor of the conv's size (ReLU is in place).
-            copies = 2 if isinstance(layer, nn.Conv2d) and not folded else 1
-            numels += [channels * height * width] * copies
+            size = channels * height * width
+            if isinstance(layer, nn.MaxPool2d):
+                peak = max(peak, previous + 3 * size)  # its output and its int64 indices
+            else:
+                held = size_in if isinstance(block, (BasicBlock, Bottleneck)) and sizes else 0
+                peak = max(peak, held + previous + copies * size)
+            previous = size
+            sizes.append(size)
         if isinstance(block, (BasicBlock, Bottleneck)):
-            numels.append(channels * height * width)  # the residual sum
-    return numels
-
-
-def largest_pair(numels: Sequence[int]) -> int:
-    """The most elements alive at once along a main path: a layer's input and output (one alone if it is all)."""
-    return max([a + b for a, b in zip(numels, numels[1:], strict=False)] or numels)
+            out = sizes[-1]
+            if block.downsample is not None:
+                peak = max(peak, size_in + out + copies * out, size_in + 3 * out)  # shortcut conv, then the sum
+            else:
+                peak = max(peak, size_in + 2 * out)  # the sum beside its two terms (the shortcut is the input)
+    return peak
