@@ -4,7 +4,9 @@ For each slide size (the tissue image at 5x, height × width) one synthetic slid
 ``OUT/slides`` for the next run) and two ways of classifying it from the file are timed:
 
 (a) **ours**: :meth:`wsilocal.infer.predict.Predictor.predict` — open, find the tissue, stream the tissue box
-    at 5x through the stride-3 trunk (whole or in exact tiles, the automatic memory budget) and H;
+    at 5x through the stride-3 trunk (whole or band-streamed, the automatic memory budget; streamed, only what
+    the tissue positions depend on is computed) and H, which attends to the tissue positions (glass masked,
+    as a new run does);
 (b) **pipeline**: the tile-based gated-ABMIL pipeline the paper compares against, as its users run it and with
     the project's own pieces (those of ``wsilocal features``): the same tissue detection, a grid of 256×256
     tiles at 5x with ≥ 25 % tissue, each tile read from the file with OpenSlide and resampled, batches of
@@ -227,8 +229,9 @@ def _calibration_image(size: int = 256) -> torch.Tensor:
 
 def build_predictor(device: str = "auto", run: str | None = None, memory_budget: int | None = None,
                     arch: str = DEFAULT_ARCH) -> Predictor:
-    """Our predictor: a trained ``run``'s (its own arch), or seeded random weights of an ``arch`` trunk (BatchNorm
-    calibrated on a synthetic crop)."""
+    """Our predictor: a trained ``run``'s (its own arch and glass masking), or seeded random weights of an ``arch``
+    trunk (BatchNorm calibrated on a synthetic crop) that masks glass as a new run does, so that the band-streamed
+    forward skips what no tissue position depends on."""
     if run:
         return Predictor.from_run(run, device=device, memory_budget=memory_budget)
     with torch.random.fork_rng(devices=[]):
@@ -237,7 +240,8 @@ def build_predictor(device: str = "auto", run: str | None = None, memory_budget:
         head = FinalClassifier(trunk.out_channels, N_CLASSES)
     calibrate_batchnorm(trunk, [_calibration_image()])
     return Predictor(trunk, head, [f"class{i}" for i in range(N_CLASSES)], IMAGENET_MEAN, IMAGENET_STD,
-                     PrepareSettings(mpp=MPP), device=resolve_device(device), memory_budget=memory_budget)
+                     PrepareSettings(mpp=MPP), device=resolve_device(device), memory_budget=memory_budget,
+                     mask_glass=True)
 
 
 def build_pipeline(device: torch.device, n_classes: int = N_CLASSES,
@@ -255,7 +259,8 @@ def bfloat16_copy(predictor: Predictor) -> Predictor:
     """The same predictor with its trunk (a copy) in bfloat16."""
     return Predictor(copy.deepcopy(predictor.trunk), predictor.head, predictor.classes, predictor.mean,
                      predictor.std, predictor.settings, device=predictor.device,
-                     memory_budget=predictor.memory_budget, band=predictor.band, dtype=torch.bfloat16)
+                     memory_budget=predictor.memory_budget, band=predictor.band, dtype=torch.bfloat16,
+                     mask_glass=predictor.mask_glass)
 
 
 # --- child processes ------------------------------------------------------------------------------------
