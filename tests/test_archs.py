@@ -418,3 +418,33 @@ def test_streamed_local_step_gives_the_local_steps_gradients(arch):
     for name, g in reference.items():
         got = dict(net.named_parameters())[name].grad
         assert float((got - g).norm()) <= 1e-9 * max(float(g.norm()), top * 1e-6), name
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_streaming_cnn_step_gives_the_end_to_end_gradients(arch, tmp_path):
+    """StreamingCNN (the whole trunk one streamed module, H on its map) of both block types: the loss, logits and
+    every trunk and H gradient of ``CE(H(trunk(image)))``'s backward, float64, every block in several windows."""
+    import torch.nn.functional as F
+
+    from wsilocal.train.streaming import streaming_end_to_end_step
+
+    torch.manual_seed(0)
+    net = LocalNet(3, 1, arch=arch).double().train()
+    image = np.random.default_rng(6).integers(0, 256, (230, 170, 3), dtype=np.uint8)
+    source = ArraySource(image, [0.7, 0.55, 0.7], [0.2, 0.25, 0.2])
+    torch.manual_seed(4)  # the same dropout mask in H for both
+    logits, _ = net.head(net.trunk(source.read(0, 0, 230, 170).double()))
+    loss = F.cross_entropy(logits, torch.tensor([2]))
+    loss.backward()
+    reference = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    net.zero_grad(set_to_none=True)
+    torch.manual_seed(4)
+    streamed = streaming_end_to_end_step(net, source, 2, tile=96, store="disk", store_dir=tmp_path)
+    assert streamed.cls_losses == [pytest.approx(float(loss.detach()), rel=1e-12)]
+    torch.testing.assert_close(streamed.logits[0], logits.detach(), rtol=1e-12, atol=0)
+    assert {name.split(".")[0] for name in reference} == {"trunk", "head"}
+    top = max(float(g.norm()) for g in reference.values())
+    for name, g in reference.items():
+        got = dict(net.named_parameters())[name].grad
+        assert float((got - g).norm()) <= 1e-9 * max(float(g.norm()), top * 1e-6), name
+    assert list(tmp_path.iterdir()) == []  # the stores between blocks are gone
