@@ -1,5 +1,6 @@
 """Heatmaps: attention files, QuPath GeoJSON polygons, and their alignment with a known lesion in level-0 pixels."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -11,7 +12,12 @@ from PIL import Image
 from scipy import ndimage
 
 from wsilocal import synth
-from wsilocal.infer.heatmap import attention_geojson, high_attention_cells, save_heatmap
+from wsilocal.infer.heatmap import (
+    attention_geojson,
+    attention_relative_to_uniform,
+    high_attention_cells,
+    save_heatmap,
+)
 from wsilocal.infer.predict import Predictor
 from wsilocal.infer.prediction import Prediction
 from wsilocal.models.heads import FinalClassifier
@@ -42,6 +48,22 @@ def ring_area(ring: list) -> float:
     """Shoelace area, positive for rings running clockwise on screen (y down)."""
     x, y = np.array(ring).T
     return float((x[:-1] * y[1:] - x[1:] * y[:-1]).sum() / 2)
+
+
+def test_attention_relative_to_uniform_counts_only_the_cells_h_may_attend_to():
+    """A run that masks glass: a uniform attention over its tissue cells reads 1 on each of them, glass is left out
+    (NaN, drawn clear); unmasked, every cell counts; a baseline's cells without a tile (NaN) never count."""
+    attended = np.zeros((4, 5), bool)
+    attended[1:3, 1:4] = True  # 6 tissue cells of 20
+    masked = dataclasses.replace(fake_prediction(attended.astype(float)), attended=attended)
+    relative = attention_relative_to_uniform(masked)
+    np.testing.assert_allclose(relative[attended], 1.0)
+    assert np.isnan(relative[~attended]).all()
+    unmasked = attention_relative_to_uniform(fake_prediction(np.ones((4, 5))))
+    np.testing.assert_allclose(unmasked, 1.0)
+    tiles = np.where(attended, 1.0, np.nan)
+    baseline = dataclasses.replace(fake_prediction(np.ones((4, 5))), attention=tiles / np.nansum(tiles))
+    np.testing.assert_allclose(attention_relative_to_uniform(baseline)[attended], 1.0)
 
 
 def test_high_attention_cells_hold_the_requested_mass():

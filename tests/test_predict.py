@@ -139,6 +139,7 @@ def test_masked_prediction_equals_the_evaluation_from_the_cache(run, reference, 
     assert np.abs(probabilities - reference.probabilities).max() > 1e-4  # masking changed the prediction
     assert (prediction.attention[~mask.numpy()] == 0).all() and (prediction.attention[mask.numpy()] > 0).all()
     assert (prediction.evidence[:, ~mask.numpy()] == 0).all()
+    np.testing.assert_array_equal(prediction.attended, mask.numpy())  # the heatmap's cells to scale by
     with torch.no_grad():
         _, attention = run.net.head(reference.features, mask)
     np.testing.assert_allclose(prediction.attention, attention.numpy(), rtol=1e-4, atol=1e-7)

@@ -226,6 +226,15 @@ def attention_geojson(prediction: Prediction, mass: float = 0.1) -> dict:
     return {"type": "FeatureCollection", "features": features}
 
 
+def attention_relative_to_uniform(prediction: Prediction) -> np.ndarray:
+    """H's attention × the number of cells it may attend to: 1 is what each would get from a uniform attention.
+    Cells it may not attend to (glass, for a run that masks it; cells without a tile) are NaN."""
+    attention = _attention(prediction).astype(np.float64)
+    if prediction.attended is not None:
+        attention = np.where(prediction.attended, attention, np.nan)
+    return attention * np.count_nonzero(~np.isnan(attention))
+
+
 def _attention(prediction: Prediction) -> np.ndarray:
     if prediction.attention is None:
         raise ValueError(f"{prediction.slide}: the prediction has no attention map; predict with heatmap=True")
@@ -309,8 +318,8 @@ def _plot(path: Path, thumbnail: np.ndarray, slide_size: tuple[int, int], predic
     fig, ax = plt.subplots(figsize=(9, max(3.0, min(12.0, 7.5 * height / width))))
     ax.imshow(thumbnail, extent=(0, width, height, 0))
     if prediction.attention_is_softmax:
-        # Attention × number of cells: 1 is what every cell would get from a uniform attention.
-        values, limits, label = attention * attention.count(), {"vmin": 0}, "attention relative to uniform"
+        values = np.ma.masked_invalid(attention_relative_to_uniform(prediction))  # glass of a masked run: clear
+        limits, label = {"vmin": 0}, "attention relative to uniform"
     else:  # a baseline's per-tile scores (probabilities), shown as they are
         values, limits, label = attention, {"vmin": 0, "vmax": 1}, "tile score (the model's own, not attention)"
     overlay = ax.pcolormesh(*cell_edges(prediction), values, cmap="jet", alpha=0.45, **limits)

@@ -246,6 +246,7 @@ class Predictor:
             cell_origin=origin,
             cell_size=(self.stride * scale[0], self.stride * scale[1]),
             attention=attention.cpu().numpy() if heatmap else None,
+            attended=mask.cpu().numpy() if heatmap and mask is not None else None,
             evidence=evidence,
             stages={"tissue": tissue_done - start, "read": source.seconds,
                     "trunk": trunk_done - tissue_done - source.seconds, "head": head_done - trunk_done},

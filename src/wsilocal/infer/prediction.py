@@ -58,6 +58,8 @@ class Prediction:
             find the tissue, read the tiles, extract their features) and ``head`` (the MIL model).
         attention_is_softmax: whether ``attention`` is a distribution over the cells (H, ABMIL, CLAM, DSMIL)
             rather than per-tile scores in [0, 1] (max-/mean-pooling, MIL-RNN); the heatmap scales it accordingly.
+        attended: bool (h, w), the cells H may attend to — the tissue cells of a run that masks glass (only with
+            ``heatmap=True``); None: every cell.
     """
 
     slide: str
@@ -75,6 +77,7 @@ class Prediction:
     evidence: np.ndarray | None = None
     stages: dict[str, float] = field(default_factory=dict)
     attention_is_softmax: bool = True
+    attended: np.ndarray | None = None
 
 
 class SlidePredictor(Protocol):
