@@ -237,22 +237,21 @@ def forward_peak_numel(blocks: Sequence[nn.Module], height: int, width: int, *, 
     peak, channels = 0, in_channels
     for index, block in enumerate(blocks):
         size_in = channels * height * width if index else 0  # the first block's input is the caller's
+        residual = isinstance(block, (BasicBlock, Bottleneck))
         previous = size_in
-        sizes = []
-        for layer in _main_path(block):
+        for position, layer in enumerate(_main_path(block)):
             kernel, stride, padding = layer_geometry(layer)
             height, width = (output_length(n, [(kernel, stride, padding)]) for n in (height, width))
             channels = getattr(layer, "out_channels", channels)  # max-pooling keeps the channels
             size = channels * height * width
             if isinstance(layer, nn.MaxPool2d):
                 peak = max(peak, previous + 3 * size)  # its output and its int64 indices
-            else:
-                held = size_in if isinstance(block, (BasicBlock, Bottleneck)) and sizes else 0
+            else:  # after the first convolution a residual block still holds its input for the shortcut
+                held = size_in if residual and position else 0
                 peak = max(peak, held + previous + copies * size)
             previous = size
-            sizes.append(size)
-        if isinstance(block, (BasicBlock, Bottleneck)):
-            out = sizes[-1]
+        if residual:
+            out = previous
             if block.downsample is not None:
                 peak = max(peak, size_in + out + copies * out, size_in + 3 * out)  # shortcut conv, then the sum
             else:
