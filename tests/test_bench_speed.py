@@ -164,6 +164,27 @@ def test_tables_show_rss_and_the_bf16_verdict(bench):
     assert "0.0200, **above** the 0.01 tolerance: not offered" in table
 
 
+def test_whole_forward_above_the_memory_budget_is_skipped_and_reported(bench, monkeypatch):
+    """At a size whose whole-image forward the default budget refuses (a prediction would stream it), the benchmark
+    does not force it: the record says why, and the table and plot leave its cells empty."""
+    cpu = torch.device("cpu")
+    need = speed.forward_bytes_estimate(speed.ResNetTrunk(arch="resnet34"), 2000, 3000)
+    monkeypatch.setattr(speed, "default_memory_budget", lambda device: need)
+    assert speed.whole_forward_skip("resnet34", 2000, 3000, cpu) is None  # exactly the budget: it fits
+    monkeypatch.setattr(speed, "default_memory_budget", lambda device: need - 1)
+    skip = speed.whole_forward_skip("resnet34", 2000, 3000, cpu)
+    assert skip["estimate_bytes"] == need and skip["budget_bytes"] == need - 1
+    assert skip["skipped"].startswith("not run: the whole-image forward needs about")
+    out, report = bench
+    streamed = {"peak_rss_bytes": 700 * speed.MiB, "added_bytes": 100 * speed.MiB, "seconds": 2.5}
+    record = {**report["records"][0], "rss": {"whole": skip, "streamed": streamed}}
+    table = speed.format_speed_tables(speed._report([record], None, native=False, settings={}))
+    assert "| 320×256 | — | — | — | 700 | 100 | 2.50 |" in table
+    assert f"320×256, whole forward: {skip['skipped']}." in table
+    speed.plot_speed([record], out / "skipped.png")  # the streamed point only
+    assert (out / "skipped.png").stat().st_size > 0
+
+
 def test_arguments_and_errors():
     args = build_parser().parse_args(["bench", "speed", "--out", "x", "--sizes", "1024", "3000x2000", "--no-bf16"])
     assert args.sizes == [(1024, 1024), (2000, 3000)] and args.no_bf16 and args.func == BENCHMARKS["speed"].run

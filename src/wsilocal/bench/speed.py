@@ -69,10 +69,11 @@ from wsilocal.models.heads import FinalClassifier
 from wsilocal.models.mil.abmil import GatedABMIL
 from wsilocal.models.resnet import DEFAULT_ARCH, ResNetTrunk, calibrate_batchnorm
 from wsilocal.prepare.cache import PrepareSettings
-from wsilocal.runtime import process_memory_bytes, resolve_device, tune_cpu_allocator
+from wsilocal.runtime import default_memory_budget, process_memory_bytes, resolve_device, tune_cpu_allocator
 from wsilocal.slide.reader import open_slide
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 from wsilocal.slide.tissue import detect_tissue
+from wsilocal.stream.forward import forward_bytes_estimate
 from wsilocal.stream.sources import to_tensor
 
 MPP = 2.0  # 5x, the paper's resolution
@@ -309,6 +310,16 @@ def measure_memory(predictor: Predictor, slide_path: str | Path, forward: str) -
             "added_bytes": result["peak_memory_bytes"]}
 
 
+def whole_forward_skip(arch: str, height: int, width: int, device: torch.device) -> dict[str, Any] | None:
+    """``{"skipped": why}`` when the whole-image forward of a ``height`` × ``width`` image would need more than the
+    default memory budget (a prediction would stream it; forcing it could exhaust the machine), else None."""
+    need, budget = forward_bytes_estimate(ResNetTrunk(arch=arch), height, width), default_memory_budget(device)
+    if need <= budget:
+        return None
+    return {"skipped": f"not run: the whole-image forward needs about {need / 2**30:,.1f} GiB, above the default "
+                       f"memory budget of {budget / 2**30:,.1f} GiB", "estimate_bytes": need, "budget_bytes": budget}
+
+
 def _child_memory(spec: dict[str, Any]) -> dict[str, Any]:
     predictor = build_predictor(spec["device"], spec["run"], arch=spec.get("arch", DEFAULT_ARCH))
     return measure_memory(predictor, spec["slide"], spec["forward"])
@@ -429,9 +440,11 @@ def run_speed_benchmark(
         log_progress(progress, f"    ours {record['ours_s']:.2f} s ({record['ours_mode']}), pipeline "
                                f"{record['pipeline_s']:.2f} s ({record['n_tiles']} tiles): {record['ratio']:.2f}×")
         for forward in ("whole", "streamed") if rss else ():
-            record["rss"][forward] = _measure({**base, "child": "memory", "slide": str(slide), "forward": forward})
-            peak = record["rss"][forward]["peak_rss_bytes"]
-            log_progress(progress, f"    {forward} forward: peak RSS {peak / MiB:,.0f} MiB")
+            skip = whole_forward_skip(record["arch"], height, width, torch_device) if forward == "whole" else None
+            record["rss"][forward] = skip or _measure({**base, "child": "memory", "slide": str(slide),
+                                                       "forward": forward})
+            log_progress(progress, f"    {forward} forward: " + (skip["skipped"] if skip else
+                                   f"peak RSS {record['rss'][forward]['peak_rss_bytes'] / MiB:,.0f} MiB"))
         records.append(record)
         write_speed_report(_report(records, None, native, settings={}), out)  # partial results survive a crash
     probe = None
@@ -519,9 +532,11 @@ def format_speed_tables(report: dict[str, Any]) -> str:
             cells = []
             for forward in ("whole", "streamed"):
                 m = r["rss"].get(forward)
-                cells += ["—"] * 3 if not m else [f"{m['peak_rss_bytes'] / MiB:,.0f}",
+                cells += ["—"] * 3 if not m or "skipped" in m else [f"{m['peak_rss_bytes'] / MiB:,.0f}",
                                                   f"{m['added_bytes'] / MiB:,.0f}", _s(m["seconds"])]
             lines.append(f"| {_size_label(r)} | " + " | ".join(cells) + " |")
+        lines += [f"\n{_size_label(r)}, {forward} forward: {m['skipped']}." for r in records
+                  for forward, m in r["rss"].items() if "skipped" in m]
     lines += ["", format_bf16(report["bf16"])]
     return "\n".join(lines)
 
@@ -583,7 +598,7 @@ def plot_speed(records: Sequence[dict[str, Any]], path: str | Path) -> None:
     left.legend(fontsize=8)
     for forward, style in (("whole", "o-"), ("streamed", "s--")):
         points = sorted((r["height"] * r["width"] / 1e6, r["rss"][forward]["added_bytes"] / 2**30)
-                        for r in records if forward in r["rss"])
+                        for r in records if "added_bytes" in r["rss"].get(forward, {}))
         if points:
             right.plot(*zip(*points, strict=True), style, label=f"{forward} forward")
     right.set_xlabel("tissue image at 5x (megapixels)")
