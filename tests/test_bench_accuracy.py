@@ -392,12 +392,15 @@ def test_pretrained_init_gives_every_method_the_weights_of_a_pretraining_on_trai
 
 
 def test_runs_before_a_config_field_existed_are_reused_and_other_trunks_have_their_folders(tmp_path):
-    config = TrainConfig(cohort="c.csv", out=str(tmp_path), k=4)
-    old = {k: v for k, v in accuracy._settings_of(config).items() if k not in ("arch", "strict")}
+    config = TrainConfig(cohort="c.csv", out=str(tmp_path), k=4, mask_glass=False)
+    old = {k: v for k, v in accuracy._settings_of(config).items() if k not in ("arch", "strict", "mask_glass")}
     (tmp_path / accuracy.RUN_MARKER).write_text(json.dumps({"settings": old, "result": {"auroc": 0.5}}))
     assert accuracy.finished_run(tmp_path, config) == {"auroc": 0.5, "reused": True}  # resnet34, not strict
     with pytest.raises(ConfigError, match=r"finished with other settings \(arch\)"):
         accuracy.finished_run(tmp_path, replace(config, arch="resnet18"))
+    # a run from before glass masking existed attended to every position: not the masked run asked for now
+    with pytest.raises(ConfigError, match=r"finished with other settings \(mask_glass\)"):
+        accuracy.finished_run(tmp_path, replace(config, mask_glass=True))
     assert accuracy.features_folder(tmp_path, None) == tmp_path / "features"
     assert accuracy.features_folder(tmp_path, None, "resnet18") == tmp_path / "features-resnet18"
     assert accuracy.runs_folder(tmp_path, None, "resnet50") == tmp_path / "runs-resnet50"

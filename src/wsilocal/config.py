@@ -34,6 +34,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what torchvision-layout weights expect 
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# What a run configured before a field existed did, where that differs from the field's default today: a saved
+# config (or a benchmark's record of one) without the field is read with this value, not the new default.
+VALUE_BEFORE_FIELD: dict[str, object] = {"mask_glass": False}
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs. Defaults follow the paper and the authors' code."""

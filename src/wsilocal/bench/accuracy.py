@@ -48,7 +48,7 @@ import numpy as np
 from wsilocal.atomic import write_text_atomic
 from wsilocal.bench import log_progress
 from wsilocal.bench.stats import RESAMPLES, bootstrap_row, paired_difference, reading
-from wsilocal.config import TrainConfig
+from wsilocal.config import VALUE_BEFORE_FIELD, TrainConfig
 from wsilocal.demo import QUICK as DEMO_QUICK
 from wsilocal.demo import DemoSettings, demo_config
 from wsilocal.errors import ConfigError, WsilocalError
@@ -546,8 +546,10 @@ def finished_run(run_dir: Path, config) -> dict[str, Any] | None:
     if not marker.is_file():
         return None
     saved, wanted = json.loads(marker.read_text()), _settings_of(config)
-    # A field added to the config since the run finished, at its default, is what that run did.
-    defaults = json.loads(json.dumps({f.name: f.default for f in fields(config) if f.default is not MISSING}))
+    # A field added to the config since the run finished: what that run did is the field's default, unless the
+    # default changed behaviour (VALUE_BEFORE_FIELD: glass masking, off in every run before it existed).
+    defaults = json.loads(json.dumps({f.name: VALUE_BEFORE_FIELD.get(f.name, f.default) for f in fields(config)
+                                      if f.default is not MISSING}))
     saved["settings"] = {**{k: defaults[k] for k in wanted.keys() - saved["settings"].keys() if k in defaults},
                          **saved["settings"]}
     if saved["settings"] != wanted:
