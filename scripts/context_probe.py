@@ -1,0 +1,204 @@
+"""Where does the context task fail? Three diagnostics on a prepared context cohort, train and val splits only (the
+test split is never read). For docs/benchmarks.md, not a benchmark.
+
+``cells``:  are the tumour focus (A) and the follicle (B) separable, map cell by map cell, in the frozen trunk's
+            layer1/2/3 maps? A logistic regression on cells labelled from the generator's masks (train slides),
+            scored on the val slides' cells (recall per class).
+``oracle``: is the label reachable from those maps? The same cell probe at layer2 (privileged: it is trained on the
+            masks), then near/far from the distance between the most A-like and the most B-like cell, the threshold
+            fit on train, scored on val.
+``head``:   can slide labels alone teach it? A small trainable head (1×1 conv, three 3×3 convs dilated 1, 2, 4:
+            a 15-cell field at layer3, 360 px) on the frozen module-3 map of ours K=4, max-pooled, AdamW lr 1e-3,
+            rot90/flip augmentation (``--no-augment``: none); val balanced accuracy and AUROC per epoch.
+
+    .venv/bin/python scripts/context_probe.py cells|oracle|head COHORT_DIR WEIGHTS_OR_random [--epochs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from wsilocal.models.resnet import ResNetTrunk, load_trunk_weights
+from wsilocal.models.split import split_trunk
+from wsilocal.synth import MASK_FOLLICLE, MASK_LESION
+from wsilocal.train.metrics import binary_auroc
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+LAYER_END = {"layer1": 3, "layer2": 7, "layer3": 13}  # ResNet34: index of the last block of each layer, stem = 0
+TUMOUR, FOLLICLE, OTHER = 0, 1, 2
+CELL_SHARE = 0.3  # a cell is A (B) when this share of it is A (B) in the mask
+OTHER_SAMPLE = 0.05  # share of the other cells kept for the probe
+
+
+def image_tensor(cohort: Path, slide_id: str) -> torch.Tensor:
+    x = torch.from_numpy(np.load(cohort / "cache" / f"{slide_id}.npy")).permute(2, 0, 1)[None].float() / 255
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def cell_labels(cohort: Path, slide_id: str, map_hw: tuple[int, int]) -> torch.Tensor:
+    """TUMOUR / FOLLICLE / OTHER per cell of a map of ``map_hw`` from the generator's mask (same extent)."""
+    mask = np.array(Image.open(cohort / "masks" / f"{slide_id}.png"))
+    parts = torch.from_numpy(np.stack([mask == MASK_LESION, mask == MASK_FOLLICLE]).astype(np.float32))[None]
+    share = F.adaptive_avg_pool2d(parts, map_hw)[0]
+    labels = torch.full(map_hw, OTHER, dtype=torch.long)
+    labels[share[0] > CELL_SHARE] = TUMOUR
+    labels[share[1] > CELL_SHARE] = FOLLICLE
+    return labels
+
+
+def layer_maps(trunk: ResNetTrunk, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+    maps, last = {}, max(LAYER_END[name] for name in layers)
+    for index, block in enumerate(trunk.blocks()[: last + 1]):
+        x = block(x)
+        maps.update({name: x[0] for name in layers if LAYER_END[name] == index})
+    return maps
+
+
+def fit_cell_probe(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, std, weights) of a class-balanced 3-class logistic regression (L-BFGS, L2 1e-3) on cells (n, C)."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    z = (x - mu) / sd
+    w = torch.zeros(z.shape[1], 3, dtype=torch.float64, requires_grad=True)
+    balance = torch.tensor([1 / max(1, int((y == c).sum())) for c in range(3)], dtype=torch.float64)
+    opt = torch.optim.LBFGS([w], max_iter=300)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w, y, weight=balance) + 1e-3 * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return mu, sd, w.detach()
+
+
+def balanced_accuracy(guess: np.ndarray, truth: np.ndarray) -> float:
+    return 0.5 * (guess[truth].mean() + (~guess[~truth]).mean())
+
+
+def run_cells(cohort: Path, rows: list[dict], trunk: ResNetTrunk) -> None:
+    layers = list(LAYER_END)
+    cells = {name: ([], [], []) for name in layers}
+    rng = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for r in rows:
+            for name, m in layer_maps(trunk, image_tensor(cohort, r["slide_id"]), layers).items():
+                labels = cell_labels(cohort, r["slide_id"], tuple(m.shape[1:]))
+                keep = (labels != OTHER) | (torch.rand(labels.shape, generator=rng) < OTHER_SAMPLE)
+                cells[name][0].append(m[:, keep].t().double())
+                cells[name][1].append(labels[keep])
+                cells[name][2].extend([r["split"] == "train"] * int(keep.sum()))
+    for name, (xs, ys, is_train) in cells.items():
+        x, y, train = torch.cat(xs), torch.cat(ys), torch.tensor(is_train)
+        mu, sd, w = fit_cell_probe(x[train], y[train])
+        guess = (((x[~train] - mu) / sd) @ w).argmax(1)
+        recall = [float(((guess == c) & (y[~train] == c)).sum() / max(1, int((y[~train] == c).sum())))
+                  for c in range(3)]
+        print(f"{name}: train cells A/B/other {[int((y[train] == c).sum()) for c in range(3)]}; val recall "
+              f"A {recall[0]:.3f}, B {recall[1]:.3f}, other {recall[2]:.3f}")
+
+
+def run_oracle(cohort: Path, rows: list[dict], trunk: ResNetTrunk) -> None:
+    with torch.no_grad():
+        maps = [layer_maps(trunk, image_tensor(cohort, r["slide_id"]), ["layer2"])["layer2"].double() for r in rows]
+    labels = [cell_labels(cohort, r["slide_id"], tuple(m.shape[1:])) for r, m in zip(rows, maps, strict=True)]
+    train = np.array([r["split"] == "train" for r in rows])
+    near = np.array([r["label"] == "near" for r in rows])
+    mu, sd, w = fit_cell_probe(torch.cat([maps[i].flatten(1).t() for i in np.flatnonzero(train)]),
+                               torch.cat([labels[i].flatten() for i in np.flatnonzero(train)]))
+    distance = []
+    for m in maps:
+        p = torch.softmax(((m.flatten(1).t() - mu) / sd) @ w, 1)
+        a = np.unravel_index(int(p[:, TUMOUR].argmax()), m.shape[1:])
+        b = np.unravel_index(int(p[:, FOLLICLE].argmax()), m.shape[1:])
+        distance.append(float(np.hypot(a[0] - b[0], a[1] - b[1])))
+    distance = np.array(distance)
+    threshold = max(np.unique(distance[train]),
+                    key=lambda t: balanced_accuracy(distance[train] <= t, near[train]))
+    print(f"oracle (layer2 cells, distance A-B <= {threshold:.1f} cells is near): train balanced accuracy "
+          f"{balanced_accuracy(distance[train] <= threshold, near[train]):.3f}, val "
+          f"{balanced_accuracy(distance[~train] <= threshold, near[~train]):.3f}")
+
+
+class DilatedHead(nn.Module):
+    """1×1 conv to 64 channels, then 3×3 convs dilated 1, 2, 4 (a 15-cell field), max over positions, linear."""
+
+    def __init__(self, channels: int, hidden: int = 64):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(channels, hidden, 1), nn.ReLU()]
+        for dilation in (1, 2, 4):
+            layers += [nn.Conv2d(hidden, hidden, 3, padding=dilation, dilation=dilation), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.classifier = nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(x).amax((2, 3)))
+
+
+def run_head(cohort: Path, rows: list[dict], trunk: ResNetTrunk, epochs: int, augment: bool) -> None:
+    modules = split_trunk(trunk, 4)
+    with torch.no_grad():
+        maps = []
+        for r in rows:
+            x = image_tensor(cohort, r["slide_id"])
+            for module in modules[:3]:
+                x = module(x)
+            maps.append(x)
+    labels = [int(r["label"] == "near") for r in rows]
+    train = [i for i, r in enumerate(rows) if r["split"] == "train"]
+    val = [i for i, r in enumerate(rows) if r["split"] == "val"]
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    head = DilatedHead(maps[0].shape[1])
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-6)
+    for epoch in range(epochs):
+        head.train()
+        total = 0.0
+        for i in rng.permutation(train):
+            x = maps[i]
+            if augment:
+                x = torch.rot90(x, int(rng.integers(4)), (2, 3))
+                x = x.flip(3) if rng.random() < 0.5 else x
+            loss = F.cross_entropy(head(x), torch.tensor([labels[i]]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        head.eval()
+        with torch.no_grad():
+            scores = np.array([torch.softmax(head(maps[i]), 1)[0, 1].item() for i in val])
+        truth = np.array([labels[i] for i in val], bool)
+        print(f"epoch {epoch}: train loss {total / len(train):.3f}, val balanced accuracy "
+              f"{balanced_accuracy(scores > 0.5, truth):.3f}, AUROC {binary_auroc(scores, truth):.3f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("cells", "oracle", "head"))
+    parser.add_argument("cohort", type=Path, help="folder with cohort.csv, masks/, cache/ (bench accuracy)")
+    parser.add_argument("weights", help="a trunk state dict, or 'random'")
+    parser.add_argument("--epochs", type=int, default=40, help="head: epochs (default 40)")
+    parser.add_argument("--no-augment", action="store_true", help="head: no rot90/flip augmentation")
+    args = parser.parse_args()
+    rows = [r for r in csv.DictReader(open(args.cohort / "cohort.csv")) if r["split"] in ("train", "val")]
+    trunk = ResNetTrunk(3, fold_bn=True).eval()
+    if args.weights != "random":
+        load_trunk_weights(trunk, args.weights)
+    if args.what == "cells":
+        run_cells(args.cohort, rows, trunk)
+    elif args.what == "oracle":
+        run_oracle(args.cohort, rows, trunk)
+    else:
+        run_head(args.cohort, rows, trunk, args.epochs, not args.no_augment)
+
+
+if __name__ == "__main__":
+    main()
