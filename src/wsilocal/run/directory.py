@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from wsilocal.atomic import write_text_atomic
-from wsilocal.config import BASELINE_METHOD, BaselineConfig, TrainConfig, load_config
+from wsilocal.config import BASELINE_METHOD, VALUE_BEFORE_FIELD, BaselineConfig, TrainConfig, load_config
 from wsilocal.errors import WsilocalError
 
 CHECKPOINTS = ("best", "last")  # checkpoint_best.pt: the model of the best validation epoch; _last: to resume
@@ -68,7 +68,7 @@ def expected_signature(config: TrainConfig | BaselineConfig, meta: dict) -> dict
 def masks_glass(meta: dict) -> bool:
     """Whether the run of this ``model.json`` leaves the glass out of its classifiers' attention
     (``TrainConfig.mask_glass``); a run written before the record existed attends to every position."""
-    return bool(meta.get("mask_glass", False))
+    return bool(meta.get("mask_glass", VALUE_BEFORE_FIELD["mask_glass"]))
 
 
 class RunDirectory:

@@ -48,7 +48,7 @@ from wsilocal.models.local_net import LocalNet
 from wsilocal.models.resnet import LoadedWeights, calibrate_batchnorm, load_trunk_weights
 from wsilocal.models.split import BlockBoundaries, block_boundaries
 from wsilocal.prepare.cache import PrepareResult, channel_stats, format_summary, prepare_cohort, settings_for
-from wsilocal.run.directory import RunDirectory, model_signature
+from wsilocal.run.directory import RunDirectory, masks_glass, model_signature
 from wsilocal.runtime import memory_budget_bytes, resolve_device, tune_cpu_allocator
 from wsilocal.slide.cohort import Cohort, load_cohort
 from wsilocal.stream.forward import forward_bytes_estimate
@@ -300,7 +300,7 @@ class Trainer:
         aug = Augmentation(config.augment, config.edge_crop, config.color_jitter)
 
         # A resumed run keeps the glass masking it started with: runs begun before the mask existed have none.
-        self.mask_glass = saved_meta.get("mask_glass", False) if self.resume and saved_meta else config.mask_glass
+        self.mask_glass = masks_glass(saved_meta) if self.resume and saved_meta else config.mask_glass
 
         def samples(slides, augmentation):
             return CachedSlides([result.entries[s.slide_id] for s in slides],
