@@ -440,7 +440,8 @@ def run_speed_benchmark(
         log_progress(progress, f"    ours {record['ours_s']:.2f} s ({record['ours_mode']}), pipeline "
                                f"{record['pipeline_s']:.2f} s ({record['n_tiles']} tiles): {record['ratio']:.2f}×")
         for forward in ("whole", "streamed") if rss else ():
-            skip = whole_forward_skip(record["arch"], height, width, torch_device) if forward == "whole" else None
+            skip = (whole_forward_skip(record["arch"], record["height"], record["width"], torch_device)
+                    if forward == "whole" else None)  # the tissue image ours processed, not the requested size
             record["rss"][forward] = skip or _measure({**base, "child": "memory", "slide": str(slide),
                                                        "forward": forward})
             log_progress(progress, f"    {forward} forward: " + (skip["skipped"] if skip else
