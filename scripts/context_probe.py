@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from wsilocal.config import IMAGENET_MEAN, IMAGENET_STD
 from wsilocal.models.resnet import ResNetTrunk, load_trunk_weights
 from wsilocal.models.split import split_trunk
+from wsilocal.stream.sources import to_tensor
 from wsilocal.synth import MASK_FOLLICLE, MASK_LESION
 from wsilocal.train.metrics import binary_auroc
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 LAYER_END = {"layer1": 3, "layer2": 7, "layer3": 13}  # ResNet34: index of the last block of each layer, stem = 0
 TUMOUR, FOLLICLE, OTHER = 0, 1, 2
 CELL_SHARE = 0.3  # a cell is A (B) when this share of it is A (B) in the mask
@@ -39,8 +40,8 @@ OTHER_SAMPLE = 0.05  # share of the other cells kept for the probe
 
 
 def image_tensor(cohort: Path, slide_id: str) -> torch.Tensor:
-    x = torch.from_numpy(np.load(cohort / "cache" / f"{slide_id}.npy")).permute(2, 0, 1)[None].float() / 255
-    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    """The slide's cached 5x image, normalised as the pretrained trunk expects (1, 3, H, W)."""
+    return to_tensor(np.load(cohort / "cache" / f"{slide_id}.npy"), list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
 def cell_labels(cohort: Path, slide_id: str, map_hw: tuple[int, int]) -> torch.Tensor:

@@ -17,15 +17,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wsilocal.config import IMAGENET_MEAN, IMAGENET_STD
 from wsilocal.models.resnet import ResNetTrunk, load_trunk_weights
+from wsilocal.stream.sources import to_tensor
 from wsilocal.train.metrics import binary_auroc
-
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def pooled_maps(trunk: ResNetTrunk, image: np.ndarray) -> dict[str, torch.Tensor]:
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
-    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = to_tensor(image, list(IMAGENET_MEAN), list(IMAGENET_STD))
     for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"):
         x = getattr(trunk, name)(x)
     maps = {"layer3": x, "layer4": trunk.layer4(x)}
