@@ -12,6 +12,10 @@ test split is never read). For docs/benchmarks.md, not a benchmark.
             rot90/flip augmentation (``--no-augment``: none); val balanced accuracy and AUROC per epoch.
 
     .venv/bin/python scripts/context_probe.py cells|oracle|head COHORT_DIR WEIGHTS_OR_random [--epochs N]
+        [--extra-train DIR ...]
+
+``--extra-train DIR``: every slide of another prepared context cohort (another seed, so none of COHORT_DIR's) is
+added to the training slides: does the head learn from more slide labels? Validation stays COHORT_DIR's.
 """
 
 from __future__ import annotations
@@ -85,14 +89,14 @@ def balanced_accuracy(guess: np.ndarray, truth: np.ndarray) -> float:
     return 0.5 * (guess[truth].mean() + (~guess[~truth]).mean())
 
 
-def run_cells(cohort: Path, rows: list[dict], trunk: ResNetTrunk) -> None:
+def run_cells(rows: list[dict], trunk: ResNetTrunk) -> None:
     layers = list(LAYER_END)
     cells = {name: ([], [], []) for name in layers}
     rng = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for r in rows:
-            for name, m in layer_maps(trunk, image_tensor(cohort, r["slide_id"]), layers).items():
-                labels = cell_labels(cohort, r["slide_id"], tuple(m.shape[1:]))
+            for name, m in layer_maps(trunk, image_tensor(r["cohort"], r["slide_id"]), layers).items():
+                labels = cell_labels(r["cohort"], r["slide_id"], tuple(m.shape[1:]))
                 keep = (labels != OTHER) | (torch.rand(labels.shape, generator=rng) < OTHER_SAMPLE)
                 cells[name][0].append(m[:, keep].t().double())
                 cells[name][1].append(labels[keep])
@@ -107,10 +111,11 @@ def run_cells(cohort: Path, rows: list[dict], trunk: ResNetTrunk) -> None:
               f"A {recall[0]:.3f}, B {recall[1]:.3f}, other {recall[2]:.3f}")
 
 
-def run_oracle(cohort: Path, rows: list[dict], trunk: ResNetTrunk) -> None:
+def run_oracle(rows: list[dict], trunk: ResNetTrunk) -> None:
     with torch.no_grad():
-        maps = [layer_maps(trunk, image_tensor(cohort, r["slide_id"]), ["layer2"])["layer2"].double() for r in rows]
-    labels = [cell_labels(cohort, r["slide_id"], tuple(m.shape[1:])) for r, m in zip(rows, maps, strict=True)]
+        maps = [layer_maps(trunk, image_tensor(r["cohort"], r["slide_id"]), ["layer2"])["layer2"].double()
+                for r in rows]
+    labels = [cell_labels(r["cohort"], r["slide_id"], tuple(m.shape[1:])) for r, m in zip(rows, maps, strict=True)]
     train = np.array([r["split"] == "train" for r in rows])
     near = np.array([r["label"] == "near" for r in rows])
     mu, sd, w = fit_cell_probe(torch.cat([maps[i].flatten(1).t() for i in np.flatnonzero(train)]),
@@ -144,12 +149,12 @@ class DilatedHead(nn.Module):
         return self.classifier(self.body(x).amax((2, 3)))
 
 
-def run_head(cohort: Path, rows: list[dict], trunk: ResNetTrunk, epochs: int, augment: bool) -> None:
+def run_head(rows: list[dict], trunk: ResNetTrunk, epochs: int, augment: bool) -> None:
     modules = split_trunk(trunk, 4)
     with torch.no_grad():
         maps = []
         for r in rows:
-            x = image_tensor(cohort, r["slide_id"])
+            x = image_tensor(r["cohort"], r["slide_id"])
             for module in modules[:3]:
                 x = module(x)
             maps.append(x)
@@ -188,17 +193,22 @@ def main() -> None:
     parser.add_argument("weights", help="a trunk state dict, or 'random'")
     parser.add_argument("--epochs", type=int, default=40, help="head: epochs (default 40)")
     parser.add_argument("--no-augment", action="store_true", help="head: no rot90/flip augmentation")
+    parser.add_argument("--extra-train", type=Path, action="append", default=[],
+                        help="another prepared context cohort whose slides all join the training slides")
     args = parser.parse_args()
-    rows = [r for r in csv.DictReader(open(args.cohort / "cohort.csv")) if r["split"] in ("train", "val")]
+    rows = [{**r, "cohort": args.cohort} for r in csv.DictReader(open(args.cohort / "cohort.csv"))
+            if r["split"] in ("train", "val")]
+    for extra in args.extra_train:
+        rows += [{**r, "cohort": extra, "split": "train"} for r in csv.DictReader(open(extra / "cohort.csv"))]
     trunk = ResNetTrunk(3, fold_bn=True).eval()
     if args.weights != "random":
         load_trunk_weights(trunk, args.weights)
     if args.what == "cells":
-        run_cells(args.cohort, rows, trunk)
+        run_cells(rows, trunk)
     elif args.what == "oracle":
-        run_oracle(args.cohort, rows, trunk)
+        run_oracle(rows, trunk)
     else:
-        run_head(args.cohort, rows, trunk, args.epochs, not args.no_augment)
+        run_head(rows, trunk, args.epochs, not args.no_augment)
 
 
 if __name__ == "__main__":

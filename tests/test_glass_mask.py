@@ -13,8 +13,15 @@ from wsilocal.models.local_net import LocalNet
 from wsilocal.models.resnet import Stem
 from wsilocal.slide.tissue import ImageTissueMask, TissueRegion, image_tissue_mask
 from wsilocal.stream.bands import band_forward, block_input_lengths, stream_along_longer_side
-from wsilocal.stream.geometry import footprint, map_cells, module_tissue_positions, pull_back, tissue_positions
-from wsilocal.stream.sources import ArraySource
+from wsilocal.stream.geometry import (
+    block_geometry,
+    footprint,
+    map_cells,
+    module_tissue_positions,
+    pull_back,
+    tissue_positions,
+)
+from wsilocal.stream.sources import ArraySource, TensorSource
 from wsilocal.train.data import Augmentation, CachedSlides
 from wsilocal.train.local_step import forward_all_classifiers, local_training_step
 from wsilocal.train.streaming import (
@@ -389,3 +396,39 @@ def test_skipping_glass_in_the_band_engine_changes_no_logit(hw):
             full = _trunk_macs(blocks, lambda: band_forward(blocks, source, band=4))
             part = _trunk_macs(blocks, lambda: band_forward(blocks, source, band=4, needed=mask.numpy()))
         assert part < 0.9 * full, (part, full)
+
+
+class _RecordingSource:
+    """A :class:`TensorSource` that records every window read and the pixels it covered."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.inner = TensorSource(tensor)
+        self.height, self.width = self.inner.height, self.inner.width
+        self.read_mask = np.zeros((self.height, self.width), bool)
+
+    def read(self, top, left, height, width):
+        self.read_mask[top : top + height, left : left + width] = True
+        return self.inner.read(top, left, height, width)
+
+
+def test_band_engine_reads_only_the_columns_needed_positions_look_at():
+    """Glass skipped, the image is read only in column segments that hold the footprints of the needed outputs
+    (every pixel a needed output depends on is read, most glass is not), and the needed outputs stay exact."""
+    net = make_net(4).eval()
+    blocks = net.trunk.blocks()[:3]
+    image = whole(make_source(300, 260))
+    with torch.no_grad():
+        reference = torch.nn.Sequential(*blocks)(image)
+    needed = np.zeros(reference.shape[2:], bool)
+    needed[5:12, 3:9] = True
+    needed[30:33, 28:42] = True
+    source = _RecordingSource(image)
+    with torch.no_grad():
+        got = band_forward(blocks, source, band=4, needed=needed)
+    scale = float(reference.abs().max())
+    assert float((got - reference)[..., torch.from_numpy(needed)].abs().max()) <= 1e-13 * scale
+    depends_on = pull_back(needed, block_geometry(blocks), (image.shape[2], image.shape[3]))
+    assert source.read_mask[depends_on].all()
+    assert source.read_mask.mean() < 0.6, source.read_mask.mean()
+    # Rows whose band holds no needed output are not read at all.
+    assert not source.read_mask[-40:].any()

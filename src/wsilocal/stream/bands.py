@@ -18,6 +18,7 @@ goes through the trunk in horizontal bands instead, each block on its own:
 * the image is read band by band in a reader thread while the trunk computes the band before;
 * given the map positions that are ``needed`` (H's tissue cells), each block computes only the output positions
   those depend on (:func:`needed_positions`): column segments of a window, or nothing; the rest stays zero.
+  The image, too, is read only where those positions of the first block look (:func:`needed_columns`).
 
 Exactness follows from the window plan (kept rows of each block are exactly the whole-image rows) and is
 tested in float64 against the whole-image forward. Peak memory: the largest block window (input rows ×
@@ -139,6 +140,48 @@ def needed_positions(blocks: Sequence[nn.Module], height: int, width: int,
     return needed[::-1]
 
 
+#: Unread columns between two read segments of a band, below which the gap is read too: each read has a cost of
+#: its own (the slide's tiles at the segment edges are decoded twice).
+MIN_READ_GAP = 64
+
+
+def needed_columns(needed: np.ndarray, stem: tuple[int, int, int], top: int, rows: int,
+                   width: int) -> list[tuple[int, int]]:
+    """The image columns ``[c0, c1)`` that image rows ``[top, top + rows)`` must be read in: the footprints of the
+    first block's ``needed`` (bool (h, w)) outputs whose footprint rows meet those rows. ``stem`` is the first
+    block's :func:`~.geometry.footprint`; segments closer than :data:`MIN_READ_GAP` are merged."""
+    stride, first, last = stem
+    # Output rows o whose footprint [o·S + first, o·S + last] meets [top, top + rows).
+    low = max(0, -((last - top) // stride))
+    high = min(needed.shape[0], (top + rows - 1 - first) // stride + 1)
+    if low >= high:
+        return []
+    segments = []
+    for k0, k1 in _segments(needed[low:high].any(axis=0), 1):
+        segments.append((max(0, k0 * stride + first), min(width, (k1 - 1) * stride + last + 1)))
+    merged: list[tuple[int, int]] = []
+    for c0, c1 in segments:
+        if merged and c0 - merged[-1][1] < MIN_READ_GAP:
+            merged[-1] = (merged[-1][0], max(c1, merged[-1][1]))
+        else:
+            merged.append((c0, c1))
+    return merged
+
+
+def _read_needed_columns(source: ImageSource, top: int, rows: int, segments: list[tuple[int, int]],
+                         dtype: torch.dtype) -> torch.Tensor:
+    """Image rows ``[top, top + rows)``, read only in the column ``segments``; zeros elsewhere (no needed output
+    depends on those pixels, so their values do not matter)."""
+    if segments == [(0, source.width)]:
+        return source.read(top, 0, rows, source.width)
+    pieces = [(c0, source.read(top, c0, rows, c1 - c0)) for c0, c1 in segments]
+    band = (pieces[0][1].new_zeros((1, pieces[0][1].shape[1], rows, source.width)) if pieces
+            else torch.zeros((1, 3, rows, source.width), dtype=dtype))
+    for c0, piece in pieces:
+        band[:, :, :, c0 : c0 + piece.shape[3]] = piece
+    return band
+
+
 def block_input_lengths(blocks: Sequence[nn.Module], height: int) -> list[int]:
     """The input length of each block along an axis of ``height`` pixels (the last entry: the output's)."""
     heights = [height]
@@ -161,7 +204,8 @@ def band_forward(blocks: Sequence[nn.Module], source: ImageSource, *, band: int 
     thread while this one computes. ``band``: output rows per window of every block.
 
     ``needed`` (bool (h, w), e.g. the tissue positions H attends to): only those positions of the map are
-    computed (and, in every block, what they depend on: :func:`needed_positions`); the rest of the map is zero.
+    computed (and, in every block, what they depend on: :func:`needed_positions`), and the image is read only in
+    the columns the first block's needed outputs look at; the rest of the map is not exact (mostly zeros).
     """
     blocks = list(blocks)
     if not blocks:
@@ -177,9 +221,14 @@ def band_forward(blocks: Sequence[nn.Module], source: ImageSource, *, band: int 
     starts = list(range(0, source.height, step))
     out: torch.Tensor | None = None
     filled = 0
+    stem = footprint(block_geometry([blocks[0]]))
 
     def read(top: int) -> torch.Tensor:
-        return source.read(top, 0, min(step, source.height - top), source.width)
+        rows = min(step, source.height - top)
+        if per_block[0] is None:
+            return source.read(top, 0, rows, source.width)
+        return _read_needed_columns(source, top, rows, needed_columns(per_block[0], stem, top, rows, source.width),
+                                    placement["dtype"])
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="band-reader") as reader, \
             tqdm(total=source.height, desc="rows", unit="row", disable=not progress) as bar:
