@@ -44,12 +44,19 @@ def run_train(args: argparse.Namespace) -> int:
     result, code = _on_every_rank(args, config.device, lambda: train(config, resume=bool(args.resume)))
     if code is not None:
         return code
-    best = result.best_val
+    return _report_run(result)
+
+
+def _report_run(result) -> int:
+    """Print a finished run's best epoch and validation scores (n/a where undefined) and its warnings; exit code
+    1 when slides were skipped (like prepare: the run finished, but not on every slide)."""
+    best = {k: "n/a" if result.best_val.get(k) is None else f"{result.best_val[k]:.3f}"
+            for k in ("balanced_accuracy", "auroc")}
     print(f"run {result.run_dir}: best epoch {result.best_epoch}, validation balanced accuracy "
-          f"{best.get('balanced_accuracy', float('nan')):.3f}, AUROC {best.get('auroc') or float('nan'):.3f}")
+          f"{best['balanced_accuracy']}, AUROC {best['auroc']}")
     for warning in result.warnings:
         print(warning)
-    return 1 if result.skipped else 0  # like prepare: the run finished, but not on every slide
+    return 1 if result.skipped else 0
 
 
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,14 +105,7 @@ def run_baseline(args: argparse.Namespace) -> int:
 
     path = _config_to_resume(args.out or ".", " (give the run directory with --out)") if args.resume else args.config
     config = resolve_config(path, overrides_from_args(args, BaselineConfig), BaselineConfig)
-    result = train_baseline(config, resume=args.resume)
-    best = {k: "n/a" if result.best_val.get(k) is None else f"{result.best_val[k]:.3f}"
-            for k in ("balanced_accuracy", "auroc")}
-    print(f"run {result.run_dir}: best epoch {result.best_epoch}, validation balanced accuracy "
-          f"{best['balanced_accuracy']}, AUROC {best['auroc']}")
-    for warning in result.warnings:
-        print(warning)
-    return 1 if result.skipped else 0
+    return _report_run(train_baseline(config, resume=args.resume))
 
 
 def _config_to_resume(run_dir: str, hint: str = "") -> Path:

@@ -59,6 +59,7 @@ from wsilocal.train.loop import (
     TrainResult,
     Validation,
     load_resume_state,
+    plateau_scheduler,
     refuse_existing_run,
     setup_logging,
     validation_row,
@@ -225,9 +226,8 @@ class BaselineTrainer:
         self.stage_index = p
         self.model.set_stage(self.stages[p])
         optimizer = _make_optimizer(config, self.model)
-        scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience)
-            if config.plateau_patience else None)
+        scheduler = (plateau_scheduler(optimizer, config.plateau_factor, config.plateau_patience)
+                     if config.plateau_patience else None)
         return optimizer, scheduler
 
     def train_epoch(self, p: int, epoch: int, optimizer: torch.optim.Optimizer, mid_epoch: dict | None) -> dict:

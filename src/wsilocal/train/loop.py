@@ -205,6 +205,12 @@ def load_lr_scheduler_state(scheduler, saved: dict) -> None:
             group["lr"] = base * rate(scheduler.last_epoch)
 
 
+def plateau_scheduler(optimizer: torch.optim.Optimizer, factor: float,
+                      patience: int) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """The paper's schedule: the rate × ``factor`` after ``patience`` epochs without a lower validation loss."""
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=factor, patience=patience)
+
+
 def step_lr_scheduler(scheduler, val_loss: float) -> None:
     """End of an epoch: the plateau schedule reads the validation loss, the cosine one only counts epochs."""
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

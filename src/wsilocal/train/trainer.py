@@ -70,6 +70,7 @@ from wsilocal.train.loop import (
     TrainResult,
     Validation,
     load_resume_state,
+    plateau_scheduler,
     refuse_existing_run,
     setup_logging,
     stop_agreed,
@@ -240,8 +241,7 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
         # the new curve from where it is.
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda epoch: 0.5 * (1 + math.cos(math.pi * min(epoch, config.epochs) / config.epochs)))
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.plateau_factor,
-                                                      patience=config.plateau_patience)
+    return plateau_scheduler(optimizer, config.plateau_factor, config.plateau_patience)
 
 
 class Trainer:
