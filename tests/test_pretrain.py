@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from wsilocal.models.resnet import FrozenBatchNorm2d, ResNetTrunk, load_trunk_we
 from wsilocal.pretrain import augment
 from wsilocal.pretrain.objectives import nt_xent, vicreg
 from wsilocal.pretrain.tiles import TileSampler, build_tile_index, find_slide_files
-from wsilocal.pretrain.trainer import learning_rate, pretrain
+from wsilocal.pretrain.trainer import finished_pretraining, learning_rate, pretrain
 from wsilocal.synth import synthesize_cohort
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -221,6 +223,31 @@ def test_finished_run_is_reused_and_other_settings_are_refused_on_resume(cohort,
         pretrain(replace(config, lr=0.5), resume=True, progress=False)
     with pytest.raises(WsilocalError, match="finished pretraining with other settings"):
         pretrain(tiny_config(cohort, finished, lr=0.5), progress=False)
+
+
+def test_finished_run_moved_with_its_cohort_is_reused_and_an_edited_cohort_is_not(cohort, finished, tmp_path):
+    """The cohort is part of a run's settings by its CSV's content: a cohort folder and its pretraining hard-linked
+    elsewhere are the same run (no pretraining again); a run saved with the cohort's path (before 2026-12-07) still
+    matches its own path; a CSV whose rows differ is another cohort."""
+    moved = tmp_path / "moved"
+    shutil.copytree(cohort.parent, moved / "cohort", copy_function=os.link)
+    shutil.copytree(finished, moved / "pretrain", copy_function=os.link)
+    before = (moved / "pretrain" / "resnet34.safetensors").stat().st_mtime_ns
+    config = tiny_config(moved / "cohort" / cohort.name, moved / "pretrain")
+    assert finished_pretraining(moved / "pretrain", config) is not None
+    pretrain(config, progress=False)  # reused: nothing written
+    assert (moved / "pretrain" / "resnet34.safetensors").stat().st_mtime_ns == before
+    summary_file = moved / "pretrain" / "pretrain.json"
+    summary = json.loads(summary_file.read_text())
+    summary["signature"]["cohort"] = str(cohort)  # as runs before content signatures saved it
+    summary_file.unlink()  # a hard link: write a file of its own
+    summary_file.write_text(json.dumps(summary))
+    assert finished_pretraining(moved / "pretrain", tiny_config(cohort, moved / "pretrain")) is not None
+    assert finished_pretraining(moved / "pretrain", config) is None  # by path: another place
+    edited = moved / "cohort" / "edited.csv"
+    lines = cohort.read_text().splitlines()
+    edited.write_text("\n".join(lines[:-1]) + "\n")  # one slide fewer
+    assert finished_pretraining(finished, tiny_config(edited, finished)) is None
 
 
 def test_include_test_adds_the_test_split_and_slides_option_reads_a_folder(cohort, tmp_path):

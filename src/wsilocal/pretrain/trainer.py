@@ -102,13 +102,22 @@ def weights_file_name(arch: str) -> str:
     return f"{arch}.safetensors"
 
 
-def _signature(config: PretrainConfig) -> dict:
-    """What a checkpoint must agree on with the config that resumes it. ``arch`` is left out at its default, so
-    runs made before it existed (all resnet34) still match."""
+def _signature(config: PretrainConfig, *, cohort_by_path: bool = False) -> dict:
+    """What a checkpoint (or a finished run) must agree on with the config that resumes (or reuses) it. ``arch``
+    is left out at its default, so runs made before it existed (all resnet34) still match. The cohort CSV is named
+    by its content, not its path (``cohort_by_path``: by its path, as runs before 2026-12-07 were): a cohort folder
+    moved, copied or hard-linked elsewhere, its slides given relative to it, is the same data."""
     signature = {k: v for k, v in asdict(config).items() if k not in EXECUTION_FIELDS}
     if signature["arch"] == PretrainConfig.arch:
         del signature["arch"]
-    return signature
+    if config.cohort and not cohort_by_path and Path(config.cohort).is_file():
+        signature["cohort"] = "sha256:" + hashlib.sha256(Path(config.cohort).read_bytes()).hexdigest()
+    return json.loads(json.dumps(signature))  # as it reads back from JSON (tuples become lists)
+
+
+def _same_settings(saved: dict | None, config: PretrainConfig) -> bool:
+    """Whether a saved signature is ``config``'s, by the cohort's content or (older runs) by its path."""
+    return saved in (_signature(config), _signature(config, cohort_by_path=True))
 
 
 def _optimizer(net: torch.nn.Module, config: PretrainConfig) -> torch.optim.Optimizer:
@@ -128,7 +137,7 @@ def finished_pretraining(out: str | Path, config: PretrainConfig | None = None) 
     summary = json.loads(summary_file.read_text())
     if not (out / str(summary.get("weights", WEIGHTS_FILE))).is_file():
         return None
-    if config is not None and summary.get("signature") != json.loads(json.dumps(_signature(config))):
+    if config is not None and not _same_settings(summary.get("signature"), config):
         return None
     return summary
 
@@ -242,7 +251,7 @@ class _Run:
         if not path.is_file():
             raise CheckpointError(f"{path}: no checkpoint to resume from")
         state = load_checkpoint(path)
-        if state.get("signature") != json.loads(json.dumps(_signature(self.config))):
+        if not _same_settings(state.get("signature"), self.config):
             raise CheckpointError(f"{path}: checkpoint of a pretraining run with other settings")
         load_model_state(self.net, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
