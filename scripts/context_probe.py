@@ -7,11 +7,13 @@ test split is never read). For docs/benchmarks.md, not a benchmark.
 ``oracle``: is the label reachable from those maps? The same cell probe at layer2 (privileged: it is trained on the
             masks), then near/far from the distance between the most A-like and the most B-like cell, the threshold
             fit on train, scored on val.
+``pair``:   the same training with :class:`PairHead` (an A-score, a B-score, "A with B within 4 cells",
+            log-sum-exp over the slide) instead of the dilated head.
 ``head``:   can slide labels alone teach it? A small trainable head (1×1 conv, three 3×3 convs dilated 1, 2, 4:
             a 15-cell field at layer3, 360 px) on the frozen module-3 map of ours K=4, max-pooled, AdamW lr 1e-3,
             rot90/flip augmentation (``--no-augment``: none); val balanced accuracy and AUROC per epoch.
 
-    .venv/bin/python scripts/context_probe.py cells|oracle|head COHORT_DIR WEIGHTS_OR_random [--epochs N]
+    .venv/bin/python scripts/context_probe.py cells|oracle|head|pair COHORT_DIR WEIGHTS_OR_random [--epochs N]
         [--extra-train DIR ...]
 
 ``--extra-train DIR``: every slide of another prepared context cohort (another seed, so none of COHORT_DIR's) is
@@ -149,7 +151,25 @@ class DilatedHead(nn.Module):
         return self.classifier(self.body(x).amax((2, 3)))
 
 
-def run_head(rows: list[dict], trunk: ResNetTrunk, epochs: int, augment: bool) -> None:
+class PairHead(nn.Module):
+    """The conjunction spelt out: an A-score and a B-score per cell (1×1 convs), then "near" evidence where an A
+    cell has a B cell within ``reach`` cells (A-score + B-score max-pooled over a (2·reach+1)² window), pooled
+    over the slide by log-sum-exp. Three scalars and two 1×1 convs: the inductive bias neither H nor the dilated
+    head has. Not a method of the package: a diagnostic of whether slide labels can teach the pair at all."""
+
+    def __init__(self, channels: int, reach: int = 4):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(channels, 1, 1), nn.Conv2d(channels, 1, 1)
+        self.reach = reach
+        self.scale, self.bias = nn.Parameter(torch.tensor(1.0)), nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b_near = F.max_pool2d(self.b(x), 2 * self.reach + 1, stride=1, padding=self.reach)
+        near = torch.logsumexp((self.a(x) + b_near).flatten(1), dim=1)
+        return torch.stack([torch.zeros_like(near), self.scale * near + self.bias], dim=1)
+
+
+def run_head(rows: list[dict], trunk: ResNetTrunk, epochs: int, augment: bool, pair: bool = False) -> None:
     modules = split_trunk(trunk, 4)
     with torch.no_grad():
         maps = []
@@ -163,7 +183,7 @@ def run_head(rows: list[dict], trunk: ResNetTrunk, epochs: int, augment: bool) -
     val = [i for i, r in enumerate(rows) if r["split"] == "val"]
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    head = DilatedHead(maps[0].shape[1])
+    head = PairHead(maps[0].shape[1]) if pair else DilatedHead(maps[0].shape[1])
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-6)
     for epoch in range(epochs):
         head.train()
@@ -188,7 +208,7 @@ def run_head(rows: list[dict], trunk: ResNetTrunk, epochs: int, augment: bool) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("cells", "oracle", "head"))
+    parser.add_argument("what", choices=("cells", "oracle", "head", "pair"))
     parser.add_argument("cohort", type=Path, help="folder with cohort.csv, masks/, cache/ (bench accuracy)")
     parser.add_argument("weights", help="a trunk state dict, or 'random'")
     parser.add_argument("--epochs", type=int, default=40, help="head: epochs (default 40)")
@@ -208,7 +228,7 @@ def main() -> None:
     elif args.what == "oracle":
         run_oracle(rows, trunk)
     else:
-        run_head(rows, trunk, args.epochs, not args.no_augment)
+        run_head(rows, trunk, args.epochs, not args.no_augment, pair=args.what == "pair")
 
 
 if __name__ == "__main__":

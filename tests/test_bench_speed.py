@@ -18,6 +18,7 @@ from wsilocal.infer import prediction as prediction_module
 from wsilocal.infer.predict import Predictor
 from wsilocal.slide.cohort import CohortSlide
 from wsilocal.slide.reader import open_slide
+from wsilocal.stream.bands import DEFAULT_BAND
 
 SIZE = (256, 320)  # (height, width) at 5x: one 256-px tile fits the tissue box
 SMALL = (96, 128)  # for bfloat16, emulated (slow) on CPUs without it, and the memory children
@@ -112,12 +113,13 @@ def test_bf16_predictions_are_close_to_float32(predictor, small_slide):
 
 
 def test_whole_and_streamed_memory_measurements(predictor, small_slide):
-    budget = predictor.memory_budget
-    try:
-        whole, streamed = (speed.measure_memory(predictor, small_slide, forward) for forward in ("whole", "streamed"))
-    finally:
-        predictor.memory_budget = budget  # measure_memory sets it
+    """The streamed forward is measured at the band a prediction streams with (not the smallest), and the
+    predictor's own budget and band are left as they were."""
+    settings = predictor.memory_budget, predictor.band
+    whole, streamed = (speed.measure_memory(predictor, small_slide, forward) for forward in ("whole", "streamed"))
+    assert (predictor.memory_budget, predictor.band) == settings
     assert (whole["mode"], streamed["mode"]) == ("whole", "streamed")
+    assert (whole["band"], streamed["band"]) == (None, DEFAULT_BAND)
     for m in (whole, streamed):
         assert 0 < m["added_bytes"] < m["peak_rss_bytes"] and m["seconds"] > 0
 
@@ -144,11 +146,7 @@ def test_timed_rounds_of_ours_do_not_reset_the_memory_meter(predictor, slide, tm
     assert len(timing["runs"]["ours"]) == len(timing["runs"]["pipeline"]) == 1
     assert calls == {"trim": 0, "reset": 0}  # warm-up and timed round alike
     assert timing["runs"]["ours"][0]["peak_memory_bytes"] is None  # not measured there
-    budget = predictor.memory_budget
-    try:
-        memory = speed.measure_memory(predictor, slide, "whole")
-    finally:
-        predictor.memory_budget = budget  # measure_memory sets it
+    memory = speed.measure_memory(predictor, slide, "whole")
     assert calls == {"trim": 1, "reset": 1} and memory["added_bytes"] > 0
 
 

@@ -73,6 +73,7 @@ from wsilocal.runtime import default_memory_budget, process_memory_bytes, resolv
 from wsilocal.slide.reader import open_slide
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 from wsilocal.slide.tissue import detect_tissue
+from wsilocal.stream.bands import DEFAULT_BAND
 from wsilocal.stream.forward import forward_bytes_estimate
 from wsilocal.stream.sources import to_tensor
 
@@ -86,7 +87,7 @@ BF16_TOLERANCE = 0.01  # bfloat16 is offered when its probabilities stay this cl
 BF16_PROBE = (512, 512)  # (height, width) at 5x of the probe slide where bfloat16 is emulated
 DEFAULT_SIZES = ((2048, 2048), (4096, 4096), (8192, 8192))
 QUICK_SIZES = ((512, 512), (1024, 1024), (1536, 1536))
-WHOLE, STREAMED = 2**62, 1  # memory budgets that force the whole-image forward and band streaming
+WHOLE = 2**62  # a memory budget that forces the whole-image forward
 MiB = 2**20
 
 # Paper, Table 3 (GPU, TCGA slides): seconds of GABMIL (tiling + features + prediction) and of ours.
@@ -303,11 +304,23 @@ def measure_memory(predictor: Predictor, slide_path: str | Path, forward: str) -
     freed heap handed back and the kernel's high-water mark reset first); ``peak_rss_bytes`` is the process's
     high-water mark afterwards, i.e. that start plus the prediction's peak (everything since start-up where the
     mark cannot be reset).
+
+    The streamed forward runs with the band a prediction takes when its image exceeds the memory budget
+    (:data:`~wsilocal.stream.bands.DEFAULT_BAND` output rows per block window, what the default budget allows up to
+    far beyond 16384² px), not the smallest band: its time is then what a user's streamed prediction costs. The
+    predictor's budget and band are restored afterwards.
     """
-    predictor.memory_budget = WHOLE if forward == "whole" else STREAMED
-    result = run_ours(predictor, slide_path, measure_memory=True)
+    saved = predictor.memory_budget, predictor.band
+    if forward == "whole":
+        predictor.memory_budget, predictor.band = WHOLE, None
+    else:
+        predictor.band = DEFAULT_BAND  # a band given: streamed even where the whole image would fit
+    try:
+        result = run_ours(predictor, slide_path, measure_memory=True)
+    finally:
+        predictor.memory_budget, predictor.band = saved
     return {"mode": result["mode"], "seconds": result["seconds"], "peak_rss_bytes": process_memory_bytes("VmHWM"),
-            "added_bytes": result["peak_memory_bytes"]}
+            "added_bytes": result["peak_memory_bytes"], "band": None if forward == "whole" else DEFAULT_BAND}
 
 
 def whole_forward_skip(arch: str, height: int, width: int, device: torch.device) -> dict[str, Any] | None:
@@ -525,7 +538,8 @@ def format_speed_tables(report: dict[str, Any]) -> str:
             lines.append(f"| {_size_label(r)} | {method} | " + " | ".join(cells) + f" | {_s(r[f'{method}_s'])} |")
     if any(r["rss"] for r in records):
         lines += ["", "Peak RSS of a fresh process predicting the slide once (MiB; \"added\": the prediction's peak "
-                      "above the RSS at its start, models and libraries excluded):", "",
+                      "above the RSS at its start, models and libraries excluded; streamed: in bands of "
+                      f"{DEFAULT_BAND} output rows per block window, as a prediction too large for its budget):", "",
                   "| size at 5x | whole: peak | whole: added | whole s | streamed: peak | streamed: added "
                   "| streamed s |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
