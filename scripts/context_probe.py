@@ -1,4 +1,4 @@
-"""Where does the context task fail? Three diagnostics on a prepared context cohort, train and val splits only (the
+"""Where does the context task fail? Four diagnostics on a prepared context cohort, train and val splits only (the
 test split is never read). For docs/benchmarks.md, not a benchmark.
 
 ``cells``:  are the tumour focus (A) and the follicle (B) separable, map cell by map cell, in the frozen trunk's
@@ -7,11 +7,11 @@ test split is never read). For docs/benchmarks.md, not a benchmark.
 ``oracle``: is the label reachable from those maps? The same cell probe at layer2 (privileged: it is trained on the
             masks), then near/far from the distance between the most A-like and the most B-like cell, the threshold
             fit on train, scored on val.
-``pair``:   the same training with :class:`PairHead` (an A-score, a B-score, "A with B within 4 cells",
-            log-sum-exp over the slide) instead of the dilated head.
 ``head``:   can slide labels alone teach it? A small trainable head (1×1 conv, three 3×3 convs dilated 1, 2, 4:
             a 15-cell field at layer3, 360 px) on the frozen module-3 map of ours K=4, max-pooled, AdamW lr 1e-3,
             rot90/flip augmentation (``--no-augment``: none); val balanced accuracy and AUROC per epoch.
+``pair``:   the same training with :class:`PairHead` (an A-score, a B-score, "A with B within 4 cells",
+            log-sum-exp over the slide) instead of the dilated head.
 
     .venv/bin/python scripts/context_probe.py cells|oracle|head|pair COHORT_DIR WEIGHTS_OR_random [--epochs N]
         [--extra-train DIR ...]
