@@ -156,16 +156,10 @@ def needed_columns(needed: np.ndarray, stem: tuple[int, int, int], top: int, row
     high = min(needed.shape[0], (top + rows - 1 - first) // stride + 1)
     if low >= high:
         return []
-    segments = []
+    columns = np.zeros(width, bool)
     for k0, k1 in _segments(needed[low:high].any(axis=0), 1):
-        segments.append((max(0, k0 * stride + first), min(width, (k1 - 1) * stride + last + 1)))
-    merged: list[tuple[int, int]] = []
-    for c0, c1 in segments:
-        if merged and c0 - merged[-1][1] < MIN_READ_GAP:
-            merged[-1] = (merged[-1][0], max(c1, merged[-1][1]))
-        else:
-            merged.append((c0, c1))
-    return merged
+        columns[max(0, k0 * stride + first) : (k1 - 1) * stride + last + 1] = True
+    return _segments(columns, MIN_READ_GAP)
 
 
 def _read_needed_columns(source: ImageSource, top: int, rows: int, segments: list[tuple[int, int]],
