@@ -315,12 +315,13 @@ def measure_memory(predictor: Predictor, slide_path: str | Path, forward: str) -
         predictor.memory_budget, predictor.band = WHOLE, None
     else:
         predictor.band = DEFAULT_BAND  # a band given: streamed even where the whole image would fit
+    band = predictor.band
     try:
         result = run_ours(predictor, slide_path, measure_memory=True)
     finally:
         predictor.memory_budget, predictor.band = saved
     return {"mode": result["mode"], "seconds": result["seconds"], "peak_rss_bytes": process_memory_bytes("VmHWM"),
-            "added_bytes": result["peak_memory_bytes"], "band": None if forward == "whole" else DEFAULT_BAND}
+            "added_bytes": result["peak_memory_bytes"], "band": band}
 
 
 def whole_forward_skip(arch: str, height: int, width: int, device: torch.device) -> dict[str, Any] | None:

@@ -145,20 +145,20 @@ def needed_positions(blocks: Sequence[nn.Module], height: int, width: int,
 MIN_READ_GAP = 64
 
 
-def needed_columns(needed: np.ndarray, stem: tuple[int, int, int], top: int, rows: int,
+def needed_columns(needed: np.ndarray, geometry: Sequence[tuple[int, int, int]], top: int, rows: int,
                    width: int) -> list[tuple[int, int]]:
     """The image columns ``[c0, c1)`` that image rows ``[top, top + rows)`` must be read in: the footprints of the
-    first block's ``needed`` (bool (h, w)) outputs whose footprint rows meet those rows. ``stem`` is the first
-    block's :func:`~.geometry.footprint`; segments closer than :data:`MIN_READ_GAP` are merged."""
-    stride, first, last = stem
+    first block's ``needed`` (bool (h, w)) outputs whose footprint rows meet those rows. ``geometry`` is the first
+    block's (:func:`~.geometry.block_geometry`); segments closer than :data:`MIN_READ_GAP` are merged."""
+    stride, first, last = footprint(geometry)
     # Output rows o whose footprint [o·S + first, o·S + last] meets [top, top + rows).
     low = max(0, -((last - top) // stride))
     high = min(needed.shape[0], (top + rows - 1 - first) // stride + 1)
     if low >= high:
         return []
-    columns = np.zeros(width, bool)
-    for k0, k1 in _segments(needed[low:high].any(axis=0), 1):
-        columns[max(0, k0 * stride + first) : (k1 - 1) * stride + last + 1] = True
+    # Those rows' needed outputs as one row, pulled back to the image's columns (input row 0 lies in every
+    # output row-0 footprint, so the row axis passes through).
+    columns = pull_back(needed[low:high].any(axis=0)[None], geometry, (1, width))[0]
     return _segments(columns, MIN_READ_GAP)
 
 
@@ -215,7 +215,7 @@ def band_forward(blocks: Sequence[nn.Module], source: ImageSource, *, band: int 
     starts = list(range(0, source.height, step))
     out: torch.Tensor | None = None
     filled = 0
-    stem = footprint(block_geometry([blocks[0]]))
+    stem = block_geometry([blocks[0]])
 
     def read(top: int) -> torch.Tensor:
         rows = min(step, source.height - top)
