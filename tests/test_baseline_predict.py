@@ -355,3 +355,47 @@ def test_training_on_features_of_mixed_settings_warns_and_records_none(run, tmp_
                "learns from them all, but `wsilocal predict` cannot reproduce mixed features for this run")
     assert result.warnings == [warning]
     assert "features" not in json.loads((tmp_path / "r" / "model.json").read_text())
+
+
+def read_predictions(path: Path) -> dict[str, list[str]]:
+    with open(path, newline="") as handle:
+        return {row[0]: row[1:] for row in list(csv.reader(handle))[1:]}
+
+
+def test_evaluate_on_another_cohort_writes_into_out_and_refuses_features_made_otherwise(run, tmp_path, capsys):
+    # An external cohort: the run's test slides, copied and listed in another CSV; their features made anew.
+    external = tmp_path / "external"
+    external.mkdir()
+    rows = [(s, c) for s, c, p in SPLITS if p == "test"]
+    for slide_id, _ in rows:
+        shutil.copy(run.slides[slide_id], external / f"{slide_id}.svs")
+    csv_path = external / "cohort.csv"
+    csv_path.write_text("slide_id,path,label,split\n" + "".join(f"{s},{s}.svs,{c},test\n" for s, c in rows))
+    features = external / "features"
+    assert main(["features", "--cohort", str(csv_path), "--out", str(features), "--tile", "32"]) == 0
+    own = read_predictions(run.dir / "predictions_test.csv")
+    own_mtime = (run.dir / "predictions_test.csv").stat().st_mtime_ns
+    code, out, _ = call(["evaluate", str(run.dir), "--cohort", str(csv_path), "--features", str(features),
+                         "--out", str(tmp_path / "eval")], capsys)
+    assert code == 0 and f"wrote {tmp_path / 'eval' / 'metrics_test.json'}" in out
+    # The same slides and features: the same probabilities as the run's own evaluation; the run's files untouched.
+    assert read_predictions(tmp_path / "eval" / "predictions_test.csv") == own
+    assert (run.dir / "predictions_test.csv").stat().st_mtime_ns == own_mtime
+    metrics = json.loads((tmp_path / "eval" / "metrics_test.json").read_text())
+    assert metrics["cohort"] == str(csv_path) and metrics["n"] == 2
+    assert (tmp_path / "eval" / "roc_test.png").is_file() and (tmp_path / "eval" / "attention_test").is_dir()
+
+    other = external / "features32"  # tiles of another size: not what the model learnt from
+    assert main(["features", "--cohort", str(csv_path), "--out", str(other), "--tile", "64"]) == 0
+    code, _, err = call(["evaluate", str(run.dir), "--cohort", str(csv_path), "--features", str(other),
+                         "--out", str(tmp_path / "eval2")], capsys)
+    assert code == 2 and err == (f"error: {other}: made with other tile than {run.dir}'s features "
+                                 "(tile 64, the run's 32)\n")
+    code, _, err = call(["evaluate", str(run.dir), "--cohort", str(csv_path), "--out", str(tmp_path / "e3")],
+                        capsys)
+    assert code == 2 and err.startswith(f"error: {csv_path}: a baseline run evaluated on another cohort needs "
+                                        "that cohort's tile features (--features DIR")
+    code, _, err = call(["evaluate", str(run.dir), "--cohort", str(csv_path)], capsys)
+    assert code == 2 and err.startswith(f"error: {csv_path}: evaluating another cohort needs an output folder")
+    code, _, err = call(["evaluate", str(run.dir), "--out", str(tmp_path / "e4")], capsys)
+    assert code == 2 and err == "error: --out goes with --cohort (another cohort to evaluate on)\n"

@@ -99,6 +99,30 @@ def test_checkpoint_from_another_model_is_refused(tiny_cohort, tmp_path, capsys)
     assert "checkpoint is from another model (k: checkpoint 4 vs model 8)" in err and err.count("\n") == 1
 
 
+def test_evaluate_on_another_cohort_gives_the_runs_own_probabilities_for_the_same_slides(tiny_cohort, tmp_path,
+                                                                                          capsys):
+    run = tmp_path / "run"
+    train(config_for(tiny_cohort, run, k=2, epochs=1, augment=False), progress=False)
+    evaluate_run(run, "val", checkpoint="last", progress=False)
+    own = (run / "predictions_val.csv").read_text()
+    # The validation slides, listed by absolute path in an external cohort of test slides only.
+    val = load_cohort(tiny_cohort).split("val")
+    external = tmp_path / "external.csv"
+    external.write_text("slide_id,path,label,split\n" + "".join(f"{s.slide_id},{s.path},{s.label},test\n"
+                                                               for s in val))
+    assert main(["evaluate", str(run), "--cohort", str(external), "--checkpoint", "last",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert "split test: 2 slides" in capsys.readouterr().out
+    assert (tmp_path / "eval" / "predictions_test.csv").read_text() == own
+    assert sorted(p.name for p in (tmp_path / "eval" / "cache").iterdir())  # read into OUT/cache, at the run's MPP
+    assert json.loads((tmp_path / "eval" / "metrics_test.json").read_text())["cohort"] == str(external)
+    assert not (run / "predictions_test.csv").exists()  # the run's own files stay its cohort's
+    assert main(["evaluate", str(run), "--cohort", str(external), "--out", str(tmp_path / "e2"),
+                 "--features", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: {run}: --features is for baseline runs; this run reads the slides "
+                                       "themselves\n")
+
+
 def test_train_cli_bad_values_are_one_line_errors(tiny_cohort, tmp_path, capsys):
     assert main(["train", "--cohort", str(tiny_cohort), "--out", str(tmp_path / "x"), "--k", "3"]) == 2
     assert capsys.readouterr().err.strip() == "error: config: k must be 1, 2, 4 or 8 (or give boundaries), got 3"

@@ -21,6 +21,12 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heatmap", action="store_true",
                    help="baseline runs: also draw each slide's tile-attention heatmap into RUN/heatmaps_<split>/")
     p.add_argument("--strict", action="store_true", help=STRICT_HELP)
+    p.add_argument("--cohort", help="evaluate on this split of another cohort CSV (an external test set) instead "
+                                    "of the run's own; needs --out")
+    p.add_argument("--out", help="with --cohort: folder for its metrics, predictions and ROC curves")
+    p.add_argument("--cache", help="with --cohort: where its slides are cached at the run's MPP (default OUT/cache)")
+    p.add_argument("--features", help="with --cohort, baseline runs: that cohort's tile features, made by "
+                                      "`wsilocal features` with the weights of the run's features")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -30,10 +36,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.heatmap and not RunDirectory(args.run).is_baseline:
         raise WsilocalError(f"{args.run}: --heatmap draws a baseline run's tile attention; for a run of the method "
                             f"use `wsilocal predict --run {args.run} --cohort CSV --split {args.split} --heatmap`")
-    metrics = evaluate_run(args.run, args.split, checkpoint=args.checkpoint, strict=args.strict)
+    for name in ("out", "cache", "features"):
+        if getattr(args, name) and not args.cohort:
+            raise WsilocalError(f"--{name} goes with --cohort (another cohort to evaluate on)")
+    if args.heatmap and args.cohort:
+        raise WsilocalError("--heatmap draws the run's own evaluated split; for another cohort use "
+                            f"`wsilocal predict --run {args.run} --cohort CSV --heatmap`")
+    metrics = evaluate_run(args.run, args.split, checkpoint=args.checkpoint, strict=args.strict,
+                           cohort=args.cohort, out=args.out, cache=args.cache, features=args.features)
     print(format_metrics(metrics))
-    print(f"wrote {Path(args.run) / f'metrics_{args.split}.json'}, predictions_{args.split}.csv, "
-          f"roc_{args.split}.png")
+    folder = Path(args.out or args.run)
+    print(f"wrote {folder / f'metrics_{args.split}.json'}, predictions_{args.split}.csv, roc_{args.split}.png")
     failed = {}
     if args.heatmap:
         from wsilocal.infer.baseline_predict import evaluation_heatmaps, format_heatmaps

@@ -229,7 +229,8 @@ def evaluation_heatmaps(run_dir: str | Path, split: str = "test") -> EvaluationH
     config = run.config()
     classes = list(meta["classes"])
     result = EvaluationHeatmaps(run.heatmaps_folder(split))
-    predictions_csv, attention_dir = run.predictions_file(split), run.attention_folder(split)
+    files = run.evaluation_files(split)
+    predictions_csv, attention_dir = files.predictions, files.attention
     if not predictions_csv.is_file():
         raise WsilocalError(f"{predictions_csv}: not found; run `wsilocal evaluate {run.path} --split {split}` first")
     if not attention_dir.is_dir():

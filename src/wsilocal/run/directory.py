@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -69,6 +70,33 @@ def masks_glass(meta: dict) -> bool:
     """Whether the run of this ``model.json`` leaves the glass out of its classifiers' attention
     (``TrainConfig.mask_glass``); a run written before the record existed attends to every position."""
     return bool(meta.get("mask_glass", VALUE_BEFORE_FIELD["mask_glass"]))
+
+
+@dataclass(frozen=True)
+class EvaluationFiles:
+    """The files of one evaluated split: in the run itself, or — a split of another cohort, an external test set —
+    in a folder of the user's (``wsilocal evaluate RUN --cohort CSV --out DIR``)."""
+
+    folder: Path
+    split: str
+
+    @property
+    def metrics(self) -> Path:
+        return self.folder / f"metrics_{self.split}.json"
+
+    @property
+    def predictions(self) -> Path:
+        """One row per slide: ``slide_id, label, predicted, p_<class>...``."""
+        return self.folder / f"predictions_{self.split}.csv"
+
+    @property
+    def roc(self) -> Path:
+        return self.folder / f"roc_{self.split}.png"
+
+    @property
+    def attention(self) -> Path:
+        """A baseline's per-slide tile attention, one ``<slide_id>.csv`` each."""
+        return self.folder / f"attention_{self.split}"
 
 
 class RunDirectory:
@@ -118,18 +146,9 @@ class RunDirectory:
             return self.checkpoint_file("last")
         return path
 
-    def evaluation_metrics_file(self, split: str) -> Path:
-        return self.path / f"metrics_{split}.json"
-
-    def predictions_file(self, split: str) -> Path:
-        return self.path / f"predictions_{split}.csv"
-
-    def roc_file(self, split: str) -> Path:
-        return self.path / f"roc_{split}.png"
-
-    def attention_folder(self, split: str) -> Path:
-        """A baseline's per-slide tile attention of an evaluated split, one ``<slide_id>.csv`` each."""
-        return self.path / f"attention_{split}"
+    def evaluation_files(self, split: str) -> EvaluationFiles:
+        """What ``wsilocal evaluate`` writes for a split of the run's own cohort: into the run."""
+        return EvaluationFiles(self.path, split)
 
     def heatmaps_folder(self, split: str) -> Path:
         return self.path / f"heatmaps_{split}"

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,14 +42,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from wsilocal.atomic import write_text_atomic
 from wsilocal.config import BASELINE_METHOD, BaselineConfig, save_config
 from wsilocal.errors import WsilocalError
 from wsilocal.features.extract import extraction_settings
 from wsilocal.features.h5 import read_attrs
 from wsilocal.models.mil import build_mil_model
 from wsilocal.models.mil.base import OPTIMIZERS, MILModel
-from wsilocal.run.directory import RunDirectory, baseline_signature, expected_signature
+from wsilocal.run.directory import EvaluationFiles, RunDirectory, baseline_signature, expected_signature
 from wsilocal.runtime import resolve_device
 from wsilocal.slide.cohort import SPLITS, load_cohort
 from wsilocal.train.bags import FeatureBags, load_bags
@@ -64,7 +64,7 @@ from wsilocal.train.loop import (
     setup_logging,
     validation_row,
 )
-from wsilocal.train.metrics import classification_metrics, plot_roc_curves
+from wsilocal.train.metrics import classification_metrics, write_evaluation
 
 log = logging.getLogger("wsilocal")
 
@@ -345,44 +345,65 @@ def load_baseline_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[Ba
 
 
 def evaluate_baseline_run(run_dir: str | Path, split: str = "test", *, checkpoint: str = "best",
-                          progress: bool = True) -> dict:
+                          progress: bool = True, cohort: str | Path | None = None,
+                          features: str | Path | None = None, files: EvaluationFiles | None = None) -> dict:
     """Evaluate a baseline run on one split; the same files as the main method's ``evaluate_run`` plus attention.
 
     Writes ``metrics_<split>.json``, ``predictions_<split>.csv``, ``roc_<split>.png`` and, for models with
     tile attention, ``attention_<split>/<slide_id>.csv`` (level-0 x, y of each tile and its attention) for
-    heatmaps; returns the metrics.
+    heatmaps, into ``files`` (default: the run's own); returns the metrics. Another ``cohort`` (an external test
+    set) is read from its own ``features`` folder, which must have been made as the run's features were.
     """
     if split not in SPLITS:
         raise WsilocalError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     run = RunDirectory(run_dir)
     config, model, state = load_baseline_run(run.path, checkpoint)
     classes = list(state["classes"])
-    cohort = load_cohort(config.cohort, classes=classes, check_files=False, allow_outside=config.allow_outside_paths)
-    if not cohort.split(split):
-        raise WsilocalError(f"{config.cohort}: split {split!r} has no slides")
-    bags = load_bags(cohort, split, config.features, in_dim=state["in_dim"])
+    if cohort is not None and features is None:
+        raise WsilocalError(f"{cohort}: a baseline run evaluated on another cohort needs that cohort's tile features "
+                            f"(--features DIR, made by `wsilocal features` with the weights of {run.path}'s features)")
+    cohort_csv, features_dir = (config.cohort, config.features) if cohort is None else (cohort, features)
+    loaded = load_cohort(cohort_csv, classes=classes, check_files=False, allow_outside=config.allow_outside_paths)
+    if not loaded.split(split):
+        raise WsilocalError(f"{cohort_csv}: split {split!r} has no slides")
+    bags = load_bags(loaded, split, features_dir, in_dim=state["in_dim"])
     if not len(bags):
-        raise WsilocalError(f"{config.features}: no slide of split {split!r} has usable features "
+        raise WsilocalError(f"{features_dir}: no slide of split {split!r} has usable features "
                             f"({_first_reason(bags.skipped)})")
+    if cohort is not None:
+        _check_same_extraction(run, bags.paths, features_dir)
     device = resolve_device(config.device)
     evaluation = predict_bags(model.to(device), bags, device, progress=progress, desc=f"evaluate {split}",
                               keep_attention=True)
     metrics = classification_metrics(evaluation["probabilities"], evaluation["labels"], classes)
-    metrics.update(loss=evaluation["loss"], split=split, checkpoint=checkpoint, skipped=bags.skipped)
-    write_text_atomic(run.evaluation_metrics_file(split), json.dumps(metrics, indent=1))
-    with open(run.predictions_file(split), "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["slide_id", "label", "predicted", *[f"p_{c}" for c in classes]])
-        for slide_id, label, probs in zip(bags.slide_ids, bags.labels, evaluation["probabilities"], strict=True):
-            writer.writerow([slide_id, classes[label], classes[int(probs.argmax())], *[repr(float(p)) for p in probs]])
-    plot_roc_curves(evaluation["probabilities"], evaluation["labels"], classes, run.roc_file(split),
-                    title=f"ROC on the {split} split ({len(bags)} slides)")
+    metrics.update(loss=evaluation["loss"], split=split, checkpoint=checkpoint, cohort=str(cohort_csv),
+                   skipped=bags.skipped)
+    files = files or run.evaluation_files(split)
+    write_evaluation(files, metrics, list(bags.slide_ids), list(bags.labels), evaluation["probabilities"], classes)
     if evaluation["attention"]:
-        folder = run.attention_folder(split)
-        folder.mkdir(exist_ok=True)
+        files.attention.mkdir(exist_ok=True)
         for slide_id, coords, attention in evaluation["attention"]:
-            write_attention_csv(folder / f"{slide_id}.csv", coords, attention)
+            write_attention_csv(files.attention / f"{slide_id}.csv", coords, attention)
     return metrics
+
+
+def _check_same_extraction(run: RunDirectory, paths: Sequence[Path], features_dir: str | Path) -> None:
+    """Refuse features of another cohort made otherwise than the run's (other weights, tile size, MPP...): the
+    model would be scored on inputs it never learnt from."""
+    from wsilocal.infer.baseline_predict import run_feature_settings
+
+    wanted = run_feature_settings(run.path)
+    found, problem = _feature_settings(list(paths))
+    if problem:
+        raise WsilocalError(f"{features_dir}: {problem}")
+    if found is None:
+        raise WsilocalError(f"{features_dir}: the feature files do not record how they were made; make them with "
+                            "`wsilocal features`")
+    differing = [key for key in wanted if key != "assume_mpp" and found.get(key) != wanted[key]]
+    if differing:
+        key = differing[0]
+        raise WsilocalError(f"{features_dir}: made with other {', '.join(differing)} than {run.path}'s features "
+                            f"({key} {found.get(key)!r}, the run's {wanted[key]!r})")
 
 
 def write_attention_csv(path: str | Path, coords: np.ndarray, attention: np.ndarray) -> None:

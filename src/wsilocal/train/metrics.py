@@ -7,11 +7,16 @@ statistic with tie handling (equal to the area under the empirical ROC curve).
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from pathlib import Path
 
 import numpy as np
 
+from wsilocal.atomic import write_text_atomic
 from wsilocal.plotting import pyplot
+from wsilocal.run.directory import EvaluationFiles
 
 
 def selection_score(metrics: dict, loss: float, best_by: str) -> tuple[float, float]:
@@ -149,3 +154,19 @@ def plot_roc_curves(probabilities: np.ndarray, labels: np.ndarray, classes: list
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_evaluation(files: EvaluationFiles, metrics: dict, slide_ids: list[str], labels: list[int],
+                     probabilities: np.ndarray, classes: list[str]) -> None:
+    """Write an evaluated split's ``metrics_<split>.json``, ``predictions_<split>.csv`` (one row per slide: id,
+    label, predicted class, the class probabilities at full precision) and ``roc_<split>.png`` into ``files``."""
+    files.folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(files.metrics, json.dumps(metrics, indent=1))
+    rows = [["slide_id", "label", "predicted", *[f"p_{c}" for c in classes]]]
+    rows += [[slide_id, classes[label], classes[int(probs.argmax())], *[repr(float(p)) for p in probs]]
+             for slide_id, label, probs in zip(slide_ids, labels, probabilities, strict=True)]
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    write_text_atomic(files.predictions, buffer.getvalue())
+    plot_roc_curves(probabilities, np.asarray(labels), classes, files.roc,
+                    title=f"ROC on the {files.split} split ({len(slide_ids)} slides)")
