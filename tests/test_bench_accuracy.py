@@ -430,3 +430,53 @@ def test_an_interrupted_pretraining_continues_when_the_benchmark_is_run_again(tm
     resumed, reference = load_file(weights), load_file(str(straight))
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[key], reference[key]) for key in reference)
+
+
+def test_confirmation_scores_every_finished_run_on_fresh_slides_as_predict_does(bench, tmp_path, capsys):
+    import csv
+    import shutil
+
+    out = tmp_path / "accuracy"
+    shutil.copytree(bench / "accuracy", out)  # the module's benchmark stays as it was for the other tests
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(accuracy, "QUICK", TINY)
+        assert main(["bench", "accuracy", "--out", str(out), "--quick", "--rows", *ROWS, "--confirm", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "## Confirmation: every finished run scored on 2 fresh test slides per class" in printed
+    data = json.loads((out / "accuracy.json").read_text())
+    section = data["confirmation"]
+    confirm_csv = Path(section["tasks"]["morphology"]["csv"])
+    assert confirm_csv == out / "cohorts" / "morphology-confirm-2" / "cohort.csv"
+    assert section["tasks"]["morphology"]["seed"] == TINY.cohorts[0].seed + 1000
+    cohort_rows = list(csv.DictReader(confirm_csv.open()))
+    assert len(cohort_rows) == 6 and {r["split"] for r in cohort_rows} == {"test"}
+    # Fresh slides: none is a file of the benchmark's own cohort.
+    own = {p.read_bytes() for p in (out / "cohorts" / "morphology").glob("*.svs")}
+    assert not own & {p.read_bytes() for p in confirm_csv.parent.glob("*.svs")}
+    assert len(section["records"]) == len(data["records"]) == len(RUN_ROWS) * 2
+    for record in section["records"]:
+        # The run as it is, on those slides: the probabilities `wsilocal predict` gives from the slide files.
+        assert main(["predict", "--run", record["run_dir"], "--cohort", str(confirm_csv), "--out",
+                     str(tmp_path / "p")]) == 0
+        predicted = {r["slide_id"]: [float(r[f"p_{c}"]) for c in record["test_predictions"]["classes"]]
+                     for r in csv.DictReader((tmp_path / "p" / "predictions.csv").open())}
+        assert sorted(record["test_predictions"]["slide_ids"]) == sorted(predicted) == sorted(
+            r["slide_id"] for r in cohort_rows)
+        for slide_id, probabilities in zip(record["test_predictions"]["slide_ids"],
+                                           record["test_predictions"]["probabilities"], strict=True):
+            np.testing.assert_allclose(probabilities, predicted[slide_id], atol=1e-4)
+    aggregates = {a["row"]: a for a in section["aggregates"]}
+    assert set(aggregates) == set(RUN_ROWS) and aggregates["abmil"]["bootstrap"]["n_slides"] == 6
+    assert (out / "accuracy_confirmation.png").is_file()
+    assert "## Confirmation" in (out / "accuracy.md").read_text()
+    # Run again: every confirmation reused, nothing evaluated again.
+    markers = {p: p.stat().st_mtime_ns for p in out.rglob("confirm.json")}
+    assert len(markers) == len(RUN_ROWS) * 2
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(accuracy, "QUICK", TINY)
+        assert main(["bench", "accuracy", "--out", str(out), "--quick", "--rows", *ROWS, "--confirm", "2"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("confirm.json")} == markers
+    assert all(r["reused"] for r in json.loads((out / "accuracy.json").read_text())["confirmation"]["records"])
+    capsys.readouterr()
+    assert main(["bench", "accuracy", "--out", str(out), "--quick", "--confirm", "0"]) == 2
+    assert capsys.readouterr().err == "error: bench accuracy: --confirm must be at least 1 slide per class, got 0\n"

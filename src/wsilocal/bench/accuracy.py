@@ -748,7 +748,8 @@ def paired_comparisons(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FULL, *,
                            tasks: Sequence[str] | None = None, rows: Sequence[str] | None = None,
-                           seeds: int | None = None, progress: bool = True) -> dict[str, Any]:
+                           seeds: int | None = None, confirm: int | None = None,
+                           progress: bool = True) -> dict[str, Any]:
     """Run (or reuse) every task × row × seed; write ``accuracy.json``, ``.md`` and ``.png`` into ``out``.
 
     Args:
@@ -756,6 +757,8 @@ def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FU
         tasks: task names of ``settings.cohorts`` (default all).
         rows: names from :data:`ROWS` (default :data:`DEFAULT_ROWS`).
         seeds: number of seeds (default ``settings.seeds``).
+        confirm: also score every finished run on a fresh test cohort of this many slides per class
+            (:mod:`wsilocal.bench.confirmation`; the report's ``confirmation`` section).
         progress: print one line per run (and the generator's and extractor's progress bars).
 
     A run that fails is recorded with its error and the benchmark goes on. Returns the report's content.
@@ -771,6 +774,10 @@ def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FU
         raise ConfigError(f"bench accuracy: seeds must be >= 1, got {n_seeds}")
     for cohort_settings in cohorts:
         cohort_settings.synth_params()  # every setting is checked before hours of work start
+        if confirm is not None:
+            from wsilocal.bench.confirmation import confirmation_settings
+
+            confirmation_settings(cohort_settings, confirm).synth_params()
     from wsilocal.slide.cohort import load_cohort
 
     if settings.init not in INITS:
@@ -810,6 +817,12 @@ def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FU
                 status = f"failed ({len(failed)} of {len(records)} seeds): {failed[0]['error']}"
             report["aggregates"].append({"task": task, "row": name, "label": row.label, "status": status or "done",
                                          **aggregate(records)})
+    if confirm is not None:
+        from wsilocal.bench.confirmation import run_confirmation
+
+        report["confirmation"] = run_confirmation(
+            report, out, {c.task: c for c in cohorts}, {t: info["weights"] for t, info in report["tasks"].items()},
+            confirm, arch=settings.arch, workers=settings.workers, progress=progress)
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_accuracy_report(report, out)
     return report
@@ -1053,12 +1066,17 @@ def write_accuracy_report(report: dict[str, Any], out: str | Path) -> None:
     report["paper"] = {"table1": PAPER_TABLE1, "table4": PAPER_TABLE4, "datasets": PAPER_DATASETS,
                        "note": "Zhang et al., MICCAI 2022: real slides (TCGA-NSCLC, TCGA-RCC, LKS) at 5x, "
                                "ImageNet-pretrained ResNet34, GPUs"}
+    from wsilocal.bench.confirmation import format_confirmation, write_confirmation_plot
+
     report["paired"] = paired_comparisons(report)
     write_text_atomic(out / "accuracy.json", json.dumps(report, indent=1))
+    confirmation = format_confirmation(report)
     text = (f"# Accuracy benchmark ({report['date']}, {report['seconds'] / 60:.1f} min, torch {torch.__version__}, "
-            f"{os.cpu_count()} CPUs)\n\n{describe_settings(report)}\n\n{format_accuracy_tables(report)}\n")
+            f"{os.cpu_count()} CPUs)\n\n{describe_settings(report)}\n\n{format_accuracy_tables(report)}\n"
+            + (f"\n{confirmation}\n" if confirmation else ""))
     write_text_atomic(out / "accuracy.md", text)
     plot_accuracy(report, out / "accuracy.png")
+    write_confirmation_plot(report, out)
 
 
 # --- command line --------------------------------------------------------------------------------------------
@@ -1077,7 +1095,12 @@ def accuracy_main(args: argparse.Namespace) -> int:
         if args.pretrain_steps < 1:
             raise ConfigError(f"bench accuracy: --pretrain-steps must be at least 1, got {args.pretrain_steps}")
         settings = replace(settings, pretrain={**settings.pretrain, "steps": args.pretrain_steps})
-    report = run_accuracy_benchmark(args.out, settings, tasks=args.tasks, rows=args.rows, seeds=args.seeds)
+    report = run_accuracy_benchmark(args.out, settings, tasks=args.tasks, rows=args.rows, seeds=args.seeds,
+                                    confirm=args.confirm)
     print(format_accuracy_tables(report))
+    if report.get("confirmation"):
+        from wsilocal.bench.confirmation import format_confirmation
+
+        print(format_confirmation(report))
     print(f"wrote {Path(args.out) / 'accuracy.json'}, accuracy.md, accuracy.png ({report['seconds'] / 60:.1f} min)")
     return 1 if any(a["status"].startswith("failed") for a in report["aggregates"]) else 0

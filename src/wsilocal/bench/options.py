@@ -45,6 +45,10 @@ def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slides-per-class", type=int,
                         help="slides per class of every cohort (default "
                              f"{FULL.cohorts[0].slides_per_class}); another count is another cohort")
+    parser.add_argument("--confirm", type=int, metavar="N",
+                        help="also score every finished run, as it is, on a fresh test cohort of N slides per class "
+                             "(another generator seed: slides no run, pretraining or choice has seen) and decide the "
+                             "claims again on those slides alone (OUT/cohorts/<task>-confirm-N, RUN/confirm-N)")
     parser.add_argument("--tasks", nargs="+", choices=[c.task for c in FULL.cohorts],
                         help="tasks to run (default: all)")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), metavar="ROW",
