@@ -101,6 +101,8 @@ def run_confirmation(report: dict[str, Any], out: Path, cohorts: dict[str, Cohor
     """Score every finished run of ``report`` on its task's confirmation cohort; returns the report's
     ``confirmation`` section: per task the cohort and its chance levels, then records, aggregates and the paired
     differences (as the benchmark's own, on the confirmation slides only)."""
+    from wsilocal.slide.cohort import load_cohort  # torch and the slide readers: only when confirming
+
     section: dict[str, Any] = {"slides_per_class": slides_per_class, "seed_offset": SEED_OFFSET, "tasks": {},
                                "records": [], "aggregates": []}
     for task, cohort_settings in cohorts.items():
@@ -108,8 +110,6 @@ def run_confirmation(report: dict[str, Any], out: Path, cohorts: dict[str, Cohor
         folder = out / "cohorts" / f"{task}-confirm-{slides_per_class}"
         cohort = prepare_benchmark_cohort(settings, folder, workers=workers, weights=weights[task], arch=arch,
                                           progress=progress)
-        from wsilocal.slide.cohort import load_cohort
-
         classes = class_names(cohort_settings.classes, task)
         labels = [classes.index(s.label) for s in load_cohort(cohort.csv).split("test")]
         info = report["tasks"][task]
