@@ -1014,9 +1014,9 @@ def _error_bar(agg: dict[str, Any], metric: str) -> tuple[float, float]:
     return max(summary["mean"] - interval["low"], 0.0), max(interval["high"] - summary["mean"], 0.0)
 
 
-def plot_accuracy(report: dict[str, Any], path: str | Path) -> None:
+def plot_accuracy(report: dict[str, Any], path: str | Path, slides: str = "test slides") -> None:
     """One panel per task: bars of mean accuracy, balanced accuracy and AUROC per method, the 95 % bootstrap
-    interval over test slides as error bars (one std over seeds for runs without per-slide predictions)."""
+    interval over the ``slides`` scored as error bars (one std over seeds for runs without per-slide predictions)."""
     plt = pyplot()
 
     tasks = list(report["tasks"])
@@ -1044,7 +1044,7 @@ def plot_accuracy(report: dict[str, Any], path: str | Path) -> None:
                            label=f"{METRIC_LABELS[metric]} of random scores, 1 time in 20 ({level:.2f})")
         ax.set_ylim(0, 1.12)
         seed_spread = any(a.get("bootstrap") is None for a in rows)
-        ax.set_title(f"task {task}: seed mean, 95 % bootstrap interval over test slides"
+        ax.set_title(f"task {task}: seed mean, 95 % bootstrap interval over {slides}"
                      + (" (± std over seeds where no per-slide predictions)" if seed_spread else ""))
         ax.legend(fontsize=7, ncol=5, loc="upper left")
         ax.grid(True, axis="y", alpha=0.3)

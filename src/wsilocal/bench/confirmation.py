@@ -152,4 +152,6 @@ def format_confirmation(report: dict[str, Any]) -> str:
 def write_confirmation_plot(report: dict[str, Any], out: Path) -> None:
     """``accuracy_confirmation.png``: the confirmation rows as :func:`plot_accuracy` draws the benchmark's."""
     if report.get("confirmation"):
-        plot_accuracy(report["confirmation"], out / "accuracy_confirmation.png")
+        section = report["confirmation"]
+        plot_accuracy(section, out / "accuracy_confirmation.png",
+                      slides=f"{section['slides_per_class']} fresh confirmation slides per class")
