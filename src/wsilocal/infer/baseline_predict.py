@@ -33,7 +33,6 @@ from wsilocal.errors import WsilocalError, out_of_memory_as_slide_error
 from wsilocal.features.extract import (
     FORMAT_VERSION,
     FeatureExtractor,
-    extraction_settings,
     tile_features,
     tissue_tiles,
 )
@@ -48,7 +47,7 @@ from wsilocal.runtime import resolve_device
 from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import Slide, open_slide
 from wsilocal.train.bags import features_path
-from wsilocal.train.baseline import load_baseline_run
+from wsilocal.train.baseline import load_baseline_run, recorded_feature_settings
 
 
 def _baseline_run(run_dir: str | Path, checkpoint: str = "best",
@@ -69,19 +68,13 @@ def run_feature_settings(run_dir: str | Path) -> dict:
     Raises:
         WsilocalError: neither says how the features were made (e.g. they were made by CLAM).
     """
-    run, meta = _baseline_run(run_dir)
-    if isinstance(meta.get("features"), dict):
-        return meta["features"]
-    folder = Path(run.config().features)
-    for path in sorted(folder.glob("*.h5")):
-        try:
-            settings = extraction_settings(read_attrs(path))
-        except WsilocalError:
-            continue
-        if settings is not None:
-            return settings
-    raise WsilocalError(f"{run.metadata_file}: the run does not record how its tile features were made, and no "
-                        f"feature file in {folder} does; predict needs features made by `wsilocal features`")
+    run, _ = _baseline_run(run_dir)
+    settings = recorded_feature_settings(run)
+    if settings is None:
+        raise WsilocalError(f"{run.metadata_file}: the run does not record how its tile features were made, and no "
+                            f"feature file in {run.config().features} does; predict needs features made by "
+                            "`wsilocal features`")
+    return settings
 
 
 class BaselinePredictor:

@@ -387,12 +387,31 @@ def evaluate_baseline_run(run_dir: str | Path, split: str = "test", *, checkpoin
     return metrics
 
 
+def recorded_feature_settings(run: RunDirectory) -> dict | None:
+    """How a baseline run's tile features were made (:data:`~wsilocal.features.extract.EXTRACTION_SETTINGS`): from
+    ``model.json`` (``features``), else — a run trained before it was recorded there — from the first feature file
+    in the run's ``features`` folder that records them; None where neither does (features made by CLAM)."""
+    meta = run.metadata()
+    if isinstance(meta.get("features"), dict):
+        return meta["features"]
+    for path in sorted(Path(run.config().features).glob("*.h5")):
+        try:
+            settings = extraction_settings(read_attrs(path))
+        except WsilocalError:
+            continue
+        if settings is not None:
+            return settings
+    return None
+
+
 def _check_same_extraction(run: RunDirectory, paths: Sequence[Path], features_dir: str | Path) -> None:
     """Refuse features of another cohort made otherwise than the run's (other weights, tile size, MPP...): the
     model would be scored on inputs it never learnt from."""
-    from wsilocal.infer.baseline_predict import run_feature_settings
-
-    wanted = run_feature_settings(run.path)
+    wanted = recorded_feature_settings(run)
+    if wanted is None:
+        raise WsilocalError(f"{run.metadata_file}: the run does not record how its tile features were made, and no "
+                            f"feature file in {run.config().features} does; they cannot be checked against "
+                            f"{features_dir}")
     found, problem = _feature_settings(list(paths))
     if problem:
         raise WsilocalError(f"{features_dir}: {problem}")
