@@ -395,7 +395,8 @@ def test_skipping_glass_in_the_band_engine_changes_no_logit(hw):
         with torch.no_grad():
             full = _trunk_macs(blocks, lambda: band_forward(blocks, source, band=4))
             part = _trunk_macs(blocks, lambda: band_forward(blocks, source, band=4, needed=mask.numpy()))
-        assert part < 0.9 * full, (part, full)
+        # ~10 % of the MACs go at band 4 (where window edges fall, relative to the glass, moves it by a few %).
+        assert part < 0.92 * full, (part, full)
 
 
 class _RecordingSource:

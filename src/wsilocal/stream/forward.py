@@ -52,7 +52,8 @@ def trunk_forward(trunk: ResNetTrunk, source: ImageSource, *, memory_budget: int
 
     Whole-image forward when :func:`forward_bytes_estimate` fits ``memory_budget`` bytes (None: always) and
     no ``band`` is asked for; otherwise :func:`~.bands.stream_along_longer_side` with ``band`` output rows per
-    block window, by default the largest that fits the budget (:func:`~.bands.band_for_budget`). Streamed,
+    block window, by default the largest that fits the budget (:func:`~.bands.band_for_budget`, with glass
+    skipping and what reading ``source`` holds counted: :func:`~.bands.band_memory_terms`). Streamed,
     ``needed`` (bool (h, w) of the map, e.g. H's tissue positions) skips what no needed position depends on
     (zeros there); the whole-image forward computes everything.
     """
@@ -63,5 +64,6 @@ def trunk_forward(trunk: ResNetTrunk, source: ImageSource, *, memory_budget: int
             image = source.read(0, 0, source.height, source.width).to(**weights_placement([trunk]))
             return trunk(image), "whole"
         if band is None:
-            band = band_for_budget(blocks, source.height, source.width, memory_budget, folded=trunk.fold_bn)
+            band = band_for_budget(blocks, source.height, source.width, memory_budget, folded=trunk.fold_bn,
+                                   masked=needed is not None, source=source)
         return stream_along_longer_side(blocks, source, band=band, progress=progress, needed=needed), "streamed"
