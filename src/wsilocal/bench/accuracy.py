@@ -776,7 +776,6 @@ def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FU
         cohort_settings.synth_params()  # every setting is checked before hours of work start
         if confirm is not None:
             confirmation_settings(cohort_settings, confirm).synth_params()
-    from wsilocal.slide.cohort import load_cohort
 
     if settings.init not in INITS:
         raise ConfigError(f"bench accuracy: init must be one of {', '.join(INITS)}, got {settings.init!r}")
@@ -796,23 +795,21 @@ def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FU
             initial_weights=lambda csv, c=cohort_settings: task_weights(settings, c, csv, out, progress),
             arch=settings.arch)
         classes = class_names(cohort_settings.classes, task)
-        test_labels = [classes.index(s.label) for s in load_cohort(cohort.csv).split("test")]
+        labels = labels_of_test_split(cohort.csv, classes)
         report["tasks"][task] = {"classes": classes, "slides": cohort.n_slides,
                                  "feature_skipped": cohort.feature_skipped, "seconds": cohort.seconds,
                                  "synth_params": asdict(cohort_settings.synth_params()),
                                  "paper_dataset": PAPER_DATASET_OF_TASK[task], "weights": cohort.weights,
                                  "init": "file" if settings.weights else settings.init,
                                  "shortcuts": shortcut_aurocs(cohort.csv.parent, classes),
-                                 "chance_95": chance_levels(test_labels, len(classes))}
+                                 "chance_95": chance_levels(labels, len(classes))}
         for name in rows:
             row = ROWS[name]
             status = row_status(row, cohort_settings.n_classes)
             records = [] if status else [_record(row, cohort, seed, out, settings, progress)
                                          for seed in range(n_seeds)]
             report["records"] += records
-            failed = [r for r in records if r.get("error")]
-            if failed and not status:
-                status = f"failed ({len(failed)} of {len(records)} seeds): {failed[0]['error']}"
+            status = status or failure_status(records)
             report["aggregates"].append({"task": task, "row": name, "label": row.label, "status": status or "done",
                                          **aggregate(records)})
     if confirm is not None:
@@ -837,11 +834,29 @@ def _record(row: Row, cohort: PreparedCohort, seed: int, out: Path, settings: Ac
                                                   keep_last_checkpoint=settings.keep_last_checkpoint))
     except WsilocalError as exc:  # one failing run does not stop a benchmark of hours
         record["error"] = str(exc)
-    line = (f"FAILED: {record['error']}" if "error" in record else
-            " ".join(f"{METRIC_LABELS[m]} {_num(record[m])}" for m in METRICS)
-            + (" (reused)" if record["reused"] else f" ({record['seconds']:.0f} s)"))
-    log_progress(progress, f"[{task}] {row.label} seed {seed}: {line}")
+    log_progress(progress, f"[{task}] {row.label} seed {seed}: {record_line(record)}")
     return record
+
+
+def record_line(record: dict[str, Any]) -> str:
+    """A run's record as one progress line: its metrics and seconds (or "reused"), or its error."""
+    if "error" in record:
+        return f"FAILED: {record['error']}"
+    return (" ".join(f"{METRIC_LABELS[m]} {_num(record[m])}" for m in METRICS)
+            + (" (reused)" if record["reused"] else f" ({record['seconds']:.0f} s)"))
+
+
+def failure_status(records: Sequence[dict[str, Any]]) -> str | None:
+    """A row's status where some of its seeds failed (the first error named); None where none did."""
+    failed = [r for r in records if r.get("error")]
+    return f"failed ({len(failed)} of {len(records)} seeds): {failed[0]['error']}" if failed else None
+
+
+def labels_of_test_split(cohort_csv: Path, classes: Sequence[str]) -> list[int]:
+    """The class indices of a cohort's test slides, in the CSV's order."""
+    from wsilocal.slide.cohort import load_cohort
+
+    return [classes.index(s.label) for s in load_cohort(cohort_csv).split("test")]
 
 
 # --- report --------------------------------------------------------------------------------------------------
@@ -1079,7 +1094,7 @@ def write_accuracy_report(report: dict[str, Any], out: str | Path) -> None:
 # A test split of ~70 slides decides a difference of ~0.05 in balanced accuracy only when it is far from 0. Where a
 # claim stays undecided, scoring more of the *same* test split's kind is the honest next step only if the new slides
 # are a new sample — never seen by any run, any pretraining or any choice — and if the claim is decided on them
-# alone, not pooled with the slides that left it undecided. This module does that:
+# alone, not pooled with the slides that left it undecided. This section does that:
 #
 # - the confirmation cohort of a task is generated with the task's settings but another generator seed (the task's
 #   seed + `CONFIRM_SEED_OFFSET`), `N` slides per class, all in the test split, into
@@ -1150,8 +1165,6 @@ def run_confirmation(report: dict[str, Any], out: Path, cohorts: dict[str, Cohor
     """Score every finished run of ``report`` on its task's confirmation cohort; returns the report's
     ``confirmation`` section: per task the cohort and its chance levels, then records, aggregates and the paired
     differences (as the benchmark's own, on the confirmation slides only)."""
-    from wsilocal.slide.cohort import load_cohort  # torch and the slide readers: only when confirming
-
     section: dict[str, Any] = {"slides_per_class": slides_per_class, "seed_offset": CONFIRM_SEED_OFFSET, "tasks": {},
                                "records": [], "aggregates": []}
     for task, cohort_settings in cohorts.items():
@@ -1160,7 +1173,7 @@ def run_confirmation(report: dict[str, Any], out: Path, cohorts: dict[str, Cohor
         cohort = prepare_benchmark_cohort(settings, folder, workers=workers, weights=weights[task], arch=arch,
                                           progress=progress)
         classes = class_names(cohort_settings.classes, task)
-        labels = [classes.index(s.label) for s in load_cohort(cohort.csv).split("test")]
+        labels = labels_of_test_split(cohort.csv, classes)
         info = report["tasks"][task]
         section["tasks"][task] = {"classes": classes, "slides": {"test": len(labels)}, "csv": str(cohort.csv),
                                   "seed": settings.seed, "paper_dataset": info["paper_dataset"],
@@ -1171,17 +1184,13 @@ def run_confirmation(report: dict[str, Any], out: Path, cohorts: dict[str, Cohor
         for record in finished:
             confirmed = confirm_run(record, cohort, slides_per_class)
             section["records"].append(confirmed)
-            line = (f"FAILED: {confirmed['error']}" if "error" in confirmed else
-                    " ".join(f"{m} {confirmed[m]:.3f}" for m in METRICS if confirmed[m] is not None)
-                    + (" (reused)" if confirmed["reused"] else f" ({confirmed['seconds']:.0f} s)"))
-            log_progress(progress, f"[{task} confirmation] {record['row']} seed {record['seed']}: {line}")
+            log_progress(progress, f"[{task} confirmation] {ROWS[record['row']].label} seed {record['seed']}: "
+                                   f"{record_line(confirmed)}")
         for agg in (a for a in report["aggregates"] if a["task"] == task):
             records = [r for r in section["records"] if r["task"] == task and r["row"] == agg["row"]]
             if records:
-                failed = [r for r in records if r.get("error")]
-                status = f"failed ({len(failed)} of {len(records)} seeds): {failed[0]['error']}" if failed else "done"
                 section["aggregates"].append({"task": task, "row": agg["row"], "label": agg["label"],
-                                              "status": status, **aggregate(records)})
+                                              "status": failure_status(records) or "done", **aggregate(records)})
     section["paired"] = paired_comparisons(section)
     return section
 
