@@ -94,6 +94,10 @@ class _TimedSource:
         self.seconds += time.perf_counter() - start
         return window
 
+    def read_bytes(self, height: int, width: int) -> int:
+        """What reading a window holds at its peak: the wrapped source's (the band choice counts it)."""
+        return self.source.read_bytes(height, width)
+
 
 def _clock(device: torch.device) -> float:
     """``time.perf_counter()`` once the device has finished its queued work (CUDA runs asynchronously)."""

@@ -54,13 +54,10 @@ class ImageSource(Protocol):
 
 def read_bytes(source: ImageSource | None, height: int, width: int) -> int:
     """Bytes that reading a ``height``×``width`` window of ``source`` holds at its peak, the float32 window
-    returned included: the source's own ``read_bytes`` where it has one (a source wrapping another, as its
-    ``source`` attribute, is looked through), else (or with no ``source``) what :class:`ArraySource` takes."""
-    inner: object = source
-    while not hasattr(inner, "read_bytes") and hasattr(inner, "source"):
-        inner = inner.source
-    if hasattr(inner, "read_bytes"):
-        return int(inner.read_bytes(height, width))
+    returned included: the source's own ``read_bytes`` where it has one, else (or with no ``source``) what
+    :class:`ArraySource` takes."""
+    if hasattr(source, "read_bytes"):
+        return int(source.read_bytes(height, width))
     return _normalise_bytes(height, width)
 
 
