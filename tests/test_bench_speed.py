@@ -166,7 +166,7 @@ def test_whole_forward_above_the_memory_budget_is_skipped_and_reported(bench, mo
     """At a size whose whole-image forward the default budget refuses (a prediction would stream it), the benchmark
     does not force it: the record says why, and the table and plot leave its cells empty."""
     cpu = torch.device("cpu")
-    need = speed.forward_bytes_estimate(speed.ResNetTrunk(arch="resnet34"), 2000, 3000)
+    need = speed.whole_forward_bytes(speed.ResNetTrunk(arch="resnet34"), 2000, 3000)
     monkeypatch.setattr(speed, "default_memory_budget", lambda device: need)
     assert speed.whole_forward_skip("resnet34", 2000, 3000, cpu) is None  # exactly the budget: it fits
     monkeypatch.setattr(speed, "default_memory_budget", lambda device: need - 1)

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 from wsilocal.models.resnet import BasicBlock, ResNetTrunk
 from wsilocal.slide.reader import open_slide, read_region_at_mpp
 from wsilocal.stream.bands import (
+    FIXED_OVERHEAD,
     MIN_BAND,
     STEM_SPLIT,
     band_for_budget,
@@ -36,7 +37,7 @@ from wsilocal.stream.bands import (
     band_memory_terms,
     stream_along_longer_side,
 )
-from wsilocal.stream.forward import forward_bytes_estimate, trunk_forward
+from wsilocal.stream.forward import WHOLE_HEAP_OVERHEAD, forward_bytes_estimate, trunk_forward, whole_forward_bytes
 from wsilocal.stream.geometry import TilePlan, block_geometry, footprint, output_length, plan_axis, trunk_geometry
 from wsilocal.stream.sources import ArraySource, SlideSource
 
@@ -372,11 +373,27 @@ def test_forward_bytes_estimate_counts_the_downsample_branch():
     assert forward_bytes_estimate(trunk, 480, 480) == 4 * (3 * 480 * 480 + layer1_sum)
 
 
+def test_whole_forward_bytes_adds_the_read_and_the_heap_to_the_live_activations(trunk_with, make_slide):
+    """The resident estimate that chooses the mode: activations and the read of the image (an in-memory image's
+    uint8 and float32 copies, or a slide's resampling work) times the heap factor, plus the fixed overhead."""
+    trunk = trunk_with(3, True, torch.float32)
+    activations = forward_bytes_estimate(trunk, 150, 230) - 4 * 3 * 150 * 230
+    in_memory = whole_forward_bytes(trunk, 150, 230)
+    assert in_memory == round(WHOLE_HEAP_OVERHEAD * (activations + 3 * 150 * 230 * 5)) + FIXED_OVERHEAD
+    with open_slide(make_slide(random_image(600, 920, seed=2), mpp=0.5)) as slide:
+        source = SlideSource(slide, 2.0, (0, 0, 920, 600), MEAN, STD)  # 230 × 150 px at 2 µm/px
+        reading = source.read_bytes(source.height, source.width)
+        assert whole_forward_bytes(trunk, source.height, source.width, source=source) == round(
+            WHOLE_HEAP_OVERHEAD * (forward_bytes_estimate(trunk, source.height, source.width)
+                                   - 4 * 3 * source.height * source.width + reading)) + FIXED_OVERHEAD
+    assert reading > 3 * source.height * source.width * 5  # a slide's read holds more than an array's
+
+
 def test_trunk_forward_picks_whole_or_streamed_by_budget(trunk_with):
     trunk = trunk_with(3, True, torch.float32).train()  # forward in eval mode, the mode then restored
     assert trunk.training
     source = ArraySource(random_image(150, 230, seed=5), MEAN, STD)
-    needed = forward_bytes_estimate(trunk, 150, 230)
+    needed = whole_forward_bytes(trunk, 150, 230, source=source)
     unlimited, mode_unlimited = trunk_forward(trunk, source)
     fits, mode_fits = trunk_forward(trunk, source, memory_budget=needed)
     streamed, mode_streamed = trunk_forward(trunk, source, memory_budget=needed - 1)

@@ -29,7 +29,7 @@ from wsilocal.bench.options import VARIANTS
 from wsilocal.models.local_net import LocalNet, auxiliary_cost
 from wsilocal.models.split import module_saved_bytes
 from wsilocal.stream import blocks as engine
-from wsilocal.stream.forward import forward_bytes_estimate
+from wsilocal.stream.forward import whole_forward_bytes
 from wsilocal.stream.geometry import block_geometry, footprint
 from wsilocal.stream.sources import ArraySource, TensorSource
 from wsilocal.train import streaming
@@ -246,7 +246,7 @@ def test_evaluate_samples_streams_slides_over_the_memory_budget():
     samples = _Samples([make_source(*SQUARE), make_source(150, 200)], [LABEL, 0])
     plain = evaluate_samples(net, samples, torch.device("cpu"))
     # A budget between the two slides' whole-forward estimates: only the larger one streams.
-    budget = forward_bytes_estimate(net.trunk, 150, 200)
+    budget = whole_forward_bytes(net.trunk, 150, 200)
     mixed = evaluate_samples(net, samples, torch.device("cpu"), memory_budget=budget, stream_tile=64)
     assert (plain["streamed_slides"], mixed["streamed_slides"]) == (0, 1)
     assert np.allclose(mixed["probabilities"], plain["probabilities"], atol=1e-5)

@@ -74,7 +74,7 @@ from wsilocal.slide.reader import open_slide
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 from wsilocal.slide.tissue import detect_tissue
 from wsilocal.stream.bands import DEFAULT_BAND
-from wsilocal.stream.forward import forward_bytes_estimate
+from wsilocal.stream.forward import whole_forward_bytes
 from wsilocal.stream.sources import to_tensor
 
 MPP = 2.0  # 5x, the paper's resolution
@@ -327,7 +327,7 @@ def measure_memory(predictor: Predictor, slide_path: str | Path, forward: str) -
 def whole_forward_skip(arch: str, height: int, width: int, device: torch.device) -> dict[str, Any] | None:
     """``{"skipped": why}`` when the whole-image forward of a ``height`` × ``width`` image would need more than the
     default memory budget (a prediction would stream it; forcing it could exhaust the machine), else None."""
-    need, budget = forward_bytes_estimate(ResNetTrunk(arch=arch), height, width), default_memory_budget(device)
+    need, budget = whole_forward_bytes(ResNetTrunk(arch=arch), height, width), default_memory_budget(device)
     if need <= budget:
         return None
     return {"skipped": f"not run: the whole-image forward needs about {need / 2**30:,.1f} GiB, above the default "

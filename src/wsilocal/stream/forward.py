@@ -14,9 +14,22 @@ import torch
 from torch import nn
 
 from wsilocal.models.resnet import ResNetTrunk
-from wsilocal.stream.bands import FLOAT_BYTES, band_for_budget, stream_along_longer_side, weights_placement
+from wsilocal.stream.bands import (
+    FIXED_OVERHEAD,
+    FLOAT_BYTES,
+    band_for_budget,
+    stream_along_longer_side,
+    weights_placement,
+)
 from wsilocal.stream.geometry import forward_peak_numel
-from wsilocal.stream.sources import ImageSource
+from wsilocal.stream.sources import ImageSource, read_bytes
+
+#: Resident memory per byte that a whole-image forward holds (its activations and the read of the image),
+#: measured: the heap keeps what the read and the early layers freed where later, differently sized tensors do not
+#: fit. 1.45 is the largest ratio of peak RSS added to that count measured in fresh processes (ResNet18/34/50,
+#: 1024²–8192², in memory and from slide files), :data:`~.bands.FIXED_OVERHEAD` beside it: docs/benchmarks.md,
+#: *Whole-image memory*.
+WHOLE_HEAP_OVERHEAD = 1.45
 
 
 @contextmanager
@@ -38,10 +51,20 @@ def forward_bytes_estimate(trunk: ResNetTrunk, height: int, width: int) -> int:
 
     The input plus the most activations alive at once (:func:`~.geometry.forward_peak_numel`: the tensors the
     forward allocates, the residual shortcuts included; not the convolutions' scratch space or the allocator's
-    caching). What chooses the mode.
+    caching): the live tensors, which :func:`whole_forward_bytes` turns into resident memory.
     """
     return FLOAT_BYTES * (3 * height * width + forward_peak_numel(trunk.blocks(), height, width,
                                                                   folded=trunk.fold_bn))
+
+
+def whole_forward_bytes(trunk: ResNetTrunk, height: int, width: int, *, source: ImageSource | None = None) -> int:
+    """Peak resident bytes a whole-image forward of a ``height``×``width`` image adds (an estimate, what chooses
+    the mode): the activations of :func:`forward_bytes_estimate` beside what reading the whole image from
+    ``source`` holds (:func:`~.sources.read_bytes`, the float32 image included; no ``source``: an image in
+    memory), times :data:`WHOLE_HEAP_OVERHEAD`, plus :data:`~.bands.FIXED_OVERHEAD` — the terms
+    :func:`~.bands.band_forward_bytes` counts for a band."""
+    activations = forward_bytes_estimate(trunk, height, width) - FLOAT_BYTES * 3 * height * width
+    return round(WHOLE_HEAP_OVERHEAD * (activations + read_bytes(source, height, width))) + FIXED_OVERHEAD
 
 
 
@@ -50,7 +73,7 @@ def trunk_forward(trunk: ResNetTrunk, source: ImageSource, *, memory_budget: int
                   needed: np.ndarray | None = None) -> tuple[torch.Tensor, str]:
     """The trunk's map of the image in ``source`` and the mode used, ``"whole"`` or ``"streamed"``.
 
-    Whole-image forward when :func:`forward_bytes_estimate` fits ``memory_budget`` bytes (None: always) and
+    Whole-image forward when :func:`whole_forward_bytes` fits ``memory_budget`` bytes (None: always) and
     no ``band`` is asked for; otherwise :func:`~.bands.stream_along_longer_side` with ``band`` output rows per
     block window, by default the largest that fits the budget (:func:`~.bands.band_for_budget`, with glass
     skipping and what reading ``source`` holds counted: :func:`~.bands.band_memory_terms`). Streamed,
@@ -58,7 +81,8 @@ def trunk_forward(trunk: ResNetTrunk, source: ImageSource, *, memory_budget: int
     (zeros there); the whole-image forward computes everything.
     """
     blocks = trunk.blocks()
-    whole_fits = memory_budget is None or forward_bytes_estimate(trunk, source.height, source.width) <= memory_budget
+    whole_fits = memory_budget is None or whole_forward_bytes(trunk, source.height, source.width,
+                                                                        source=source) <= memory_budget
     with inference([trunk]):
         if whole_fits and band is None:
             image = source.read(0, 0, source.height, source.width).to(**weights_placement([trunk]))

@@ -51,7 +51,7 @@ from wsilocal.prepare.cache import PrepareResult, channel_stats, format_summary,
 from wsilocal.run.directory import RunDirectory, masks_glass, model_signature
 from wsilocal.runtime import memory_budget_bytes, resolve_device, tune_cpu_allocator
 from wsilocal.slide.cohort import Cohort, load_cohort
-from wsilocal.stream.forward import forward_bytes_estimate
+from wsilocal.stream.forward import whole_forward_bytes
 from wsilocal.stream.sources import TensorSource
 from wsilocal.train.checkpoint import save_checkpoint
 from wsilocal.train.data import (
@@ -200,7 +200,7 @@ def evaluate_samples(net: LocalNet, samples: CachedSlides, device: torch.device,
         image, label, slide_id = samples.get(index)
         tissue = samples.tissue(index)
         streamed = memory_budget is not None and \
-            forward_bytes_estimate(net.trunk, *image.shape[-2:]) > memory_budget
+            whole_forward_bytes(net.trunk, *image.shape[-2:]) > memory_budget
         if streamed:
             outputs = streaming_forward_all_classifiers(net, TensorSource(image), upto=upto, tissue=tissue,
                                                         tile=stream_tile, store=resolve_store(stream_store, device))
