@@ -25,6 +25,7 @@ from wsilocal.slide.cohort import CohortSlide
 from wsilocal.slide.reader import open_slide
 from wsilocal.slide.tiff_writer import write_pyramidal_tiff
 from wsilocal.slide.tissue import detect_tissue, image_tissue_mask
+from wsilocal.stream.forward import CPU_STREAM_FROM_PIXELS
 from wsilocal.stream.geometry import block_geometry, module_tissue_positions, plan_axis
 from wsilocal.stream.sources import to_tensor
 from wsilocal.train.checkpoint import load_checkpoint, save_checkpoint
@@ -106,6 +107,16 @@ def test_prediction_equals_the_cached_image_forward(run, reference, budget, mode
     assert prediction.cell_size == pytest.approx((384, 384), rel=0.01)
     x, y = run.entry.bbox[:2]
     assert prediction.cell_origin == pytest.approx((x - 23.5 * 8, y - 23.5 * 8), abs=8)
+
+
+def test_a_cpu_prediction_streams_from_a_megapixel_up_even_when_the_whole_image_fits(run, reference):
+    predictor = Predictor.from_run(run.dir, memory_budget=BIG, device="cpu")
+    assert predictor.stream_from == CPU_STREAM_FROM_PIXELS
+    assert predictor.predict(run.slide).mode == "whole"  # this test slide is far below a megapixel at 5x
+    predictor.stream_from = 1  # as if it were above: the faster streamed mode, at the default band
+    prediction = predictor.predict(run.slide)
+    assert prediction.mode == "streamed"
+    np.testing.assert_allclose(list(prediction.probabilities.values()), reference.probabilities, rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

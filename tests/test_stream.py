@@ -37,7 +37,14 @@ from wsilocal.stream.bands import (
     band_memory_terms,
     stream_along_longer_side,
 )
-from wsilocal.stream.forward import WHOLE_HEAP_OVERHEAD, forward_bytes_estimate, trunk_forward, whole_forward_bytes
+from wsilocal.stream.forward import (
+    CPU_STREAM_FROM_PIXELS,
+    WHOLE_HEAP_OVERHEAD,
+    forward_bytes_estimate,
+    stream_from_pixels,
+    trunk_forward,
+    whole_forward_bytes,
+)
 from wsilocal.stream.geometry import TilePlan, block_geometry, footprint, output_length, plan_axis, trunk_geometry
 from wsilocal.stream.sources import ArraySource, SlideSource
 
@@ -399,6 +406,14 @@ def test_trunk_forward_picks_whole_or_streamed_by_budget(trunk_with):
     streamed, mode_streamed = trunk_forward(trunk, source, memory_budget=needed - 1)
     asked, mode_asked = trunk_forward(trunk, source, band=4)  # a band asked for streams even what fits
     assert (mode_unlimited, mode_fits, mode_streamed, mode_asked) == ("whole", "whole", "streamed", "streamed")
+    # From stream_from pixels up the faster streamed mode is taken even without a budget (at the default band).
+    pixels = 150 * 230
+    _, mode_below = trunk_forward(trunk, source, memory_budget=needed, stream_from=pixels + 1)
+    faster, mode_faster = trunk_forward(trunk, source, stream_from=pixels)
+    assert (mode_below, mode_faster) == ("whole", "streamed")
+    assert relative_error(faster, unlimited) <= FLOAT32_RELATIVE
+    assert stream_from_pixels(torch.device("cpu")) == CPU_STREAM_FROM_PIXELS == 1024 * 1024
+    assert stream_from_pixels(torch.device("cuda")) is None
     assert torch.equal(unlimited, fits) and not unlimited.requires_grad
     assert relative_error(streamed, unlimited) <= FLOAT32_RELATIVE
     assert relative_error(asked, unlimited) <= FLOAT32_RELATIVE

@@ -310,16 +310,16 @@ def measure_memory(predictor: Predictor, slide_path: str | Path, forward: str) -
     far beyond 16384² px), not the smallest band: its time is then what a user's streamed prediction costs. The
     predictor's budget and band are restored afterwards.
     """
-    saved = predictor.memory_budget, predictor.band
+    saved = predictor.memory_budget, predictor.band, predictor.stream_from
     if forward == "whole":
-        predictor.memory_budget, predictor.band = WHOLE, None
+        predictor.memory_budget, predictor.band, predictor.stream_from = WHOLE, None, None
     else:
         predictor.band = DEFAULT_BAND  # a band given: streamed even where the whole image would fit
     band = predictor.band
     try:
         result = run_ours(predictor, slide_path, measure_memory=True)
     finally:
-        predictor.memory_budget, predictor.band = saved
+        predictor.memory_budget, predictor.band, predictor.stream_from = saved
     return {"mode": result["mode"], "seconds": result["seconds"], "peak_rss_bytes": process_memory_bytes("VmHWM"),
             "added_bytes": result["peak_memory_bytes"], "band": band}
 

@@ -41,7 +41,7 @@ from wsilocal.slide.cohort import load_cohort
 from wsilocal.slide.reader import open_slide
 from wsilocal.slide.tissue import detect_tissue, image_tissue_mask
 from wsilocal.stream.bands import block_input_lengths
-from wsilocal.stream.forward import trunk_forward
+from wsilocal.stream.forward import stream_from_pixels, trunk_forward
 from wsilocal.stream.geometry import footprint, tissue_positions, trunk_geometry
 from wsilocal.stream.sources import SlideSource
 from wsilocal.train.checkpoint import load_checkpoint
@@ -147,6 +147,7 @@ class Predictor:
         self.settings = settings
         self.memory_budget = memory_budget if memory_budget is not None else default_memory_budget(device)
         self.band = band
+        self.stream_from = stream_from_pixels(device)  # on a CPU, streaming is faster from ~1 Mpx up
         self.mask_glass = mask_glass
         self.stride, self.centre = _receptive_grid(trunk)
 
@@ -163,8 +164,10 @@ class Predictor:
             memory_budget: bytes a whole-image forward may take; larger slides are streamed in bands. Default: half the
                 available RAM, or 80 % of the free GPU memory.
             band: stream every slide in bands of this many output rows per trunk block (see
-                :func:`~wsilocal.stream.bands.band_forward`), even one that fits whole. Default: only slides
-                whose whole-image forward exceeds the budget, with the largest band that fits it.
+                :func:`~wsilocal.stream.bands.band_forward`), even one that fits whole. Default: slides whose
+                whole-image forward exceeds the budget, and on a CPU every slide whose tissue image has 1024² px
+                or more (faster streamed: :func:`~wsilocal.stream.forward.stream_from_pixels`), with the largest
+                band that fits the budget.
             assume_mpp: µm/px for slides without resolution metadata (default: the run's ``assume_mpp``).
             dtype: precision of the trunk, ``torch.float32`` or ``torch.bfloat16`` (see :func:`bfloat16_is_native`).
         """
@@ -226,7 +229,8 @@ class Predictor:
                 with torch.no_grad(), out_of_memory_as_slide_error(
                         path, f"the {out_w}×{out_h} px tissue image; lower --memory-budget-gb so it is streamed"):
                     features, mode = trunk_forward(self.trunk, source, memory_budget=self.memory_budget,
-                                                   band=self.band, progress=progress,
+                                                   band=self.band, stream_from=self.stream_from,
+                                                   progress=progress,
                                                    needed=None if mask is None else mask.numpy())
                     trunk_done = _clock(self.device)
                     features = features.to(self.device, torch.float32)
