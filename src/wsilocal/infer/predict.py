@@ -3,8 +3,8 @@
 Inference uses what the method keeps at test time (DESIGN.md §1): the trunk and the final classifier H; the
 auxiliary models are neither built nor loaded. A slide is opened, its tissue found as ``wsilocal prepare``
 finds it (same overview resolution, margin and size limit), and the tissue box is streamed at the run's
-resolution through the trunk — the whole image at once when that fits the memory budget, in exact
-overlapping tiles otherwise (:func:`wsilocal.stream.geometry.trunk_forward`). No cache is written, and the
+resolution through the trunk — the whole image at once when that fits the memory budget and is the faster mode,
+exactly in bands otherwise (:func:`wsilocal.stream.forward.trunk_forward`). No cache is written, and the
 pixels are those the cache would hold, so a prediction equals what ``wsilocal evaluate`` computes.
 
 A run of a tile-based MIL baseline (``wsilocal baseline``) predicts through the same functions:
