@@ -305,6 +305,28 @@ def test_disk_store_gives_identical_results(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the store's file never had a name to leave behind
 
 
+def test_auto_store_keeps_maps_in_memory_up_to_its_bytes_then_takes_files(tmp_path):
+    make = streaming.store_factory("disk", torch.float32, tmp_path, memory_bytes=2 * 4 * 10 * 10)
+    first, second, third = (make((1, 10, 10), False) for _ in range(3))
+    assert (first.where, second.where, third.where) == ("memory", "memory", "disk")  # 400 B each, 800 B allowed
+    first.close()  # a closed store gives its bytes back
+    assert make((1, 10, 10), True).where == "memory"
+    assert make((1, 30, 30), False).where == "disk"  # larger than what is left
+    # A step with part of its maps in memory, part in files: the same losses and gradients as all in files.
+    net, source = make_net(2, dtype=torch.float32), make_source(200, 150)
+    runs = []
+    for memory_bytes in (None, 600_000):  # 600 kB: 10 of its 50 stores in memory
+        torch.manual_seed(0)
+        result = streaming_local_step(net, source, LABEL, tile=96, store="disk", store_dir=tmp_path,
+                                      store_memory_bytes=memory_bytes, generator=torch.Generator().manual_seed(2))
+        runs.append((result, take_gradients(net)))
+    (disk, disk_grads), (mixed, mixed_grads) = runs
+    assert mixed.cls_losses == disk.cls_losses and mixed.rfr_losses == disk.rfr_losses
+    assert all(torch.equal(mixed_grads[name], g) for name, g in disk_grads.items())
+    assert streaming.auto_store_memory_bytes("auto", 1000) == 500
+    assert streaming.auto_store_memory_bytes("disk", 1000) is None
+
+
 def test_tile_per_module_must_match_k():
     net, source = make_net(4, dtype=torch.float32), make_source(64, 64)
     with pytest.raises(ValueError, match=r"expected one tile or 4 \(one per module\), got \[64, 64\]"):

@@ -110,7 +110,7 @@ class TrainConfig:
     # --- streaming (memory bounded by a tile instead of the slide; same gradients)
     streaming: bool = False  # stream every slide; otherwise only slides that would not fit memory_budget_gb
     stream_tile: int = 4096  # output block per window in image pixels (each window adds its halo)
-    stream_store: str = "auto"  # where x_i waits for module i+1: "memory", "disk" (mmap), auto = memory on GPU
+    stream_store: str = "auto"  # where x_i waits: "memory", "disk" (mmap); auto: memory on GPU, on CPU half the budget
     memory_budget_gb: float | None = None  # per-step budget for choosing streaming; none = share of free memory
 
     def validate(self) -> TrainConfig:

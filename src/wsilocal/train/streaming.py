@@ -35,6 +35,7 @@ its gradient). Cost: a plain forward and backward, the halos of each block (~1�
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,10 +69,22 @@ from wsilocal.train.local_step import StepResult, module_masks
 DEFAULT_TILE = 4096
 
 
-def store_factory(where: Where, dtype: torch.dtype, store_dir: str | Path | None = None) -> StoreFactory:
-    """The engine's stores: :class:`ActivationStore` of ``dtype`` in host memory or unnamed files in ``store_dir``."""
+def store_factory(where: Where, dtype: torch.dtype, store_dir: str | Path | None = None, *,
+                  memory_bytes: int | None = None) -> StoreFactory:
+    """The engine's stores: :class:`ActivationStore` of ``dtype`` in host memory or unnamed files in ``store_dir``.
+
+    ``where="disk"`` with ``memory_bytes``: a store goes to host memory while the open ones there hold at most
+    ``memory_bytes`` with it, to a file beyond (``stream_store: auto`` on a CPU — memory is the faster store, and
+    files keep a large slide's maps out of RAM).
+    """
+    in_memory: list[ActivationStore] = []
 
     def make(shape: tuple[int, int, int], zero: bool) -> MapStore:
+        if where == "disk" and memory_bytes is not None:
+            held = sum(store.array.nbytes for store in in_memory if store.height)  # a closed store is 0×0
+            if held + math.prod(shape) * dtype.itemsize <= memory_bytes:
+                in_memory.append(ActivationStore.create(shape, dtype, where="memory", zero=zero))
+                return in_memory[-1]
         return ActivationStore.create(shape, dtype, where=where, dir=store_dir, zero=zero)
 
     return make
@@ -245,6 +258,7 @@ def streaming_local_step(
     tile: int | Sequence[int] = DEFAULT_TILE,
     store: Where = "memory",
     store_dir: str | Path | None = None,
+    store_memory_bytes: int | None = None,
     active: range | None = None,
     alpha: float = 1.0,
     class_weight: torch.Tensor | None = None,
@@ -263,6 +277,8 @@ def streaming_local_step(
             plans ``tile // stride`` of its own output pixels). Memory grows with it.
         store: where the maps wait (each block's input and activations, x_i, their gradients): ``"memory"``
             (host memory; on a GPU) or ``"disk"`` (unnamed memory-mapped files in ``store_dir``; on CPU).
+        store_memory_bytes: with ``store="disk"``, keep maps in host memory up to this many bytes at a time
+            (:func:`store_factory`; the trainer's ``stream_store: auto`` on a CPU); None: all on disk.
         active, alpha, class_weight, loss_scale, generator, on_module_backward: as for
             :func:`~wsilocal.train.local_step.local_training_step` (RFR patches are drawn from ``generator``
             exactly as there; dropout draws from the global RNG in the same order).
@@ -273,7 +289,7 @@ def streaming_local_step(
         raise ValueError(f"streaming: expected one tile or {k} (one per module), got {tiles}")
     active = active if active is not None else range(k)
     target = _target(net, label)
-    make_store = store_factory(store, next(net.trunk.parameters()).dtype, store_dir)
+    make_store = store_factory(store, next(net.trunk.parameters()).dtype, store_dir, memory_bytes=store_memory_bytes)
     result = StepResult()
     masks = module_masks(net, tissue)
     current: ImageSource | MapStore = source
@@ -340,12 +356,25 @@ def streaming_forward_all_classifiers(net: LocalNet, source: ImageSource, *, upt
     return outputs
 
 
+#: The share of the memory budget that ``stream_store: auto`` on a CPU lets a streamed training step keep in host
+#: memory (the rest is for its windows): the memory store makes the step 5–13 % faster than files
+#: (docs/benchmarks.md, *Streaming*), and files keep the maps of a slide too large for it out of RAM.
+AUTO_STORE_MEMORY_SHARE = 0.5
+
+
 def resolve_store(configured: str, device: torch.device) -> Where:
     """Where streamed maps wait: ``configured`` (``stream_store``), or for ``"auto"`` host memory next to a GPU
-    and a memory-mapped file on CPU, where RAM is the very memory streaming saves."""
+    and a memory-mapped file on CPU, where RAM is the very memory streaming saves (a training step keeps
+    :data:`AUTO_STORE_MEMORY_SHARE` of the budget's worth in memory even there: :func:`auto_store_memory_bytes`)."""
     if configured != "auto":
         return configured  # type: ignore[return-value]  # the config validates it
     return "memory" if device.type == "cuda" else "disk"
+
+
+def auto_store_memory_bytes(configured: str, memory_budget: int) -> int | None:
+    """Bytes of maps a streamed training step keeps in host memory before it takes files: with
+    ``stream_store: auto``, :data:`AUTO_STORE_MEMORY_SHARE` of ``memory_budget``; None for a store the user chose."""
+    return int(AUTO_STORE_MEMORY_SHARE * memory_budget) if configured == "auto" else None
 
 
 # --- when to stream ------------------------------------------------------------------------------

@@ -80,6 +80,7 @@ from wsilocal.train.loop import (
 from wsilocal.train.metrics import classification_metrics
 from wsilocal.train.streaming import (
     DEFAULT_TILE,
+    auto_store_memory_bytes,
     resolve_store,
     should_stream,
     streaming_end_to_end_step,
@@ -556,7 +557,9 @@ class Trainer:
             elif streamed:
                 result = streaming_local_step(
                     net, TensorSource(image), label, tile=config.stream_tile,
-                    store=resolve_store(config.stream_store, self.device), active=phase, alpha=config.alpha,
+                    store=resolve_store(config.stream_store, self.device),
+                    store_memory_bytes=auto_store_memory_bytes(config.stream_store, self._memory_budget()),
+                    active=phase, alpha=config.alpha,
                     generator=sample_generator(config.seed, Purpose.RFR, stream, index),
                     **common)
             else:
