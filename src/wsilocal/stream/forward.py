@@ -33,7 +33,7 @@ from wsilocal.stream.sources import ImageSource, read_bytes
 #: *Whole-image memory*.
 WHOLE_HEAP_OVERHEAD = 1.45
 
-#: On a CPU the band-streamed forward is the faster one from about a megapixel up — 0.60–0.95× the whole-image
+#: On a CPU the band-streamed forward is the faster one from about a megapixel up — 0.58–0.95× the whole-image
 #: forward's time at 1024²–4096² px for ResNet18/34/50, 1.2× at 512² (its memory is always lower): where a whole
 #: forward's maps outgrow the caches, bands of 64 rows stay in them. docs/benchmarks.md, *Whole or streamed*.
 CPU_STREAM_FROM_PIXELS = 1024 * 1024
@@ -81,7 +81,6 @@ def whole_forward_bytes(trunk: ResNetTrunk, height: int, width: int, *, source: 
     return round(WHOLE_HEAP_OVERHEAD * (activations + read_bytes(source, height, width))) + FIXED_OVERHEAD
 
 
-
 def trunk_forward(trunk: ResNetTrunk, source: ImageSource, *, memory_budget: int | None = None,
                   band: int | None = None, stream_from: int | None = None, progress: bool = False,
                   needed: np.ndarray | None = None) -> tuple[torch.Tensor, str]:
@@ -97,8 +96,8 @@ def trunk_forward(trunk: ResNetTrunk, source: ImageSource, *, memory_budget: int
     the whole-image forward computes everything.
     """
     blocks = trunk.blocks()
-    whole_fits = memory_budget is None or whole_forward_bytes(trunk, source.height, source.width,
-                                                                        source=source) <= memory_budget
+    whole_fits = memory_budget is None or \
+        whole_forward_bytes(trunk, source.height, source.width, source=source) <= memory_budget
     streaming_is_faster = stream_from is not None and source.height * source.width >= stream_from
     with inference([trunk]):
         if whole_fits and band is None and not streaming_is_faster:
