@@ -36,6 +36,7 @@ its gradient). Cost: a plain forward and backward, the halos of each block (~1�
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,14 +78,16 @@ def store_factory(where: Where, dtype: torch.dtype, store_dir: str | Path | None
     ``memory_bytes`` with it, to a file beyond (``stream_store: auto`` on a CPU — memory is the faster store, and
     files keep a large slide's maps out of RAM).
     """
-    in_memory: list[ActivationStore] = []
+    # Weak references: a store the engine has closed (0×0) or dropped holds nothing here, nor is kept alive by it.
+    in_memory: weakref.WeakSet[ActivationStore] = weakref.WeakSet()
 
     def make(shape: tuple[int, int, int], zero: bool) -> MapStore:
         if where == "disk" and memory_bytes is not None:
-            held = sum(store.array.nbytes for store in in_memory if store.height)  # a closed store is 0×0
+            held = sum(store.array.nbytes for store in in_memory)
             if held + math.prod(shape) * dtype.itemsize <= memory_bytes:
-                in_memory.append(ActivationStore.create(shape, dtype, where="memory", zero=zero))
-                return in_memory[-1]
+                store = ActivationStore.create(shape, dtype, where="memory", zero=zero)
+                in_memory.add(store)
+                return store
         return ActivationStore.create(shape, dtype, where=where, dir=store_dir, zero=zero)
 
     return make
