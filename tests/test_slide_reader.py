@@ -317,3 +317,54 @@ def test_corrupt_tile_in_the_middle_fails_when_read(make_slide, tmp_path):
             with pytest.raises(SlideError) as error:
                 read_region_at_mpp(slide, 0.25, (0, 0, 2100, 2400))
         assert str(error.value).startswith(f"{path}: truncated or corrupt: cannot read level 0"), backend
+
+
+# --- direct TIFF tile decoding ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["aperio", "generic"])
+def test_direct_tile_decoding_gives_openslides_pixels_bit_for_bit(make_slide, layout):
+    path = make_slide(smooth_texture(2100, 1800, seed=3), layout=layout, mpp=0.5, tile=256)
+    regions = [(0, 0, 2100, 1800), (255, 255, 2, 2), (100, 700, 1900, 900), (2099, 1799, 1, 1), (-40, 1600, 300, 300)]
+    with open_slide(path) as direct, open_slide(path, direct_decode=False) as reference:
+        assert direct.level_count == 2 and direct.direct_levels == [0, 1]
+        assert reference.direct_levels == []
+        for level in (0, 1):
+            scale = direct.level_downsamples[level]
+            for x, y, w, h in regions:
+                w, h = max(1, round(w / scale)), max(1, round(h / scale))
+                np.testing.assert_array_equal(direct.read_region(x, y, level, w, h),
+                                              reference.read_region(x, y, level, w, h))
+        np.testing.assert_array_equal(read_region_at_mpp(direct, 1.3), read_region_at_mpp(reference, 1.3))
+
+
+def test_a_level_whose_direct_decode_differs_from_openslide_stays_with_openslide(make_slide, monkeypatch):
+    from wsilocal.slide.tiff_tiles import TiffTileReader
+
+    path = make_slide(smooth_texture(2100, 1800), mpp=0.5, tile=256)  # two levels
+    with open_slide(path, direct_decode=False) as reference:
+        expected = reference.read_region(0, 0, 0, 600, 600)
+    decode = TiffTileReader.read
+
+    def off_by_one_on_level_0(self, level, *args):
+        pixels = decode(self, level, *args)
+        return pixels ^ 1 if level == 0 else pixels
+
+    monkeypatch.setattr(TiffTileReader, "read", off_by_one_on_level_0)
+    with open_slide(path) as slide:
+        assert slide.direct_levels == [1]  # level 0 failed the check at open and is read by OpenSlide
+        np.testing.assert_array_equal(slide.read_region(0, 0, 0, 600, 600), expected)
+
+
+def test_a_damaged_tile_in_the_middle_of_a_level_is_a_slide_error_when_read(make_slide):
+    path = make_slide(smooth_texture(1024, 1024), mpp=0.5, tile=256)
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]  # neither first nor last tile
+    data = bytearray(path.read_bytes())
+    data[offset : offset + count] = bytes(count)  # zeros: no JPEG markers left in the tile
+    path.write_bytes(bytes(data))
+    with open_slide(path) as slide:
+        assert 0 in slide.direct_levels
+        slide.read_region(0, 0, 0, 256, 256)  # an intact tile reads
+        with pytest.raises(SlideError, match=f"{path}.*truncated or corrupt: cannot read level 0"):
+            slide.read_region(256, 256, 0, 256, 256)

@@ -186,7 +186,9 @@ def run_tile_pipeline(slide_path: str | Path, extractor: FeatureExtractor, mil: 
     device = next(extractor.parameters()).device
     start = time.perf_counter()
     laps = _Laps(device)
-    with open_slide(slide_path) as slide:
+    # Tiles read through OpenSlide's read_region, as CLAM's, DSMIL's and TransMIL's readers do (not our direct
+    # TIFF tile decoding, which `wsilocal features` does use).
+    with open_slide(slide_path, direct_decode=False) as slide:
         tissue = detect_tissue(slide, mask_mpp=MASK_MPP)
         laps.lap("tissue")
         coords = tile_grid(slide, tissue, mpp, tile, min_tissue)

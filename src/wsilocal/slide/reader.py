@@ -27,6 +27,7 @@ import tifffile
 import tiffslide
 
 from wsilocal.errors import ConfigError, SlideError
+from wsilocal.slide.tiff_tiles import DIRECT_VENDORS, TiffTileReader
 
 #: A pyramid level counts as "not coarser than the target" up to this relative excess, so a level
 #: stored at 2.01 µm/px serves a 2.0 µm/px request instead of falling back to a 4× finer level.
@@ -77,6 +78,12 @@ class Slide:
                             _positive_float(props.get(prefix + "mpp-y"))) if m is not None]
         file_mpp = sum(mpps) / len(mpps) if mpps else None
         self.mpp_or_none: float | None = file_mpp if file_mpp is not None else assume_mpp
+        self._direct: TiffTileReader | None = None  # levels decoded without OpenSlide (attach_direct_reader)
+
+    @property
+    def direct_levels(self) -> list[int]:
+        """Levels whose tiles are decoded straight from the TIFF file (bit-identical to OpenSlide, faster)."""
+        return self._direct.levels if self._direct is not None else []
 
     @property
     def mpp(self) -> float:
@@ -100,6 +107,8 @@ class Slide:
 
     def close(self) -> None:
         """Release the file. The slide cannot be read afterwards."""
+        if self._direct is not None:
+            self._direct.close()
         self._handle.close()
 
     def __enter__(self) -> Slide:
@@ -110,7 +119,41 @@ class Slide:
 
     def __repr__(self) -> str:
         return (f"Slide({str(self.path)!r}, backend={self.backend!r}, vendor={self.vendor!r}, "
-                f"levels={self.level_dimensions}, mpp={self.mpp_or_none})")
+                f"levels={self.level_dimensions}, mpp={self.mpp_or_none}, direct_levels={self.direct_levels})")
+
+    def attach_direct_reader(self) -> None:
+        """Decode the levels of a plain tiled TIFF (Aperio SVS, generic TIFF) straight from the file.
+
+        A level is read directly only if its first and last tiles decode to exactly OpenSlide's pixels; every
+        other level, and every other format, stays with OpenSlide.
+        """
+        if self.backend != "openslide" or self.vendor not in DIRECT_VENDORS or not _is_tiff(self.path):
+            return
+        try:
+            direct = TiffTileReader(self.path, self.level_dimensions)
+        except _READ_ERRORS:
+            return  # OpenSlide read the file; a page table tifffile cannot parse just means no direct reads
+        for level in direct.levels:
+            if not self._direct_matches_backend(direct, level):
+                direct.drop_level(level)
+        if direct.levels:
+            self._direct = direct
+        else:
+            direct.close()
+
+    def _direct_matches_backend(self, direct: TiffTileReader, level: int) -> bool:
+        """Whether the first and last tiles of ``level`` decode alike directly and through OpenSlide."""
+        width, height = self.level_dimensions[level]
+        tile_w, tile_h = direct.tile_size(level)
+        tw, th = min(tile_w, width), min(tile_h, height)
+        for lx, ly in ((0, 0), (width - tw, height - th)):
+            try:
+                mine = direct.read(level, lx, ly, tw, th)
+            except _READ_ERRORS:
+                return False
+            if not np.array_equal(mine, self._read_inside(level, lx, ly, tw, th)):
+                return False
+        return True
 
     def _read_level(self, level: int, lx: int, ly: int, width: int, height: int) -> np.ndarray:
         """Read a region given in pixels *of the level*; everything outside the level is white."""
@@ -133,6 +176,8 @@ class Slide:
         downsample = self.level_downsamples[level]
         location = (_level0_coordinate(lx, downsample), _level0_coordinate(ly, downsample))
         try:
+            if self._direct is not None and level in self._direct.levels:
+                return self._direct.read(level, lx, ly, width, height)
             if self.backend == "openslide":
                 pixels = np.asarray(self._handle.read_region(location, level, (width, height)))
             else:
@@ -154,12 +199,16 @@ def stat_slide_file(path: Path) -> os.stat_result:
         raise SlideError(path, exc.strerror or str(exc)) from None
 
 
-def open_slide(path: str | Path, *, assume_mpp: float | None = None, _backend: str | None = None) -> Slide:
+def open_slide(path: str | Path, *, assume_mpp: float | None = None, direct_decode: bool = True,
+               _backend: str | None = None) -> Slide:
     """Open a slide with OpenSlide, or with tiffslide when OpenSlide refuses a TIFF file.
 
     Args:
         path: the slide file (any format OpenSlide reads, or a TIFF tiffslide reads).
         assume_mpp: microns per pixel to use when the file records none (ignored otherwise).
+        direct_decode: decode the tiles of plain tiled TIFF levels (SVS, generic TIFF) straight from the file
+            where that gives OpenSlide's pixels exactly (:meth:`Slide.attach_direct_reader`); False reads every
+            level through OpenSlide's ``read_region``, as the tile-based tools do.
         _backend: ``"openslide"`` or ``"tiffslide"`` to try only that backend (for tests).
 
     Raises:
@@ -184,10 +233,12 @@ def open_slide(path: str | Path, *, assume_mpp: float | None = None, _backend: s
     if slide is None:
         raise SlideError(path, f"not a slide format OpenSlide or tiffslide can read ({'; '.join(failures)})")
     try:
-        _probe(slide)
+        _probe(slide)  # through the backend, before any direct reader: OpenSlide's checks of damaged tiles
     except SlideError:
         slide.close()
         raise
+    if direct_decode:
+        slide.attach_direct_reader()
     return slide
 
 
