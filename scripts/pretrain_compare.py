@@ -22,8 +22,10 @@ for name, path in weights.items():
     labels = scores["labels"]
     for probe, values in scores["predicted"].items():
         predicted.setdefault(probe, {})[name] = values
-    print(f"{name} ({path}): linear {scores['linear_balanced_accuracy']:.3f}, k-NN {scores['knn_balanced_accuracy']:.3f}")
+    print(f"{name} ({path}): linear {scores['linear_balanced_accuracy']:.3f}, "
+          f"k-NN {scores['knn_balanced_accuracy']:.3f}")
 slides = tile_slides(tiles, "test")
 for probe, pair in predicted.items():
     interval = slide_bootstrap(pair, labels, slides, len(tiles.classes))["B - A"]
-    print(f"{probe}: B - A 95 % interval [{interval[0]:+.3f}, {interval[1]:+.3f}] ({int(slides.max()) + 1} test slides)")
+    print(f"{probe}: B - A 95 % interval [{interval[0]:+.3f}, {interval[1]:+.3f}] "
+          f"({int(slides.max()) + 1} test slides)")

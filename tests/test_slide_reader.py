@@ -368,3 +368,25 @@ def test_a_damaged_tile_in_the_middle_of_a_level_is_a_slide_error_when_read(make
         slide.read_region(0, 0, 0, 256, 256)  # an intact tile reads
         with pytest.raises(SlideError, match=f"{path}.*truncated or corrupt: cannot read level 0"):
             slide.read_region(256, 256, 0, 256, 256)
+
+
+@pytest.mark.parametrize("rows, cols", [(2, 2), (4, 4), (2, 8)])
+def test_integer_block_averaging_equals_the_float_taps_bit_for_bit(rows, cols):
+    from wsilocal.slide.reader import _apply_taps, _block_average, _block_step, _filter_taps
+
+    band = np.random.default_rng(rows * cols).integers(0, 256, (rows * 37, cols * 53, 3), dtype=np.uint8)
+    row_index, row_weight = _filter_taps(0.0, float(rows), np.arange(37), band.shape[0])
+    col_index, col_weight = _filter_taps(0.0, float(cols), np.arange(53), band.shape[1])
+    assert (_block_step(row_index, row_weight), _block_step(col_index, col_weight)) == (rows, cols)
+    floats = _apply_taps(_apply_taps(band, col_index, col_weight, axis=1), row_index, row_weight, axis=0)
+    np.testing.assert_array_equal(_block_average(band, rows, cols), np.clip(floats + 0.5, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("start, step", [(0.5, 2.0), (0.0, 3.0), (0.0, 1.5), (1.0, 2.0)])
+def test_block_averaging_is_used_only_for_aligned_power_of_two_steps(start, step):
+    from wsilocal.slide.reader import _block_step, _filter_taps
+
+    index, weight = _filter_taps(start, step, np.arange(20), 100)
+    # (1.0, 2.0): aligned blocks, but starting at source pixel 1 — the band read starts there, so the caller
+    # shifts the index to 0 first; unshifted it is not the block layout.
+    assert _block_step(index, weight) == 0
