@@ -471,6 +471,13 @@ def _apply_taps(image: np.ndarray, index: np.ndarray, weight: np.ndarray, axis: 
     return result
 
 
+def block_averaged(region_start: tuple[float, float], steps: tuple[float, float]) -> bool:
+    """Whether a read whose region starts at ``region_start`` (x, y in pixels of the level read) with ``steps``
+    (source px per output px along x, y) is resampled by integer block averaging (:func:`_block_average`): both
+    steps 2, 4 or 8 and the start on whole pixels. For memory estimates; the resampler decides from its taps."""
+    return all(step in (2, 4, 8) and float(start).is_integer() for start, step in zip(region_start, steps, strict=True))
+
+
 def _block_step(index: np.ndarray, weight: np.ndarray) -> int:
     """``k`` when the taps average disjoint, consecutive blocks of ``k`` source pixels from pixel 0 with
     ``k`` a power of two up to 8 (the usual SVS case: 2 source px per output px), else 0.

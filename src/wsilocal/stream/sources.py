@@ -15,7 +15,15 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from wsilocal.slide.reader import BAND_BYTES, Slide, level_for_mpp, read_region_at_mpp, read_threads, size_at_mpp
+from wsilocal.slide.reader import (
+    BAND_BYTES,
+    Slide,
+    block_averaged,
+    level_for_mpp,
+    read_region_at_mpp,
+    read_threads,
+    size_at_mpp,
+)
 
 #: Output columns of a slide window resampled at once (:meth:`SlideSource.read`). The resampler's float32
 #: intermediates are about 5× the float32 window it makes (at 2 source px per output px), so one full-width band
@@ -125,7 +133,8 @@ class SlideSource:
         work on one piece of :data:`READ_COLUMNS` columns — per band of source rows (up to one band per read
         thread at once) the source band, what decoding it holds (:meth:`decode_bytes`) and the resampler's
         larger pass: its column pass (a float32 result, a uint8 gather and its float32 product per tap) or its
-        row pass (the column pass's result beside a float32 result, gather and product per output row) — or,
+        row pass (the column pass's result beside a float32 result, gather and product per output row), or for
+        an aligned power-of-two step the integer block average's uint16 sums (:func:`block_averaged`) — or,
         after it, the float32 window; and the slide's tile cache.
         """
         return self._read_bytes(height, width, decoding=True)
@@ -149,7 +158,12 @@ class SlideSource:
         bands = -(-height // out_rows)
         band_rows = min(height, out_rows)
         source_rows = math.ceil(band_rows * step_y) + taps
-        resample = piece * max(source_rows * (4 + 1 + 4), source_rows * 4 + band_rows * 12)
+        if block_averaged((self.region[0] / downsample, self.region[1] / downsample), (step_x, step_y)):
+            # uint16 row sums of the source band, the uint16 block sums and two uint16 temporaries of the rounding,
+            # the uint8 result
+            resample = 2 * band_rows * cols + 7 * band_rows * piece
+        else:
+            resample = piece * max(source_rows * (4 + 1 + 4), source_rows * 4 + band_rows * 12)
         decode = 4 * min(_RESAMPLE_TILE, cols) * source_rows if decoding else 0
         per_band = 3 * (source_rows * cols + max(resample, decode))
         concurrent = min(bands, read_threads(self.slide) if bands > 1 else 1)
