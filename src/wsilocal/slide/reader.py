@@ -38,6 +38,9 @@ BAND_BYTES = 32 * 2**20
 #: read a 4096² box at 5x in 2.6 s instead of 4.6–5.7 s, bit-identically (docs/benchmarks.md, speed). On a GPU
 #: host the read is most of a prediction, so its cores all help; each thread holds one band (≤ BAND_BYTES).
 MAX_READ_THREADS = 8
+#: Integer steps (source px per output px) resampled by integer block averaging: powers of two, whose 1/k weights
+#: make the float taps' sums exact, up to 8 (8 × 8 × 255 still fits the uint16 block sums).
+BLOCK_STEPS = (2, 4, 8)
 #: Decompression-bomb guard: a TIFF strip or tile larger than this when decoded is refused at open.
 MAX_CHUNK_BYTES = 256 * 2**20
 #: Default pixel limit of a read (output, or pixels decoded to make it): larger reads are refused, not attempted.
@@ -127,7 +130,7 @@ class Slide:
         A level is read directly only if its first and last tiles decode to exactly OpenSlide's pixels; every
         other level, and every other format, stays with OpenSlide.
         """
-        if self.backend != "openslide" or self.vendor not in DIRECT_VENDORS or not _is_tiff(self.path):
+        if self.backend != "openslide" or self.vendor not in DIRECT_VENDORS:  # both vendors are TIFF files
             return
         try:
             direct = TiffTileReader(self.path, self.level_dimensions)
@@ -142,7 +145,8 @@ class Slide:
             direct.close()
 
     def _direct_matches_backend(self, direct: TiffTileReader, level: int) -> bool:
-        """Whether the first and last tiles of ``level`` decode alike directly and through OpenSlide."""
+        """Whether the first and last tiles of ``level`` decode alike directly and through OpenSlide (no direct
+        reader is attached yet, so :meth:`_read_inside` reads through the backend)."""
         width, height = self.level_dimensions[level]
         tile_w, tile_h = direct.tile_size(level)
         tw, th = min(tile_w, width), min(tile_h, height)
@@ -475,7 +479,8 @@ def block_averaged(region_start: tuple[float, float], steps: tuple[float, float]
     """Whether a read whose region starts at ``region_start`` (x, y in pixels of the level read) with ``steps``
     (source px per output px along x, y) is resampled by integer block averaging (:func:`_block_average`): both
     steps 2, 4 or 8 and the start on whole pixels. For memory estimates; the resampler decides from its taps."""
-    return all(step in (2, 4, 8) and float(start).is_integer() for start, step in zip(region_start, steps, strict=True))
+    return all(step in BLOCK_STEPS and float(start).is_integer()
+               for start, step in zip(region_start, steps, strict=True))
 
 
 def _block_step(index: np.ndarray, weight: np.ndarray) -> int:
@@ -486,7 +491,7 @@ def _block_step(index: np.ndarray, weight: np.ndarray) -> int:
     of :func:`_block_average` gives bit for bit what :func:`_apply_taps` does, 2–3× faster.
     """
     k = index.shape[1]
-    if k not in (2, 4, 8) or not np.all(weight == np.float32(1 / k)):
+    if k not in BLOCK_STEPS or not np.all(weight == np.float32(1 / k)):
         return 0
     expected = np.arange(index.shape[0])[:, None] * k + np.arange(k)
     return k if np.array_equal(index, expected) else 0
