@@ -181,6 +181,10 @@ def test_arguments_and_errors():
         parser.parse_args(["--out", "x", "--sizes", "32"])
     with pytest.raises(ConfigError, match=r"unknown variant\(s\) \['fast'\]"):
         run_memory_benchmark("unused", variants=("fast",))
+    assert parser.parse_args(["--out", "x", "--stream-store", "memory"]).stream_store == "memory"
+    assert parser.parse_args(["--out", "x"]).stream_store is None  # the device's default store
+    with pytest.raises(ConfigError, match="stream_store must be 'disk' or 'memory', got 'ram'"):
+        run_memory_benchmark("unused", stream_store="ram")
     assert "failed: boom" in format_memory_table([{"variant": "paper", "k": 1, "height": 64, "width": 64,
                                                   "error": "boom"}])
 

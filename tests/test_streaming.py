@@ -420,13 +420,16 @@ def test_tiles_for_budget_are_the_largest_whose_windows_fit():
 # --- the benchmark's streaming rows -------------------------------------------------------------------------
 
 
-def test_bench_child_measures_a_streaming_step(monkeypatch):
-    """One real measurement subprocess: the streamed K=4 step's saved bytes as in-process, anonymous RSS."""
+@pytest.mark.parametrize("store", ["", "memory"])
+def test_bench_child_measures_a_streaming_step(monkeypatch, store):
+    """One real measurement subprocess: the streamed K=4 step's saved bytes as in-process, anonymous RSS; x_i in
+    files by default on CPU, in memory when asked (``--stream-store``), the same saved bytes either way."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    config = step_config(VARIANTS["streaming"], 4, (128, 160), rfr=False, tile=64)
-    assert config.streaming and config.fold_bn and config.boundaries == (3, 6, 11)
+    config = step_config(VARIANTS["streaming"], 4, (128, 160), rfr=False, tile=64, store=store)
+    assert config.streaming and config.fold_bn and config.boundaries == (3, 6, 11) and config.store == store
     measured = _measure({"mode": "memory", "configs": [asdict(config)]})
     assert measured["tiles"] == [64] * 4 and measured["device"] == "cpu"
+    assert measured["store"] == (store or "disk")
     assert 50 * 2**20 < measured["rss_baseline_bytes"] <= measured["rss_model_bytes"] <= measured["peak_rss_bytes"]
     assert measured["peak_rss_bytes"] <= measured["peak_vm_hwm_bytes"]  # anonymous memory is part of the RSS
     in_process = measure_streaming_memory(config.build(), config, config.inputs())
@@ -457,7 +460,8 @@ def test_bench_streaming_records_and_report():
     assert large["ratio_time_nonstreaming"] is None and (large["area_growth"], large["rss_growth"]) == (4.0, 2.0)
     assert large["ratio_rss"] == 4.0  # against StreamingCNN at the same size
     report = format_streaming(list(records.values()))
-    assert "| 256×256 | streaming_local | 4 | 64 | 0 | 0 | — | — | 16.0 | — | 4.0 / 2.00 | 400.0 % | 4.00× |" in report
+    assert "| 256×256 | streaming_local | 4 | — | 64 | 0 | 0 | — | — | 16.0 | — | 4.0 / 2.00 | 400.0 % | 4.00× |" \
+        in report
     assert "- 256×256, K=4: memory ×2.00 for area ×4.0 (×2.00 per 4× area): NOT met" in report
     assert "- 128×128, K=4: step time 2.00× the plain step: NOT met" in report
 
@@ -474,5 +478,5 @@ def test_bench_streaming_only_sizes_take_the_memory_runs_step_time():
     record, = _records(plan, measured, {}, first_step_sizes=[hw])
     assert (record["step_seconds"], record["step_timing"]) == (7.5, "first step")
     report = format_streaming([record])
-    assert "| 256×256 | streaming_local | 4 | 64 |" in report and "| 7.5¹ |" in report
+    assert "| 256×256 | streaming_local | 4 | — | 64 |" in report and "| 7.5¹ |" in report
     assert "¹ one step, timed in the memory run" in report

@@ -99,6 +99,7 @@ class StepConfig:
     tile: int = DEFAULT_TILE  # streaming only: output block per window, image px ...
     window_bytes: int = 0  # ... or, when > 0, per-module tiles whose windows save about this much
     arch: str = DEFAULT_ARCH  # the trunk: resnet18, resnet34 or resnet50
+    store: str = ""  # streaming local learning only: where x_i waits, "disk" or "memory"; "": the device's default
 
     def build(self, device: str | torch.device = "cpu") -> LocalNet:
         """The network, seeded, in train mode."""
@@ -139,9 +140,11 @@ class NoiseSource:
 
 
 def step_config(variant: Variant, k: int, hw: tuple[int, int], rfr: bool = True,
-                tile: int = DEFAULT_TILE, window_bytes: int = 0, arch: str = DEFAULT_ARCH) -> StepConfig:
+                tile: int = DEFAULT_TILE, window_bytes: int = 0, arch: str = DEFAULT_ARCH,
+                store: str = "") -> StepConfig:
     """The network ``variant`` trains with K modules of an ``arch`` trunk at input ``hw`` (a balanced split is
-    chosen for it); ``tile`` and ``window_bytes`` only matter to the streaming variant."""
+    chosen for it); ``tile``, ``window_bytes`` and ``store`` only matter to the streaming variant (``store`` only
+    at K > 1: StreamingCNN keeps no maps between modules)."""
     if variant.balanced:
         # LocalNet itself picks the balanced boundaries, so the benchmark uses exactly what training uses.
         split = LocalNet(N_CLASSES, k, rfr=rfr, input_hw_for_balance=hw, arch=arch).split
@@ -149,7 +152,7 @@ def step_config(variant: Variant, k: int, hw: tuple[int, int], rfr: bool = True,
         split = k
     return StepConfig(hw[0], hw[1], variant.fold_bn, variant.recompute, rfr, block_boundaries(split, arch),
                       variant.streaming, tile if variant.streaming else DEFAULT_TILE,
-                      window_bytes if variant.streaming else 0, arch)
+                      window_bytes if variant.streaming else 0, arch, store if variant.streaming and k > 1 else "")
 
 
 # --- saved bytes of one real step, per module and per kind of tensor ------------------------------------
@@ -249,6 +252,12 @@ def recompute_bound_bytes(net: LocalNet, per_module: Sequence[int], hw: tuple[in
                for saved, spec in zip(per_module, net.specs, strict=True))
 
 
+def default_store(device: torch.device) -> str:
+    """Where this benchmark's streamed local steps keep x_i unless told: files on CPU, whose pages the kernel can
+    evict, so the peak RSS shows the flat memory streaming is for; host memory beside a GPU (training's choice)."""
+    return "disk" if device.type == "cpu" else "memory"
+
+
 def run_step(net: LocalNet, config: StepConfig, inputs: torch.Tensor | NoiseSource, tiles: list[int] | None = None,
              on_module_backward: Any = None) -> StepResult:
     """The training step ``config`` describes, on ``inputs`` (:meth:`StepConfig.inputs`); a streaming step
@@ -259,7 +268,7 @@ def run_step(net: LocalNet, config: StepConfig, inputs: torch.Tensor | NoiseSour
     tiles = tiles or config.tiles(net)
     if len(net.stages) == 1:
         return streaming_end_to_end_step(net, inputs, LABEL, tile=tiles[0], on_module_backward=on_module_backward)
-    store = "disk" if next(net.parameters()).device.type == "cpu" else "memory"
+    store = config.store or default_store(next(net.parameters()).device)
     return streaming_local_step(net, inputs, LABEL, tile=tiles, store=store, generator=generator,
                                 on_module_backward=on_module_backward)
 
@@ -353,6 +362,8 @@ def _child_memory(config: StepConfig) -> dict[str, Any]:
         "cuda_max_allocated": torch.cuda.max_memory_allocated() if device == "cuda" else None,
         "first_step_seconds": seconds,
         "tiles": config.tiles(net) if config.streaming else None,
+        "store": (config.store or default_store(torch.device(device)))
+        if config.streaming and len(net.stages) > 1 else None,
         "device": device,
         "threads": torch.get_num_threads(),
     }
@@ -410,6 +421,7 @@ def run_memory_benchmark(
     window_bytes: int = 0,
     progress: bool = True,
     arch: str = DEFAULT_ARCH,
+    stream_store: str = "",
 ) -> list[dict[str, Any]]:
     """Measure every (size, K, variant); write ``memory.json``, ``.md`` and ``.png`` in ``out_dir``.
 
@@ -427,6 +439,8 @@ def run_memory_benchmark(
             (:func:`~wsilocal.train.streaming.tiles_for_budget`).
         progress: print one line per measurement on stderr.
         arch: the trunk, ``resnet18``, ``resnet34`` (the paper's) or ``resnet50``; ratios are within it.
+        stream_store: where streamed local steps keep x_i: ``disk`` (memory-mapped files), ``memory`` (host
+            memory, counted in the peak RSS), or ``""`` for :func:`default_store`.
 
     Returns one record (dict) per size, K and variant; see ``docs/benchmarks.md`` for the keys.
     """
@@ -435,6 +449,8 @@ def run_memory_benchmark(
         raise ConfigError(f"bench memory: unknown variant(s) {unknown}; known: {sorted(VARIANTS)}")
     if repeats < 0:
         raise ConfigError(f"bench memory: repeats must be >= 0, got {repeats}")
+    if stream_store not in ("", "disk", "memory"):
+        raise ConfigError(f"bench memory: stream_store must be 'disk' or 'memory', got {stream_store!r}")
     ks = sorted(set(ks) | {1})
     if streaming_sizes and "streaming" not in variants:
         variants = [*variants, "streaming"]
@@ -444,7 +460,8 @@ def run_memory_benchmark(
     for hw in [tuple(hw) for hw in sizes] + streaming_only:
         chosen = ["streaming"] if hw in streaming_only else names
         for k in ks:
-            plan += [(VARIANTS[name], k, hw, step_config(VARIANTS[name], k, hw, rfr, tile, window_bytes, arch))
+            plan += [(VARIANTS[name], k, hw, step_config(VARIANTS[name], k, hw, rfr, tile, window_bytes, arch,
+                                                           stream_store))
                      for name in chosen if name in variants or k == 1 or hw in streaming_only]
     configs = list(dict.fromkeys(config for *_, config in plan))
 
@@ -500,6 +517,7 @@ def _records(plan: list, measured: dict[StepConfig, dict[str, Any]], step_times:
             "recompute": variant.recompute, "balanced": variant.balanced, "streaming": variant.streaming,
             "tile": (config.tile if not config.window_bytes else None) if variant.streaming else None,
             "window_bytes": config.window_bytes or None, "tiles": m.get("tiles"), "rfr": config.rfr,
+            "store": m.get("store"),
             "boundaries": list(config.boundaries),
             "step_seconds": statistics.median(times) if times else None, "step_seconds_all": times,
             "step_timing": "first step" if first_step else ("median after warm-up" if times else None),
@@ -682,18 +700,19 @@ def format_streaming(records: Sequence[dict[str, Any]]) -> str:
     rows = [r for r in records if r.get("streaming") and not r.get("error")]
     if not rows:
         return ""
-    lines = ["Streaming (exact gradients, tile by tile; peak RSS = anonymous memory, the memory-mapped x_i store "
-             "excluded). \"vs plain\": the same network's non-streaming step at the same size.", "",
-             "| size | method | K | tile | saved MiB | peak RSS MiB | saved vs plain | RSS vs plain | time s "
+    lines = ["Streaming (exact gradients, tile by tile; peak RSS = anonymous memory: x_i kept in memory-mapped files "
+             "(store `disk`) is not in it, x_i kept in memory (store `memory`) is). \"vs plain\": the same network's "
+             "non-streaming step at the same size.", "",
+             "| size | method | K | store | tile | saved MiB | peak RSS MiB | saved vs plain | RSS vs plain | time s "
              "| time vs plain | vs smaller size: area × / RSS × | RSS vs StreamingCNN | time vs StreamingCNN |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["k"], r["height"] * r["width"])):
         growth = "—" if r["area_growth"] is None else f"{r['area_growth']:.1f} / {r['rss_growth']:.2f}"
         step = "—" if r["step_seconds"] is None else f"{r['step_seconds']:.1f}"
         step += "¹" if r.get("step_timing") == "first step" else ""
         tiles = r["tiles"] or []
         tile = str(tiles[0]) if len(set(tiles)) == 1 else "/".join(map(str, tiles))
-        lines.append(f"| {r['width']}×{r['height']} | {r['method']} | {r['k']} | {tile} "
+        lines.append(f"| {r['width']}×{r['height']} | {r['method']} | {r['k']} | {r.get('store') or '—'} | {tile} "
                      f"| {_mib(r['saved_bytes'])} | {_mib(r['peak_rss_bytes'])} "
                      f"| {_pct(r['ratio_saved_nonstreaming'])} | {_pct(r['ratio_rss_nonstreaming'])} | {step} "
                      f"| {_x(r['ratio_time_nonstreaming'])} "
@@ -746,7 +765,8 @@ def memory_main(args: argparse.Namespace) -> int:
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
     records = run_memory_benchmark(args.out, sizes=sizes, ks=ks, variants=args.variants, repeats=repeats,
                                    rfr=not args.no_rfr, streaming_sizes=args.streaming_sizes, tile=args.tile,
-                                   window_bytes=args.window_mib * MiB, arch=args.arch)
+                                   window_bytes=args.window_mib * MiB, arch=args.arch,
+                                   stream_store=args.stream_store or "")
     print(format_memory_table(records))
     print(f"wrote {Path(args.out) / 'memory.json'}, memory.md, memory.png")
     return 1 if any(r.get("error") for r in records) else 0

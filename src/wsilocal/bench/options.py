@@ -106,6 +106,9 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
                         help="streaming: instead of --tile, per-module tiles whose windows save about this many MiB")
     parser.add_argument("--arch", choices=list(ARCHS), default=DEFAULT_ARCH,
                         help=f"the trunk (default {DEFAULT_ARCH}, the paper's)")
+    parser.add_argument("--stream-store", choices=["disk", "memory"], default=None,
+                        help="streaming local learning: where x_i waits between modules (default: memory-mapped "
+                             "files on CPU, whose pages do not count in the peak RSS; host memory on a GPU)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: sizes 512 1024, K 1 4, one timed round")
 
