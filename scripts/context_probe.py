@@ -1,4 +1,4 @@
-"""Where does the context task fail? Four diagnostics on a prepared context cohort, train and val splits only (the
+"""Where does the context task fail? Six diagnostics on a prepared context cohort, train and val splits only (the
 test split is never read). For docs/benchmarks.md, not a benchmark.
 
 ``cells``:  are the tumour focus (A) and the follicle (B) separable, map cell by map cell, in the frozen trunk's
@@ -12,9 +12,18 @@ test split is never read). For docs/benchmarks.md, not a benchmark.
             rot90/flip augmentation (``--no-augment``: none); val balanced accuracy and AUROC per epoch.
 ``pair``:   the same training with :class:`PairHead` (an A-score, a B-score, "A with B within 4 cells",
             log-sum-exp over the slide) instead of the dilated head.
+``masks``:  the dilated head's training on ideal features instead: two channels per layer3-sized cell, the
+            share of A and of B from the generator's masks, with ``--false-rate`` of the other tissue cells
+            marked A or B at random (a detector with that false-positive rate). Can slide labels teach the
+            relation when A and B are clean, and how clean must they be? WEIGHTS is not read (say ``random``).
+``probed``: the same on the real detector: the layer3 cell probe of ``cells`` (trained on the train slides'
+            masks: privileged) gives each cell its A and B probabilities, the dilated head learns from slide labels.
 
-    .venv/bin/python scripts/context_probe.py cells|oracle|head|pair COHORT_DIR WEIGHTS_OR_random [--epochs N]
-        [--extra-train DIR ...]
+    .venv/bin/python scripts/context_probe.py cells|oracle|head|pair|masks|probed COHORT_DIR WEIGHTS_OR_random
+        [--epochs N] [--extra-train DIR ...] [--false-rate P] [--hidden N] [--lr R] [--pair] [--reach N]
+
+``--hidden``, ``--lr``: the dilated head's width and rate; ``--pair`` (masks, probed): PairHead instead;
+``--reach``: PairHead's reach in cells (the default 4 holds only ~15 % of the near pairs at layer3's grid).
 
 ``--extra-train DIR``: every slide of another prepared context cohort (another seed, so none of COHORT_DIR's) is
 added to the training slides: does the head learn from more slide labels? Validation stays COHORT_DIR's.
@@ -169,7 +178,8 @@ class PairHead(nn.Module):
         return torch.stack([torch.zeros_like(near), self.scale * near + self.bias], dim=1)
 
 
-def run_head(rows: list[dict], trunk: ResNetTrunk, epochs: int, augment: bool, pair: bool = False) -> None:
+def module3_maps(rows: list[dict], trunk: ResNetTrunk) -> list[torch.Tensor]:
+    """The frozen module-3 map of ours K=4 (layer3's grid, 1/24 of the image) per slide, (1, C, h, w)."""
     modules = split_trunk(trunk, 4)
     with torch.no_grad():
         maps = []
@@ -178,13 +188,54 @@ def run_head(rows: list[dict], trunk: ResNetTrunk, epochs: int, augment: bool, p
             for module in modules[:3]:
                 x = module(x)
             maps.append(x)
+    return maps
+
+
+def mask_maps(rows: list[dict], false_rate: float, seed: int = 0) -> list[torch.Tensor]:
+    """Ideal A/B features on layer3's grid: (1, 2, h, w) shares of A and B per cell from the masks; a share
+    ``false_rate`` of the other tissue cells (over half tissue, no A or B) set to 1 in the A or the B channel."""
+    rng = torch.Generator().manual_seed(seed)
+    maps = []
+    for r in rows:
+        image_hw = np.load(r["cohort"] / "cache" / f"{r['slide_id']}.npy", mmap_mode="r").shape[:2]
+        hw = (-(-image_hw[0] // 24), -(-image_hw[1] // 24))
+        mask = np.array(Image.open(r["cohort"] / "masks" / f"{r['slide_id']}.png"))
+        parts = torch.from_numpy(np.stack([mask == MASK_LESION, mask == MASK_FOLLICLE, mask > 0]).astype(np.float32))
+        share = F.adaptive_avg_pool2d(parts[None], hw)[0]
+        features = share[:2].clone()
+        other = (share[2] > 0.5) & (share[:2].sum(0) == 0)
+        false = other & (torch.rand(hw, generator=rng) < false_rate)
+        which = torch.rand(hw, generator=rng) < 0.5
+        features[0][false & which] = 1.0
+        features[1][false & ~which] = 1.0
+        maps.append(features[None])
+    return maps
+
+
+def probed_maps(rows: list[dict], trunk: ResNetTrunk) -> list[torch.Tensor]:
+    """The real detector: the layer3 cell probe (fit on the train slides' masks) as (1, 2, h, w) probabilities of
+    A and B per cell."""
+    maps = [layer_maps(trunk, image_tensor(r["cohort"], r["slide_id"]), ["layer3"])["layer3"].double() for r in rows]
+    labels = [cell_labels(r["cohort"], r["slide_id"], tuple(m.shape[1:])) for r, m in zip(rows, maps, strict=True)]
+    train = [i for i, r in enumerate(rows) if r["split"] == "train"]
+    mu, sd, w = fit_cell_probe(torch.cat([maps[i].flatten(1).t() for i in train]),
+                               torch.cat([labels[i].flatten() for i in train]))
+    probed = []
+    for m in maps:
+        p = torch.softmax(((m.flatten(1).t() - mu) / sd) @ w, 1)[:, :2]
+        probed.append(p.t().reshape(2, *m.shape[1:])[None].float())
+    return probed
+
+
+def run_head(rows: list[dict], maps: list[torch.Tensor], epochs: int, augment: bool, pair: bool = False,
+             lr: float = 1e-3, reach: int = 4, hidden: int = 64) -> None:
     labels = [int(r["label"] == "near") for r in rows]
     train = [i for i, r in enumerate(rows) if r["split"] == "train"]
     val = [i for i, r in enumerate(rows) if r["split"] == "val"]
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    head = PairHead(maps[0].shape[1]) if pair else DilatedHead(maps[0].shape[1])
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-6)
+    head = PairHead(maps[0].shape[1], reach) if pair else DilatedHead(maps[0].shape[1], hidden)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-6)
     for epoch in range(epochs):
         head.train()
         total = 0.0
@@ -208,13 +259,21 @@ def run_head(rows: list[dict], trunk: ResNetTrunk, epochs: int, augment: bool, p
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("cells", "oracle", "head", "pair"))
+    parser.add_argument("what", choices=("cells", "oracle", "head", "pair", "masks", "probed"))
+    parser.add_argument("--pair", action="store_true", help="masks, probed: train PairHead, not the dilated head")
+    parser.add_argument("--reach", type=int, default=4,
+                        help="PairHead: B within this many cells of A (Chebyshev; default 4, the first runs' — it "
+                             "holds only ~15 %% of the near pairs at layer3's grid, 8 holds all)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="head's AdamW rate (default 1e-3)")
+    parser.add_argument("--hidden", type=int, default=64, help="the dilated head's channels (default 64)")
     parser.add_argument("cohort", type=Path, help="folder with cohort.csv, masks/, cache/ (bench accuracy)")
     parser.add_argument("weights", help="a trunk state dict, or 'random'")
     parser.add_argument("--epochs", type=int, default=40, help="head: epochs (default 40)")
     parser.add_argument("--no-augment", action="store_true", help="head: no rot90/flip augmentation")
     parser.add_argument("--extra-train", type=Path, action="append", default=[],
                         help="another prepared context cohort whose slides all join the training slides")
+    parser.add_argument("--false-rate", type=float, default=0.0,
+                        help="masks: share of the other tissue cells marked A or B (default 0)")
     args = parser.parse_args()
     rows = [{**r, "cohort": args.cohort} for r in csv.DictReader(open(args.cohort / "cohort.csv"))
             if r["split"] in ("train", "val")]
@@ -228,7 +287,10 @@ def main() -> None:
     elif args.what == "oracle":
         run_oracle(rows, trunk)
     else:
-        run_head(rows, trunk, args.epochs, not args.no_augment, pair=args.what == "pair")
+        maps = (mask_maps(rows, args.false_rate) if args.what == "masks" else
+                probed_maps(rows, trunk) if args.what == "probed" else module3_maps(rows, trunk))
+        run_head(rows, maps, args.epochs, not args.no_augment, pair=args.what == "pair" or args.pair, lr=args.lr,
+                 reach=args.reach, hidden=args.hidden)
 
 
 if __name__ == "__main__":
