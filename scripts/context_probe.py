@@ -215,16 +215,16 @@ def mask_maps(rows: list[dict], false_rate: float, seed: int = 0) -> list[torch.
 def probed_maps(rows: list[dict], trunk: ResNetTrunk) -> list[torch.Tensor]:
     """The real detector: the layer3 cell probe (fit on the train slides' masks) as (1, 2, h, w) probabilities of
     A and B per cell."""
-    maps = [layer_maps(trunk, image_tensor(r["cohort"], r["slide_id"]), ["layer3"])["layer3"].double() for r in rows]
+    with torch.no_grad():
+        maps = [layer_maps(trunk, image_tensor(r["cohort"], r["slide_id"]), ["layer3"])["layer3"].double()
+                for r in rows]
     labels = [cell_labels(r["cohort"], r["slide_id"], tuple(m.shape[1:])) for r, m in zip(rows, maps, strict=True)]
     train = [i for i, r in enumerate(rows) if r["split"] == "train"]
     mu, sd, w = fit_cell_probe(torch.cat([maps[i].flatten(1).t() for i in train]),
                                torch.cat([labels[i].flatten() for i in train]))
-    probed = []
-    for m in maps:
-        p = torch.softmax(((m.flatten(1).t() - mu) / sd) @ w, 1)[:, :2]
-        probed.append(p.t().reshape(2, *m.shape[1:])[None].float())
-    return probed
+    with torch.no_grad():
+        return [torch.softmax(((m.flatten(1).t() - mu) / sd) @ w, 1)[:, :2].t().reshape(2, *m.shape[1:])[None].float()
+                for m in maps]
 
 
 def run_head(rows: list[dict], maps: list[torch.Tensor], epochs: int, augment: bool, pair: bool = False,
