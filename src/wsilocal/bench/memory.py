@@ -62,6 +62,7 @@ from wsilocal.runtime import process_memory_bytes, tune_cpu_allocator
 from wsilocal.train.local_step import StepResult, local_training_step
 from wsilocal.train.streaming import (
     DEFAULT_TILE,
+    resolve_store,
     streaming_end_to_end_step,
     streaming_local_step,
     tiles_for_budget,
@@ -120,6 +121,14 @@ class StepConfig:
     def tiles(self, net: LocalNet) -> list[int]:
         """The streaming step's tile per module (measures ``net`` on the meta device for ``window_bytes``)."""
         return tiles_for_budget(net, self.window_bytes) if self.window_bytes else [self.tile] * len(net.stages)
+
+    def store_on(self, device: torch.device) -> str | None:
+        """Where a streamed local step (K > 1) keeps x_i on ``device``: ``store``, else training's ``auto`` choice
+        (files on CPU, whose pages the kernel can evict, so the peak RSS shows the flat memory streaming is for;
+        host memory beside a GPU). None for other steps."""
+        if not (self.streaming and self.boundaries):
+            return None
+        return self.store or resolve_store("auto", device)
 
 
 class NoiseSource:
@@ -252,12 +261,6 @@ def recompute_bound_bytes(net: LocalNet, per_module: Sequence[int], hw: tuple[in
                for saved, spec in zip(per_module, net.specs, strict=True))
 
 
-def default_store(device: torch.device) -> str:
-    """Where this benchmark's streamed local steps keep x_i unless told: files on CPU, whose pages the kernel can
-    evict, so the peak RSS shows the flat memory streaming is for; host memory beside a GPU (training's choice)."""
-    return "disk" if device.type == "cpu" else "memory"
-
-
 def run_step(net: LocalNet, config: StepConfig, inputs: torch.Tensor | NoiseSource, tiles: list[int] | None = None,
              on_module_backward: Any = None) -> StepResult:
     """The training step ``config`` describes, on ``inputs`` (:meth:`StepConfig.inputs`); a streaming step
@@ -268,7 +271,7 @@ def run_step(net: LocalNet, config: StepConfig, inputs: torch.Tensor | NoiseSour
     tiles = tiles or config.tiles(net)
     if len(net.stages) == 1:
         return streaming_end_to_end_step(net, inputs, LABEL, tile=tiles[0], on_module_backward=on_module_backward)
-    store = config.store or default_store(next(net.parameters()).device)
+    store = config.store_on(next(net.parameters()).device)
     return streaming_local_step(net, inputs, LABEL, tile=tiles, store=store, generator=generator,
                                 on_module_backward=on_module_backward)
 
@@ -362,8 +365,7 @@ def _child_memory(config: StepConfig) -> dict[str, Any]:
         "cuda_max_allocated": torch.cuda.max_memory_allocated() if device == "cuda" else None,
         "first_step_seconds": seconds,
         "tiles": config.tiles(net) if config.streaming else None,
-        "store": (config.store or default_store(torch.device(device)))
-        if config.streaming and len(net.stages) > 1 else None,
+        "store": config.store_on(torch.device(device)),
         "device": device,
         "threads": torch.get_num_threads(),
     }
@@ -440,7 +442,7 @@ def run_memory_benchmark(
         progress: print one line per measurement on stderr.
         arch: the trunk, ``resnet18``, ``resnet34`` (the paper's) or ``resnet50``; ratios are within it.
         stream_store: where streamed local steps keep x_i: ``disk`` (memory-mapped files), ``memory`` (host
-            memory, counted in the peak RSS), or ``""`` for :func:`default_store`.
+            memory, counted in the peak RSS), or ``""`` for :meth:`StepConfig.store_on`'s default.
 
     Returns one record (dict) per size, K and variant; see ``docs/benchmarks.md`` for the keys.
     """
