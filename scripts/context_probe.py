@@ -59,11 +59,17 @@ def image_tensor(cohort: Path, slide_id: str) -> torch.Tensor:
     return to_tensor(np.load(cohort / "cache" / f"{slide_id}.npy"), list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
+def mask_shares(cohort: Path, slide_id: str, map_hw: tuple[int, int]) -> torch.Tensor:
+    """(3, h, w): the share of A, of B and of tissue in each cell of a map of ``map_hw`` (the generator's mask has
+    the same extent)."""
+    mask = np.array(Image.open(cohort / "masks" / f"{slide_id}.png"))
+    parts = torch.from_numpy(np.stack([mask == MASK_LESION, mask == MASK_FOLLICLE, mask > 0]).astype(np.float32))
+    return F.adaptive_avg_pool2d(parts[None], map_hw)[0]
+
+
 def cell_labels(cohort: Path, slide_id: str, map_hw: tuple[int, int]) -> torch.Tensor:
     """TUMOUR / FOLLICLE / OTHER per cell of a map of ``map_hw`` from the generator's mask (same extent)."""
-    mask = np.array(Image.open(cohort / "masks" / f"{slide_id}.png"))
-    parts = torch.from_numpy(np.stack([mask == MASK_LESION, mask == MASK_FOLLICLE]).astype(np.float32))[None]
-    share = F.adaptive_avg_pool2d(parts, map_hw)[0]
+    share = mask_shares(cohort, slide_id, map_hw)
     labels = torch.full(map_hw, OTHER, dtype=torch.long)
     labels[share[0] > CELL_SHARE] = TUMOUR
     labels[share[1] > CELL_SHARE] = FOLLICLE
@@ -199,9 +205,7 @@ def mask_maps(rows: list[dict], false_rate: float, seed: int = 0) -> list[torch.
     for r in rows:
         image_hw = np.load(r["cohort"] / "cache" / f"{r['slide_id']}.npy", mmap_mode="r").shape[:2]
         hw = (-(-image_hw[0] // 24), -(-image_hw[1] // 24))
-        mask = np.array(Image.open(r["cohort"] / "masks" / f"{r['slide_id']}.png"))
-        parts = torch.from_numpy(np.stack([mask == MASK_LESION, mask == MASK_FOLLICLE, mask > 0]).astype(np.float32))
-        share = F.adaptive_avg_pool2d(parts[None], hw)[0]
+        share = mask_shares(r["cohort"], r["slide_id"], hw)
         features = share[:2].clone()
         other = (share[2] > 0.5) & (share[:2].sum(0) == 0)
         false = other & (torch.rand(hw, generator=rng) < false_rate)
