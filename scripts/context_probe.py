@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,8 @@ from wsilocal.config import IMAGENET_MEAN, IMAGENET_STD
 from wsilocal.models.resnet import ResNetTrunk, load_trunk_weights
 from wsilocal.models.split import split_trunk
 from wsilocal.stream.sources import to_tensor
-from wsilocal.synth import MASK_FOLLICLE, MASK_LESION
+from wsilocal.synth import FIELD_STEP, MASK_FOLLICLE, MASK_LESION
+from wsilocal.synth.masks import mask_of_region
 from wsilocal.train.metrics import binary_auroc
 
 LAYER_END = {"layer1": 3, "layer2": 7, "layer3": 13}  # ResNet34: index of the last block of each layer, stem = 0
@@ -60,9 +62,11 @@ def image_tensor(cohort: Path, slide_id: str) -> torch.Tensor:
 
 
 def mask_shares(cohort: Path, slide_id: str, map_hw: tuple[int, int]) -> torch.Tensor:
-    """(3, h, w): the share of A, of B and of tissue in each cell of a map of ``map_hw`` (the generator's mask has
-    the same extent)."""
-    mask = np.array(Image.open(cohort / "masks" / f"{slide_id}.png"))
+    """(3, h, w): the share of A, of B and of tissue in each cell of a map of ``map_hw`` of the cached image (the
+    generator's mask cut to the cache entry's tissue box, then pooled)."""
+    entry = json.loads((cohort / "cache" / f"{slide_id}.json").read_text())
+    mask = mask_of_region(np.array(Image.open(cohort / "masks" / f"{slide_id}.png")), entry["bbox"],
+                          FIELD_STEP, (entry["width"], entry["height"]))
     parts = torch.from_numpy(np.stack([mask == MASK_LESION, mask == MASK_FOLLICLE, mask > 0]).astype(np.float32))
     return F.adaptive_avg_pool2d(parts[None], map_hw)[0]
 

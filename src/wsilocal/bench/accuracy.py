@@ -225,8 +225,13 @@ class AccuracyBenchSettings:
             (``TrainConfig.lr_trunk``) instead of the demo's from-scratch one.
         init: without ``weights``, where every method starts: ``pretrained`` — ``wsilocal pretrain`` on each
             task's own train and val slides (never its test split), the same weights for our trunk, StreamingCNN
-            and the MIL features — or ``random`` (random weights for all). FULL and QUICK pretrain.
+            and the MIL features — or ``random`` (random weights for all). FULL and QUICK pretrain. ``proxy``:
+            then (from ``weights`` when given) the *supervised* proxy pretraining of :mod:`wsilocal.pretrain.proxy`
+            on the tissue-type masks of a proxy cohort (the task's generator, seed + :data:`PROXY_SEED_OFFSET`,
+            ``proxy_slides_per_class``; none of the benchmark's slides, their labels never read).
         pretrain: :class:`~wsilocal.config.PretrainConfig` fields of that pretraining (steps, batch size, ...).
+        proxy: :class:`~wsilocal.pretrain.proxy.ProxyConfig` fields of the proxy pretraining.
+        proxy_slides_per_class: slides per class of the proxy cohort.
         arch: every method's trunk (ours, StreamingCNN's, the MIL baselines' feature extractor and the
             pretraining): ``resnet34`` (the paper's), or ``resnet18`` (about half the CPU time) / ``resnet50``.
     """
@@ -242,6 +247,8 @@ class AccuracyBenchSettings:
     init: str = "random"
     pretrain: dict[str, Any] = field(default_factory=dict)
     arch: str = "resnet34"
+    proxy: dict[str, Any] = field(default_factory=dict)
+    proxy_slides_per_class: int = 30
 
     def with_budget(self, *, epochs: int | None = None, mil_epochs: int | None = None,
                     slides_per_class: int | None = None) -> AccuracyBenchSettings:
@@ -273,7 +280,10 @@ class AccuracyBenchSettings:
 # ~900 × 400 px per slide, 64-px tiles of the (halved) layout's 256 µm, as the full layout read at 8 µm/px, but a
 # quarter of the level-0 pixels to write, so 100 per class (~60 test slides) stay affordable. One seed by default
 # (--seeds 3 for the full table); each task pretrains once. docs/benchmarks.md has the times.
-INITS = ("pretrained", "random")
+INITS = ("pretrained", "random", "proxy")
+# The proxy cohort's generator seed is the task's + this: none of the benchmark's slides (seed), nor of a
+# confirmation cohort's (seed + CONFIRM_SEED_OFFSET).
+PROXY_SEED_OFFSET = 2000
 # The pretraining of FULL (VICReg; docs/pretraining.md has its time and tile-class probes): 96-px tiles,
 # views of 64 px, batch 64.
 PRETRAIN_FULL: dict[str, Any] = {"steps": 600, "batch_size": 64, "tile": 96, "crop": 64}
@@ -287,7 +297,8 @@ QUICK = AccuracyBenchSettings(cohorts=(
     CohortSettings("morphology", slides_per_class=4, mpp=2.0, tile=128, size=(2048, 2048)),
     CohortSettings("context", slides_per_class=4, mpp=4.0, tile=32, layout_scale=0.25),
 ), seeds=2, epochs=1, mil_epochs=5, demo=DEMO_QUICK, init="pretrained",
-    pretrain={"steps": 10, "batch_size": 8, "warmup_steps": 2, "bn_tiles": 32, "tile": 64, "crop": 48})
+    pretrain={"steps": 10, "batch_size": 8, "warmup_steps": 2, "bn_tiles": 32, "tile": 64, "crop": 48},
+    proxy={"steps": 10, "batch_size": 4, "crop": 96, "eval_every": 5}, proxy_slides_per_class=3)
 
 
 # --- cohorts: generate, cache, extract features (each once) ------------------------------------------------
@@ -352,11 +363,21 @@ def pretraining_config(cohort_settings: CohortSettings, cohort_csv: Path, out: P
 
 def task_weights(settings: AccuracyBenchSettings, cohort_settings: CohortSettings, cohort_csv: Path, out: Path,
                  progress: bool = True) -> str | None:
-    """The initial weights of every method on a task: the user's file, this task's pretraining, or None (random)."""
+    """The initial weights of every method on a task: the user's file, this task's pretraining or None (random);
+    with ``init="proxy"`` the proxy pretraining that starts from those."""
+    if settings.init == "proxy":
+        start = settings.weights or _pretraining_weights(settings, cohort_settings, cohort_csv, out, progress)
+        return proxy_weights(settings, cohort_settings, start, out, progress)
     if settings.weights is not None:
         return settings.weights
     if settings.init == "random":
         return None
+    return _pretraining_weights(settings, cohort_settings, cohort_csv, out, progress)
+
+
+def _pretraining_weights(settings: AccuracyBenchSettings, cohort_settings: CohortSettings, cohort_csv: Path,
+                         out: Path, progress: bool) -> str:
+    """The weights of the task's self-supervised pretraining on its own train and val slides (run or reused)."""
     from wsilocal.pretrain.trainer import CHECKPOINT_FILE, pretrain
 
     config = pretraining_config(cohort_settings, cohort_csv, out, {**settings.pretrain, "arch": settings.arch})
@@ -365,6 +386,35 @@ def task_weights(settings: AccuracyBenchSettings, cohort_settings: CohortSetting
     log_progress(progress, f"[{cohort_settings.task}] pretraining on the train and val slides → {config.out}"
                  + (" (resuming)" if resume else ""))
     return str(pretrain(config, resume=resume, progress=progress).weights)
+
+
+def proxy_cohort_settings(cohort_settings: CohortSettings, slides_per_class: int) -> CohortSettings:
+    """The task's generator settings with the proxy cohort's seed and size."""
+    return replace(cohort_settings, seed=cohort_settings.seed + PROXY_SEED_OFFSET, slides_per_class=slides_per_class)
+
+
+def proxy_weights(settings: AccuracyBenchSettings, cohort_settings: CohortSettings, start: str | None, out: Path,
+                  progress: bool = True) -> str:
+    """The weights of the supervised proxy pretraining of a task (:mod:`wsilocal.pretrain.proxy`) from ``start``:
+    its proxy cohort made and cached in ``OUT/cohorts/<task>-proxy-<n>``, the training in
+    ``OUT/proxy/<task>-<digest of settings and start>``; each reused when there."""
+    from wsilocal.models.resnet import file_sha256
+    from wsilocal.prepare.cache import PrepareSettings, prepare_cohort
+    from wsilocal.pretrain.proxy import ProxyConfig, proxy_pretrain
+    from wsilocal.slide.cohort import load_cohort
+
+    config = ProxyConfig(**{**settings.proxy, "arch": settings.arch}).validate()
+    proxy_settings = proxy_cohort_settings(cohort_settings, settings.proxy_slides_per_class)
+    folder = out / "cohorts" / f"{cohort_settings.task}-proxy-{settings.proxy_slides_per_class}"
+    csv_path = prepare_synthetic_cohort(proxy_settings, folder, workers=settings.workers, progress=progress)
+    prepare_cohort(load_cohort(csv_path), folder / "cache", PrepareSettings(mpp=cohort_settings.mpp),
+                   workers=settings.workers, progress=progress)
+    digest = hashlib.sha256(json.dumps({"config": asdict(config), "start": file_sha256(start) if start else None,
+                                        "cohort": asdict(proxy_settings)}, sort_keys=True).encode()).hexdigest()[:8]
+    run = out / "proxy" / f"{cohort_settings.task}-{digest}"
+    log_progress(progress, f"[{cohort_settings.task}] supervised proxy pretraining on the tissue types of "
+                           f"{folder} → {run}")
+    return str(proxy_pretrain(folder, start, run, config, progress=progress))
 
 
 def prepare_synthetic_cohort(cohort_settings: CohortSettings, folder: Path, *, workers: int = 2,
@@ -779,8 +829,15 @@ def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FU
 
     if settings.init not in INITS:
         raise ConfigError(f"bench accuracy: init must be one of {', '.join(INITS)}, got {settings.init!r}")
-    if settings.init == "pretrained" and settings.weights is None:  # a bad pretraining setting, before hours of work
+    if settings.init in ("pretrained", "proxy") and settings.weights is None:  # bad settings, before hours of work
         pretraining_config(cohorts[0], out / "cohort.csv", out, settings.pretrain)
+    if settings.init == "proxy":
+        from wsilocal.pretrain.proxy import ProxyConfig
+
+        unknown = sorted(set(settings.proxy) - {f.name for f in fields(ProxyConfig)})
+        if unknown:
+            raise ConfigError(f"bench accuracy: unknown proxy setting(s) {', '.join(unknown)}")
+        ProxyConfig(**settings.proxy).validate()
     if settings.weights is not None:  # a wrong weights file too
         from wsilocal.models.resnet import ResNetTrunk, load_trunk_weights
 
@@ -800,7 +857,8 @@ def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FU
                                  "feature_skipped": cohort.feature_skipped, "seconds": cohort.seconds,
                                  "synth_params": asdict(cohort_settings.synth_params()),
                                  "paper_dataset": PAPER_DATASET_OF_TASK[task], "weights": cohort.weights,
-                                 "init": "file" if settings.weights else settings.init,
+                                 "init": ("proxy" if settings.init == "proxy" else
+                                          "file" if settings.weights else settings.init),
                                  "shortcuts": shortcut_aurocs(cohort.csv.parent, classes),
                                  "chance_95": chance_levels(labels, len(classes))}
         for name in rows:
@@ -992,9 +1050,18 @@ def describe_settings(report: dict[str, Any]) -> str:
     d, weights = s["demo"], s.get("weights")
     title = {"resnet18": "ResNet18", "resnet50": "ResNet50"}.get(s.get("arch", "resnet34"), "ResNet34")
     mil_epochs = s["mil_epochs"] or "the model's published count"
-    pretrained = any(info.get("init") == "pretrained" for info in report["tasks"].values())
+    inits = {info.get("init") for info in report["tasks"].values()}
+    pretrained = bool(inits & {"pretrained", "proxy"})
     lr_trunk = TrainConfig.lr_trunk if weights or pretrained else d["lr_trunk"]
-    if weights:
+    if "proxy" in inits:
+        p = s.get("proxy") or {}
+        first = f"the weights in {weights}" if weights else "the task's `wsilocal pretrain` weights"
+        start = features = (
+            f"the weights of a SUPERVISED proxy pretraining (tissue type per map cell — lesion, follicle, other "
+            f"tissue — from the generator's masks of {s.get('proxy_slides_per_class')} slides per class of the "
+            f"task's generator with seed + {PROXY_SEED_OFFSET}, none of the benchmark's, their labels never read; "
+            f"{', '.join(f'{k} {v}' for k, v in p.items()) or 'default settings'}) started from {first}")
+    elif weights:
         start = features = f"the weights in {weights}"
     elif pretrained:
         p = s.get("pretrain") or {}

@@ -35,7 +35,8 @@ def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
                                           "weights for every method")
     parser.add_argument("--init", choices=INITS, help="without --weights: every method starts from `wsilocal "
                         "pretrain` on each task's own train and val slides (pretrained, the default) or from random "
-                        "weights")
+                        "weights; proxy: then (from --weights when given) a SUPERVISED proxy pretraining on the "
+                        "tissue-type masks of other generator slides, labelled as such in the report")
     parser.add_argument("--pretrain-steps", type=int,
                         help=f"steps of that pretraining (default {PRETRAIN_FULL['steps']}; --quick "
                              f"{QUICK.pretrain.get('steps')})")

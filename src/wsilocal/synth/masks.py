@@ -45,6 +45,16 @@ def label_mask(spec: SlideSpec) -> np.ndarray:
     return mask
 
 
+def mask_of_region(mask: np.ndarray, bbox: tuple[int, int, int, int] | list[int], downsample: float,
+                   size: tuple[int, int]) -> np.ndarray:
+    """A coarse-grid mask (one pixel per ``downsample`` level-0 px) cut to the level-0 box ``bbox`` (x, y, w, h)
+    and resized, nearest neighbour, to ``size`` (width, height): the mask of a cached image of that box (a cache
+    entry holds the tissue box, not the whole slide)."""
+    x, y, w, h = bbox
+    box = (x / downsample, y / downsample, (x + w) / downsample, (y + h) / downsample)
+    return np.asarray(Image.fromarray(mask).resize(tuple(size), Image.NEAREST, box=box))
+
+
 def _mask_boxes(mask: np.ndarray, size: tuple[int, int]) -> list[list[int]]:
     """Bounding boxes [x0, y0, x1, y1] in level-0 px of each connected region of a coarse-grid mask."""
     labels, _ = ndimage.label(mask)
