@@ -14,7 +14,8 @@ the rare classes are seen), each one of the 8 flips/rotations with an H&E stain 
 trunk (ordinary BatchNorm) → a 1×1 classifier on the layer3 map and one on the layer4 map → class-balanced
 cross-entropy per cell (a cell is lesion or follicle when 30 % of it is, other tissue when half of it is tissue;
 glass is ignored) → BatchNorm statistics re-estimated on the training slides' whole images (what our trunk and the
-MIL tiles then see) → ``<arch>.safetensors`` in torchvision names, ``proxy.json``, ``loss_curve.png``.
+MIL tiles then see) → ``<arch>.safetensors`` in torchvision names, ``proxy.json``, ``proxy_log.csv``,
+``loss_curve.png``.
 
 Each step's crops come from a generator seeded by (seed, step), so a run stopped and continued from its checkpoint
 ends with the weights of an uninterrupted one.
@@ -40,6 +41,13 @@ from wsilocal.atomic import atomic_output, write_text_atomic
 from wsilocal.errors import ConfigError
 from wsilocal.models.resnet import DEFAULT_ARCH, ResNetTrunk, file_sha256, load_trunk_weights
 from wsilocal.pretrain.augment import normalise, stain_jitter
+from wsilocal.pretrain.trainer import (
+    learning_rate,
+    plot_loss_curve,
+    reestimate_batchnorm,
+    seeded_generator,
+    weights_file_name,
+)
 from wsilocal.synth.masks import MASK_FOLLICLE, MASK_LESION, mask_of_region
 
 LESION, FOLLICLE, OTHER, IGNORE = 0, 1, 2, -100  # cell classes (IGNORE: glass)
@@ -48,8 +56,10 @@ CELL_SHARE = 0.3  # a cell is lesion (follicle) when this share of it is
 TISSUE_SHARE = 0.5  # a cell is other tissue when this share of it is tissue and it is neither
 LAYER_STRIDE = {"layer3": 24, "layer4": 48}  # px of the stride-3 trunk's map cells
 SUMMARY_FILE = "proxy.json"
+LOG_FILE = "proxy_log.csv"
 CHECKPOINT_FILE = "checkpoint.pt"
 STAIN_JITTER, BRIGHTNESS = 0.05, 0.1
+CROP_STREAM = 0x5052  # "PR": the per-step stream of crops and their augmentation
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,11 @@ class ProxyConfig:
     seed: int = 0
     eval_every: int = 100
     arch: str = DEFAULT_ARCH
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps of the linear warm-up: 5 % of the run."""
+        return max(1, self.steps // 20)
 
     def validate(self) -> ProxyConfig:
         for name in ("steps", "batch_size", "eval_every"):
@@ -244,27 +259,6 @@ def held_out_recall(net: ProxyNet, slides: list[ProxySlide]) -> dict[str, list[f
             for name in LAYER_STRIDE}
 
 
-@torch.no_grad()
-def reestimate_batchnorm(trunk: ResNetTrunk, slides: list[ProxySlide]) -> None:
-    """Exact BatchNorm statistics (a cumulative average) over the whole images of ``slides``."""
-    batchnorms = [m for m in trunk.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in batchnorms:
-        bn.reset_running_stats()
-        bn.momentum = None
-    trunk.train()
-    device = next(trunk.parameters()).device
-    for s in slides:
-        trunk(_whole_image(s, device))
-    for bn in batchnorms:
-        bn.momentum = 0.1
-    trunk.eval()
-
-
-def _learning_rate(config: ProxyConfig, step: int) -> float:
-    warmup = max(1, config.steps // 20)
-    return config.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + float(np.cos(np.pi * step / config.steps)))
-
-
 def _signature(config: ProxyConfig, init: str | None, train: list[ProxySlide]) -> dict:
     """What the result depends on: the settings, the initial weights' bytes and the training slides' pixels and
     labels (so an edited cohort is not taken for the old one)."""
@@ -301,8 +295,6 @@ def proxy_pretrain(cohort_dir: str | Path, init: str | None, out: str | Path, co
         ConfigError: bad settings, a folder that is not a prepared synthetic cohort, or ``out`` holding another
             run.
     """
-    from wsilocal.pretrain.trainer import plot_loss_curve, weights_file_name
-
     config = config.validate()
     out, device = Path(out), torch.device(device)
     train = load_proxy_slides(cohort_dir, ("train", "val"))
@@ -336,11 +328,11 @@ def proxy_pretrain(cohort_dir: str | Path, init: str | None, out: str | Path, co
     try:
         while step < config.steps:
             start = time.perf_counter()
-            lr = _learning_rate(config, step)
+            lr = learning_rate(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, labels = sample_batch(train, config.batch_size, config.crop,
-                                     torch.Generator().manual_seed(config.seed * 10**6 + step))
+                                     seeded_generator(config.seed, CROP_STREAM, step))
             loss = sum(balanced_loss(logits, cell_targets(labels, LAYER_STRIDE[name]))
                        for name, logits in net(x.to(device)).items())
             optimizer.zero_grad(set_to_none=True)
@@ -363,12 +355,14 @@ def proxy_pretrain(cohort_dir: str | Path, init: str | None, out: str | Path, co
                 raise TrainingInterrupted(f"proxy pretraining stopped after step {step}; run it again to continue")
     finally:
         bar.close()
-    reestimate_batchnorm(net.trunk, train)
+    reestimate_batchnorm(net.trunk, (_whole_image(s, device) for s in train))
     weights_file = out / weights_file_name(config.arch)
     with atomic_output(weights_file) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in net.trunk.state_dict().items()}, str(tmp),
                   metadata={"format": f"torchvision {config.arch} (no fc)",
                             "producer": "wsilocal proxy pretraining (supervised: tissue-type masks)"})
+    with atomic_output(out / LOG_FILE) as tmp:
+        np.savetxt(tmp, np.array(history), delimiter=",", header="step,loss,lr,crops_per_s", comments="", fmt="%.6g")
     plot_loss_curve(history, out / "loss_curve.png", title="proxy pretraining (supervised: tissue type per cell)")
     summary = {
         "what": "SUPERVISED proxy pretraining on the generator's tissue-type masks (lesion, follicle, other tissue) "

@@ -27,9 +27,11 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,6 +45,9 @@ from wsilocal.plotting import pyplot
 from wsilocal.pretrain.augment import Augmentation, normalise, two_views
 from wsilocal.pretrain.objectives import PretrainNet, objective_loss
 from wsilocal.pretrain.tiles import TileIndex, TileSampler, build_tile_index, find_slide_files
+
+if TYPE_CHECKING:
+    from wsilocal.pretrain.proxy import ProxyConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +88,25 @@ def slide_paths(config: PretrainConfig) -> list[Path]:
     return unique
 
 
-def learning_rate(config: PretrainConfig, step: int) -> float:
+@torch.no_grad()
+def reestimate_batchnorm(trunk: torch.nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Replace the running statistics of every BatchNorm of ``trunk`` by the exact mean and variance (a cumulative
+    average) over ``batches`` of normalised inputs; the trunk is left in eval mode."""
+    batchnorms = [m for m in trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in batchnorms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over all batches
+    trunk.train()
+    try:
+        for x in batches:
+            trunk(x)
+    finally:
+        for bn in batchnorms:
+            bn.momentum = 0.1
+        trunk.eval()
+
+
+def learning_rate(config: PretrainConfig | ProxyConfig, step: int) -> float:
     """Linear warm-up to ``lr`` over ``warmup_steps``, then a half cosine to 0 at ``steps``."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
@@ -91,7 +114,7 @@ def learning_rate(config: PretrainConfig, step: int) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _generator(*words: int) -> torch.Generator:
+def seeded_generator(*words: int) -> torch.Generator:
     """A CPU torch generator seeded from a tuple of integers (independent streams for distinct tuples)."""
     seed = int(np.random.SeedSequence(list(words)).generate_state(1, np.uint64)[0] >> np.uint64(1))
     return torch.Generator().manual_seed(seed)
@@ -272,7 +295,7 @@ class _Run:
         config = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(config, self.step)
-        gen = _generator(config.seed, AUGMENT_STREAM, self.step, self.ctx.rank)
+        gen = seeded_generator(config.seed, AUGMENT_STREAM, self.step, self.ctx.rank)
         view1, view2 = two_views(torch.from_numpy(tiles).to(self.ctx.device), self.aug, gen)
         self.model.train()
         # Both views in one forward: one BatchNorm batch and one DDP forward per backward.
@@ -323,33 +346,28 @@ class _Run:
             sampler.close()
         return result
 
-    @torch.no_grad()
     def _reestimate_batchnorm(self) -> None:
         """Replace the running statistics (an average over augmented views) by the exact mean and variance over
         ``bn_tiles`` un-augmented whole tiles: what the weights' users (whole slides, MIL tiles) feed them."""
         if self.config.bn_tiles == 0:
             return
-        batchnorms = [m for m in self.net.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        for bn in batchnorms:
-            bn.reset_running_stats()
-            bn.momentum = None  # a cumulative average over all batches
-        self.net.trunk.train()
-        seen, batch = 0, 0
         bn_sampler = TileSampler(self.index, mpp=self.config.mpp, tile=self.config.tile,
                                  batch_size=min(self.config.batch_size, self.config.bn_tiles),
                                  seed=self.config.seed, rank=BN_STREAM, workers=self.config.workers,
                                  assume_mpp=self.config.assume_mpp)
-        try:
+
+        def batches():
+            seen, batch = 0, 0
             while seen < self.config.bn_tiles:
                 tiles = torch.from_numpy(bn_sampler.batch(batch)).to(self.ctx.device)
-                self.net.trunk(normalise(tiles.permute(0, 3, 1, 2).float().div_(255)))
+                yield normalise(tiles.permute(0, 3, 1, 2).float().div_(255))
                 seen += len(tiles)
                 batch += 1
+
+        try:
+            reestimate_batchnorm(self.net.trunk, batches())
         finally:
             bn_sampler.close()
-            for bn in batchnorms:
-                bn.momentum = 0.1
-            self.net.trunk.eval()
 
     def _finish(self) -> PretrainResult:
         out = self.out
