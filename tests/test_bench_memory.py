@@ -202,3 +202,13 @@ def test_arch_is_measured_with_its_own_split_and_reference(module_tmp, arch, bou
     assert four["saved_bytes"] == measure_step_memory(net, config.image()).saved_bytes  # the child built the same
     assert four["ratio_saved"] == four["saved_bytes"] / one["saved_bytes"] < 1
     assert f"| 128×128 | {arch} | folded | 4 |" in (out / "memory.md").read_text()
+
+
+def test_memory_plot_legend_names_where_streamed_maps_waited():
+    from wsilocal.bench.plots import memory_line_label
+
+    records = [{"variant": "streaming", "k": 4, "store": "memory"}, {"variant": "streaming", "k": 4, "store": None},
+               {"variant": "streaming", "k": 1, "store": None}, {"variant": "paper", "k": 4}]
+    assert memory_line_label(records, "streaming", 4) == "streaming K=4 (maps in memory)"
+    assert memory_line_label(records, "streaming", 1) == "streaming K=1"  # StreamingCNN keeps no maps
+    assert memory_line_label(records, "paper", 4) == "paper K=4"

@@ -25,6 +25,13 @@ def _lines(records: Sequence[dict[str, Any]], key: str) -> dict[tuple[str, int],
     return {name: sorted(points) for name, points in lines.items()}
 
 
+def memory_line_label(records: Sequence[dict[str, Any]], variant: str, k: int) -> str:
+    """The legend entry of a (variant, K) line: with where its streamed maps waited (``--stream-store``) when the
+    records say, since the peak RSS counts them only in host memory."""
+    stores = sorted({r["store"] for r in records if (r["variant"], r["k"]) == (variant, k) and r.get("store")})
+    return f"{variant} K={k}" + (f" (maps in {'/'.join(stores)})" if stores else "")
+
+
 def plot_memory(records: Sequence[dict[str, Any]], path: str | Path) -> None:
     """Left: saved bytes of each (variant, K) as a share of the paper-style K=1, against input size, with the
     paper's ratios and the goal. Right: peak RSS of the step's process against input area."""
@@ -36,7 +43,7 @@ def plot_memory(records: Sequence[dict[str, Any]], path: str | Path) -> None:
             marker, style = VARIANT_STYLES.get(variant, ("x", "-"))
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, [y * scale for y in ys], marker=marker, linestyle=style,
-                    color=K_COLOURS.get(k, "black"), label=f"{variant} K={k}")
+                    color=K_COLOURS.get(k, "black"), label=memory_line_label(records, variant, k))
         ax.set_xscale("log")
         sizes = sorted({(r["height"] * r["width"], r["width"], r["height"]) for r in records})
         ax.set_xticks([area / 1e6 for area, *_ in sizes], [f"{w}×{h}" for _, w, h in sizes])
