@@ -21,8 +21,11 @@ test split is never read). For docs/benchmarks.md, not a benchmark.
 
     .venv/bin/python scripts/context_probe.py cells|oracle|head|pair|masks|probed COHORT_DIR WEIGHTS_OR_random
         [--epochs N] [--extra-train DIR ...] [--false-rate P] [--hidden N] [--lr R] [--pair] [--reach N]
+        [--head dilated|final|aux] [--module 3|4]
 
-``--hidden``, ``--lr``: the dilated head's width and rate; ``--pair`` (masks, probed): PairHead instead;
+``--head final|aux`` (head): ours' own H or auxiliary classifier instead of the dilated head; ``--module 4``:
+on the frozen module-4 map (what H reads) instead of module 3's. ``--hidden``, ``--lr``: the dilated head's width
+and rate; ``--pair`` (masks, probed): PairHead instead;
 ``--reach``: PairHead's reach in cells (the default 4 holds only ~15 % of the near pairs at layer3's grid).
 
 ``--extra-train DIR``: every slide of another prepared context cohort (another seed, so none of COHORT_DIR's) is
@@ -43,6 +46,7 @@ from PIL import Image
 from torch import nn
 
 from wsilocal.config import IMAGENET_MEAN, IMAGENET_STD
+from wsilocal.models.heads import AuxiliaryClassifier, FinalClassifier
 from wsilocal.models.resnet import ResNetTrunk, load_trunk_weights
 from wsilocal.models.split import split_trunk
 from wsilocal.stream.sources import to_tensor
@@ -188,17 +192,30 @@ class PairHead(nn.Module):
         return torch.stack([torch.zeros_like(near), self.scale * near + self.bias], dim=1)
 
 
-def module3_maps(rows: list[dict], trunk: ResNetTrunk) -> list[torch.Tensor]:
-    """The frozen module-3 map of ours K=4 (layer3's grid, 1/24 of the image) per slide, (1, C, h, w)."""
+def module_maps(rows: list[dict], trunk: ResNetTrunk, module: int = 3) -> list[torch.Tensor]:
+    """The frozen output map of ours K=4's ``module`` (3: layer3's grid, 1/24 of the image; 4: layer4's, 1/48, what
+    H reads) per slide, (1, C, h, w)."""
     modules = split_trunk(trunk, 4)
     with torch.no_grad():
         maps = []
         for r in rows:
             x = image_tensor(r["cohort"], r["slide_id"])
-            for module in modules[:3]:
-                x = module(x)
+            for stage in modules[:module]:
+                x = stage(x)
             maps.append(x)
     return maps
+
+
+class PackageHead(nn.Module):
+    """Ours' own classifiers as a diagnostic head: H (:class:`FinalClassifier`, attention over positions, no
+    convolution) or the auxiliary classifier (:class:`AuxiliaryClassifier`: a strided k×k conv, then attention)."""
+
+    def __init__(self, channels: int, kind: str):
+        super().__init__()
+        self.head = FinalClassifier(channels, 2) if kind == "final" else AuxiliaryClassifier(channels, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)[0]
 
 
 def mask_maps(rows: list[dict], false_rate: float, seed: int = 0) -> list[torch.Tensor]:
@@ -236,13 +253,15 @@ def probed_maps(rows: list[dict], trunk: ResNetTrunk) -> list[torch.Tensor]:
 
 
 def run_head(rows: list[dict], maps: list[torch.Tensor], epochs: int, augment: bool, pair: bool = False,
-             lr: float = 1e-3, reach: int = 4, hidden: int = 64) -> None:
+             lr: float = 1e-3, reach: int = 4, hidden: int = 64, kind: str = "dilated") -> None:
     labels = [int(r["label"] == "near") for r in rows]
     train = [i for i, r in enumerate(rows) if r["split"] == "train"]
     val = [i for i, r in enumerate(rows) if r["split"] == "val"]
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    head = PairHead(maps[0].shape[1], reach) if pair else DilatedHead(maps[0].shape[1], hidden)
+    channels = maps[0].shape[1]
+    head = (PairHead(channels, reach) if pair else DilatedHead(channels, hidden) if kind == "dilated" else
+            PackageHead(channels, kind))
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-6)
     for epoch in range(epochs):
         head.train()
@@ -274,6 +293,10 @@ def main() -> None:
                              "holds only ~15 %% of the near pairs at layer3's grid, 8 holds all)")
     parser.add_argument("--lr", type=float, default=1e-3, help="head's AdamW rate (default 1e-3)")
     parser.add_argument("--hidden", type=int, default=64, help="the dilated head's channels (default 64)")
+    parser.add_argument("--head", choices=("dilated", "final", "aux"), default="dilated",
+                        help="head: the dilated head, or ours' own H (final) or auxiliary classifier (aux)")
+    parser.add_argument("--module", type=int, choices=(3, 4), default=3,
+                        help="head: the frozen map of ours K=4's module 3 (default) or 4 (what H reads)")
     parser.add_argument("cohort", type=Path, help="folder with cohort.csv, masks/, cache/ (bench accuracy)")
     parser.add_argument("weights", help="a trunk state dict, or 'random'")
     parser.add_argument("--epochs", type=int, default=40, help="head: epochs (default 40)")
@@ -296,9 +319,9 @@ def main() -> None:
         run_oracle(rows, trunk)
     else:
         maps = (mask_maps(rows, args.false_rate) if args.what == "masks" else
-                probed_maps(rows, trunk) if args.what == "probed" else module3_maps(rows, trunk))
+                probed_maps(rows, trunk) if args.what == "probed" else module_maps(rows, trunk, args.module))
         run_head(rows, maps, args.epochs, not args.no_augment, pair=args.what == "pair" or args.pair, lr=args.lr,
-                 reach=args.reach, hidden=args.hidden)
+                 reach=args.reach, hidden=args.hidden, kind=args.head)
 
 
 if __name__ == "__main__":
