@@ -21,7 +21,7 @@ test split is never read). For docs/benchmarks.md, not a benchmark.
 
     .venv/bin/python scripts/context_probe.py cells|oracle|head|pair|masks|probed COHORT_DIR WEIGHTS_OR_random
         [--epochs N] [--extra-train DIR ...] [--false-rate P] [--hidden N] [--lr R] [--pair] [--reach N]
-        [--head dilated|final|aux] [--module 3|4]
+        [--head dilated|final|final-context|aux] [--module 3|4] [--context-width N]
 
 ``--head final|aux`` (head): ours' own H or auxiliary classifier instead of the dilated head; ``--module 4``:
 on the frozen module-4 map (what H reads) instead of module 3's. ``--hidden``, ``--lr``: the dilated head's width
@@ -210,9 +210,11 @@ class PackageHead(nn.Module):
     """Ours' own classifiers as a diagnostic head: H (:class:`FinalClassifier`, attention over positions, no
     convolution) or the auxiliary classifier (:class:`AuxiliaryClassifier`: a strided k×k conv, then attention)."""
 
-    def __init__(self, channels: int, kind: str):
+    def __init__(self, channels: int, kind: str, context: int = 16):
         super().__init__()
-        self.head = FinalClassifier(channels, 2) if kind == "final" else AuxiliaryClassifier(channels, 2)
+        self.head = (FinalClassifier(channels, 2) if kind == "final" else
+                     FinalClassifier(channels, 2, context=context) if kind == "final-context" else
+                     AuxiliaryClassifier(channels, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x)[0]
@@ -253,7 +255,7 @@ def probed_maps(rows: list[dict], trunk: ResNetTrunk) -> list[torch.Tensor]:
 
 
 def run_head(rows: list[dict], maps: list[torch.Tensor], epochs: int, augment: bool, pair: bool = False,
-             lr: float = 1e-3, reach: int = 4, hidden: int = 64, kind: str = "dilated") -> None:
+             lr: float = 1e-3, reach: int = 4, hidden: int = 64, kind: str = "dilated", context: int = 16) -> None:
     labels = [int(r["label"] == "near") for r in rows]
     train = [i for i, r in enumerate(rows) if r["split"] == "train"]
     val = [i for i, r in enumerate(rows) if r["split"] == "val"]
@@ -261,7 +263,7 @@ def run_head(rows: list[dict], maps: list[torch.Tensor], epochs: int, augment: b
     rng = np.random.default_rng(0)
     channels = maps[0].shape[1]
     head = (PairHead(channels, reach) if pair else DilatedHead(channels, hidden) if kind == "dilated" else
-            PackageHead(channels, kind))
+            PackageHead(channels, kind, context))
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-6)
     for epoch in range(epochs):
         head.train()
@@ -293,8 +295,10 @@ def main() -> None:
                              "holds only ~15 %% of the near pairs at layer3's grid, 8 holds all)")
     parser.add_argument("--lr", type=float, default=1e-3, help="head's AdamW rate (default 1e-3)")
     parser.add_argument("--hidden", type=int, default=64, help="the dilated head's channels (default 64)")
-    parser.add_argument("--head", choices=("dilated", "final", "aux"), default="dilated",
-                        help="head: the dilated head, or ours' own H (final) or auxiliary classifier (aux)")
+    parser.add_argument("--head", choices=("dilated", "final", "final-context", "aux"), default="dilated",
+                        help="head: the dilated head, or ours' own H (final), H with its context block "
+                             "(final-context, --context-width channels) or auxiliary classifier (aux)")
+    parser.add_argument("--context-width", type=int, default=16, help="final-context: the block's channels")
     parser.add_argument("--module", type=int, choices=(3, 4), default=3,
                         help="head: the frozen map of ours K=4's module 3 (default) or 4 (what H reads)")
     parser.add_argument("cohort", type=Path, help="folder with cohort.csv, masks/, cache/ (bench accuracy)")
@@ -321,7 +325,7 @@ def main() -> None:
         maps = (mask_maps(rows, args.false_rate) if args.what == "masks" else
                 probed_maps(rows, trunk) if args.what == "probed" else module_maps(rows, trunk, args.module))
         run_head(rows, maps, args.epochs, not args.no_augment, pair=args.what == "pair" or args.pair, lr=args.lr,
-                 reach=args.reach, hidden=args.hidden, kind=args.head)
+                 reach=args.reach, hidden=args.hidden, kind=args.head, context=args.context_width)
 
 
 if __name__ == "__main__":

@@ -236,3 +236,19 @@ def test_slide_cross_entropy_applies_the_class_weight_to_a_single_slide():
         assert torch.allclose(slide_cross_entropy(logits, target, weight), plain * weight[label])
         # the reason for the helper: torch's weighted mean over one sample cancels the weight
         assert torch.allclose(torch.nn.functional.cross_entropy(logits, target, weight=weight), plain)
+
+
+def test_context_block_reads_no_glass_position_and_the_paper_head_keeps_its_names():
+    torch.manual_seed(0)
+    head = FinalClassifier(32, 3, context=8).eval()
+    x = torch.randn(1, 32, 9, 11)
+    mask = torch.zeros(9, 11, dtype=torch.bool)
+    mask[2:7, 3:9] = True
+    noisy = torch.where(mask, x, torch.randn_like(x) * 100)  # what glass cells hold does not matter
+    logits, attention = head(x, mask)
+    again, attention_again = head(noisy, mask)
+    torch.testing.assert_close(logits, again, rtol=0, atol=1e-6)
+    assert torch.equal(attention == 0, ~mask) and torch.allclose(attention, attention_again, atol=1e-7)
+    assert not torch.equal(head(noisy)[0], logits)  # without the mask the glass cells are read
+    assert {k.split(".")[0] for k in FinalClassifier(32, 3).state_dict()} == {"pool", "classifier"}
+    assert head.instances(x, mask).shape == (1, 8, 9, 11)

@@ -157,6 +157,34 @@ def test_masked_prediction_equals_the_evaluation_from_the_cache(run, reference, 
     assert not Predictor.from_run(run.dir).mask_glass  # a model.json without the record: no mask, as before
 
 
+@pytest.mark.parametrize("budget, band, mode", [(BIG, None, "whole"), (TINY, 4, "streamed")])
+def test_a_context_head_predicts_as_it_evaluates_whether_glass_was_computed_or_skipped(run, masked_run, budget,
+                                                                                        band, mode, tmp_path):
+    """H with its context block (``head_context``): read from the run's config, and with glass masked the
+    prediction equals the cache's evaluation, whole or streamed (streamed, glass cells are not computed)."""
+    import yaml
+
+    folder = tmp_path / "context_run"
+    shutil.copytree(masked_run, folder)
+    config = TrainConfig(**{**yaml.safe_load((folder / "config.yaml").read_text()), "head_context": 8})
+    save_config(config, folder / "config.yaml")
+    torch.manual_seed(1)
+    net = build_model(config, len(CLASSES))
+    net.trunk.load_state_dict(run.net.trunk.state_dict())
+    assert net.head.context is not None and "context block" in net.describe()
+    state = load_checkpoint(folder / "checkpoint_best.pt")
+    save_checkpoint({**state, "model": net.state_dict(), "signature": model_signature(config, CLASSES),
+                     "config": asdict(config)}, folder / "checkpoint_best.pt")
+    samples = CachedSlides([run.entry], [1], run.mean, run.std, mask_glass=True)
+    evaluation = evaluate_samples(net.eval(), samples, torch.device("cpu"))
+    prediction = Predictor.from_run(folder, memory_budget=budget, band=band).predict(run.slide, heatmap=True)
+    assert prediction.mode == mode
+    probabilities = np.array(list(prediction.probabilities.values()))
+    np.testing.assert_allclose(probabilities, evaluation["probabilities"][0], rtol=0, atol=1e-5)
+    # the evidence of each cell is its attention spread over the classes
+    np.testing.assert_allclose(prediction.evidence.sum(0), prediction.attention, rtol=1e-5, atol=1e-7)
+
+
 @pytest.fixture(scope="module")
 def predictor(run) -> Predictor:
     """The run's predictor, whole-image mode."""

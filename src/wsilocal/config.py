@@ -76,6 +76,9 @@ class TrainConfig:
     # positions whose cell of the image holds tissue, in training, validation and prediction alike. model.json
     # records it; runs without the record (trained before it existed) attend to every position.
     mask_glass: bool = True
+    # Beyond the paper: channels of a context block before H's attention (1×1 conv, then 3×3 convs dilated 1, 2,
+    # 4: H reads relations between neighbouring positions, not only what each holds); 0 = the paper's H.
+    head_context: int = 0
     # --- optimisation
     schedule: str = "simultaneous"  # or "greedy": module 1 to convergence, then module 2, ...
     epochs: int = 30  # per module under the greedy schedule
@@ -143,6 +146,7 @@ class TrainConfig:
             (0 <= self.color_jitter <= 0.5, f"color_jitter must be in [0, 0.5], got {self.color_jitter}"),
             (self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
             (self.rfr_patches >= 1, f"rfr_patches must be >= 1, got {self.rfr_patches}"),
+            (self.head_context >= 0, f"head_context must be >= 0 (0: the paper's H), got {self.head_context}"),
             (self.conv1_stride in (1, 2, 3, 4), f"conv1_stride must be 1-4, got {self.conv1_stride}"),
             (0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1), got {self.plateau_factor}"),
             (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),

@@ -50,16 +50,18 @@ DTYPES = (torch.float32, torch.bfloat16)  # precisions the trunk can run in
 
 
 @torch.no_grad()
-def class_evidence(head: FinalClassifier, features: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+def class_evidence(head: FinalClassifier, features: torch.Tensor, attention: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-class evidence of each map cell: ``attention_i × softmax(classifier(h_i))_c``, shape (n, h, w).
 
     H's attention is class-agnostic (one weight per cell), and its classifier is an MLP applied to the
     attention-weighted mean feature, so a cell's contribution to a class logit is not separable. Instead each
-    cell's own feature ``h_i`` is classified by the same MLP and its class probabilities are weighted by the
-    cell's attention: summed over cells, evidence shows *where* the attended tissue looks like each class.
+    cell's own feature ``h_i`` (what H pools: the trunk's, or its context block's output) is classified by the same
+    MLP and its class probabilities are weighted by the cell's attention: summed over cells, evidence shows *where*
+    the attended tissue looks like each class.
     """
     height, width = features.shape[2:]
-    instances = features.flatten(2)[0].t()  # (h·w, C)
+    instances = head.instances(features, mask).flatten(2)[0].t()  # (h·w, C)
     per_cell = torch.softmax(head.classifier(instances), dim=1)  # (h·w, n_classes)
     return (attention.reshape(-1, 1) * per_cell).t().reshape(-1, height, width)
 
@@ -187,7 +189,7 @@ class Predictor:
         path = run.checkpoint_path(checkpoint)
         state = load_checkpoint(path, expected_signature=expected_signature(config, meta))
         trunk = ResNetTrunk(config.conv1_stride, config.fold_bn, arch=config.arch)  # resnet34 for older runs
-        head = FinalClassifier(trunk.out_channels, len(classes))
+        head = FinalClassifier(trunk.out_channels, len(classes), context=config.head_context)
         _load_part(trunk, state["model"], "trunk.", path)
         _load_part(head, state["model"], "head.", path)
         settings = settings_for(config, assume_mpp=assume_mpp)
@@ -236,7 +238,7 @@ class Predictor:
                     features = features.to(self.device, torch.float32)
                     logits, attention = self.head(features, mask)
                     probabilities = torch.softmax(logits, dim=1)[0].cpu().numpy()
-                    evidence = class_evidence(self.head, features, attention).cpu().numpy() if heatmap else None
+                    evidence = class_evidence(self.head, features, attention, mask).cpu().numpy() if heatmap else None
                     head_done = time.perf_counter()  # .cpu() waited for the device
         # The image is out_w × out_h pixels of bbox_w / out_w level-0 px each; a map cell is `stride` of them.
         scale = (bbox[2] / out_w, bbox[3] / out_h)

@@ -146,20 +146,54 @@ class AuxiliaryClassifier(nn.Module):
         return self.head(conv_out, None if mask is None else self.output_mask(mask, map_hw))
 
 
+class ContextBlock(nn.Module):
+    """Spatial mixing before H's attention (beyond the paper): 1×1 conv to ``channels_out``, then 3×3 convs dilated
+    1, 2 and 4 (a field of 15 map cells), each followed by ReLU.
+
+    H's attention pools positions as a bag: it can weigh what each position holds, not how positions lie relative
+    to each other, so a label that is a relation between two structures (the context task's distance) has to be
+    encoded inside each position's feature by the trunk. This block lets H read such relations from the trunk's
+    map directly (``docs/benchmarks.md``: measured on the context task). Glass positions are zeroed first, so what
+    the block sees does not depend on whether glass was computed or skipped.
+    """
+
+    DILATIONS = (1, 2, 4)
+
+    def __init__(self, channels_in: int, channels_out: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(channels_in, channels_out, 1), nn.ReLU()]
+        for dilation in self.DILATIONS:
+            layers += [nn.Conv2d(channels_out, channels_out, 3, padding=dilation, dilation=dilation), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None:
+            x = x * mask.to(device=x.device, dtype=x.dtype)
+        return self.body(x)
+
+
 class FinalClassifier(nn.Module):
     """H: gated attention (hidden 128) on the trunk's map → Linear(C,128) → ReLU → Linear(128, n); C = 512
     (ResNet18/34) or 2048 (ResNet50).
 
-    No convolution before the pooling. Dropout 0.2 in the attention branch, as in the auxiliary
-    classifiers. Returns (logits (1, n), attention (H, W)).
+    No convolution before the pooling (the paper's H), unless ``context`` > 0: then a :class:`ContextBlock` of that
+    many channels mixes neighbouring positions first and the attention pools its output. Dropout 0.2 in the
+    attention branch, as in the auxiliary classifiers. Returns (logits (1, n), attention (H, W)).
     """
 
-    def __init__(self, channels: int = 512, n_classes: int = 2, hidden: int = 128, dropout: float = 0.2):
+    def __init__(self, channels: int = 512, n_classes: int = 2, hidden: int = 128, dropout: float = 0.2,
+                 context: int = 0):
         super().__init__()
-        self.pool = GatedAttentionPool(channels, hidden, dropout)
-        self.classifier = nn.Sequential(nn.Linear(channels, 128), nn.ReLU(), nn.Linear(128, n_classes))
+        self.context = ContextBlock(channels, context) if context > 0 else None
+        pooled = context if context > 0 else channels
+        self.pool = GatedAttentionPool(pooled, hidden, dropout)
+        self.classifier = nn.Sequential(nn.Linear(pooled, 128), nn.ReLU(), nn.Linear(128, n_classes))
+
+    def instances(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The map whose positions the attention pools: ``x`` itself, or the context block's output."""
+        return x if self.context is None else self.context(x, mask)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, attention); ``mask``: bool (H, W) tissue positions of ``x`` (None: every position)."""
-        pooled, attention = self.pool(x, mask)
+        pooled, attention = self.pool(self.instances(x, mask), mask)
         return self.classifier(pooled), attention

@@ -84,7 +84,8 @@ class LocalNet(nn.Module):
 
     def __init__(self, n_classes: int, split: Split = 4, *, conv1_stride: int = 3, fold_bn: bool = True,
                  rfr: bool = True, rfr_patches: int = 10, recompute: bool = False,
-                 input_hw_for_balance: tuple[int, int] | None = None, arch: str = DEFAULT_ARCH):
+                 input_hw_for_balance: tuple[int, int] | None = None, arch: str = DEFAULT_ARCH,
+                 head_context: int = 0):
         super().__init__()
         self.trunk = ResNetTrunk(conv1_stride, fold_bn, arch=arch)
         if input_hw_for_balance is not None:
@@ -97,7 +98,7 @@ class LocalNet(nn.Module):
         self.stages = split_trunk(self.trunk, split, recompute=recompute)  # a plain list: not registered
         self.aux = nn.ModuleList(AuxiliaryModel(spec, n_classes, rfr=rfr, rfr_patches=rfr_patches)
                                  for spec in self.specs[:-1])
-        self.head = FinalClassifier(self.specs[-1].c_out, n_classes)
+        self.head = FinalClassifier(self.specs[-1].c_out, n_classes, context=head_context)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference: ``(logits (1, n), attention (h, w))`` of trunk + H (auxiliary models unused); ``mask``: bool
@@ -120,7 +121,11 @@ class LocalNet(nn.Module):
             head = f"module {spec.index + 1}: {spec.label()}, {spec.c_in}→{spec.c_out} ch, stride {spec.stride} "
             head += f"(output at 1/{spec.out_stride} of the image)"
             if spec.is_last:
-                lines.append(f"{head}; classifier H: gated attention on {spec.c_out} ch")
+                context = self.head.context
+                lines.append(f"{head}; classifier H: " + (
+                    f"gated attention on {spec.c_out} ch" if context is None else
+                    f"context block ({spec.c_out}→{context.body[0].out_channels} ch, dilations "
+                    f"{', '.join(map(str, context.DILATIONS))}), gated attention"))
                 continue
             aux = self.aux[spec.index]
             text = f"{head}; aux conv {aux.classifier.kernel}×{aux.classifier.kernel}"

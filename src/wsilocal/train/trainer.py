@@ -127,6 +127,7 @@ def build_model(config: TrainConfig, n_classes: int, block_boundaries: list[int]
         recompute=config.recompute,
         input_hw_for_balance=balance_for_hw if (config.balanced and block_boundaries is None) else None,
         arch=config.arch,
+        head_context=config.head_context,
     )
 
 
