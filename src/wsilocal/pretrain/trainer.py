@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -45,9 +45,6 @@ from wsilocal.plotting import pyplot
 from wsilocal.pretrain.augment import Augmentation, normalise, two_views
 from wsilocal.pretrain.objectives import PretrainNet, objective_loss
 from wsilocal.pretrain.tiles import TileIndex, TileSampler, build_tile_index, find_slide_files
-
-if TYPE_CHECKING:
-    from wsilocal.pretrain.proxy import ProxyConfig
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +103,17 @@ def reestimate_batchnorm(trunk: torch.nn.Module, batches: Iterable[torch.Tensor]
         trunk.eval()
 
 
-def learning_rate(config: PretrainConfig | ProxyConfig, step: int) -> float:
+class WarmupCosine(Protocol):
+    """What :func:`learning_rate` reads of a config (a PretrainConfig or a proxy pretraining's ProxyConfig)."""
+
+    lr: float
+    steps: int
+
+    @property
+    def warmup_steps(self) -> int: ...
+
+
+def learning_rate(config: WarmupCosine, step: int) -> float:
     """Linear warm-up to ``lr`` over ``warmup_steps``, then a half cosine to 0 at ``steps``."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
