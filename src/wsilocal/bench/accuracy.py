@@ -397,6 +397,18 @@ def proxy_cohort_settings(cohort_settings: CohortSettings, slides_per_class: int
     return replace(cohort_settings, seed=cohort_settings.seed + PROXY_SEED_OFFSET, slides_per_class=slides_per_class)
 
 
+def proxy_config(settings: AccuracyBenchSettings):
+    """The proxy pretraining's :class:`~wsilocal.pretrain.proxy.ProxyConfig`: ``settings.proxy`` with the benchmark's
+    arch, type-checked and validated (ConfigError naming an unknown or bad setting)."""
+    from wsilocal.config import config_from_dict
+    from wsilocal.pretrain.proxy import ProxyConfig
+
+    unknown = sorted(set(settings.proxy) - {f.name for f in fields(ProxyConfig)})
+    if unknown:
+        raise ConfigError(f"bench accuracy: unknown proxy setting(s) {', '.join(unknown)}")
+    return config_from_dict({**settings.proxy, "arch": settings.arch}, ProxyConfig).validate()
+
+
 def proxy_weights(settings: AccuracyBenchSettings, cohort_settings: CohortSettings, start: str | None, out: Path,
                   progress: bool = True) -> str:
     """The weights of the supervised proxy pretraining of a task (:mod:`wsilocal.pretrain.proxy`) from ``start``:
@@ -404,10 +416,10 @@ def proxy_weights(settings: AccuracyBenchSettings, cohort_settings: CohortSettin
     ``OUT/proxy/<task>-<digest of settings and start>``; each reused when there."""
     from wsilocal.models.resnet import file_sha256
     from wsilocal.prepare.cache import PrepareSettings, prepare_cohort
-    from wsilocal.pretrain.proxy import ProxyConfig, proxy_pretrain
+    from wsilocal.pretrain.proxy import proxy_pretrain
     from wsilocal.slide.cohort import load_cohort
 
-    config = ProxyConfig(**{**settings.proxy, "arch": settings.arch}).validate()
+    config = proxy_config(settings)
     proxy_settings = proxy_cohort_settings(cohort_settings, settings.proxy_slides_per_class)
     folder = out / "cohorts" / f"{cohort_settings.task}-proxy-{settings.proxy_slides_per_class}"
     csv_path = prepare_synthetic_cohort(proxy_settings, folder, workers=settings.workers, progress=progress)
@@ -837,12 +849,7 @@ def run_accuracy_benchmark(out: str | Path, settings: AccuracyBenchSettings = FU
     if settings.init in ("pretrained", "proxy") and settings.weights is None:  # bad settings, before hours of work
         pretraining_config(cohorts[0], out / "cohort.csv", out, settings.pretrain)
     if settings.init == "proxy":
-        from wsilocal.pretrain.proxy import ProxyConfig
-
-        unknown = sorted(set(settings.proxy) - {f.name for f in fields(ProxyConfig)})
-        if unknown:
-            raise ConfigError(f"bench accuracy: unknown proxy setting(s) {', '.join(unknown)}")
-        ProxyConfig(**settings.proxy).validate()
+        proxy_config(settings)
     if settings.weights is not None:  # a wrong weights file too
         from wsilocal.models.resnet import ResNetTrunk, load_trunk_weights
 
